@@ -1,0 +1,116 @@
+"""A local mail sink: a real aiosmtpd SMTP server that keeps what it receives.
+
+``epoxi dev`` points every domain at one of these, and the tests use it to see what a node
+delivered and from which source address. ``replies`` makes it answer chosen recipients with
+a given SMTP reply (e.g. ``"451 4.3.0 try later"``), to exercise deferral and bounces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.parser
+import email.policy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+
+@dataclass(frozen=True)
+class Received:
+    peer: str
+    mail_from: str
+    rcpt_tos: list[str]
+    data: bytes
+
+    def message(self) -> Any:
+        return email.parser.BytesParser(policy=email.policy.default).parsebytes(self.data)
+
+
+@dataclass
+class _Handler:
+    sink: Sink
+
+    async def handle_RCPT(  # noqa: N802 - aiosmtpd's hook name
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
+    ) -> str:
+        reply = self.sink.reply_for(address)
+        if reply is not None:
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:  # noqa: N802
+        data = envelope.original_content or b""
+        received = Received(
+            peer=str(session.peer[0]),
+            mail_from=str(envelope.mail_from),
+            rcpt_tos=list(envelope.rcpt_tos),
+            data=data,
+        )
+        self.sink.received.append(received)
+        if self.sink.maildir is not None:
+            self.sink.save(received)
+        self.sink.changed.set()
+        return "250 2.0.0 OK: queued"
+
+
+@dataclass
+class Sink:
+    host: str = "127.0.0.1"
+    port: int = 0
+    maildir: Path | None = None
+    replies: dict[str, str] = field(default_factory=dict)
+    reply_rule: Callable[[str], str | None] | None = None
+    received: list[Received] = field(default_factory=list)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    _server: asyncio.AbstractServer | None = None
+
+    def reply_for(self, rcpt: str) -> str | None:
+        if rcpt in self.replies:
+            return self.replies[rcpt]
+        return self.reply_rule(rcpt) if self.reply_rule else None
+
+    def save(self, r: Received) -> None:
+        assert self.maildir is not None
+        self.maildir.mkdir(parents=True, exist_ok=True)
+        name = f"{len(self.received):06d}.eml"
+        header = f"X-Epoxi-Peer: {r.peer}\r\nX-Epoxi-Envelope-To: {', '.join(r.rcpt_tos)}\r\n".encode()
+        (self.maildir / name).write_bytes(header + r.data)
+
+    async def start(self) -> Sink:
+        loop = asyncio.get_running_loop()
+        handler = _Handler(self)
+        self._server = await loop.create_server(
+            lambda: SMTP(handler, hostname="sink.epoxi.test", ident="epoxi sink"),
+            host=self.host,
+            port=self.port,
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def recipients(self) -> list[str]:
+        return [r for m in self.received for r in m.rcpt_tos]
+
+    async def wait_for(self, count: int, timeout: float = 30.0) -> list[Received]:
+        """Wait until at least ``count`` recipients have been received."""
+
+        async def until() -> None:
+            while len(self.recipients()) < count:
+                self.changed.clear()
+                await self.changed.wait()
+
+        await asyncio.wait_for(until(), timeout)
+        return self.received

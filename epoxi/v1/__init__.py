@@ -1,0 +1,1 @@
+"""Generated from protos/epoxi/v1; do not edit."""
