@@ -16,6 +16,19 @@ def routing_key(domain: str, ip: str) -> str:
     return f"{domain.lower()}_{ip.replace('.', '_').replace(':', '_')}"
 
 
+def split_routing_key(key: str) -> tuple[str, str]:
+    """``"gmail.com_192_168_1_1"`` → ``("gmail.com", "192.168.1.1")``; ValueError when malformed.
+
+    Mail domains are host names, which have no underscore, so the first one ends the domain.
+    """
+    domain, _, rest = key.partition("_")
+    parts = rest.split("_")
+    ip = ".".join(parts) if len(parts) == 4 and all(p.isdigit() for p in parts) else rest.replace("_", ":")
+    if not domain or "." not in domain or not is_ip(ip):
+        raise ValueError(f"routing key {key!r} is not <domain>_<source ip>, e.g. gmail.com_192_168_1_1")
+    return domain.lower(), str(ipaddress.ip_address(ip))
+
+
 def domain_of(address: str) -> str:
     """The lower-cased domain of an addr-spec or ``Name <addr-spec>`` mailbox."""
     return address.rsplit("@", 1)[-1].rstrip(">").strip().lower()
