@@ -6,6 +6,7 @@ import email.policy
 import email.utils
 import re
 from email.message import EmailMessage
+from typing import Any
 
 from epoxi.routing import is_ip, recipients
 from epoxi.v1 import email_pb2
@@ -25,8 +26,10 @@ def addr_spec(mailbox: str) -> str:
     """The addr-spec of ``mailbox`` (``"Ann <a@x.org>"`` → ``"a@x.org"``); empty when unparsable."""
     if "\r" in mailbox or "\n" in mailbox:
         return ""
-    _, addr = email.utils.parseaddr(mailbox, strict=True)
-    return addr
+    _, addr = email.utils.parseaddr(mailbox)
+    # parseaddr quietly repairs some malformed input ("a@exa mple.org"); accept only what it kept whole.
+    written = mailbox[mailbox.find("<") + 1 : mailbox.rfind(">")] if "<" in mailbox else mailbox
+    return addr if addr == written.strip() else ""
 
 
 def address_problem(mailbox: str) -> str | None:
@@ -114,10 +117,18 @@ def render(e: email_pb2.Email) -> bytes:
         msg.set_content(e.html, subtype="html")
     for a in e.attachments:
         maintype, _, subtype = (a.content_type or "application/octet-stream").partition("/")
-        msg.add_attachment(a.content, maintype=maintype, subtype=subtype or "octet-stream", filename=a.filename)
+        msg.add_attachment(
+            a.content, maintype=maintype, subtype=subtype or "octet-stream", filename=a.filename
+        )
     return msg.as_bytes()
 
 
 def sender_address(e: email_pb2.Email) -> str:
     return addr_spec(getattr(e, "from"))
 
+
+def new_email(sender: str, **fields: Any) -> email_pb2.Email:
+    """An Email with ``from`` set (a Python keyword, so it cannot be a keyword argument)."""
+    e = email_pb2.Email(**fields)
+    setattr(e, "from", sender)
+    return e

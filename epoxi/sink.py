@@ -33,7 +33,7 @@ class Received:
 class _Handler:
     sink: Sink
 
-    async def handle_RCPT(  # noqa: N802 - aiosmtpd's hook name
+    async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
     ) -> str:
         reply = self.sink.reply_for(address)
@@ -42,10 +42,10 @@ class _Handler:
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 OK"
 
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:  # noqa: N802
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         data = envelope.original_content or b""
         received = Received(
-            peer=str(session.peer[0]),
+            peer=str(session.peer[0]) if isinstance(session.peer, tuple) else str(session.peer),
             mail_from=str(envelope.mail_from),
             rcpt_tos=list(envelope.rcpt_tos),
             data=data,
@@ -104,7 +104,7 @@ class Sink:
     def recipients(self) -> list[str]:
         return [r for m in self.received for r in m.rcpt_tos]
 
-    async def wait_for(self, count: int, timeout: float = 30.0) -> list[Received]:
+    async def wait_for(self, count: int, seconds: float = 30.0) -> list[Received]:
         """Wait until at least ``count`` recipients have been received."""
 
         async def until() -> None:
@@ -112,5 +112,40 @@ class Sink:
                 self.changed.clear()
                 await self.changed.wait()
 
-        await asyncio.wait_for(until(), timeout)
+        await asyncio.wait_for(until(), seconds)
         return self.received
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from epoxi.runtime import run_until_signalled
+
+    parser = argparse.ArgumentParser(prog="epoxi sink", description="Accept and keep mail, like a test inbox.")
+    parser.add_argument("--listen", default="127.0.0.1:2525", help="host:port (port 0 picks one)")
+    parser.add_argument("--maildir", type=Path, help="write each message here as NNNNNN.eml")
+    args = parser.parse_args(argv)
+    host, _, port = args.listen.rpartition(":")
+
+    async def serve(stop: asyncio.Event) -> None:
+        sink = await Sink(host=host, port=int(port), maildir=args.maildir).start()
+        print(f"sink listening on {sink.address}", flush=True)
+        seen = 0
+        while not stop.is_set():
+            changed = asyncio.create_task(sink.changed.wait())
+            stopped = asyncio.create_task(stop.wait())
+            await asyncio.wait([changed, stopped], return_when=asyncio.FIRST_COMPLETED)
+            changed.cancel()
+            stopped.cancel()
+            sink.changed.clear()
+            for r in sink.received[seen:]:
+                print(f"received from {r.peer} for {', '.join(r.rcpt_tos)} ({len(r.data)} bytes)", flush=True)
+            seen = len(sink.received)
+        await sink.stop()
+
+    asyncio.run(run_until_signalled(serve))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

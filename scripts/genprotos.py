@@ -53,7 +53,9 @@ def generate(out_root: Path) -> None:
     ]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
-    (out_root / "epoxi" / "v1" / "__init__.py").write_text('"""Generated from protos/epoxi/v1; do not edit."""\n')
+    (out_root / "epoxi" / "v1" / "__init__.py").write_text(
+        '"""Generated from protos/epoxi/v1; do not edit."""\n'
+    )
 
 
 def differences(a: Path, b: Path) -> list[str]:
@@ -73,7 +75,11 @@ def main() -> int:
         if args.check:
             stale = differences(fresh, OUT)
             if stale:
-                print("epoxi/v1 is out of date with protos/ (run scripts/genprotos.py):", *stale, file=sys.stderr)
+                print(
+                    "epoxi/v1 is out of date with protos/ (run scripts/genprotos.py):",
+                    *stale,
+                    file=sys.stderr,
+                )
                 return 1
             print("epoxi/v1 matches protos/")
             return 0

@@ -21,7 +21,9 @@ DEFAULT_ADDR = "127.0.0.1:8500"
 class _HTTPClient(consul.aio.HTTPClient):  # type: ignore[misc]
     """py-consul's aiohttp transport, built without the connector arguments aiohttp deprecated."""
 
-    def __init__(self, host: str, port: int, scheme: str, verify: bool | str = True, cert: Any = None) -> None:
+    def __init__(
+        self, host: str, port: int, scheme: str, verify: bool | str = True, cert: Any = None
+    ) -> None:
         base.HTTPClient.__init__(self, host, port, scheme, verify, cert)
         ssl_arg: ssl.SSLContext | bool = False
         if scheme == "https":
@@ -37,7 +39,9 @@ class _HTTPClient(consul.aio.HTTPClient):  # type: ignore[misc]
 
 
 class Consul(consul.aio.Consul):  # type: ignore[misc]
-    def http_connect(self, host: str, port: int, scheme: str, verify: bool | str = True, cert: Any = None) -> Any:
+    def http_connect(
+        self, host: str, port: int, scheme: str, verify: bool | str = True, cert: Any = None
+    ) -> Any:
         return _HTTPClient(host, port, scheme, verify=verify, cert=cert)
 
 
@@ -45,7 +49,9 @@ def parse_addr(addr: str) -> tuple[str, str, int]:
     """Split a ``CONSUL_HTTP_ADDR``-style address into (scheme, host, port)."""
     parsed = urllib.parse.urlsplit(addr if "//" in addr else "//" + addr)
     if not parsed.hostname:
-        raise ValueError(f"registry address {addr!r} does not match <host>:<port> or <scheme>://<host>:<port>")
+        raise ValueError(
+            f"registry address {addr!r} does not match <host>:<port> or <scheme>://<host>:<port>"
+        )
     return parsed.scheme or "http", parsed.hostname, parsed.port or 8500
 
 

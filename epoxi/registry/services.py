@@ -8,7 +8,6 @@ a TTL check the node refreshes; the check's Output is the pipeline's state for a
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from google.protobuf import json_format, timestamp_pb2
@@ -57,7 +56,9 @@ def node_registration(node: node_pb2.NodeInfo, check_interval: str, deregister_a
     }
 
 
-def pipeline_registration(p: pipeline_pb2.PipelineInfo, ttl: str, output: str, deregister_after: str) -> dict[str, Any]:
+def pipeline_registration(
+    p: pipeline_pb2.PipelineInfo, ttl: str, output: str, deregister_after: str
+) -> dict[str, Any]:
     host, port = split_address(p.address)
     return {
         "name": PIPELINE_SERVICE,
@@ -127,7 +128,9 @@ def pipeline_from_entry(entry: Entry) -> pipeline_pb2.PipelineInfo:
         domain=meta.get("domain", ""),
         source_ip=meta.get("source_ip", ""),
         healthy=passing(entry),
-        status=pipeline_pb2.PIPELINE_STATUS_RUNNING if passing(entry) else pipeline_pb2.PIPELINE_STATUS_FAILED,
+        status=pipeline_pb2.PIPELINE_STATUS_RUNNING
+        if passing(entry)
+        else pipeline_pb2.PIPELINE_STATUS_FAILED,
     )
     if meta.get("policy"):
         json_format.Parse(meta["policy"], info.policy)
@@ -142,5 +145,21 @@ def check_outputs(entry: Entry) -> list[str]:
     return [str(c.get("Output", "")) for c in entry.get("Checks") or [] if c.get("ServiceID")]
 
 
-def dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
+def grpc_service_registration(
+    name: str, service_id: str, address: str, check_interval: str
+) -> dict[str, Any]:
+    """A plain gRPC service (router, monitor) with a GRPC health check on its own address."""
+    host, port = split_address(address)
+    return {
+        "name": name,
+        "service_id": service_id,
+        "address": host,
+        "port": port,
+        "check": {
+            "Name": f"{name} gRPC health",
+            "GRPC": address,
+            "Interval": check_interval,
+            "Timeout": check_interval,
+            "DeregisterCriticalServiceAfter": "1m",
+        },
+    }

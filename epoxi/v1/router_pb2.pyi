@@ -97,6 +97,7 @@ class BatchResult(_message.Message):
     NEW_PIPELINE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     MESSAGE_IDS_FIELD_NUMBER: _builtins.int
+    RECIPIENT_COUNT_FIELD_NUMBER: _builtins.int
     routing_key: _builtins.str
     email_count: _builtins.int
     ok: _builtins.bool
@@ -105,6 +106,8 @@ class BatchResult(_message.Message):
     new_pipeline: _builtins.bool
     error: _builtins.str
     """Why the batch failed, or what was tried before it succeeded."""
+    recipient_count: _builtins.int
+    """Recipients of the batch's emails within its routing key's domain."""
     @_builtins.property
     def message_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Spool IDs assigned by the node, in batch order."""
@@ -119,10 +122,11 @@ class BatchResult(_message.Message):
         new_pipeline: _builtins.bool = ...,
         error: _builtins.str = ...,
         message_ids: _abc.Iterable[_builtins.str] | None = ...,
+        recipient_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["email_count", b"email_count", "error", b"error", "message_ids", b"message_ids", "new_pipeline", b"new_pipeline", "node", b"node", "ok", b"ok", "routing_key", b"routing_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["email_count", b"email_count", "error", b"error", "message_ids", b"message_ids", "new_pipeline", b"new_pipeline", "node", b"node", "ok", b"ok", "recipient_count", b"recipient_count", "routing_key", b"routing_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,72 @@
+"""A local copy of one service's health entries, kept fresh by Consul blocking queries.
+
+Readers look at ``entries`` without a registry round trip; a background task re-issues
+``GET /v1/health/service/<name>?index=N&wait=…`` and replaces the list when the index moves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from typing import Any
+
+from epoxi.registry.services import Entry
+
+log = logging.getLogger(__name__)
+
+
+class HealthWatch:
+    def __init__(self, consul: Any, service: str, wait: str = "30s") -> None:
+        self._consul = consul
+        self.service = service
+        self._wait = wait
+        self.entries: list[Entry] = []
+        self.index = 0
+        self.ready = asyncio.Event()
+        self.changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> HealthWatch:
+        self._task = asyncio.create_task(self._run(), name=f"watch {self.service}")
+        return self
+
+    async def refresh(self) -> None:
+        """Read the current entries now (not blocking), e.g. right after this process changed them."""
+        index, entries = await self._consul.health.service(self.service)
+        self._store(int(index), entries)
+
+    def _store(self, index: int, entries: list[Entry] | None) -> None:
+        # Consul: an index that goes backwards means the store was reset; start over from 0.
+        if index < self.index:
+            index = 0
+        self.index = index
+        self.entries = entries or []
+        self.ready.set()
+        self.changed.set()
+
+    async def _run(self) -> None:
+        failures = 0
+        while True:
+            try:
+                index, entries = await self._consul.health.service(
+                    self.service, index=self.index or None, wait=self._wait
+                )
+                failures = 0
+                if int(index) != self.index or not self.ready.is_set():
+                    self._store(int(index), entries)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                failures += 1
+                delay = min(10.0, 0.2 * 2**failures) * random.uniform(0.5, 1.0)
+                log.warning("watching %s failed (%s); retrying in %.1fs", self.service, exc, delay)
+                await asyncio.sleep(delay)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None

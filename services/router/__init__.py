@@ -1,0 +1,1 @@
+"""The router: groups emails by routing key and hands each batch to a node's pipeline."""

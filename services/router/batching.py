@@ -1,0 +1,76 @@
+"""Turn a RouteEmails request into batches, one routing key each."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from epoxi import mail
+from epoxi.routing import domains, routing_key
+from epoxi.v1 import email_pb2
+
+DEFAULT_POOL = "default"
+
+
+@dataclass
+class Batch:
+    routing_key: str
+    domain: str
+    source_ip: str
+    emails: list[email_pb2.Email] = field(default_factory=list)
+
+
+@dataclass
+class Unroutable:
+    """Emails that got no source IP, with the reason."""
+
+    reason: str
+    emails: list[email_pb2.Email] = field(default_factory=list)
+
+
+def choose_ip(e: email_pb2.Email, default_pool: str, pools: dict[str, list[str]]) -> tuple[str, str]:
+    """The source IP for ``e`` and, when there is none, why. Pool picks are stable per domain."""
+    if e.delivery.ip:
+        return e.delivery.ip, ""
+    pool = e.delivery.ip_pool or default_pool or DEFAULT_POOL
+    ips = pools.get(pool)
+    if not ips:
+        return "", f"no passing node sends from ip pool {pool!r}"
+    first_domain = domains(e)[0]
+    return ips[zlib.crc32(first_domain.encode()) % len(ips)], ""
+
+
+def plan(
+    emails: Sequence[email_pb2.Email], default_pool: str, pools: dict[str, list[str]], max_batch: int
+) -> tuple[list[Batch], list[Unroutable]]:
+    """Batches of at most ``max_batch`` emails per routing key, in first-seen order.
+
+    An email with recipients in several domains goes into one batch per domain; it keeps one
+    Message-ID across them (generated here when the caller gave none).
+    """
+    open_batches: dict[str, Batch] = {}
+    batches: list[Batch] = []
+    unroutable: dict[str, Unroutable] = {}
+    for e in emails:
+        if not e.message_id:
+            e = _with_message_id(e)
+        ip, reason = choose_ip(e, default_pool, pools)
+        if not ip:
+            unroutable.setdefault(reason, Unroutable(reason)).emails.append(e)
+            continue
+        for domain in domains(e):
+            key = routing_key(domain, ip)
+            batch = open_batches.get(key)
+            if batch is None or len(batch.emails) >= max_batch:
+                batch = open_batches[key] = Batch(key, domain, ip)
+                batches.append(batch)
+            batch.emails.append(e)
+    return batches, list(unroutable.values())
+
+
+def _with_message_id(e: email_pb2.Email) -> email_pb2.Email:
+    copy = email_pb2.Email()
+    copy.CopyFrom(e)
+    copy.message_id = mail.new_message_id(getattr(e, "from"))
+    return copy
