@@ -1,0 +1,265 @@
+"""Go-compatible wire formats: durations, request decoding and response rendering.
+
+Consul decodes request bodies with Go's ``encoding/json`` and ``DisallowUnknownFields``
+(``lib/json.go``): keys match struct fields exactly or case-insensitively, an unknown key is
+rejected with ``json: unknown field "X"``, and ``null`` leaves a field at its zero value.
+Durations follow Go's ``time.ParseDuration`` and ``time.Duration.String``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+NANOSECOND = 1
+MICROSECOND = 1000 * NANOSECOND
+MILLISECOND = 1000 * MICROSECOND
+SECOND = 1000 * MILLISECOND
+MINUTE = 60 * SECOND
+HOUR = 60 * MINUTE
+
+_UNITS = {
+    "ns": NANOSECOND,
+    "us": MICROSECOND,
+    "\u00b5s": MICROSECOND,
+    "\u03bcs": MICROSECOND,
+    "ms": MILLISECOND,
+    "s": SECOND,
+    "m": MINUTE,
+    "h": HOUR,
+}
+_NUMBER = re.compile(r"(\d*)(?:\.(\d*))?")
+_UNIT = re.compile(r"[^\d.]*")
+
+
+def go_quote(text: str) -> str:
+    """Go's ``strconv.Quote`` for the printable strings that appear in error messages."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def parse_duration(text: str) -> int:
+    """Go's ``time.ParseDuration``; returns nanoseconds or raises ``ValueError`` with Go's text."""
+    invalid = ValueError(f"time: invalid duration {go_quote(text)}")
+    rest = text
+    negative = False
+    if rest[:1] in ("-", "+"):
+        negative = rest[0] == "-"
+        rest = rest[1:]
+    if rest == "0":
+        return 0
+    if not rest:
+        raise invalid
+    total = 0
+    while rest:
+        number = _NUMBER.match(rest)
+        assert number is not None  # the pattern also matches the empty string
+        whole, fraction = number.group(1), number.group(2)
+        if not whole and not fraction:
+            raise invalid
+        rest = rest[number.end() :]
+        unit_text = _UNIT.match(rest)
+        unit_name = unit_text.group(0) if unit_text else ""
+        if not unit_name:
+            raise ValueError(f"time: missing unit in duration {go_quote(text)}")
+        if unit_name not in _UNITS:
+            raise ValueError(f"time: unknown unit {go_quote(unit_name)} in duration {go_quote(text)}")
+        unit = _UNITS[unit_name]
+        rest = rest[len(unit_name) :]
+        value = int(whole or "0") * unit
+        if fraction:
+            value += int(fraction) * unit // 10 ** len(fraction)
+        total += value
+    return -total if negative else total
+
+
+def _decimal(value: int, places: int) -> str:
+    whole, fraction = divmod(value, 10**places)
+    digits = str(fraction).rjust(places, "0").rstrip("0")
+    return f"{whole}.{digits}" if digits else str(whole)
+
+
+def format_duration(nanos: int) -> str:
+    """Go's ``time.Duration.String`` (``1h0m0s``, ``1.5s``, ``100ms``, ``0s``)."""
+    if nanos == 0:
+        return "0s"
+    magnitude = abs(nanos)
+    if magnitude < MICROSECOND:
+        text = f"{magnitude}ns"
+    elif magnitude < MILLISECOND:
+        text = _decimal(magnitude, 3) + "\u00b5s"
+    elif magnitude < SECOND:
+        text = _decimal(magnitude, 6) + "ms"
+    else:
+        seconds = _decimal(magnitude % MINUTE, 9) + "s"
+        minutes = magnitude // MINUTE
+        if minutes == 0:
+            text = seconds
+        else:
+            hours, minutes = divmod(minutes, 60)
+            text = (f"{hours}h" if hours else "") + f"{minutes}m" + seconds
+    return "-" + text if nanos < 0 else text
+
+
+# --- request decoding -------------------------------------------------------------------------
+
+
+class DecodeError(Exception):
+    """A body Go's decoder would refuse; ``str()`` is Go's error text."""
+
+
+@dataclass(frozen=True)
+class ListOf:
+    item: Kind
+
+
+@dataclass(frozen=True)
+class MapOf:
+    value: Kind
+
+
+@dataclass(frozen=True)
+class Struct:
+    """A Go struct: field names in declaration order, each with its kind."""
+
+    go_name: str
+    fields: tuple[tuple[str, Kind], ...]
+
+
+# "str", "int", "uint", "bool", "duration" (string or number of nanoseconds), "any".
+Kind = str | ListOf | MapOf | Struct
+
+_GO_TYPES = {"str": "string", "int": "int", "uint": "uint64", "bool": "bool"}
+
+
+def _json_type(value: object) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+def _go_type(kind: Kind) -> str:
+    if isinstance(kind, str):
+        return _GO_TYPES.get(kind, "interface {}")
+    if isinstance(kind, ListOf):
+        return "[]" + _go_type(kind.item)
+    if isinstance(kind, MapOf):
+        return "map[string]" + _go_type(kind.value)
+    return "structs." + kind.go_name
+
+
+def _mismatch(value: object, kind: Kind, where: str) -> DecodeError:
+    shown = _json_type(value)
+    if shown == "number":
+        shown = f"number {value}"
+    return DecodeError(
+        f"json: cannot unmarshal {shown} into Go struct field {where} of type {_go_type(kind)}"
+    )
+
+
+def _decode(value: object, kind: Kind, where: str) -> Any:
+    if value is None:
+        return None
+    if isinstance(kind, Struct):
+        if not isinstance(value, dict):
+            raise _mismatch(value, kind, where)
+        return decode_struct(value, kind)
+    if isinstance(kind, ListOf):
+        if not isinstance(value, list):
+            raise _mismatch(value, kind, where)
+        return [_decode(item, kind.item, where) for item in value]
+    if isinstance(kind, MapOf):
+        if not isinstance(value, dict):
+            raise _mismatch(value, kind, where)
+        return {str(key): _decode(item, kind.value, where) for key, item in value.items()}
+    if kind == "any":
+        return value
+    if kind == "duration":
+        if isinstance(value, str):
+            try:
+                return parse_duration(value)
+            except ValueError as exc:
+                raise DecodeError(str(exc)) from None
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return int(value)
+        return None  # Consul decodes into interface{} and ignores other types
+    if kind == "str" and isinstance(value, str):
+        return value
+    if kind == "bool" and isinstance(value, bool):
+        return value
+    if kind in ("int", "uint") and isinstance(value, int | float) and not isinstance(value, bool):
+        if value != int(value) or (kind == "uint" and value < 0):
+            raise _mismatch(value, kind, where)
+        return int(value)
+    raise _mismatch(value, kind, where)
+
+
+def _field_for(key: str, struct: Struct) -> tuple[str, Kind] | None:
+    for name, kind in struct.fields:
+        if name == key:
+            return name, kind
+    folded = key.casefold()
+    for name, kind in struct.fields:
+        if name.casefold() == folded:
+            return name, kind
+    return None
+
+
+def decode_struct(value: dict[str, object], struct: Struct) -> dict[str, Any]:
+    """Decode one JSON object into ``{FieldName: value}``, the way Go fills a struct."""
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        field = _field_for(key, struct)
+        if field is None:
+            raise DecodeError(f"json: unknown field {go_quote(key)}")
+        name, kind = field
+        decoded = _decode(item, kind, f"{struct.go_name}.{name}")
+        if decoded is not None or isinstance(kind, ListOf | MapOf):
+            out[name] = decoded  # null empties a slice or map, and leaves other fields alone
+    return out
+
+
+def _syntax_error(raw: str, exc: json.JSONDecodeError) -> DecodeError:
+    if exc.pos >= len(raw.rstrip()):
+        return DecodeError("unexpected EOF")
+    char = raw[exc.pos]
+    return DecodeError(f"invalid character {char!r} looking for beginning of value")
+
+
+def decode_body(raw: bytes, struct: Struct) -> dict[str, Any]:
+    """Decode a request body like Consul's ``decodeBody`` (one JSON value; trailing data ignored)."""
+    text = raw.decode("utf-8", errors="replace")
+    stripped = text.lstrip()
+    if not stripped:
+        raise DecodeError("EOF")
+    try:
+        value, _ = json.JSONDecoder().raw_decode(stripped)
+    except json.JSONDecodeError as exc:
+        raise _syntax_error(stripped, exc) from None
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise DecodeError(
+            f"json: cannot unmarshal {_json_type(value)} into Go value of type structs.{struct.go_name}"
+        )
+    return decode_struct(value, struct)
+
+
+# --- response rendering -----------------------------------------------------------------------
+
+_GO_ESCAPES = str.maketrans(
+    {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+)
+
+
+def render_json(value: object) -> bytes:
+    """JSON as a dev-mode agent writes it: ``json.MarshalIndent`` with four spaces and a newline."""
+    text = json.dumps(value, indent=4, ensure_ascii=False).translate(_GO_ESCAPES)
+    return (text + "\n").encode()
