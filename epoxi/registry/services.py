@@ -56,9 +56,9 @@ def node_registration(node: node_pb2.NodeInfo, check_interval: str, deregister_a
     }
 
 
-def pipeline_registration(
-    p: pipeline_pb2.PipelineInfo, ttl: str, output: str, deregister_after: str
-) -> dict[str, Any]:
+def pipeline_registration(p: pipeline_pb2.PipelineInfo, ttl: str, deregister_after: str) -> dict[str, Any]:
+    """The check starts critical; the node's first TTL pass, carrying the state line, turns it
+    passing (a status change, which Consul syncs to the catalog at once)."""
     host, port = split_address(p.address)
     return {
         "name": PIPELINE_SERVICE,
@@ -77,8 +77,6 @@ def pipeline_registration(
         "check": {
             "Name": "pipeline state",
             "TTL": ttl,
-            "Status": "passing",
-            "Output": output,
             "DeregisterCriticalServiceAfter": deregister_after,
         },
     }

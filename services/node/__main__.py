@@ -1,0 +1,5 @@
+import sys
+
+from services.node.main import main
+
+sys.exit(main())

@@ -1,0 +1,263 @@
+"""A delivery pipeline: one supervised asyncio task per routing key (recipient domain and source IP).
+
+The task takes up to ``batch_size`` due messages from the spool — or, when fewer are due, what
+arrived within ``batch_timeout`` — and sends them over up to ``max_connections`` reused SMTP
+connections, at most ``allowed_messages`` per ``message_interval`` (GCRA). Each message's outcome
+is recorded as soon as it is known: 2xx delivered; 5xx bounced with the reply; 4xx or a transport
+failure deferred with exponential backoff and jitter, and bounced once ``max_retries`` retries
+are spent. If the task crashes it is restarted after a growing delay, and the failure is
+reported meanwhile (``on_failure``, ``status``, ``state_line``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeAlias
+
+from epoxi.policy import Policy
+from epoxi.v1 import pipeline_pb2
+from services.node.delivery import Connection, Result, Sender, Status
+from services.node.spool import Counts, Delivery, Job, Outcome, Spool, State
+
+log = logging.getLogger(__name__)
+
+PipelineStatus: TypeAlias = pipeline_pb2.PipelineStatus.ValueType
+STARTING = pipeline_pb2.PIPELINE_STATUS_STARTING
+RUNNING = pipeline_pb2.PIPELINE_STATUS_RUNNING
+STOPPING = pipeline_pb2.PIPELINE_STATUS_STOPPING
+STOPPED = pipeline_pb2.PIPELINE_STATUS_STOPPED
+FAILED = pipeline_pb2.PIPELINE_STATUS_FAILED
+
+MAX_RESTART_DELAY = 30.0
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Exponential backoff with equal jitter: attempt n waits between d/2 and d, d = base * 2^(n-1)."""
+
+    base: float = 60.0
+    cap: float = 3600.0
+
+    def delay(self, attempts: int, rng: Callable[[], float] = random.random) -> float:
+        d = min(self.cap, self.base * 2.0 ** max(0, attempts - 1))
+        return d / 2 + rng() * d / 2
+
+
+class RateLimiter:
+    """GCRA: ``allowed`` messages per ``interval`` seconds, bursts of up to ``allowed``."""
+
+    def __init__(self, allowed: int, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._emission = interval / allowed
+        self._tolerance = interval - self._emission
+        self._clock = clock
+        self._tat = clock()
+
+    def reserve(self) -> float:
+        """Take the next slot; how long to wait before using it."""
+        now = self._clock()
+        tat = max(self._tat, now)
+        self._tat = tat + self._emission
+        return max(0.0, tat - self._tolerance - now)
+
+
+OnFailure = Callable[["Pipeline"], Awaitable[None]]
+
+
+class Pipeline:
+    def __init__(
+        self,
+        *,
+        routing_key: str,
+        domain: str,
+        source_ip: str,
+        policy: Policy,
+        spool: Spool,
+        sender: Sender,
+        retry: Retry | None = None,
+        idle_timeout: float = 0.0,
+        restart_delay: float = 1.0,
+        on_failure: OnFailure | None = None,
+    ) -> None:
+        self.routing_key = routing_key
+        self.domain = domain
+        self.source_ip = source_ip
+        self.policy = policy
+        self.spool = spool
+        self.sender = sender
+        self.retry = retry or Retry()
+        self.idle_timeout = idle_timeout
+        self.restart_delay = restart_delay
+        self.on_failure = on_failure
+        self.status: PipelineStatus = STARTING
+        self.started_at = time.time()
+        self.last_error = ""
+        self.restarts = 0
+        self._limiter = RateLimiter(policy.allowed_messages, policy.message_interval)
+        self._connections: list[Connection] = []
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._stop_requested = asyncio.Event()
+        self._crashes = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._supervise(), name=f"pipeline {self.routing_key}")
+
+    def wake(self) -> None:
+        """New mail is in the spool."""
+        self._wake.set()
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Finish the message in hand (up to ``grace`` seconds); undelivered mail stays spooled."""
+        self._stopping = True
+        self.status = STOPPING
+        self._stop_requested.set()
+        self._wake.set()
+        task, self._task = self._task, None
+        if task is not None:
+            done, _ = await asyncio.wait({task}, timeout=grace)
+            if not done:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await self._close_connections()
+        await self.spool.release(self.routing_key)
+        self.status = STOPPED
+
+    async def counts(self) -> Counts:
+        return await self.spool.counts(self.routing_key)
+
+    def state_line(self, c: Counts) -> str:
+        """e.g. ``running: 3 queued, 0 in flight, 1 deferred, 12 delivered, 0 bounced``."""
+        word = pipeline_pb2.PipelineStatus.Name(self.status).removeprefix("PIPELINE_STATUS_").lower()
+        counts = (
+            f"{c.queued} queued, {c.in_flight} in flight, {c.deferred} deferred,"
+            f" {c.delivered} delivered, {c.bounced} bounced"
+        )
+        if self.status == FAILED:
+            return f"{word} ({self.last_error}), restarting: {counts}"
+        return f"{word}: {counts}"
+
+    # Supervision
+
+    async def _supervise(self) -> None:
+        while not self._stopping:
+            self.status = RUNNING
+            try:
+                await self._run()
+                return
+            except Exception as e:
+                await self._crashed(e)
+
+    async def _crashed(self, e: Exception) -> None:
+        self._crashes += 1
+        self.restarts += 1
+        self.status = FAILED
+        cause: BaseException = e
+        while isinstance(cause, BaseExceptionGroup) and cause.exceptions:
+            cause = cause.exceptions[0]
+        self.last_error = f"{type(cause).__name__}: {cause}"
+        log.exception("pipeline %s crashed; restarting", self.routing_key)
+        try:
+            await self._close_connections()
+            await self.spool.release(self.routing_key)
+            if self.on_failure is not None:
+                await self.on_failure(self)
+        except Exception:
+            log.exception("pipeline %s: cleaning up after the crash failed", self.routing_key)
+        await self._stop_within(min(MAX_RESTART_DELAY, self.restart_delay * 2.0 ** (self._crashes - 1)))
+
+    # Work
+
+    async def _run(self) -> None:
+        policy = self.policy
+        while not self._stopping:
+            self._wake.clear()
+            now = time.time()
+            due = await self.spool.due(self.routing_key, now)
+            if due.count == 0 or due.oldest is None:
+                await self._idle(due.next_at)
+                continue
+            fill_until = due.oldest + policy.batch_timeout
+            if due.count < policy.batch_size and now < fill_until:
+                await self._wait(fill_until)
+                continue
+            jobs = await self.spool.claim(self.routing_key, now, policy.batch_size)
+            await self._deliver(jobs)
+            self._crashes = 0
+
+    async def _idle(self, next_at: float | None) -> None:
+        """Wait for new mail or the next retry; close connections after ``idle_timeout``."""
+        if self._connections:
+            close_at = time.time() + self.idle_timeout
+            if next_at is None or close_at < next_at:
+                if not await self._wait(close_at):
+                    await self._close_connections()
+                return
+        await self._wait(next_at)
+
+    async def _wait(self, deadline: float | None) -> bool:
+        """Sleep until ``deadline`` (None: forever); True when woken early."""
+        timeout = None if deadline is None else max(0.0, deadline - time.time())
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def _stop_within(self, seconds: float) -> bool:
+        try:
+            await asyncio.wait_for(self._stop_requested.wait(), seconds)
+        except TimeoutError:
+            return False
+        return True
+
+    async def _deliver(self, jobs: list[Job]) -> None:
+        queue = deque(jobs)
+        lanes = min(self.policy.max_connections, len(jobs))
+        while len(self._connections) < lanes:
+            self._connections.append(self.sender.connection(self.domain, self.source_ip))
+        async with asyncio.TaskGroup() as tg:
+            for conn in self._connections[:lanes]:
+                tg.create_task(self._lane(conn, queue))
+
+    async def _lane(self, conn: Connection, queue: deque[Job]) -> None:
+        while queue and not self._stopping:
+            job = queue.popleft()
+            delay = self._limiter.reserve()
+            if delay > 0 and await self._stop_within(delay):
+                return  # the job stays in flight until stop() releases it
+            results = await conn.send(job.sender, [d.recipient for d in job.deliveries], job.data)
+            now = time.time()
+            missing = Result.transient("no result from the sender")
+            await self.spool.record(
+                self._outcome(d, results.get(d.recipient, missing), now) for d in job.deliveries
+            )
+
+    def _outcome(self, d: Delivery, r: Result, now: float) -> Outcome:
+        attempts = d.attempts + 1
+        if r.status is Status.ACCEPTED:
+            return Outcome(d.id, State.DELIVERED, attempts, now, r.code, r.text)
+        if r.status is Status.PERMANENT:
+            return Outcome(d.id, State.BOUNCED, attempts, now, r.code, r.text)
+        if attempts > self.policy.max_retries:
+            return Outcome(
+                d.id, State.BOUNCED, attempts, now, r.code, f"{r.text} (gave up after {attempts} attempts)"
+            )
+        return Outcome(d.id, State.DEFERRED, attempts, now + self.retry.delay(attempts), r.code, r.text)
+
+    async def _close_connections(self) -> None:
+        conns, self._connections = self._connections, []
+        for conn in conns:
+            try:
+                await conn.close()
+            except Exception:
+                log.exception("pipeline %s: closing a connection failed", self.routing_key)

@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from epoxi import mail
+from epoxi.policy import Policy
+from epoxi.sink import Sink
+from epoxi.v1 import email_pb2
+from services.node.spool import Spool
+
+T = TypeVar("T")
+
+SOURCE_IP = "127.0.0.2"
+SENDER = "Ann <ann@sender.test>"
+
+
+def email(*to: str, **fields: Any) -> email_pb2.Email:
+    return mail.new_email(SENDER, **{"to": list(to), "subject": "hi", "text": "hello", **fields})
+
+
+def fast_policy(key: str = "example.com_127_0_0_2", **overrides: Any) -> Policy:
+    """Small batches and timeouts so tests never wait on the defaults."""
+    fields: dict[str, Any] = {
+        "name": key,
+        "batch_size": 10,
+        "batch_timeout": 0.02,
+        "max_retries": 2,
+        **overrides,
+    }
+    return Policy(**fields)
+
+
+async def eventually(check: Callable[[], Awaitable[T]], seconds: float = 10.0) -> T:
+    """Poll ``check`` until it returns something truthy."""
+    async with asyncio.timeout(seconds):
+        while True:
+            if result := await check():
+                return result
+            await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def sink() -> AsyncIterator[Sink]:
+    s = await Sink(host="127.0.0.1").start()
+    yield s
+    await s.stop()
+
+
+@pytest.fixture
+async def spool(tmp_path: Path) -> AsyncIterator[Spool]:
+    s = await Spool.open(tmp_path / "spool.db")
+    yield s
+    await s.close()
