@@ -76,7 +76,16 @@ async def run(args: argparse.Namespace, stop: asyncio.Event) -> int:
         if not args.no_demo:
             summary = await send_demo(mesh)
             print("\nDemo batch routed:")
-            print(json.dumps(json_format.MessageToDict(summary), indent=2))
+            counts = json_format.MessageToDict(summary, always_print_fields_with_no_presence=True)
+            counts.pop("batches")
+            print("  " + json.dumps(counts))
+            for b in summary.batches:
+                outcome = (
+                    f"-> {b.node}{' (new pipeline)' if b.new_pipeline else ''}"
+                    if b.ok
+                    else f"FAILED: {b.error}"
+                )
+                print(f"  {b.routing_key:<26} {b.email_count} email(s) {outcome}")
             print("\nDelivered at the sink:")
             for line in await wait_delivered(mesh, len(DEMO_RECIPIENTS)):
                 print("  " + line.rstrip())

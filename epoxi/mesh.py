@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from epoxi.registry import client, services
+
 _READY = re.compile(r"listening on (\S+)\s*$")
 STARTUP_TIMEOUT = 30.0
 
@@ -67,7 +69,10 @@ class Process:
 
 
 async def spawn(
-    name: str, args: list[str], echo: Callable[[str, str], None] | None = None, env: dict[str, str] | None = None
+    name: str,
+    args: list[str],
+    echo: Callable[[str, str], None] | None = None,
+    env: dict[str, str] | None = None,
 ) -> Process:
     """Run ``python -m <args>`` and wait for its ready line."""
     proc = await asyncio.create_subprocess_exec(
@@ -147,14 +152,40 @@ class Mesh:
             )
             self.route = f"*={sink.address}"
         await asyncio.gather(*(self.start_node(n) for n in self.nodes))
+        await self.wait_passing(services.NODE_SERVICE, {n.id for n in self.nodes})
         await asyncio.gather(
             self._spawn("router", ["services.router", "--listen", self.router_addr, *self._common()]),
-            self._spawn("monitor", ["services.monitor", "--listen", self.monitor_addr, "--consul", self.consul]),
+            self._spawn(
+                "monitor", ["services.monitor", "--listen", self.monitor_addr, "--consul", self.consul]
+            ),
         )
         await self._spawn(
             "gateway",
-            ["gateway", "--listen", self.gateway_addr, "--monitor", self.address("monitor"), "--consul", self.consul],
+            [
+                "gateway",
+                "--listen",
+                self.gateway_addr,
+                "--monitor",
+                self.address("monitor"),
+                "--consul",
+                self.consul,
+            ],
         )
+
+    async def wait_passing(self, service: str, ids: set[str]) -> None:
+        """Block until the registry shows every one of ``ids`` passing (their first check has run)."""
+        consul = client.connect(self.consul)
+        try:
+            async with asyncio.timeout(STARTUP_TIMEOUT):
+                index = None
+                while True:
+                    index, entries = await consul.health.service(
+                        service, passing=True, index=index, wait="5s"
+                    )
+                    if ids <= {e["Service"]["ID"] for e in entries}:
+                        return
+        finally:
+            await consul.close()
 
     def _common(self) -> list[str]:
         assert self.consul is not None

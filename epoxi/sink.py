@@ -121,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from epoxi.runtime import run_until_signalled
 
-    parser = argparse.ArgumentParser(prog="epoxi sink", description="Accept and keep mail, like a test inbox.")
+    parser = argparse.ArgumentParser(
+        prog="epoxi sink", description="Accept and keep mail, like a test inbox."
+    )
     parser.add_argument("--listen", default="127.0.0.1:2525", help="host:port (port 0 picks one)")
     parser.add_argument("--maildir", type=Path, help="write each message here as NNNNNN.eml")
     args = parser.parse_args(argv)

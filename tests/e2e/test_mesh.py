@@ -28,7 +28,8 @@ def email(to: list[str], ip: str, **extra: Any) -> dict[str, Any]:
 
 async def grpcurl(address: str, method: str, body: dict[str, Any] | None = None) -> tuple[int, str]:
     """Call ``method`` with the real grpcurl binary, through server reflection (no proto files)."""
-    args = [GRPCURL, "-plaintext", "-max-time", "30"]
+    # grpcurl prints proto field names (snake_case), and with -emit-defaults the zero values too.
+    args = [GRPCURL, "-plaintext", "-emit-defaults", "-max-time", "30"]
     if body is not None:
         args += ["-d", json.dumps(body)]
     proc = await asyncio.create_subprocess_exec(
@@ -39,7 +40,9 @@ async def grpcurl(address: str, method: str, body: dict[str, Any] | None = None)
 
 
 async def route(mesh: Mesh, emails: list[dict[str, Any]]) -> dict[str, Any]:
-    code, out = await grpcurl(mesh.address("router"), "epoxi.v1.RouterService/RouteEmails", {"emails": emails})
+    code, out = await grpcurl(
+        mesh.address("router"), "epoxi.v1.RouterService/RouteEmails", {"emails": emails}
+    )
     assert code == 0, out
     result: dict[str, Any] = json.loads(out)
     return result
@@ -84,11 +87,11 @@ async def test_grpcurl_to_router_to_node_to_smtp(mesh: Mesh, sink: Sink) -> None
             email(["dan@example.org"], "127.0.0.4"),
         ],
     )
-    assert summary["totalEmails"] == 3
-    assert summary["totalBatches"] == 3
-    assert summary["successfulBatches"] == 3
-    assert summary["newPipelinesStarted"] == 3
-    assert "failedBatches" not in summary  # zero: proto3 JSON omits it
+    assert summary["total_emails"] == 3
+    assert summary["total_batches"] == 3
+    assert summary["successful_batches"] == 3, summary
+    assert summary["new_pipelines_started"] == 3
+    assert summary["failed_batches"] == 0
 
     await sink.wait_for(4)
     by_rcpt = {r: m.peer for m in sink.received for r in m.rcpt_tos}
@@ -103,7 +106,7 @@ async def test_grpcurl_to_router_to_node_to_smtp(mesh: Mesh, sink: Sink) -> None
     code, out = await grpcurl(mesh.address("monitor"), "epoxi.v1.MonitorService/FindAllPipelines", {})
     assert code == 0, out
     found = json.loads(out)["nodes"]
-    keys = {p["routingKey"]: node for node, group in found.items() for p in group["pipelines"]}
+    keys = {p["routing_key"]: node for node, group in found.items() for p in group["pipelines"]}
     assert keys == {
         "gmail.com_127_0_0_3": "node1",
         "yahoo.com_127_0_0_3": "node1",
@@ -140,9 +143,15 @@ async def test_every_service_serves_health_and_reflection(mesh: Mesh) -> None:
     ("emails", "expected"),
     [
         ([], "emails is empty"),
-        ([email(["not-an-address"], "127.0.0.3")], "emails[0].to[0] 'not-an-address' is not an email address"),
         (
-            [email(["ok@gmail.com"], "127.0.0.3"), email(["x@gmail.com"], "127.0.0.3", subject="a\r\nBcc: y@z.org")],
+            [email(["not-an-address"], "127.0.0.3")],
+            "emails[0].to[0] 'not-an-address' is not an email address",
+        ),
+        (
+            [
+                email(["ok@gmail.com"], "127.0.0.3"),
+                email(["x@gmail.com"], "127.0.0.3", subject="a\r\nBcc: y@z.org"),
+            ],
             "emails[1].subject contains CR or LF",
         ),
         (
@@ -154,20 +163,22 @@ async def test_every_service_serves_health_and_reflection(mesh: Mesh) -> None:
 async def test_invalid_input_is_rejected_and_nothing_is_enqueued(
     mesh: Mesh, sink: Sink, emails: list[dict[str, Any]], expected: str
 ) -> None:
-    code, out = await grpcurl(mesh.address("router"), "epoxi.v1.RouterService/RouteEmails", {"emails": emails})
+    code, out = await grpcurl(
+        mesh.address("router"), "epoxi.v1.RouterService/RouteEmails", {"emails": emails}
+    )
     assert code != 0
     assert "Code: InvalidArgument" in out and expected in out, out
     assert await registry_get(mesh, "/v1/health/service/epoxi-pipeline") == []
     code, out = await grpcurl(mesh.address("node1"), "epoxi.v1.NodeService/GetNodeState", {})
-    assert code == 0 and "pipelines" not in json.loads(out), out
+    assert code == 0 and json.loads(out)["pipelines"] == [], out
     assert sink.received == []
 
 
 async def test_a_batch_for_an_unowned_ip_fails_while_the_others_go_through(mesh: Mesh, sink: Sink) -> None:
     summary = await route(mesh, [email(["a@gmail.com"], "127.0.0.3"), email(["b@gmail.com"], "127.0.0.99")])
-    assert (summary["successfulBatches"], summary["failedBatches"]) == (1, 1)
-    [failed] = [b for b in summary["batches"] if not b.get("ok")]
-    assert failed["routingKey"] == "gmail.com_127_0_0_99"
+    assert (summary["successful_batches"], summary["failed_batches"]) == (1, 1)
+    [failed] = [b for b in summary["batches"] if not b["ok"]]
+    assert failed["routing_key"] == "gmail.com_127_0_0_99"
     assert failed["error"] == "no passing node owns source IP 127.0.0.99"
     await sink.wait_for(1)
     assert sink.recipients() == ["a@gmail.com"]
@@ -175,10 +186,10 @@ async def test_a_batch_for_an_unowned_ip_fails_while_the_others_go_through(mesh:
 
 async def test_stopping_a_pipeline_removes_it_from_the_registry(mesh: Mesh) -> None:
     summary = await route(mesh, [email(["a@gmail.com"], "127.0.0.3")])
-    assert summary["successfulBatches"] == 1
+    assert summary["successful_batches"] == 1
     assert len(await registry_get(mesh, "/v1/health/service/epoxi-pipeline")) == 1
     code, out = await grpcurl(
-        mesh.address("node1"), "epoxi.v1.NodeService/StopPipeline", {"routingKey": "gmail.com_127_0_0_3"}
+        mesh.address("node1"), "epoxi.v1.NodeService/StopPipeline", {"routing_key": "gmail.com_127_0_0_3"}
     )
     assert code == 0, out
 
@@ -191,7 +202,7 @@ async def test_stopping_a_pipeline_removes_it_from_the_registry(mesh: Mesh) -> N
 async def test_a_dead_node_is_not_chosen_and_its_key_fails_over(mesh: Mesh, sink: Sink) -> None:
     first = await route(mesh, [email(["a@gmail.com"], "127.0.0.2")])
     [batch] = first["batches"]
-    assert batch["ok"] and batch["newPipeline"]
+    assert batch["ok"] and batch["new_pipeline"]
     dead, alive = batch["node"], ({"node1", "node2"} - {batch["node"]}).pop()
     await sink.wait_for(1)
 

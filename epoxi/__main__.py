@@ -1,0 +1,5 @@
+import sys
+
+from epoxi.cli import main
+
+sys.exit(main())
