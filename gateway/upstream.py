@@ -1,0 +1,85 @@
+"""Where the gateway sends its calls: a fixed address, or a passing instance found in the registry."""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any, Protocol
+
+import aiohttp
+import consul
+import grpc
+
+from epoxi import runtime
+
+log = logging.getLogger(__name__)
+
+
+class NoUpstream(LookupError):
+    """No instance of the target service is available (HTTP 503, UNAVAILABLE)."""
+
+
+class Upstream(Protocol):
+    async def channel(self) -> grpc.aio.Channel:
+        """A channel to an instance; NoUpstream when there is none."""
+        ...
+
+    def unavailable(self) -> None:
+        """The last call found the instance UNAVAILABLE: choose again next time."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class StaticUpstream:
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self._channel = runtime.channel(target)
+
+    async def channel(self) -> grpc.aio.Channel:
+        return self._channel
+
+    def unavailable(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+class RegistryUpstream:
+    """A passing instance of ``service`` from the registry, kept until a call finds it unavailable."""
+
+    def __init__(self, consul: Any, service: str, owns_client: bool = False) -> None:
+        self._consul = consul
+        self._owns_client = owns_client
+        self.service = service
+        self.target: str | None = None
+        self._channels = runtime.Channels()
+
+    async def channel(self) -> grpc.aio.Channel:
+        if self.target is None:
+            try:
+                _, entries = await self._consul.health.service(self.service, passing=True)
+            except (aiohttp.ClientError, consul.ConsulException, OSError) as e:
+                raise NoUpstream(f"cannot read {self.service} from the registry: {e}") from e
+            if not entries:
+                raise NoUpstream(f"no passing {self.service} in the registry")
+            entry = random.choice(entries)
+            host = entry["Service"].get("Address") or entry["Node"]["Address"]
+            self.target = (
+                f"[{host}]:{entry['Service']['Port']}"
+                if ":" in host
+                else f"{host}:{entry['Service']['Port']}"
+            )
+            log.info("using %s at %s", self.service, self.target)
+        return self._channels.get(self.target)
+
+    def unavailable(self) -> None:
+        self.target = None
+
+    async def close(self) -> None:
+        try:
+            await self._channels.close()
+        finally:
+            if self._owns_client:
+                await self._consul.close()

@@ -1,0 +1,1 @@
+"""The monitor service: cluster-wide pipeline discovery, stats and health, read from the registry."""

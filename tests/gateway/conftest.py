@@ -1,0 +1,37 @@
+"""A real grpc.aio server for echo.proto, and the gateway in front of it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+import grpc
+import pytest
+
+from gateway.app import Gateway, start_gateway
+from gateway.upstream import StaticUpstream
+from tests.gateway.gateway_echo import EchoServer, EchoServicer, echo_service
+
+
+@pytest.fixture
+async def echo_server() -> AsyncIterator[EchoServer]:
+    servicer = EchoServicer()
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers([servicer.handler()])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    yield EchoServer(server, servicer, f"127.0.0.1:{port}")
+    await server.stop(None)
+
+
+@pytest.fixture
+async def echo_gateway(echo_server: EchoServer) -> AsyncIterator[Gateway]:
+    gateway = await start_gateway("127.0.0.1:0", [echo_service()], StaticUpstream(echo_server.address))
+    yield gateway
+    await gateway.close()
+
+
+@pytest.fixture
+async def http(echo_gateway: Gateway) -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(base_url=f"http://{echo_gateway.address}") as session:
+        yield session
