@@ -20,7 +20,9 @@ def test_split_routing_key_inverts_routing_key(domain, ip):
     assert split_routing_key(routing_key(domain, ip)) == (domain, ip)
 
 
-@pytest.mark.parametrize("key", ["gmail.com", "gmail.com_", "gmail_com_1_2_3_4", "x.org_1_2_3", "_1_2_3_4", ""])
+@pytest.mark.parametrize(
+    "key", ["gmail.com", "gmail.com_", "gmail_com_1_2_3_4", "x.org_1_2_3", "_1_2_3_4", ""]
+)
 def test_split_routing_key_rejects_malformed_keys(key):
     with pytest.raises(ValueError, match="is not <domain>_<source ip>"):
         split_routing_key(key)

@@ -4,6 +4,7 @@ the development registry, and a real SMTP sink that records each message's sourc
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import shutil
 import signal
@@ -57,9 +58,11 @@ async def registry_get(mesh: Mesh, path: str) -> Any:
 async def eventually(check: Any, seconds: float = 30.0) -> Any:
     """Poll an async ``check`` until it returns something truthy."""
     async with asyncio.timeout(seconds):
-        while not (result := await check()):
+        for _ in itertools.count():
+            if result := await check():
+                return result
             await asyncio.sleep(0.2)
-    return result
+    raise AssertionError("unreachable")
 
 
 @pytest.fixture
@@ -194,7 +197,7 @@ async def test_stopping_a_pipeline_removes_it_from_the_registry(mesh: Mesh) -> N
     assert code == 0, out
 
     async def gone() -> bool:
-        return await registry_get(mesh, "/v1/health/service/epoxi-pipeline") == []
+        return not await registry_get(mesh, "/v1/health/service/epoxi-pipeline")
 
     await eventually(gone)
 

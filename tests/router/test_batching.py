@@ -8,7 +8,9 @@ POOLS = {"default": ["127.0.0.2", "127.0.0.4"], "bulk": ["127.0.0.9"]}
 
 
 def email(to, ip="", pool="", message_id=""):
-    return new_email("a@example.com", to=to, message_id=message_id, delivery=email_pb2.Delivery(ip=ip, ip_pool=pool))
+    return new_email(
+        "a@example.com", to=to, message_id=message_id, delivery=email_pb2.Delivery(ip=ip, ip_pool=pool)
+    )
 
 
 def test_emails_are_grouped_by_domain_and_ip_in_first_seen_order():
