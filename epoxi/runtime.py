@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -121,6 +123,38 @@ async def run_until_signalled(
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+
+
+class Running(Protocol):
+    """A started service: where it listens, and how to stop it gracefully."""
+
+    @property
+    def address(self) -> str: ...
+
+    async def close(self) -> None: ...
+
+
+def serve_main(
+    name: str,
+    parser: argparse.ArgumentParser,
+    start: Callable[[argparse.Namespace], Awaitable[Running]],
+    argv: list[str] | None = None,
+) -> int:
+    """A service's ``main``: parse flags, start it, print ``<name> listening on <address>``
+    (the line ``epoxi.mesh`` and other tooling wait for), and run until SIGTERM or SIGINT."""
+    args = parser.parse_args(argv)
+    configure_logging()
+
+    async def serve(stop: asyncio.Event) -> None:
+        service = await start(args)
+        try:
+            print(f"{name} listening on {service.address}", flush=True)
+            await stop.wait()
+        finally:
+            await service.close()
+
+    asyncio.run(run_until_signalled(serve))
+    return 0
 
 
 def configure_logging(level: str = "INFO") -> None:

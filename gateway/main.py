@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 
 from epoxi import runtime
@@ -48,21 +47,9 @@ async def start(args: argparse.Namespace) -> Gateway:
     return await start_gateway(args.listen, SERVICES, upstream, args.timeout)
 
 
-async def run(args: argparse.Namespace, stop: asyncio.Event) -> None:
-    gateway = await start(args)
-    try:
-        print(f"gateway listening on {gateway.address}", flush=True)
-        await stop.wait()
-    finally:
-        await gateway.close()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="epoxi gateway", description="Serve the monitor's HTTP admin API (google.api.http)."
     )
     add_arguments(parser)
-    args = parser.parse_args(argv)
-    runtime.configure_logging()
-    asyncio.run(runtime.run_until_signalled(lambda stop: run(args, stop)))
-    return 0
+    return runtime.serve_main("gateway", parser, start, argv)

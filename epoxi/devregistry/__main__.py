@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import socket
 
-from epoxi.devregistry.app import serve
+from epoxi.devregistry.app import RunningRegistry, serve
 from epoxi.devregistry.codec import parse_duration
 from epoxi.devregistry.state import RegistryConfig
-from epoxi.runtime import configure_logging, run_until_signalled
+from epoxi.runtime import serve_main
 
 
 def _duration(text: str) -> int:
@@ -54,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def run(args: argparse.Namespace, stop: asyncio.Event) -> None:
+async def start(args: argparse.Namespace) -> RunningRegistry:
     host, port = args.http_addr
     config = RegistryConfig(
         node_name=args.node,
@@ -64,19 +63,11 @@ async def run(args: argparse.Namespace, stop: asyncio.Event) -> None:
         check_reap_interval=args.check_reap_interval,
         check_update_interval=args.check_update_interval,
     )
-    registry = await serve(host, port, config)
-    print(f"registry listening on {registry.address}", flush=True)
-    try:
-        await stop.wait()
-    finally:
-        await registry.close()
+    return await serve(host, port, config)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    configure_logging()
-    asyncio.run(run_until_signalled(lambda stop: run(args, stop)))
-    return 0
+    return serve_main("registry", build_parser(), start, argv)
 
 
 if __name__ == "__main__":

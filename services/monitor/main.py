@@ -10,7 +10,6 @@ In-process use (tests, tools)::
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import socket
@@ -156,21 +155,9 @@ def config_from_args(args: argparse.Namespace) -> MonitorConfig:
     )
 
 
-async def run(args: argparse.Namespace, stop: asyncio.Event) -> None:
-    monitor = await start_monitor(config_from_args(args))
-    try:
-        print(f"monitor listening on {monitor.address}", flush=True)
-        await stop.wait()
-    finally:
-        await monitor.close()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="epoxi monitor", description="Cluster-wide pipeline discovery, stats and health."
     )
     add_arguments(parser)
-    args = parser.parse_args(argv)
-    runtime.configure_logging()
-    asyncio.run(runtime.run_until_signalled(lambda stop: run(args, stop)))
-    return 0
+    return runtime.serve_main("monitor", parser, lambda args: start_monitor(config_from_args(args)), argv)

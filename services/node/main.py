@@ -274,21 +274,10 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
     )
 
 
-async def run(args: argparse.Namespace, stop: asyncio.Event) -> None:
-    node = await start_node(config_from_args(args))
-    try:
-        print(f"node {node.id} listening on {node.address}", flush=True)
-        await stop.wait()
-    finally:
-        await node.close()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="epoxi node", description="Spool mail and deliver it over SMTP.")
     add_arguments(parser)
     args = parser.parse_args(argv)
     if not (args.egress_ips or os.environ.get("EPOXI_NODE_EGRESS_IP")):
         parser.error("give at least one --egress-ip (or EPOXI_NODE_EGRESS_IP)")
-    runtime.configure_logging()
-    asyncio.run(runtime.run_until_signalled(lambda stop: run(args, stop)))
-    return 0
+    return runtime.serve_main(f"node {args.id}", parser, lambda a: start_node(config_from_args(a)), argv)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import socket
+from dataclasses import dataclass
+from typing import Any
 
 from epoxi import runtime
 from epoxi.registry import client, services
@@ -26,7 +27,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--check-interval", default=env("EPOXI_ROUTER_CHECK_INTERVAL", "5s"))
 
 
-async def run(args: argparse.Namespace, stop: asyncio.Event) -> None:
+@dataclass
+class RunningRouter:
+    address: str
+    id: str
+    server: runtime.Server
+    consul: Any
+    view: ClusterView
+    channels: runtime.Channels
+
+    async def close(self) -> None:
+        await self.server.stop()
+        try:
+            await self.consul.agent.service.deregister(self.id)
+        finally:
+            await self.view.close()
+            await self.channels.close()
+            await self.consul.close()
+
+
+async def start_router(args: argparse.Namespace) -> RunningRouter:
     consul = client.connect(args.consul)
     channels = runtime.Channels()
     view = ClusterView(consul).start()
@@ -40,28 +60,19 @@ async def run(args: argparse.Namespace, stop: asyncio.Event) -> None:
             )
         ],
     )
-    host = args.listen.rpartition(":")[0]
-    address = args.advertise or f"{host}:{server.port}"
+    address = args.advertise or f"{args.listen.rpartition(':')[0]}:{server.port}"
+    router = RunningRouter(address, args.id, server, consul, view, channels)
     try:
         await consul.agent.service.register(
             **services.grpc_service_registration(SERVICE, args.id, address, args.check_interval)
         )
-        print(f"router listening on {address}", flush=True)
-        await stop.wait()
-    finally:
-        await server.stop()
-        try:
-            await consul.agent.service.deregister(args.id)
-        finally:
-            await view.close()
-            await channels.close()
-            await consul.close()
+    except BaseException:
+        await router.close()
+        raise
+    return router
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="epoxi router", description="Route emails to node pipelines.")
     add_arguments(parser)
-    args = parser.parse_args(argv)
-    runtime.configure_logging()
-    asyncio.run(runtime.run_until_signalled(lambda stop: run(args, stop)))
-    return 0
+    return runtime.serve_main("router", parser, start_router, argv)
