@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from services.router.discovery import ClusterView
 from services.router.servicer import RouterServicer
 
 SERVICE = "epoxi-router"
+log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,6 +42,8 @@ class RunningRouter:
         await self.server.stop()
         try:
             await self.consul.agent.service.deregister(self.id)
+        except Exception as e:  # the registry may be gone first; its check then reaps us
+            log.warning("could not deregister %s: %s", self.id, e)
         finally:
             await self.view.close()
             await self.channels.close()
