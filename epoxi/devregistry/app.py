@@ -69,7 +69,11 @@ async def serve(
     host: str = "127.0.0.1", port: int = 8500, config: RegistryConfig | None = None
 ) -> RunningRegistry:
     """Start serving on ``host:port`` (port 0 picks a free one) and return at once."""
-    runner = web.AppRunner(create_app(config), access_log=None, shutdown_timeout=1.0)
+    # handler_cancellation: a blocking query whose client went away stops at once, so shutdown
+    # does not wait out open long polls.
+    runner = web.AppRunner(
+        create_app(config), access_log=None, shutdown_timeout=1.0, handler_cancellation=True
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from epoxi.v1 import email_pb2 as _email_pb2
 from epoxi.v1 import pipeline_pb2 as _pipeline_pb2
+from epoxi.v1 import queue_pb2 as _queue_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
@@ -66,20 +67,30 @@ class StartPipelineRequest(_message.Message):
     DOMAIN_FIELD_NUMBER: _builtins.int
     SOURCE_IP_FIELD_NUMBER: _builtins.int
     POLICY_FIELD_NUMBER: _builtins.int
+    POLICY_NAME_FIELD_NUMBER: _builtins.int
     domain: _builtins.str
     source_ip: _builtins.str
+    policy_name: _builtins.str
+    """Name of a policy stored in the registry's KV store (epoxi/policies/<name>); excludes policy.
+    The pipeline then follows that stored policy as it changes.
+    """
     @_builtins.property
-    def policy(self) -> _pipeline_pb2.PipelinePolicy: ...
+    def policy(self) -> _pipeline_pb2.PipelinePolicy:
+        """Inline policy. With neither policy nor policy_name, the node uses the policy the registry's
+        KV store assigns to the routing key, else the stored policy "default", else built-in defaults.
+        """
+
     def __init__(
         self,
         *,
         domain: _builtins.str = ...,
         source_ip: _builtins.str = ...,
         policy: _pipeline_pb2.PipelinePolicy | None = ...,
+        policy_name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "policy", b"policy", "source_ip", b"source_ip"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "policy", b"policy", "policy_name", b"policy_name", "source_ip", b"source_ip"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -272,3 +283,155 @@ class GetNodeStateResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetNodeStateResponse: _TypeAlias = GetNodeStateResponse  # noqa: Y015
+
+@_typing.final
+class GetQueueStatsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUTING_KEY_FIELD_NUMBER: _builtins.int
+    routing_key: _builtins.str
+    """Only this routing key; empty: every routing key in the spool or running."""
+    def __init__(
+        self,
+        *,
+        routing_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["routing_key", b"routing_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetQueueStatsRequest: _TypeAlias = GetQueueStatsRequest  # noqa: Y015
+
+@_typing.final
+class GetQueueStatsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PIPELINES_FIELD_NUMBER: _builtins.int
+    TOTALS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def pipelines(self) -> _containers.RepeatedCompositeFieldContainer[_queue_pb2.QueueStats]:
+        """Sorted by routing key."""
+
+    @_builtins.property
+    def totals(self) -> _pipeline_pb2.PipelineCounters:
+        """Sums over pipelines."""
+
+    def __init__(
+        self,
+        *,
+        pipelines: _abc.Iterable[_queue_pb2.QueueStats] | None = ...,
+        totals: _pipeline_pb2.PipelineCounters | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["totals", b"totals"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pipelines", b"pipelines", "totals", b"totals"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetQueueStatsResponse: _TypeAlias = GetQueueStatsResponse  # noqa: Y015
+
+@_typing.final
+class ListMessagesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUTING_KEY_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    routing_key: _builtins.str
+    """Only messages of this routing key; empty: every routing key."""
+    state: _queue_pb2.DeliveryState.ValueType
+    """Only messages with at least one recipient in this state; unspecified: every message."""
+    page_size: _builtins.int
+    """At most this many messages; 0 means 50, and more than 1000 means 1000."""
+    page_token: _builtins.str
+    """next_page_token of the previous response, with the same routing_key and state."""
+    def __init__(
+        self,
+        *,
+        routing_key: _builtins.str = ...,
+        state: _queue_pb2.DeliveryState.ValueType = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "routing_key", b"routing_key", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMessagesRequest: _TypeAlias = ListMessagesRequest  # noqa: Y015
+
+@_typing.final
+class ListMessagesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass as page_token for the next page; empty on the last page."""
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[_queue_pb2.QueuedMessage]:
+        """Oldest first."""
+
+    def __init__(
+        self,
+        *,
+        messages: _abc.Iterable[_queue_pb2.QueuedMessage] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMessagesResponse: _TypeAlias = ListMessagesResponse  # noqa: Y015
+
+@_typing.final
+class GetMessageRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    message_id: _builtins.str
+    """Spool ID, as returned by EnqueueBatch."""
+    def __init__(
+        self,
+        *,
+        message_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message_id", b"message_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetMessageRequest: _TypeAlias = GetMessageRequest  # noqa: Y015
+
+@_typing.final
+class GetMessageResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def message(self) -> _queue_pb2.QueuedMessage: ...
+    @_builtins.property
+    def attempts(self) -> _containers.RepeatedCompositeFieldContainer[_queue_pb2.DeliveryAttempt]:
+        """Every attempt at every recipient, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        message: _queue_pb2.QueuedMessage | None = ...,
+        attempts: _abc.Iterable[_queue_pb2.DeliveryAttempt] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetMessageResponse: _TypeAlias = GetMessageResponse  # noqa: Y015

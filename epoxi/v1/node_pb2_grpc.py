@@ -60,6 +60,21 @@ class NodeServiceStub:
                 request_serializer=epoxi_dot_v1_dot_node__pb2.GetNodeStateRequest.SerializeToString,
                 response_deserializer=epoxi_dot_v1_dot_node__pb2.GetNodeStateResponse.FromString,
                 _registered_method=True)
+        self.GetQueueStats = channel.unary_unary(
+                '/epoxi.v1.NodeService/GetQueueStats',
+                request_serializer=epoxi_dot_v1_dot_node__pb2.GetQueueStatsRequest.SerializeToString,
+                response_deserializer=epoxi_dot_v1_dot_node__pb2.GetQueueStatsResponse.FromString,
+                _registered_method=True)
+        self.ListMessages = channel.unary_unary(
+                '/epoxi.v1.NodeService/ListMessages',
+                request_serializer=epoxi_dot_v1_dot_node__pb2.ListMessagesRequest.SerializeToString,
+                response_deserializer=epoxi_dot_v1_dot_node__pb2.ListMessagesResponse.FromString,
+                _registered_method=True)
+        self.GetMessage = channel.unary_unary(
+                '/epoxi.v1.NodeService/GetMessage',
+                request_serializer=epoxi_dot_v1_dot_node__pb2.GetMessageRequest.SerializeToString,
+                response_deserializer=epoxi_dot_v1_dot_node__pb2.GetMessageResponse.FromString,
+                _registered_method=True)
 
 
 class NodeServiceServicer:
@@ -98,6 +113,27 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetQueueStats(self, request, context):
+        """Per routing key counts from the spool, with the next retry of deferred mail.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListMessages(self, request, context):
+        """Spooled messages of a routing key and state, a page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetMessage(self, request, context):
+        """One spooled message with every delivery attempt made for it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -125,6 +161,21 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.GetNodeState,
                     request_deserializer=epoxi_dot_v1_dot_node__pb2.GetNodeStateRequest.FromString,
                     response_serializer=epoxi_dot_v1_dot_node__pb2.GetNodeStateResponse.SerializeToString,
+            ),
+            'GetQueueStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetQueueStats,
+                    request_deserializer=epoxi_dot_v1_dot_node__pb2.GetQueueStatsRequest.FromString,
+                    response_serializer=epoxi_dot_v1_dot_node__pb2.GetQueueStatsResponse.SerializeToString,
+            ),
+            'ListMessages': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMessages,
+                    request_deserializer=epoxi_dot_v1_dot_node__pb2.ListMessagesRequest.FromString,
+                    response_serializer=epoxi_dot_v1_dot_node__pb2.ListMessagesResponse.SerializeToString,
+            ),
+            'GetMessage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMessage,
+                    request_deserializer=epoxi_dot_v1_dot_node__pb2.GetMessageRequest.FromString,
+                    response_serializer=epoxi_dot_v1_dot_node__pb2.GetMessageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -263,6 +314,87 @@ class NodeService:
             '/epoxi.v1.NodeService/GetNodeState',
             epoxi_dot_v1_dot_node__pb2.GetNodeStateRequest.SerializeToString,
             epoxi_dot_v1_dot_node__pb2.GetNodeStateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetQueueStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epoxi.v1.NodeService/GetQueueStats',
+            epoxi_dot_v1_dot_node__pb2.GetQueueStatsRequest.SerializeToString,
+            epoxi_dot_v1_dot_node__pb2.GetQueueStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListMessages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epoxi.v1.NodeService/ListMessages',
+            epoxi_dot_v1_dot_node__pb2.ListMessagesRequest.SerializeToString,
+            epoxi_dot_v1_dot_node__pb2.ListMessagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMessage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epoxi.v1.NodeService/GetMessage',
+            epoxi_dot_v1_dot_node__pb2.GetMessageRequest.SerializeToString,
+            epoxi_dot_v1_dot_node__pb2.GetMessageResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -40,6 +40,12 @@ class NodeServiceStub:
     EnqueueBatch: _grpc.UnaryUnaryMultiCallable[_node_pb2.EnqueueBatchRequest, _node_pb2.EnqueueBatchResponse]
     """Acknowledges only after every email is durably in the spool."""
     GetNodeState: _grpc.UnaryUnaryMultiCallable[_node_pb2.GetNodeStateRequest, _node_pb2.GetNodeStateResponse]
+    GetQueueStats: _grpc.UnaryUnaryMultiCallable[_node_pb2.GetQueueStatsRequest, _node_pb2.GetQueueStatsResponse]
+    """Per routing key counts from the spool, with the next retry of deferred mail."""
+    ListMessages: _grpc.UnaryUnaryMultiCallable[_node_pb2.ListMessagesRequest, _node_pb2.ListMessagesResponse]
+    """Spooled messages of a routing key and state, a page at a time."""
+    GetMessage: _grpc.UnaryUnaryMultiCallable[_node_pb2.GetMessageRequest, _node_pb2.GetMessageResponse]
+    """One spooled message with every delivery attempt made for it."""
 
 @_typing.type_check_only
 class NodeServiceAsyncStub(NodeServiceStub):
@@ -53,6 +59,12 @@ class NodeServiceAsyncStub(NodeServiceStub):
     EnqueueBatch: _aio.UnaryUnaryMultiCallable[_node_pb2.EnqueueBatchRequest, _node_pb2.EnqueueBatchResponse]  # type: ignore[assignment]
     """Acknowledges only after every email is durably in the spool."""
     GetNodeState: _aio.UnaryUnaryMultiCallable[_node_pb2.GetNodeStateRequest, _node_pb2.GetNodeStateResponse]  # type: ignore[assignment]
+    GetQueueStats: _aio.UnaryUnaryMultiCallable[_node_pb2.GetQueueStatsRequest, _node_pb2.GetQueueStatsResponse]  # type: ignore[assignment]
+    """Per routing key counts from the spool, with the next retry of deferred mail."""
+    ListMessages: _aio.UnaryUnaryMultiCallable[_node_pb2.ListMessagesRequest, _node_pb2.ListMessagesResponse]  # type: ignore[assignment]
+    """Spooled messages of a routing key and state, a page at a time."""
+    GetMessage: _aio.UnaryUnaryMultiCallable[_node_pb2.GetMessageRequest, _node_pb2.GetMessageResponse]  # type: ignore[assignment]
+    """One spooled message with every delivery attempt made for it."""
 
 class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
     """Runs delivery pipelines: spools accepted mail durably and delivers it over SMTP."""
@@ -93,5 +105,29 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _node_pb2.GetNodeStateRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_node_pb2.GetNodeStateResponse, _abc.Awaitable[_node_pb2.GetNodeStateResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetQueueStats(
+        self,
+        request: _node_pb2.GetQueueStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.GetQueueStatsResponse, _abc.Awaitable[_node_pb2.GetQueueStatsResponse]]:
+        """Per routing key counts from the spool, with the next retry of deferred mail."""
+
+    @_abc_1.abstractmethod
+    def ListMessages(
+        self,
+        request: _node_pb2.ListMessagesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.ListMessagesResponse, _abc.Awaitable[_node_pb2.ListMessagesResponse]]:
+        """Spooled messages of a routing key and state, a page at a time."""
+
+    @_abc_1.abstractmethod
+    def GetMessage(
+        self,
+        request: _node_pb2.GetMessageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.GetMessageResponse, _abc.Awaitable[_node_pb2.GetMessageResponse]]:
+        """One spooled message with every delivery attempt made for it."""
 
 def add_NodeServiceServicer_to_server(servicer: NodeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

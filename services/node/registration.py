@@ -3,7 +3,8 @@
 ``sync()`` reconciles the registry with what the node runs now and is idempotent: it registers
 the node (again when its pipeline count or load changed), registers new pipelines, passes each
 running pipeline's TTL check with its state line as the output (fails it while the pipeline is
-restarting after a crash), and deregisters pipelines that stopped. ``run()`` calls it every
+restarting after a crash), registers a pipeline again when its policy changed (the policy is
+in the service's metadata), and deregisters pipelines that stopped. ``run()`` calls it every
 ``interval``; the node also calls it right after a change. A registry that is down is retried
 on the next round, and a registry that lost our registrations (e.g. restarted) gets them again.
 """
@@ -67,7 +68,8 @@ class Registrar:
         self.timeout = timeout  # for one round of registry calls
         self._node_meta: tuple[int, int] | None = None
         self._rounds = 0
-        self._pipelines: set[str] = set()
+        # Registered pipelines, with the policy their registration carries.
+        self._pipelines: dict[str, pipeline_pb2.PipelinePolicy] = {}
         self._lock = asyncio.Lock()
 
     async def run(self) -> None:
@@ -98,10 +100,10 @@ class Registrar:
             )
             self._node_meta = meta
         current = {p.info.name for p in snap.pipelines}
-        for name in sorted(self._pipelines - current):
+        for name in sorted(self._pipelines.keys() - current):
             await self._deregister_pipeline(name)
         for p in snap.pipelines:
-            if p.info.name not in self._pipelines:
+            if self._pipelines.get(p.info.name) != p.info.policy:
                 await self._register_pipeline(p)
             else:
                 await self._refresh(p)
@@ -110,7 +112,7 @@ class Registrar:
         await self.consul.agent.service.register(
             **pipeline_registration(p.info, self.ttl, self.deregister_after)
         )
-        self._pipelines.add(p.info.name)
+        self._pipelines[p.info.name] = p.info.policy
         await self._refresh(p, register_if_lost=False)
 
     async def _refresh(self, p: PipelineState, register_if_lost: bool = True) -> None:
@@ -128,13 +130,13 @@ class Registrar:
         elif not known:
             # The registry forgot us (restarted, or reaped a critical service): register again.
             log.warning("registry lost pipeline %s; registering it again", p.info.name)
-            self._pipelines.discard(p.info.name)
+            self._pipelines.pop(p.info.name, None)
             self._node_meta = None
             await self._register_pipeline(p)
 
     async def _deregister_pipeline(self, name: str) -> None:
         await self.consul.agent.service.deregister(name)  # False (404) when already gone
-        self._pipelines.discard(name)
+        self._pipelines.pop(name, None)
 
     async def forget_pipeline(self, name: str) -> None:
         """Deregister a stopped pipeline now."""

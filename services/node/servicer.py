@@ -7,10 +7,13 @@ from typing import NoReturn
 import grpc
 
 from epoxi import mail, policy
+from epoxi.policies import POLICIES, PolicyError, check_name
 from epoxi.policy import Policy
 from epoxi.routing import is_ip, recipients_in, routing_key
-from epoxi.v1 import node_pb2, node_pb2_grpc
+from epoxi.v1 import node_pb2, node_pb2_grpc, pipeline_pb2, queue_pb2
+from services.node import queue
 from services.node.node import Node
+from services.node.spool import Counts, KeyStats
 
 MAX_PROBLEMS_REPORTED = 20
 
@@ -30,6 +33,14 @@ class NodeService(node_pb2_grpc.NodeServiceServicer):
         if not is_ip(request.source_ip):
             problems.append(f"source_ip {request.source_ip!r} is not an IP address")
         problems += policy.validate(request.policy)
+        inline = request.policy != pipeline_pb2.PipelinePolicy()
+        if request.policy_name:
+            try:
+                check_name(request.policy_name)
+            except PolicyError as e:
+                problems.append(str(e))
+            if inline:
+                problems.append("give policy or policy_name, not both")
         if problems:
             await _abort(context, _INVALID, "; ".join(problems))
         if not self.node.owns(request.source_ip):
@@ -40,9 +51,16 @@ class NodeService(node_pb2_grpc.NodeServiceServicer):
                 f"node {self.node.id} cannot send from {request.source_ip}; it owns: {owned}",
             )
         key = routing_key(request.domain, request.source_ip)
-        p, started = await self.node.start_pipeline(
-            request.domain, request.source_ip, Policy.from_proto(request.policy, key)
-        )
+        chosen: Policy | None = Policy.from_proto(request.policy, key) if inline else None
+        if request.policy_name:
+            chosen = self.node.policies.named(request.policy_name)
+            if chosen is None:
+                await _abort(
+                    context,
+                    grpc.StatusCode.NOT_FOUND,
+                    f"no valid policy {request.policy_name!r} is stored under {POLICIES}",
+                )
+        p, started = await self.node.start_pipeline(request.domain, request.source_ip, chosen)
         return node_pb2.StartPipelineResponse(pipeline=await self.node.pipeline_info(p), started=started)
 
     async def StopPipeline(
@@ -78,7 +96,7 @@ class NodeService(node_pb2_grpc.NodeServiceServicer):
         problems = [p for i, e in enumerate(request.emails) for p in mail.validate(e, f"emails[{i}]")]
         if problems:
             await _abort(context, _INVALID, _summary(problems))
-        p = self.node.pipelines.get(request.routing_key)
+        p = await self.node.pipeline_for_mail(request.routing_key)
         if p is None:
             await _abort(
                 context,
@@ -93,7 +111,81 @@ class NodeService(node_pb2_grpc.NodeServiceServicer):
         if outside:
             await _abort(context, _INVALID, _summary(outside))
         ids = await self.node.enqueue(p, request.emails)
+        p = self.node.pipelines.get(p.routing_key, p)  # restarted if it stopped meanwhile
         return node_pb2.EnqueueBatchResponse(message_ids=ids, pipeline=await self.node.pipeline_info(p))
+
+    # Queue inspection
+
+    async def GetQueueStats(
+        self, request: node_pb2.GetQueueStatsRequest, context: grpc.aio.ServicerContext
+    ) -> node_pb2.GetQueueStatsResponse:
+        key = request.routing_key or None
+        stats = await self.node.spool.queue_stats(key)
+        running = set(self.node.pipelines)
+        for k in running:
+            if key in (None, k):
+                stats.setdefault(k, KeyStats(Counts(), None))
+        if key is not None and not stats:
+            await _abort(
+                context,
+                grpc.StatusCode.NOT_FOUND,
+                f"routing key {key!r} has no pipeline and no mail on node {self.node.id}",
+            )
+        return node_pb2.GetQueueStatsResponse(
+            pipelines=[queue.stats_proto(k, stats[k], k in running) for k in sorted(stats)],
+            totals=sum((s.counts for s in stats.values()), Counts()).to_proto(),
+        )
+
+    async def ListMessages(
+        self, request: node_pb2.ListMessagesRequest, context: grpc.aio.ServicerContext
+    ) -> node_pb2.ListMessagesResponse:
+        problems = []
+        try:
+            size = queue.page_size(request.page_size)
+        except ValueError as e:
+            problems.append(str(e))
+        state = None
+        if request.state != queue_pb2.DELIVERY_STATE_UNSPECIFIED:
+            state = queue.SPOOL_STATES.get(request.state)
+            if state is None:
+                problems.append(f"state {request.state} is not a DeliveryState")
+        after = None
+        if request.page_token:
+            try:
+                page = queue.Page.parse(request.page_token)
+            except queue.BadPageToken as e:
+                problems.append(str(e))
+            else:
+                if (page.routing_key, page.state) != (request.routing_key, request.state):
+                    problems.append("page_token belongs to a listing with another routing_key or state")
+                after = page.after
+        if problems:
+            await _abort(context, _INVALID, "; ".join(problems))
+        rows = await self.node.spool.list_messages(request.routing_key or None, state, after, size + 1)
+        reply = node_pb2.ListMessagesResponse(messages=[queue.message_proto(m) for m in rows[:size]])
+        if len(rows) > size:
+            last = rows[size - 1]
+            reply.next_page_token = queue.Page(
+                request.routing_key, request.state, (last.created_at, last.id)
+            ).token()
+        return reply
+
+    async def GetMessage(
+        self, request: node_pb2.GetMessageRequest, context: grpc.aio.ServicerContext
+    ) -> node_pb2.GetMessageResponse:
+        if not request.message_id:
+            await _abort(context, _INVALID, "message_id is empty: give a spool ID from EnqueueBatch")
+        found = await self.node.spool.message(request.message_id)
+        if found is None:
+            await _abort(
+                context,
+                grpc.StatusCode.NOT_FOUND,
+                f"no message {request.message_id!r} in the spool of node {self.node.id}",
+            )
+        message, attempts = found
+        return node_pb2.GetMessageResponse(
+            message=queue.message_proto(message), attempts=[queue.attempt_proto(a) for a in attempts]
+        )
 
 
 async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:

@@ -2,13 +2,15 @@
 
 Every write is one transaction, so a whole ``EnqueueBatch`` costs one fsync (group commit) and
 is acknowledged only once it returns. A message is stored once (rendered RFC 5322 bytes and
-envelope sender) with one delivery row per recipient. SQLite connections are bound to their
-thread, so all spool work runs on one dedicated thread, off the event loop.
+envelope sender) with one delivery row per recipient; each attempt's outcome updates the
+delivery and appends to its ``attempts`` history in the same transaction. SQLite connections
+are bound to their thread, so all spool work runs on one dedicated thread, off the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import sqlite3
 import time
 import uuid
@@ -17,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 from epoxi.policy import Policy
 from epoxi.v1 import pipeline_pb2
@@ -63,7 +65,25 @@ CREATE TABLE IF NOT EXISTS deliveries (
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (routing_key, state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS deliveries_message ON deliveries (message_id);
+CREATE INDEX IF NOT EXISTS messages_listed ON messages (routing_key, created_at, id);
+CREATE INDEX IF NOT EXISTS messages_created ON messages (created_at, id);
+CREATE TABLE IF NOT EXISTS attempts (
+    id INTEGER PRIMARY KEY,
+    delivery_id INTEGER NOT NULL REFERENCES deliveries(id),
+    message_id TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    attempted_at REAL NOT NULL,
+    result TEXT NOT NULL CHECK (result IN ('delivered', 'deferred', 'bounced')),
+    reply_code INTEGER,
+    enhanced_code TEXT NOT NULL,
+    reply_text TEXT
+);
+CREATE INDEX IF NOT EXISTS attempts_message ON attempts (message_id, id);
 """
+
+# Bytes of a message read to find its Subject and Message-ID when listing.
+HEAD_BYTES = 8192
 
 
 @dataclass(frozen=True)
@@ -112,6 +132,15 @@ class Counts:
     def unfinished(self) -> int:
         return self.queued + self.in_flight + self.deferred
 
+    def __add__(self, other: Counts) -> Counts:
+        return Counts(
+            self.queued + other.queued,
+            self.in_flight + other.in_flight,
+            self.deferred + other.deferred,
+            self.delivered + other.delivered,
+            self.bounced + other.bounced,
+        )
+
     def to_proto(self) -> pipeline_pb2.PipelineCounters:
         return pipeline_pb2.PipelineCounters(
             queued=self.queued,
@@ -149,6 +178,40 @@ class DeliveryRow:
     reply_text: str | None
 
 
+@dataclass(frozen=True)
+class KeyStats:
+    counts: Counts
+    # Earliest retry among deferred deliveries.
+    next_attempt_at: float | None
+
+
+@dataclass(frozen=True)
+class MessageRow:
+    id: str
+    routing_key: str
+    sender: str
+    created_at: float
+    size: int
+    # The first HEAD_BYTES of the message: enough for its header fields.
+    head: bytes
+    deliveries: tuple[DeliveryRow, ...]
+
+
+@dataclass(frozen=True)
+class AttemptRow:
+    recipient: str
+    attempt: int
+    attempted_at: float
+    result: State
+    reply_code: int | None
+    enhanced_code: str
+    reply_text: str | None
+
+
+# Where a listing page ends: the (created_at, id) of its last message.
+Cursor = tuple[float, str]
+
+
 class Spool:
     """Use ``await Spool.open(path)``; every method runs on the spool's own thread."""
 
@@ -158,7 +221,7 @@ class Spool:
         self.path = path
 
     @classmethod
-    async def open(cls, path: str | Path) -> Spool:
+    async def open(cls, path: str | Path) -> Self:
         path = Path(path)
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool")
         loop = asyncio.get_running_loop()
@@ -186,6 +249,11 @@ class Spool:
         """Pipelines with unfinished mail, with the policy each was last started with."""
         rows = await self._run(self._query, _RESUME, ())
         return [PipelineRecord(k, d, ip, _policy(blob, k)) for k, d, ip, blob in rows]
+
+    async def pipeline(self, routing_key: str) -> PipelineRecord | None:
+        """How ``routing_key``'s pipeline was last started, if it ever was."""
+        rows = await self._run(self._query, _PIPELINE, (routing_key,))
+        return next((PipelineRecord(k, d, ip, _policy(blob, k)) for k, d, ip, blob in rows), None)
 
     async def unfinished_keys(self) -> set[str]:
         rows = await self._run(self._query, _UNFINISHED_KEYS, ())
@@ -242,19 +310,40 @@ class Spool:
         return list(jobs.values())
 
     async def record(self, outcomes: Iterable[Outcome]) -> None:
-        rows = [
-            (
-                o.state.value,
-                o.attempts,
-                o.next_attempt_at,
-                o.reply_code,
-                o.reply_text,
-                time.time(),
-                o.delivery_id,
+        """Update the deliveries and append the attempts to their history, in one transaction."""
+        await self._run(self._record, list(outcomes), time.time())
+
+    def _record(self, outcomes: list[Outcome], now: float) -> None:
+        with self._db:
+            self._db.executemany(
+                _RECORD,
+                [
+                    (
+                        o.state.value,
+                        o.attempts,
+                        o.next_attempt_at,
+                        o.reply_code,
+                        o.reply_text,
+                        now,
+                        o.delivery_id,
+                    )
+                    for o in outcomes
+                ],
             )
-            for o in outcomes
-        ]
-        await self._run(self._tx, _RECORD, rows)
+            self._db.executemany(
+                _ATTEMPT,
+                [
+                    (
+                        o.attempts,
+                        now,
+                        o.state.value,
+                        o.reply_code,
+                        *split_reply(o.reply_code, o.reply_text),
+                        o.delivery_id,
+                    )
+                    for o in outcomes
+                ],
+            )
 
     async def release(self, routing_key: str) -> None:
         """Put ``routing_key``'s in-flight deliveries back in the queue (after a stop or a crash)."""
@@ -272,6 +361,68 @@ class Spool:
     async def deliveries(self, message_id: str) -> list[DeliveryRow]:
         rows = await self._run(self._query, _DELIVERIES, (message_id,))
         return [DeliveryRow(r, State(s), a, n, c, t) for r, s, a, n, c, t in rows]
+
+    # Queue inspection
+
+    async def queue_stats(self, routing_key: str | None = None) -> dict[str, KeyStats]:
+        """Counts and next retry per routing key (only ``routing_key``'s when given)."""
+        return await self._run(self._queue_stats, routing_key)
+
+    def _queue_stats(self, routing_key: str | None) -> dict[str, KeyStats]:
+        if routing_key is None:
+            counts = _counts(self._db.execute(_COUNTS).fetchall())
+            nexts = dict(self._db.execute(_NEXT_DEFERRED).fetchall())
+        else:
+            counts = _counts(self._db.execute(_COUNTS_OF_KEY, (routing_key,)).fetchall())
+            nexts = dict(self._db.execute(_NEXT_DEFERRED_OF_KEY, (routing_key,)).fetchall())
+        return {k: KeyStats(c, nexts.get(k)) for k, c in counts.items()}
+
+    async def list_messages(
+        self, routing_key: str | None, state: State | None, after: Cursor | None, limit: int
+    ) -> list[MessageRow]:
+        """Up to ``limit`` messages, oldest first, after ``after``; with ``state``, only those
+        with a delivery in that state."""
+        return await self._run(self._list_messages, routing_key, state, after, limit)
+
+    def _list_messages(
+        self, routing_key: str | None, state: State | None, after: Cursor | None, limit: int
+    ) -> list[MessageRow]:
+        where: list[str] = []
+        params: list[object] = []
+        if routing_key is not None:
+            where.append("m.routing_key = ?")
+            params.append(routing_key)
+        if after is not None:
+            where.append("(m.created_at, m.id) > (?, ?)")
+            params += after
+        if state is not None:
+            where.append("EXISTS (SELECT 1 FROM deliveries d WHERE d.message_id = m.id AND d.state = ?)")
+            params.append(state.value)
+        sql = _LIST.format(where=" AND ".join(where) or "1")
+        rows = self._db.execute(sql, (HEAD_BYTES, *params, limit)).fetchall()
+        return [self._message_row(*r) for r in rows]
+
+    async def message(self, message_id: str) -> tuple[MessageRow, list[AttemptRow]] | None:
+        """A message with its deliveries and its attempt history, or None when unknown."""
+        return await self._run(self._message, message_id)
+
+    def _message(self, message_id: str) -> tuple[MessageRow, list[AttemptRow]] | None:
+        row = self._db.execute(_MESSAGE, (HEAD_BYTES, message_id)).fetchone()
+        if row is None:
+            return None
+        attempts = [
+            AttemptRow(r, n, at, State(res), c, e, t)
+            for r, n, at, res, c, e, t in self._db.execute(_ATTEMPTS, (message_id,))
+        ]
+        return self._message_row(*row), attempts
+
+    def _message_row(
+        self, id: str, key: str, sender: str, created_at: float, size: int, head: bytes
+    ) -> MessageRow:
+        deliveries = tuple(
+            DeliveryRow(r, State(s), a, n, c, t) for r, s, a, n, c, t in self._db.execute(_DELIVERIES, (id,))
+        )
+        return MessageRow(id, key, sender, created_at, size, head, deliveries)
 
     def _tx(self, sql: str, rows: list[tuple[object, ...]]) -> None:
         with self._db:
@@ -316,6 +467,18 @@ def _connect(path: Path) -> sqlite3.Connection:
     return db
 
 
+_ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
+
+
+def split_reply(code: int | None, text: str | None) -> tuple[str, str | None]:
+    """``(enhanced status code, rest of the text)`` of an SMTP reply, per RFC 3463: the code
+    leads the text and its class matches the reply's first digit. ``""`` when there is none."""
+    m = _ENHANCED.match(text or "")
+    if m is None or not code or str(code)[0] != m.group(1):
+        return "", text
+    return ".".join(m.groups()), (text or "")[m.end() :]
+
+
 def _policy(blob: bytes, routing_key: str) -> Policy:
     proto = pipeline_pb2.PipelinePolicy()
     proto.ParseFromString(blob)
@@ -327,6 +490,7 @@ INSERT INTO pipelines (routing_key, domain, source_ip, policy) VALUES (?, ?, ?, 
 ON CONFLICT (routing_key) DO UPDATE SET domain = excluded.domain, source_ip = excluded.source_ip,
     policy = excluded.policy
 """
+_PIPELINE = "SELECT routing_key, domain, source_ip, policy FROM pipelines WHERE routing_key = ?"
 _UNFINISHED_KEYS = """
 SELECT DISTINCT routing_key FROM deliveries WHERE state IN ('queued', 'inflight', 'deferred')
 """
@@ -367,3 +531,24 @@ _DELIVERIES = """
 SELECT recipient, state, attempts, next_attempt_at, reply_code, reply_text FROM deliveries
 WHERE message_id = ? ORDER BY id
 """
+_ATTEMPT = """
+INSERT INTO attempts (delivery_id, message_id, recipient, attempt, attempted_at, result, reply_code,
+    enhanced_code, reply_text)
+SELECT id, message_id, recipient, ?, ?, ?, ?, ?, ? FROM deliveries WHERE id = ?
+"""
+_ATTEMPTS = """
+SELECT recipient, attempt, attempted_at, result, reply_code, enhanced_code, reply_text FROM attempts
+WHERE message_id = ? ORDER BY id
+"""
+_NEXT_DEFERRED = """
+SELECT routing_key, MIN(next_attempt_at) FROM deliveries WHERE state = 'deferred' GROUP BY routing_key
+"""
+_NEXT_DEFERRED_OF_KEY = """
+SELECT routing_key, MIN(next_attempt_at) FROM deliveries WHERE routing_key = ? AND state = 'deferred'
+"""
+_MESSAGE_COLUMNS = "m.id, m.routing_key, m.sender, m.created_at, length(m.data), substr(m.data, 1, ?)"
+_LIST = f"""
+SELECT {_MESSAGE_COLUMNS} FROM messages m
+WHERE {{where}} ORDER BY m.created_at, m.id LIMIT ?
+"""
+_MESSAGE = f"SELECT {_MESSAGE_COLUMNS} FROM messages m WHERE m.id = ?"

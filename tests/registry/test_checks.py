@@ -119,10 +119,9 @@ async def test_grpc_check_of_unreachable_server_is_critical(consul: Consul, pref
 
 
 async def test_critical_service_is_reaped(consul: Consul, prefix: str) -> None:
+    # A real Consul reaps after 1m + up to 30s at the earliest; the wait below allows for it.
     minimum = await debug_duration(consul, "CheckDeregisterIntervalMin")
     period = await debug_duration(consul, "CheckReapInterval")
-    if minimum + period > 30:
-        pytest.skip(f"this agent reaps after {minimum + period:.0f}s at the earliest")
     check = {"TTL": "1s", "DeregisterCriticalServiceAfter": "1s"}
     await consul.agent.service.register(prefix, check=check)
     await consul.agent.check.ttl_pass(f"service:{prefix}")

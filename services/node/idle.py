@@ -1,0 +1,38 @@
+"""Stops pipelines that have had no unfinished mail for ``timeout`` seconds.
+
+A stopped pipeline leaves the registry, so routers start it again (StartPipeline) when mail
+for its routing key comes; mail sent straight to the node restarts it too
+(``Node.pipeline_for_mail``). Pipelines with queued, in-flight or deferred mail never stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from services.node.node import Node
+
+log = logging.getLogger(__name__)
+
+MIN_INTERVAL = 0.05
+MAX_INTERVAL = 5.0
+
+
+class IdleReaper:
+    def __init__(self, node: Node, timeout: float) -> None:
+        self.node = node
+        self.timeout = timeout
+        # Look a few times per timeout, so a pipeline stops at most a quarter late.
+        self.interval = min(MAX_INTERVAL, max(MIN_INTERVAL, timeout / 4))
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.sweep()
+            except Exception:
+                log.exception("stopping idle pipelines failed")
+
+    async def sweep(self) -> list[str]:
+        """Stop the pipelines idle for long enough now; their routing keys."""
+        return [key for key in list(self.node.pipelines) if await self.node.stop_if_idle(key, self.timeout)]
