@@ -2,7 +2,9 @@
 
 ``epoxi dev`` points every domain at one of these, and the tests use it to see what a node
 delivered and from which source address. ``replies`` makes it answer chosen recipients with
-a given SMTP reply (e.g. ``"451 4.3.0 try later"``), to exercise deferral and bounces.
+a given SMTP reply (e.g. ``"451 4.3.0 try later"``), to exercise deferral and bounces;
+``drop_rule`` makes it hang up at chosen recipients. With ``tls_context`` it offers STARTTLS.
+It counts the SMTP sessions it served (``sessions``) and the most open at once (``peak_sessions``).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import email.parser
 import email.policy
+import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +28,10 @@ class Received:
     mail_from: str
     rcpt_tos: list[str]
     data: bytes
+    helo: str = ""
+    tls: bool = False
+    # When it arrived (time.monotonic()).
+    at: float = 0.0
 
     def message(self) -> Any:
         return email.parser.BytesParser(policy=email.policy.default).parsebytes(self.data)
@@ -36,6 +44,10 @@ class _Handler:
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
     ) -> str:
+        if self.sink.drop_rule is not None and self.sink.drop_rule(address):
+            assert server.transport is not None
+            server.transport.close()  # hang up mid-session
+            return "421 4.4.2 closing"  # written nowhere: the connection is gone
         reply = self.sink.reply_for(address)
         if reply is not None:
             return reply
@@ -49,12 +61,40 @@ class _Handler:
             mail_from=str(envelope.mail_from),
             rcpt_tos=list(envelope.rcpt_tos),
             data=data,
+            helo=session.host_name or "",
+            tls=session.ssl is not None,
+            at=time.monotonic(),
         )
         self.sink.received.append(received)
         if self.sink.maildir is not None:
             self.sink.save(received)
         self.sink.changed.set()
         return "250 2.0.0 OK: queued"
+
+
+class _Session(SMTP):
+    """aiosmtpd's SMTP, counting sessions (STARTTLS reuses the session: counted once)."""
+
+    def __init__(self, sink: Sink, handler: _Handler) -> None:
+        super().__init__(
+            handler, hostname="sink.epoxi.test", ident="epoxi sink", tls_context=sink.tls_context
+        )
+        self._sink = sink
+        self._counted = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not self._counted:
+            self._counted = True
+            self._sink.sessions += 1
+            self._sink.open_sessions += 1
+            self._sink.peak_sessions = max(self._sink.peak_sessions, self._sink.open_sessions)
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._counted:
+            self._counted = False
+            self._sink.open_sessions -= 1
+        super().connection_lost(error)
 
 
 @dataclass
@@ -64,8 +104,13 @@ class Sink:
     maildir: Path | None = None
     replies: dict[str, str] = field(default_factory=dict)
     reply_rule: Callable[[str], str | None] | None = None
+    drop_rule: Callable[[str], bool] | None = None
+    tls_context: ssl.SSLContext | None = None
     received: list[Received] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    sessions: int = 0
+    open_sessions: int = 0
+    peak_sessions: int = 0
     _server: asyncio.AbstractServer | None = None
 
     def reply_for(self, rcpt: str) -> str | None:
@@ -84,7 +129,7 @@ class Sink:
         loop = asyncio.get_running_loop()
         handler = _Handler(self)
         self._server = await loop.create_server(
-            lambda: SMTP(handler, hostname="sink.epoxi.test", ident="epoxi sink"),
+            lambda: _Session(self, handler),
             host=self.host,
             port=self.port,
         )

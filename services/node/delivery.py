@@ -1,30 +1,55 @@
 """Sending mail: a small ``Sender`` interface and its SMTP implementation over aiosmtplib.
 
 A ``Sender`` opens ``Connection``s for a (domain, source IP) pair. A connection sends one
-message per SMTP transaction and reports a result per recipient; it connects lazily,
-binds the source address, and stays open for the next message until closed. Transport
-failures never raise: they become temporary results, as RFC 5321 treats them.
+message per SMTP transaction and reports a result per recipient; it connects lazily, binds the
+source address, greets with the EHLO name of that address, upgrades with STARTTLS when offered,
+and stays open for the next message until it has carried ``max_messages_per_connection``.
+It tries the domain's hosts in order; a host it could not connect to is left alone for a while
+(``HostBackoff``). Transport failures never raise: they become temporary results, as RFC 5321
+treats them.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
-import random
-from collections.abc import Mapping, Sequence
+import re
+import ssl
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
 import aiosmtplib
-import dns.asyncresolver
-import dns.exception
-import dns.rdtypes.ANY.MX
-import dns.resolver
+
+from services.node.mx import Destinations, DnsUnavailable, Host, NoRoute, family_of
+from services.node.tls import TlsPolicy
+
+__all__ = [
+    "Connection",
+    "Destinations",
+    "Host",
+    "HostBackoff",
+    "NoRoute",
+    "Result",
+    "Sender",
+    "SmtpConnection",
+    "SmtpSender",
+    "Status",
+]
 
 log = logging.getLogger(__name__)
 
-SMTP_PORT = 25
 DEFAULT_TIMEOUT = 60.0
+DEFAULT_MAX_MESSAGES_PER_CONNECTION = 100
+
+# RFC 3463 status codes for failures with no SMTP reply.
+NO_ANSWER = "4.4.1"
+BAD_CONNECTION = "4.4.2"
+ROUTING_FAILURE = "4.4.3"
+
+_ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
 
 
 class Status(StrEnum):
@@ -35,22 +60,42 @@ class Status(StrEnum):
 
 @dataclass(frozen=True)
 class Result:
+    """The outcome for one recipient: ``text`` as the server sent it, ``enhanced`` parsed out of it."""
+
     status: Status
     code: int
     text: str
+    enhanced: str = ""
+    host: str = ""  # the host that replied; empty when no server did
 
     @classmethod
-    def of_reply(cls, code: int, text: str) -> Result:
+    def of_reply(cls, code: int, text: str, host: str = "") -> Result:
+        enhanced = enhanced_code(code, text)
         if 200 <= code < 300:
-            return cls(Status.ACCEPTED, code, text)
+            return cls(Status.ACCEPTED, code, text, enhanced, host)
         if 500 <= code < 600:
-            return cls(Status.PERMANENT, code, text)
-        return cls(Status.TEMPORARY, code, text)
+            return cls(Status.PERMANENT, code, text, enhanced, host)
+        return cls(Status.TEMPORARY, code, text, enhanced, host)
 
     @classmethod
-    def transient(cls, text: str) -> Result:
-        """A failure with no SMTP reply (connection refused, timeout, lost connection)."""
-        return cls(Status.TEMPORARY, 0, text)
+    def transient(cls, text: str, enhanced: str = NO_ANSWER) -> Result:
+        """A failure with no SMTP reply (connection refused, timeout, lost connection, DNS failure)."""
+        return cls(Status.TEMPORARY, 0, f"{enhanced} {text}", enhanced)
+
+    @property
+    def status_code(self) -> str:
+        """The RFC 3463 status: the enhanced code, else one derived from the reply's class."""
+        if self.enhanced:
+            return self.enhanced
+        return {Status.ACCEPTED: "2.0.0", Status.TEMPORARY: "4.0.0", Status.PERMANENT: "5.0.0"}[self.status]
+
+
+def enhanced_code(code: int, text: str) -> str:
+    """The RFC 2034 enhanced status code at the start of ``text``, if its class matches ``code``'s."""
+    m = _ENHANCED.match(text)
+    if m is None or code // 100 != int(m.group(1)):
+        return ""
+    return m.group(0)
 
 
 class Connection(Protocol):
@@ -65,41 +110,33 @@ class Sender(Protocol):
     def connection(self, domain: str, source_ip: str) -> Connection: ...
 
 
-@dataclass(frozen=True)
-class Host:
-    host: str
-    port: int = SMTP_PORT
-
-
-class NoRoute(Exception):
-    """The domain accepts no mail (RFC 7505 null MX) or does not exist."""
+BackoffKey = tuple[str, str, int]  # (source IP, host address, port)
 
 
 @dataclass
-class Destinations:
-    """Where mail for a domain goes: a route override (``*`` matches all), else MX, else A."""
+class HostBackoff:
+    """Hosts that just refused a connection are left alone: ``base`` seconds, doubling per failure."""
 
-    routes: Mapping[str, Host] = field(default_factory=dict)
-    resolver: dns.asyncresolver.Resolver | None = None
+    base: float = 60.0
+    cap: float = 900.0
+    clock: Callable[[], float] = time.monotonic
+    _failures: dict[BackoffKey, tuple[int, float]] = field(default_factory=dict)
 
-    async def hosts(self, domain: str) -> list[Host]:
-        route = self.routes.get(domain.lower()) or self.routes.get("*")
-        if route is not None:
-            return [route]
-        resolver = self.resolver or dns.asyncresolver.get_default_resolver()
-        try:
-            answer = await resolver.resolve(domain, "MX")
-        except dns.resolver.NXDOMAIN as e:
-            raise NoRoute(f"domain {domain} does not exist") from e
-        except dns.resolver.NoAnswer:
-            return [Host(domain)]  # RFC 5321 5.1: no MX, use the domain's address records
-        records = [r for r in answer if isinstance(r, dns.rdtypes.ANY.MX.MX)]
-        if len(records) == 1 and records[0].exchange.to_text() == ".":
-            raise NoRoute(f"domain {domain} accepts no mail (null MX)")
-        # Equal preferences are tried in random order (RFC 5321 5.1).
-        random.shuffle(records)
-        records.sort(key=lambda r: r.preference)
-        return [Host(r.exchange.to_text(omit_final_dot=True)) for r in records]
+    def remaining(self, key: BackoffKey) -> float | None:
+        """Seconds until ``key`` may be tried again; None when it may be tried now."""
+        entry = self._failures.get(key)
+        if entry is None:
+            return None
+        left = entry[1] - self.clock()
+        return left if left > 0 else None
+
+    def failed(self, key: BackoffKey) -> None:
+        failures = self._failures.get(key, (0, 0.0))[0] + 1
+        delay = min(self.cap, self.base * 2.0 ** (failures - 1))
+        self._failures[key] = (failures, self.clock() + delay)
+
+    def succeeded(self, key: BackoffKey) -> None:
+        self._failures.pop(key, None)
 
 
 @dataclass
@@ -107,9 +144,28 @@ class SmtpSender:
     destinations: Destinations
     ehlo_name: str
     timeout: float = DEFAULT_TIMEOUT
+    # Source IP -> EHLO name, for IPs whose name differs from ``ehlo_name``.
+    ehlo_names: Mapping[str, str] = field(default_factory=dict)
+    max_messages_per_connection: int = DEFAULT_MAX_MESSAGES_PER_CONNECTION
+    tls: TlsPolicy = field(default_factory=TlsPolicy)
+    backoff: HostBackoff = field(default_factory=HostBackoff)
+
+    def __post_init__(self) -> None:
+        self.ehlo_names = {str(ipaddress.ip_address(ip)): name for ip, name in self.ehlo_names.items()}
+
+    def ehlo_for(self, source_ip: str) -> str:
+        return self.ehlo_names.get(source_ip, self.ehlo_name)
 
     def connection(self, domain: str, source_ip: str) -> SmtpConnection:
         return SmtpConnection(self, domain, source_ip)
+
+
+class _TlsFailed(aiosmtplib.SMTPException):
+    """STARTTLS was refused, the handshake failed, or TLS is required and was not offered."""
+
+
+class _Unreachable(Exception):
+    """No host of the domain took a connection."""
 
 
 class SmtpConnection:
@@ -120,6 +176,9 @@ class SmtpConnection:
         self._domain = domain
         self._source_ip = source_ip
         self._smtp: aiosmtplib.SMTP | None = None
+        self._host = ""
+        self._messages = 0
+        self.tls = False
 
     @property
     def connected(self) -> bool:
@@ -139,33 +198,40 @@ class SmtpConnection:
             try:
                 await self._connect()
             except NoRoute as e:
-                return dict.fromkeys(recipients, Result(Status.PERMANENT, 556, str(e)))
-            except (aiosmtplib.SMTPException, OSError, dns.exception.DNSException) as e:
-                return dict.fromkeys(recipients, Result.transient(f"cannot connect: {e}"))
+                return dict.fromkeys(recipients, Result.of_reply(e.code, f"{e.enhanced} {e}"))
+            except DnsUnavailable as e:
+                return _transient(recipients, str(e), ROUTING_FAILURE)
+            except _Unreachable as e:
+                return _transient(recipients, f"cannot connect: {e}", NO_ANSWER)
         try:
-            return await self._transaction(sender, recipients, data)
+            results = await self._transaction(sender, recipients, data)
         except aiosmtplib.SMTPServerDisconnected as e:
             if not reused:
-                return _transient(recipients, f"connection lost: {e}")
+                return _transient(recipients, f"connection lost: {e}", BAD_CONNECTION)
             # The server dropped the idle connection we kept; try once on a fresh one.
             return await self.send(sender, recipients, data)
+        self._messages += 1
+        if self._messages >= self._sender.max_messages_per_connection:
+            await self.close()  # QUIT; the next message opens a new connection
+        return results
 
     async def _transaction(self, sender: str, recipients: Sequence[str], data: bytes) -> dict[str, Result]:
         smtp = self._smtp
         assert smtp is not None
+        host = self._host
         results: dict[str, Result] = {}
         try:
             try:
                 await smtp.mail(sender)
             except aiosmtplib.SMTPSenderRefused as e:
                 await self._reset()
-                return dict.fromkeys(recipients, Result.of_reply(e.code, e.message))
+                return dict.fromkeys(recipients, Result.of_reply(e.code, e.message, host))
             for rcpt in recipients:
                 try:
                     reply = await smtp.rcpt(rcpt)
-                    results[rcpt] = Result.of_reply(reply.code, reply.message)
+                    results[rcpt] = Result.of_reply(reply.code, reply.message, host)
                 except aiosmtplib.SMTPRecipientRefused as e:
-                    results[rcpt] = Result.of_reply(e.code, e.message)
+                    results[rcpt] = Result.of_reply(e.code, e.message, host)
             accepted = [r for r, res in results.items() if res.status is Status.ACCEPTED]
             if not accepted:
                 await self._reset()
@@ -174,40 +240,88 @@ class SmtpConnection:
                 reply = await smtp.data(data)
             except aiosmtplib.SMTPDataError as e:
                 await self._reset()
-                return results | dict.fromkeys(accepted, Result.of_reply(e.code, e.message))
-            return results | dict.fromkeys(accepted, Result.of_reply(reply.code, reply.message))
+                return results | dict.fromkeys(accepted, Result.of_reply(e.code, e.message, host))
+            return results | dict.fromkeys(accepted, Result.of_reply(reply.code, reply.message, host))
         except aiosmtplib.SMTPServerDisconnected:
             await self.close()
             if not results:
                 raise  # nothing was said yet: the caller may retry on a new connection
-            return _transient(recipients, "connection lost during the transaction")
+            return _transient(recipients, f"connection to {host} lost during the transaction", BAD_CONNECTION)
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
             await self.close()
-            return _transient(recipients, f"transaction failed: {e}")
+            return _transient(recipients, f"transaction with {host} failed: {e}", BAD_CONNECTION)
 
     async def _connect(self) -> None:
-        hosts = await self._sender.destinations.hosts(self._domain)
+        """Connect to the first host that answers, in MX order; skip hosts that failed recently."""
+        destinations = self._sender.destinations
+        family = family_of(self._source_ip)
         errors: list[str] = []
-        for host in hosts:
-            smtp = aiosmtplib.SMTP(
-                hostname=host.host,
-                port=host.port,
-                source_address=(self._source_ip, 0),
-                local_hostname=self._sender.ehlo_name,
-                timeout=self._sender.timeout,
-                # Opportunistic STARTTLS between MTAs, unauthenticated (RFC 7435).
-                start_tls=None,
-                validate_certs=False,
-            )
+        for host in await destinations.hosts(self._domain, family):
             try:
-                await smtp.connect()  # greets with EHLO (HELO if refused), then STARTTLS if offered
-            except (aiosmtplib.SMTPException, OSError) as e:
-                smtp.close()
-                errors.append(f"{host.host}:{host.port}: {e}")
+                addresses = await destinations.addresses(host, family)
+            except DnsUnavailable as e:
+                errors.append(str(e))
                 continue
-            self._smtp = smtp
-            return
-        raise aiosmtplib.SMTPConnectError("; ".join(errors) or f"no host for {self._domain}")
+            if not addresses:
+                errors.append(f"{host.host} has no IPv{family} address")
+            for address in addresses:
+                key = (self._source_ip, address, host.port)
+                wait = self._sender.backoff.remaining(key)
+                where = f"{host.host}[{address}]:{host.port}"
+                if wait is not None:
+                    errors.append(f"{where} failed recently (next try in {wait:.1f}s)")
+                    continue
+                try:
+                    self._smtp, self.tls = await self._open(host, address)
+                except (aiosmtplib.SMTPException, OSError) as e:
+                    self._sender.backoff.failed(key)
+                    errors.append(f"{where}: {e}")
+                    continue
+                self._sender.backoff.succeeded(key)
+                self._host = host.host
+                self._messages = 0
+                return
+        raise _Unreachable("; ".join(errors) or f"no host for {self._domain}")
+
+    async def _open(self, host: Host, address: str) -> tuple[aiosmtplib.SMTP, bool]:
+        """A greeted session, over TLS when possible; a failed handshake is retried once in plaintext."""
+        tls = self._sender.tls
+        if tls.enabled:
+            try:
+                return await self._session(host, address, starttls=True)
+            except _TlsFailed as e:
+                if tls.required:
+                    raise
+                log.info("%s[%s]: %s; retrying without TLS", host.host, address, e)
+        return await self._session(host, address, starttls=False)
+
+    async def _session(self, host: Host, address: str, *, starttls: bool) -> tuple[aiosmtplib.SMTP, bool]:
+        smtp = aiosmtplib.SMTP(
+            hostname=address,
+            port=host.port,
+            source_address=(self._source_ip, 0),
+            local_hostname=self._sender.ehlo_for(self._source_ip),
+            timeout=self._sender.timeout,
+            start_tls=False,
+        )
+        try:
+            await smtp.connect()
+            await _greet(smtp)
+            if not starttls:
+                return smtp, False
+            if not smtp.supports_extension("starttls"):
+                if self._sender.tls.required:
+                    raise _TlsFailed(f"{host.host} does not offer STARTTLS, and TLS is required")
+                return smtp, False
+            try:
+                await smtp.starttls(server_hostname=host.host, tls_context=self._sender.tls.context)
+            except (aiosmtplib.SMTPException, ssl.SSLError, OSError) as e:
+                raise _TlsFailed(f"STARTTLS with {host.host} failed: {e}") from e
+            await _greet(smtp)  # RFC 3207 4.2: forget what was said before TLS
+            return smtp, True
+        except BaseException:
+            smtp.close()
+            raise
 
     async def _reset(self) -> None:
         if self._smtp is not None and self._smtp.is_connected:
@@ -218,6 +332,7 @@ class SmtpConnection:
 
     async def close(self) -> None:
         smtp, self._smtp = self._smtp, None
+        self.tls = False
         if smtp is None or not smtp.is_connected:
             return
         try:
@@ -226,5 +341,12 @@ class SmtpConnection:
             smtp.close()
 
 
-def _transient(recipients: Sequence[str], text: str) -> dict[str, Result]:
-    return dict.fromkeys(recipients, Result.transient(text))
+async def _greet(smtp: aiosmtplib.SMTP) -> None:
+    try:
+        await smtp.ehlo()
+    except aiosmtplib.SMTPHeloError:
+        await smtp.helo()
+
+
+def _transient(recipients: Sequence[str], text: str, enhanced: str) -> dict[str, Result]:
+    return dict.fromkeys(recipients, Result.transient(text, enhanced))

@@ -28,10 +28,13 @@ from epoxi import runtime
 from epoxi.registry import client
 from epoxi.registry.services import split_address
 from epoxi.v1 import node_pb2, node_pb2_grpc
-from services.node.delivery import Destinations, Host, SmtpSender
+from services.node import outbound
+from services.node.delivery import Host
+from services.node.idle import IdleReaper
 from services.node.node import Node
 from services.node.pipeline import Retry
-from services.node.registration import Registrar
+from services.node.policy_watch import PolicyWatch
+from services.node.registration import Registrar, go_duration
 from services.node.servicer import NodeService
 from services.node.spool import Spool
 
@@ -59,11 +62,20 @@ class NodeConfig:
     retry_base: float = 60.0
     retry_cap: float = 3600.0
     # Seconds an SMTP connection stays open once its pipeline has nothing due.
-    idle_timeout: float = 0.0
+    connection_idle_timeout: float = 0.0
+    # Seconds a pipeline with no unfinished mail keeps running before it stops (0: never).
+    pipeline_idle_timeout: float = 300.0
+    # Follow the stored policies in the registry's KV store (with a registry only).
+    watch_policies: bool = True
+    # Longest wait of one blocking query on them (a change arrives at once either way);
+    # None: check_interval, so the watch costs about what the TTL checks cost.
+    policy_watch_wait: float | None = None
     restart_delay: float = 1.0
     stop_grace: float = 5.0
     smtp_timeout: float = 60.0
     resolver: dns.asyncresolver.Resolver | None = None
+    # DNS server, EHLO names, TLS, connection reuse, host backoff and DSNs (services.node.outbound).
+    delivery: outbound.DeliveryConfig = field(default_factory=outbound.DeliveryConfig)
 
 
 class RunningNode:
@@ -85,6 +97,8 @@ class RunningNode:
         self._registrar_task = registrar_task
         self._stop_grace = stop_grace
         self._closed = False
+        self.policy_watch: PolicyWatch | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     @property
     def id(self) -> str:
@@ -102,6 +116,14 @@ class RunningNode:
         try:
             await self.server.stop(self._stop_grace)
         finally:
+            tasks, self._tasks = self._tasks, []
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
+            if self.policy_watch is not None:
+                await self.policy_watch.close()
             if self._registrar_task is not None:
                 self._registrar_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -123,12 +145,17 @@ class RunningNode:
 
 
 async def start_node(config: NodeConfig) -> RunningNode:
-    """Open the spool, serve NodeService, register in the registry and resume unfinished pipelines."""
+    """Open the spool, serve NodeService, register in the registry, load the stored policies and
+    resume unfinished pipelines; then watch the policies and stop idle pipelines."""
     Path(config.spool).parent.mkdir(parents=True, exist_ok=True)
     spool = await Spool.open(config.spool)
     try:
-        sender = SmtpSender(
-            Destinations(parse_routes(config.routes), config.resolver), config.ehlo_name, config.smtp_timeout
+        sender = outbound.build_sender(
+            config.delivery,
+            parse_routes(config.routes),
+            config.ehlo_name,
+            config.smtp_timeout,
+            config.resolver,
         )
         node = Node(
             id=config.id,
@@ -138,10 +165,11 @@ async def start_node(config: NodeConfig) -> RunningNode:
             spool=spool,
             sender=sender,
             retry=Retry(config.retry_base, config.retry_cap),
-            idle_timeout=config.idle_timeout,
+            connection_idle_timeout=config.connection_idle_timeout,
             restart_delay=config.restart_delay,
             stop_grace=config.stop_grace,
         )
+        node.bouncer = outbound.build_bouncer(config.delivery, node, config.ehlo_name)
         servicer = NodeService(node)
         server = await runtime.start_server(
             config.listen,
@@ -162,11 +190,21 @@ async def start_node(config: NodeConfig) -> RunningNode:
                 deregister_after=config.deregister_after,
             )
             await node.registrar.sync()
+            if config.watch_policies:
+                wait = go_duration(config.policy_watch_wait or config.check_interval)
+                running.policy_watch = PolicyWatch(consul, node.apply_policies, wait)
+                if await running.policy_watch.load():
+                    node.policies = running.policy_watch.table
         resumed = await node.resume()
         if resumed:
             log.info("resumed %d pipelines: %s", len(resumed), ", ".join(p.routing_key for p in resumed))
         if node.registrar is not None:
             running._registrar_task = asyncio.create_task(node.registrar.run(), name=f"registrar {node.id}")
+        if running.policy_watch is not None:
+            running.policy_watch.start()
+        if config.pipeline_idle_timeout > 0:
+            reaper = IdleReaper(node, config.pipeline_idle_timeout)
+            running._tasks.append(asyncio.create_task(reaper.run(), name=f"idle reaper {node.id}"))
     except BaseException:
         await running.close()
         raise
@@ -247,11 +285,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--retry-base", type=parse_duration, default=env("EPOXI_NODE_RETRY_BASE", "60"), help="seconds"
     )
     parser.add_argument(
-        "--idle-timeout",
+        "--connection-idle-timeout",
         type=parse_duration,
-        default=env("EPOXI_NODE_IDLE_TIMEOUT", "0"),
+        default=env("EPOXI_NODE_CONNECTION_IDLE_TIMEOUT", "0"),
         help="keep idle SMTP connections open this long",
     )
+    parser.add_argument(
+        "--pipeline-idle-timeout",
+        type=parse_duration,
+        default=env("EPOXI_NODE_PIPELINE_IDLE_TIMEOUT", "5m"),
+        help="stop a pipeline (and leave the registry) after this long without unfinished mail; 0: never",
+    )
+    outbound.add_arguments(parser, parse_duration)
 
 
 def config_from_args(args: argparse.Namespace) -> NodeConfig:
@@ -270,7 +315,9 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         consul=args.consul or None,
         check_interval=args.check_interval,
         retry_base=args.retry_base,
-        idle_timeout=args.idle_timeout,
+        connection_idle_timeout=args.connection_idle_timeout,
+        pipeline_idle_timeout=args.pipeline_idle_timeout,
+        delivery=outbound.config_from_args(args),
     )
 
 

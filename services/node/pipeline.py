@@ -2,11 +2,13 @@
 
 The task takes up to ``batch_size`` due messages from the spool — or, when fewer are due, what
 arrived within ``batch_timeout`` — and sends them over up to ``max_connections`` reused SMTP
-connections, at most ``allowed_messages`` per ``message_interval`` (GCRA). Each message's outcome
-is recorded as soon as it is known: 2xx delivered; 5xx bounced with the reply; 4xx or a transport
-failure deferred with exponential backoff and jitter, and bounced once ``max_retries`` retries
-are spent. If the task crashes it is restarted after a growing delay, and the failure is
-reported meanwhile (``on_failure``, ``status``, ``state_line``).
+connections, never more than ``allowed_messages`` in any ``message_interval``. Each message's
+outcome is recorded as soon as it is known: 2xx delivered; 5xx bounced with the reply; 4xx or a
+transport failure deferred with exponential backoff and jitter, and bounced once ``max_retries``
+retries are spent. A bounce spools a DSN to the sender first (``Bouncer``), so a crash between the
+two repeats the DSN rather than losing it. ``apply_policy`` changes the knobs while running: the
+next batch uses them. If the task crashes it is restarted after a growing delay, and the failure
+is reported meanwhile (``on_failure``, ``status``, ``state_line``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import TypeAlias
 from epoxi.policy import Policy
 from epoxi.v1 import pipeline_pb2
 from services.node.delivery import Connection, Result, Sender, Status
+from services.node.dsn import Bouncer, Failure
 from services.node.spool import Counts, Delivery, Job, Outcome, Spool, State
 
 log = logging.getLogger(__name__)
@@ -51,20 +54,46 @@ class Retry:
 
 
 class RateLimiter:
-    """GCRA: ``allowed`` messages per ``interval`` seconds, bursts of up to ``allowed``."""
+    """Never more than ``allowed`` sends in any window of ``interval`` seconds; bursts of ``allowed``.
+
+    A sliding-window log: a send holds its slot until it completes, and the slot is free again
+    ``interval`` seconds after that. So any two sends through one slot are at least ``interval``
+    apart however long each took, and a receiver sees at most ``allowed`` arrivals in any window.
+    (GCRA would smooth the rate, but with a burst of ``allowed`` it lets up to 2 x allowed - 1 sends
+    into one window.)
+    """
 
     def __init__(self, allowed: int, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self._emission = interval / allowed
-        self._tolerance = interval - self._emission
+        self.allowed = max(1, allowed)
+        self.interval = interval
         self._clock = clock
-        self._tat = clock()
+        self._held = 0
+        self._done: deque[float] = deque()  # when recent sends completed, oldest first
 
-    def reserve(self) -> float:
-        """Take the next slot; how long to wait before using it."""
+    def take(self) -> float | None:
+        """Take a slot (0.0), or say how long until one frees (None: not before a send completes)."""
         now = self._clock()
-        tat = max(self._tat, now)
-        self._tat = tat + self._emission
-        return max(0.0, tat - self._tolerance - now)
+        while self._done and self._done[0] + self.interval <= now:
+            self._done.popleft()
+        used = self._held + len(self._done)
+        if used < self.allowed:
+            self._held += 1
+            return 0.0
+        if self._held >= self.allowed:
+            return None
+        return self._done[used - self.allowed] + self.interval - now
+
+    def release(self) -> None:
+        """The send that took a slot is done."""
+        self._held = max(0, self._held - 1)
+        self._done.append(self._clock())
+
+    def resized(self, allowed: int, interval: float) -> RateLimiter:
+        """A limiter with new limits that remembers the sends of this one (in flight and recent)."""
+        new = RateLimiter(allowed, interval, self._clock)
+        new._held = self._held
+        new._done = deque(self._done)
+        return new
 
 
 OnFailure = Callable[["Pipeline"], Awaitable[None]]
@@ -84,6 +113,7 @@ class Pipeline:
         idle_timeout: float = 0.0,
         restart_delay: float = 1.0,
         on_failure: OnFailure | None = None,
+        bouncer: Bouncer | None = None,
     ) -> None:
         self.routing_key = routing_key
         self.domain = domain
@@ -95,6 +125,7 @@ class Pipeline:
         self.idle_timeout = idle_timeout
         self.restart_delay = restart_delay
         self.on_failure = on_failure
+        self.bouncer = bouncer
         self.status: PipelineStatus = STARTING
         self.started_at = time.time()
         self.last_error = ""
@@ -102,6 +133,7 @@ class Pipeline:
         self._limiter = RateLimiter(policy.allowed_messages, policy.message_interval)
         self._connections: list[Connection] = []
         self._wake = asyncio.Event()
+        self._slot_freed = asyncio.Event()
         self._stopping = False
         self._stop_requested = asyncio.Event()
         self._crashes = 0
@@ -115,12 +147,21 @@ class Pipeline:
         """New mail is in the spool."""
         self._wake.set()
 
+    def apply_policy(self, policy: Policy) -> None:
+        """Follow ``policy`` from now on: the batch being sent finishes, the next one uses the new
+        batching and connection limits, and the rate limit keeps counting the sends already made."""
+        self.policy = policy
+        self._limiter = self._limiter.resized(policy.allowed_messages, policy.message_interval)
+        self._slot_freed.set()
+        self._wake.set()  # a batch waiting to fill is measured against the new size and timeout
+
     async def stop(self, grace: float = 5.0) -> None:
         """Finish the message in hand (up to ``grace`` seconds); undelivered mail stays spooled."""
         self._stopping = True
         self.status = STOPPING
         self._stop_requested.set()
         self._wake.set()
+        self._slot_freed.set()
         task, self._task = self._task, None
         if task is not None:
             done, _ = await asyncio.wait({task}, timeout=grace)
@@ -178,8 +219,8 @@ class Pipeline:
     # Work
 
     async def _run(self) -> None:
-        policy = self.policy
         while not self._stopping:
+            policy = self.policy  # apply_policy may change it between batches
             self._wake.clear()
             now = time.time()
             due = await self.spool.due(self.routing_key, now)
@@ -191,7 +232,7 @@ class Pipeline:
                 await self._wait(fill_until)
                 continue
             jobs = await self.spool.claim(self.routing_key, now, policy.batch_size)
-            await self._deliver(jobs)
+            await self._deliver(jobs, policy)
             self._crashes = 0
 
     async def _idle(self, next_at: float | None) -> None:
@@ -220,9 +261,15 @@ class Pipeline:
             return False
         return True
 
-    async def _deliver(self, jobs: list[Job]) -> None:
+    async def _deliver(self, jobs: list[Job], policy: Policy) -> None:
         queue = deque(jobs)
-        lanes = min(self.policy.max_connections, len(jobs))
+        # Connections beyond a lowered max_connections are closed; the rest carry on.
+        surplus, self._connections = (
+            self._connections[policy.max_connections :],
+            self._connections[: policy.max_connections],
+        )
+        await self._close(surplus)
+        lanes = min(policy.max_connections, len(jobs))
         while len(self._connections) < lanes:
             self._connections.append(self.sender.connection(self.domain, self.source_ip))
         async with asyncio.TaskGroup() as tg:
@@ -232,15 +279,36 @@ class Pipeline:
     async def _lane(self, conn: Connection, queue: deque[Job]) -> None:
         while queue and not self._stopping:
             job = queue.popleft()
-            delay = self._limiter.reserve()
-            if delay > 0 and await self._stop_within(delay):
-                return  # the job stays in flight until stop() releases it
-            results = await conn.send(job.sender, [d.recipient for d in job.deliveries], job.data)
+            if not await self._take_slot():
+                return  # stopping: the job stays in flight until stop() releases it
+            try:
+                results = await conn.send(job.sender, [d.recipient for d in job.deliveries], job.data)
+            finally:
+                self._limiter.release()
+                self._slot_freed.set()
             now = time.time()
             missing = Result.transient("no result from the sender")
-            await self.spool.record(
-                self._outcome(d, results.get(d.recipient, missing), now) for d in job.deliveries
-            )
+            outcomes = [(d, results.get(d.recipient, missing)) for d in job.deliveries]
+            recorded = [self._outcome(d, r, now) for d, r in outcomes]
+            bounced = [
+                Failure(d.recipient, r, now)
+                for (d, r), o in zip(outcomes, recorded, strict=True)
+                if o.state is State.BOUNCED
+            ]
+            if bounced and self.bouncer is not None:
+                await self.bouncer.bounced(self.source_ip, job, bounced)
+            await self.spool.record(recorded)
+
+    async def _take_slot(self) -> bool:
+        """Wait until the rate limit allows one more send; False when the pipeline is stopping."""
+        while not self._stopping:
+            self._slot_freed.clear()
+            wait = self._limiter.take()
+            if wait == 0.0:
+                return True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._slot_freed.wait(), wait)
+        return False
 
     def _outcome(self, d: Delivery, r: Result, now: float) -> Outcome:
         attempts = d.attempts + 1
@@ -256,6 +324,9 @@ class Pipeline:
 
     async def _close_connections(self) -> None:
         conns, self._connections = self._connections, []
+        await self._close(conns)
+
+    async def _close(self, conns: list[Connection]) -> None:
         for conn in conns:
             try:
                 await conn.close()

@@ -3,25 +3,23 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import AsyncIterator
-from typing import cast
 
-import dns.asyncresolver
-import dns.message
-import dns.rcode
-import dns.rdataclass
-import dns.rdatatype
-import dns.rrset
 import pytest
 
 from epoxi.sink import Sink
-from services.node.delivery import Destinations, Host, NoRoute, Result, SmtpSender, Status
+from services.node.delivery import Destinations, Host, HostBackoff, Result, SmtpSender, Status
 from tests.node.conftest import SOURCE_IP
 
 DATA = b"From: ann@sender.test\r\nTo: bob@example.com\r\nSubject: hi\r\n\r\nhello\r\n"
 
 
-def sender_to(sink: Sink) -> SmtpSender:
-    return SmtpSender(Destinations({"*": Host(sink.host, sink.port)}), ehlo_name="node.epoxi.test", timeout=5)
+def sender_to(sink: Sink, **kwargs: object) -> SmtpSender:
+    return SmtpSender(
+        Destinations({"*": Host(sink.host, sink.port)}),
+        ehlo_name="node.epoxi.test",
+        timeout=5,
+        **kwargs,  # type: ignore[arg-type]
+    )
 
 
 async def test_mail_leaves_from_the_routing_keys_source_ip(sink: Sink) -> None:
@@ -61,8 +59,9 @@ async def test_each_recipient_gets_its_own_result(sink: Sink) -> None:
     finally:
         await conn.close()
     assert results["ok@example.com"].status is Status.ACCEPTED
-    assert results["later@example.com"] == Result(Status.TEMPORARY, 451, "4.3.0 try later")
-    assert results["gone@example.com"] == Result(Status.PERMANENT, 550, "5.1.1 no such user")
+    host = sink.host
+    assert results["later@example.com"] == Result(Status.TEMPORARY, 451, "4.3.0 try later", "4.3.0", host)
+    assert results["gone@example.com"] == Result(Status.PERMANENT, 550, "5.1.1 no such user", "5.1.1", host)
     assert sink.recipients() == ["ok@example.com"]
 
 
@@ -88,80 +87,117 @@ async def test_a_connection_failure_is_temporary() -> None:
     results = await conn.send("ann@sender.test", ["a@example.com", "b@example.com"], DATA)
     await conn.close()
     assert {r.status for r in results.values()} == {Status.TEMPORARY}
+    assert (results["a@example.com"].code, results["a@example.com"].enhanced) == (0, "4.4.1")
     assert "cannot connect" in results["a@example.com"].text
 
 
-# DNS: a real resolver talking to a tiny UDP name server.
-
-ZONE: dict[tuple[str, str], list[str]] = {
-    ("example.test.", "MX"): ["20 mx-b.example.test.", "10 mx-a.example.test.", "30 mx-c.example.test."],
-    ("nomail.test.", "MX"): ["0 ."],
-    ("plain.test.", "A"): ["127.0.0.1"],
-}
-
-
-class _NameServer(asyncio.DatagramProtocol):
-    transport: asyncio.DatagramTransport
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        query = dns.message.from_wire(data)
-        response = dns.message.make_response(query)
-        q = query.question[0]
-        name, rdtype = q.name.to_text(), dns.rdatatype.to_text(q.rdtype)
-        if not any(n == name for n, _ in ZONE):
-            response.set_rcode(dns.rcode.NXDOMAIN)
-        elif (name, rdtype) in ZONE:
-            response.answer.append(
-                dns.rrset.from_text(name, 60, dns.rdataclass.IN, rdtype, *ZONE[name, rdtype])
-            )
-        self.transport.sendto(response.to_wire(), addr)
+def test_the_enhanced_status_code_is_parsed_out_of_the_reply() -> None:
+    assert Result.of_reply(451, "4.3.0 try later").enhanced == "4.3.0"
+    assert Result.of_reply(550, "5.1.10 null MX").enhanced == "5.1.10"
+    assert Result.of_reply(250, "2.0.0 OK: queued").enhanced == "2.0.0"
+    assert Result.of_reply(550, "4.3.0 wrong class").enhanced == ""  # the classes must agree
+    assert Result.of_reply(550, "no such user").enhanced == ""
+    assert Result.of_reply(550, "no such user").status_code == "5.0.0"
+    assert Result.of_reply(421, "4.7.0 busy").status_code == "4.7.0"
 
 
-@pytest.fixture
-async def resolver() -> AsyncIterator[dns.asyncresolver.Resolver]:
-    loop = asyncio.get_running_loop()
-    transport, _ = await loop.create_datagram_endpoint(_NameServer, local_addr=("127.0.0.1", 0))
-    r = dns.asyncresolver.Resolver(configure=False)
-    r.nameservers = ["127.0.0.1"]
-    r.port = transport.get_extra_info("sockname")[1]
-    r.lifetime = 5
-    yield r
-    transport.close()
-
-
-async def test_mx_hosts_are_tried_in_preference_order(resolver: dns.asyncresolver.Resolver) -> None:
-    hosts = await Destinations(resolver=resolver).hosts("example.test")
-    assert hosts == [
-        Host("mx-a.example.test", 25),
-        Host("mx-b.example.test", 25),
-        Host("mx-c.example.test", 25),
+async def test_the_ehlo_name_is_the_source_ips(sink: Sink) -> None:
+    sender = sender_to(sink, ehlo_names={SOURCE_IP: "mta2.epoxi.test"})
+    for ip in (SOURCE_IP, "127.0.0.3"):
+        conn = sender.connection("example.com", ip)
+        await conn.send("ann@sender.test", ["a@example.com"], DATA)
+        await conn.close()
+    assert [(r.peer, r.helo) for r in sink.received] == [
+        (SOURCE_IP, "mta2.epoxi.test"),
+        ("127.0.0.3", "node.epoxi.test"),
     ]
 
 
-async def test_without_mx_the_domain_itself_is_the_host(resolver: dns.asyncresolver.Resolver) -> None:
-    assert await Destinations(resolver=resolver).hosts("plain.test") == [Host("plain.test", 25)]
+async def test_a_connection_quits_after_its_message_limit(sink: Sink) -> None:
+    conn = sender_to(sink, max_messages_per_connection=2).connection("example.com", SOURCE_IP)
+    try:
+        for i in range(5):
+            await conn.send("ann@sender.test", [f"r{i}@example.com"], DATA)
+    finally:
+        await conn.close()
+    assert len(sink.recipients()) == 5
+    assert sink.sessions == 3  # 2 + 2 + 1
 
 
-async def test_null_mx_and_missing_domains_have_no_route(resolver: dns.asyncresolver.Resolver) -> None:
-    with pytest.raises(NoRoute, match="null MX"):
-        await Destinations(resolver=resolver).hosts("nomail.test")
-    with pytest.raises(NoRoute, match="does not exist"):
-        await Destinations(resolver=resolver).hosts("missing.test")
+class _Silent:
+    """A server that accepts connections and never says a word, counting them."""
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        self.writers.append(writer)
+        await reader.read()  # until the client gives up
 
 
-async def test_a_route_override_wins_over_dns(resolver: dns.asyncresolver.Resolver) -> None:
-    routes = {"example.test": Host("127.0.0.1", 2525), "*": Host("127.0.0.1", 2626)}
-    d = Destinations(routes, resolver)
-    assert await d.hosts("EXAMPLE.test") == [Host("127.0.0.1", 2525)]
-    assert await d.hosts("other.test") == [Host("127.0.0.1", 2626)]
-    assert await Destinations({}, resolver).hosts("example.test") != [Host("127.0.0.1", 2525)]
+@pytest.fixture
+async def silent() -> AsyncIterator[tuple[_Silent, int]]:
+    s = _Silent()
+    server = await asyncio.start_server(s.handle, "127.0.0.1", 0)
+    yield s, server.sockets[0].getsockname()[1]
+    for w in s.writers:
+        w.close()
+    server.close()
+    await server.wait_closed()
 
 
-async def test_a_domain_with_no_mail_bounces_at_once(resolver: dns.asyncresolver.Resolver) -> None:
-    conn = SmtpSender(Destinations(resolver=resolver), "node.epoxi.test").connection("nomail.test", SOURCE_IP)
-    results = await conn.send("ann@sender.test", ["a@nomail.test"], DATA)
+async def test_a_server_that_times_out_is_temporary_and_left_alone(silent: tuple[_Silent, int]) -> None:
+    server, port = silent
+    sender = SmtpSender(
+        Destinations({"*": Host("127.0.0.1", port)}),
+        "node.epoxi.test",
+        timeout=0.2,
+        backoff=HostBackoff(3600),
+    )
+    conn = sender.connection("example.com", SOURCE_IP)
+    first = (await conn.send("ann@sender.test", ["a@example.com"], DATA))["a@example.com"]
+    second = (await conn.send("ann@sender.test", ["a@example.com"], DATA))["a@example.com"]
     await conn.close()
-    assert results["a@nomail.test"].status is Status.PERMANENT
+    assert (first.status, first.enhanced) == (Status.TEMPORARY, "4.4.1")
+    assert "Timed out" in first.text
+    assert (second.status, second.enhanced) == (Status.TEMPORARY, "4.4.1")
+    assert "failed recently" in second.text
+    assert server.accepted == 1
+
+
+async def test_a_host_is_dialled_again_once_its_backoff_ends(silent: tuple[_Silent, int]) -> None:
+    server, port = silent
+    now = [0.0]
+    backoff = HostBackoff(base=10, cap=40, clock=lambda: now[0])
+    sender = SmtpSender(Destinations({"*": Host("127.0.0.1", port)}), "node.epoxi.test", 0.2, backoff=backoff)
+    conn = sender.connection("example.com", SOURCE_IP)
+    await conn.send("ann@sender.test", ["a@example.com"], DATA)
+    now[0] = 9.0
+    await conn.send("ann@sender.test", ["a@example.com"], DATA)
+    assert server.accepted == 1
+    now[0] = 10.0
+    await conn.send("ann@sender.test", ["a@example.com"], DATA)
+    assert server.accepted == 2
+    now[0] = 29.0  # a second failure doubles the backoff: 10 + 20
+    await conn.send("ann@sender.test", ["a@example.com"], DATA)
+    assert server.accepted == 2
+    now[0] = 30.0
+    await conn.send("ann@sender.test", ["a@example.com"], DATA)
+    assert server.accepted == 3
+    await conn.close()
+
+
+async def test_a_dropped_connection_is_temporary(sink: Sink) -> None:
+    sink.drop_rule = lambda rcpt: rcpt == "drop@example.com"
+    conn = sender_to(sink).connection("example.com", SOURCE_IP)
+    try:
+        dropped = await conn.send("ann@sender.test", ["ok@example.com", "drop@example.com"], DATA)
+        after = await conn.send("ann@sender.test", ["ok@example.com"], DATA)
+    finally:
+        await conn.close()
+    assert {r.status for r in dropped.values()} == {Status.TEMPORARY}
+    assert dropped["ok@example.com"].enhanced == "4.4.2"
+    assert after["ok@example.com"].status is Status.ACCEPTED  # on a new connection
+    assert sink.sessions == 2
