@@ -1,0 +1,387 @@
+"""End-to-end throughput: Epoxi against the SMTP path alone and against a Postfix relay.
+
+    .venv/bin/python -m benchmarks.e2e_throughput                       # 20,000 x 2 KB, a few minutes
+    .venv/bin/python -m benchmarks.e2e_throughput --messages 50000 --keys 20 --size 2048
+    .venv/bin/python -m benchmarks.e2e_throughput --profile var/bench/profile
+
+Three phases, each into a fresh Postfix ``smtp-sink`` on a free loopback port, each timed from
+the first submit until the sink has received all N messages:
+
+1. SMTP ceiling: the node's own client code (``SmtpSender``: aiosmtplib, bound to the key's
+   source IP, connections reused) sends the same rendered messages straight to the sink over
+   ``connections x keys`` connections, from one process.
+2. Epoxi: ``epoxi.mesh.Mesh`` (dev registry, nodes, router, monitor, gateway, each a process)
+   with a route override to the sink; the emails go through ``RouterService.RouteEmails`` in
+   batches, a few calls in flight; spool fsync on (the default). Also timed: acceptance (until
+   RouteEmails acknowledged all N).
+3. Postfix: a throwaway instance relaying to the sink (``benchmarks.postfix``), fed by
+   ``smtp-source`` (or the aiosmtplib client), when Postfix is installed and we are root.
+
+The machine is shared and noisy, so the figures that matter are the ratios within one run.
+Every process started here is stopped on exit, on error too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from google.protobuf import duration_pb2
+
+from benchmarks import _utils
+from benchmarks.postfix import PostfixRelay
+from benchmarks.profiling import PySpy, summarize
+from benchmarks.smtpsink import SmtpSink
+from benchmarks.workload import SENDER, Key, blast, emails, keys, rendered
+from epoxi import mail, runtime
+from epoxi.mesh import Mesh, NodeSpec
+from epoxi.policy import DEFAULT_MAX_CONNECTIONS
+from epoxi.registry.services import PIPELINE_SERVICE, pipeline_service_id
+from epoxi.v1 import email_pb2, node_pb2, node_pb2_grpc, pipeline_pb2, router_pb2, router_pb2_grpc
+
+UNTHROTTLED = 1_000_000  # allowed_messages per second when --throttle is not given
+
+
+@dataclass
+class Phase:
+    name: str
+    messages: int
+    seconds: float
+    accept_seconds: float | None = None
+    note: str = ""
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds
+
+    @property
+    def accept_rate(self) -> float | None:
+        return self.messages / self.accept_seconds if self.accept_seconds else None
+
+
+@dataclass
+class ProcessStats:
+    peak_rss_mib: float
+    cpu_seconds: float
+
+
+@dataclass
+class Report:
+    args: dict[str, object]
+    machine: dict[str, str]
+    phases: list[Phase] = field(default_factory=list)
+    processes: dict[str, ProcessStats] = field(default_factory=dict)
+    load_after: str = ""
+    skipped: list[str] = field(default_factory=list)
+
+    def phase(self, name: str) -> Phase | None:
+        return next((p for p in self.phases if p.name == name), None)
+
+
+def node_specs(nodes: int, ips_per_node: int) -> list[NodeSpec]:
+    return [
+        NodeSpec(f"node{n + 1}", [f"127.0.0.{2 + n * ips_per_node + i}" for i in range(ips_per_node)])
+        for n in range(nodes)
+    ]
+
+
+def pipeline_policy(args: argparse.Namespace) -> pipeline_pb2.PipelinePolicy:
+    policy = pipeline_pb2.PipelinePolicy(max_connections=args.connections, batch_size=args.batch_size)
+    if args.batch_timeout is not None:
+        policy.batch_timeout.CopyFrom(_duration(args.batch_timeout))
+    if not args.throttle:
+        # Lift the default rate limit (1000 messages a minute per pipeline): we measure the pipeline.
+        policy.allowed_messages = UNTHROTTLED
+        policy.message_interval.CopyFrom(_duration(1.0))
+    return policy
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(round(seconds * 1e9))
+    return d
+
+
+# Phase 1
+
+
+async def run_ceiling(args: argparse.Namespace, es: Sequence[email_pb2.Email], ks: Sequence[Key]) -> Phase:
+    messages = rendered(es, ks)
+    async with SmtpSink() as sink:
+        start = time.perf_counter()
+        result = await blast(messages, sink.address, args.connections)
+        done = await sink.wait_for(len(messages), args.timeout)
+    if result.failed:
+        raise RuntimeError(f"SMTP ceiling: {result.failed} messages were not accepted by the sink")
+    return Phase(
+        "SMTP ceiling",
+        len(messages),
+        done - start,
+        note=f"SmtpSender, {args.connections} x {len(ks)} connections, one process",
+    )
+
+
+# Phase 2
+
+
+async def start_pipelines(
+    mesh: Mesh, specs: Sequence[NodeSpec], ks: Sequence[Key], policy: pipeline_pb2.PipelinePolicy
+) -> None:
+    """Start every key's pipeline with ``policy`` on the node that owns its IP, and wait until the
+    registry shows them passing (the router would start them with the default policy)."""
+    owner = {ip: spec.id for spec in specs for ip in spec.egress_ips}
+    channels = runtime.Channels()
+    try:
+        for k in ks:
+            node = owner[k.source_ip]
+            stub = node_pb2_grpc.NodeServiceStub(channels.get(mesh.address(node)))
+            await stub.StartPipeline(
+                node_pb2.StartPipelineRequest(domain=k.domain, source_ip=k.source_ip, policy=policy),
+                timeout=runtime.RPC_TIMEOUT,
+            )
+    finally:
+        await channels.close()
+    await mesh.wait_passing(
+        PIPELINE_SERVICE, {pipeline_service_id(owner[k.source_ip], k.routing_key) for k in ks}
+    )
+
+
+async def submit(
+    router: str, requests: Sequence[router_pb2.RouteEmailsRequest], in_flight: int, rpc_seconds: float
+) -> int:
+    """RouteEmails for every request, ``in_flight`` calls at a time; the recipients accepted."""
+    accepted = 0
+    pending = iter(requests)
+    async with runtime.channel(router) as ch:
+        stub = router_pb2_grpc.RouterServiceStub(ch)
+
+        async def worker() -> None:
+            nonlocal accepted
+            for request in pending:
+                reply = await stub.RouteEmails(request, timeout=rpc_seconds)
+                if reply.failed_batches:
+                    errors = {b.error for b in reply.batches if not b.ok}
+                    raise RuntimeError(f"RouteEmails: {reply.failed_batches} batches failed: {errors}")
+                accepted += reply.accepted_recipients
+
+        async with asyncio.TaskGroup() as tg:
+            for _ in range(in_flight):
+                tg.create_task(worker())
+    return accepted
+
+
+async def run_epoxi(
+    args: argparse.Namespace, es: Sequence[email_pb2.Email], ks: Sequence[Key], work: Path, report: Report
+) -> Phase:
+    specs = node_specs(args.nodes, args.ips_per_node)
+    requests = [
+        router_pb2.RouteEmailsRequest(emails=es[i : i + args.batch]) for i in range(0, len(es), args.batch)
+    ]
+    async with SmtpSink() as sink:
+        mesh = Mesh(
+            data_dir=work / "mesh",
+            nodes=specs,
+            route=f"*={sink.address}",
+            check_interval=args.check_interval,
+        )
+        await mesh.start()
+        spies: list[PySpy] = []
+        try:
+            await start_pipelines(mesh, specs, ks, pipeline_policy(args))
+            if args.profile is not None:
+                args.profile.mkdir(parents=True, exist_ok=True)
+                for name in ("router", *(s.id for s in specs)):
+                    out = args.profile / f"{name}.raw"
+                    spies.append(await PySpy(mesh.processes[name].proc.pid, out, args.profile_rate).start())
+            pids = {name: p.proc.pid for name, p in mesh.processes.items()}
+            cpu_before = {name: _utils.cpu_seconds(pid) for name, pid in pids.items()}
+            start = time.perf_counter()
+            accepted = await submit(mesh.address("router"), requests, args.in_flight, args.timeout)
+            acked = time.perf_counter()
+            done = await sink.wait_for(len(es), args.timeout)
+            for name, pid in pids.items():
+                report.processes[name] = ProcessStats(
+                    _utils.status_kib(pid, "VmHWM") / 1024, _utils.cpu_seconds(pid) - cpu_before[name]
+                )
+        finally:
+            for spy in spies:
+                await spy.stop()
+            await mesh.stop()
+    if accepted != len(es):
+        raise RuntimeError(f"Epoxi accepted {accepted} of {len(es)} recipients")
+    policy = "rate limit lifted" if not args.throttle else "default rate limit"
+    return Phase(
+        "Epoxi end to end",
+        len(es),
+        done - start,
+        acked - start,
+        note=f"{args.nodes} nodes, RouteEmails x{args.batch}, {args.in_flight} in flight, {policy}",
+    )
+
+
+# Phase 3
+
+
+async def run_postfix(
+    args: argparse.Namespace, es: Sequence[email_pb2.Email], ks: Sequence[Key], work: Path
+) -> Phase:
+    concurrency = args.connections * len(ks)
+    async with SmtpSink() as sink, PostfixRelay(work / "postfix", sink.address, concurrency) as pf:
+        start = time.perf_counter()
+        if args.postfix_feeder == "smtp-source":
+            await _smtp_source(pf.address, len(es), args.size, args.feed_sessions)
+            how = f"smtp-source, {args.feed_sessions} sessions"
+        else:
+            messages = rendered(es, ks)
+            per_key = max(1, args.feed_sessions // len(ks))
+            result = await blast(messages, pf.address, per_key, bind_source=False)
+            if result.failed:
+                raise RuntimeError(f"Postfix refused {result.failed} messages")
+            how = f"aiosmtplib, {per_key * len(ks)} sessions"
+        acked = time.perf_counter()
+        done = await sink.wait_for(len(es), args.timeout)
+    return Phase(
+        "Postfix relay",
+        len(es),
+        done - start,
+        acked - start,
+        note=f"{how}; destination concurrency {concurrency}",
+    )
+
+
+async def _smtp_source(target: str, count: int, size: int, sessions: int) -> None:
+    # -l is the body length; smtp-source adds ~150 bytes of headers.
+    args = ["-d", "-s", str(sessions), "-m", str(count), "-l", str(max(1, size - 150))]
+    args += ["-f", mail.addr_spec(SENDER), "-t", "user@d0.bench.test", "-N", "-M", "feeder.bench.test"]
+    proc = await asyncio.create_subprocess_exec(
+        "smtp-source", *args, target, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"smtp-source exited with {proc.returncode}: {out.decode(errors='replace')}")
+
+
+# Report
+
+
+def render_report(r: Report) -> str:
+    lines = [
+        "",
+        "Machine: " + "; ".join(f"{k} {v}" for k, v in r.machine.items()) + f"; load after {r.load_after}",
+    ]
+    rows = [["path", "msgs/s", "seconds", "accepted msgs/s", "notes"]]
+    for p in r.phases:
+        acc = f"{p.accept_rate:,.0f}" if p.accept_rate else "-"
+        rows.append([p.name, f"{p.rate:,.0f}", f"{p.seconds:.1f}", acc, p.note])
+    lines += ["", _utils.table(rows), ""]
+    epoxi, ceiling, postfix = r.phase("Epoxi end to end"), r.phase("SMTP ceiling"), r.phase("Postfix relay")
+    if epoxi and ceiling:
+        lines.append(f"Epoxi / SMTP ceiling: {epoxi.rate / ceiling.rate:.2f}")
+    if epoxi and postfix:
+        lines.append(f"Epoxi / Postfix:      {epoxi.rate / postfix.rate:.2f}   (issue #3 target: >= 3)")
+        if epoxi.accept_rate and postfix.accept_rate:
+            lines.append(f"Acceptance, Epoxi / Postfix: {epoxi.accept_rate / postfix.accept_rate:.2f}")
+    for s in r.skipped:
+        lines.append(f"skipped: {s}")
+    if r.processes:
+        rows = [["mesh process", "peak RSS MiB", "CPU s during run"]]
+        rows += [[n, f"{s.peak_rss_mib:.1f}", f"{s.cpu_seconds:.1f}"] for n, s in r.processes.items()]
+        lines += ["", _utils.table(rows)]
+    return "\n".join(lines) + "\n"
+
+
+def _code_dir() -> str:
+    """The tree the services are imported from (a snapshot, or the working tree)."""
+    return str(Path(mail.__file__).resolve().parent.parent)
+
+
+def _work_dir(parent: str | None) -> Path:
+    work = Path(tempfile.mkdtemp(prefix="epoxi-bench-", dir=parent))
+    work.chmod(0o755)  # Postfix's daemons run as user postfix and need to reach their queue
+    return work
+
+
+async def run(args: argparse.Namespace) -> Report:
+    report = Report({k: str(v) for k, v in vars(args).items()}, _utils.machine())
+    report.machine["code under test"] = _code_dir()
+    ks = keys(args.keys, [ip for s in node_specs(args.nodes, args.ips_per_node) for ip in s.egress_ips])
+    es = emails(args.messages, ks, args.size)
+    print(
+        f"{args.messages} emails of {len(mail.render(es[0]))} bytes over {len(ks)} routing keys", flush=True
+    )
+    work = _work_dir(args.work_dir)
+    try:
+        phases = [p for p in ("ceiling", "epoxi", "postfix") if p not in args.skip]
+        for name in phases:
+            print(f"running {name} ...", flush=True)
+            if name == "ceiling":
+                report.phases.append(await run_ceiling(args, es, ks))
+            elif name == "epoxi":
+                report.phases.append(await run_epoxi(args, es, ks, work, report))
+            elif not SmtpSink.available() or not PostfixRelay.available():
+                report.skipped.append("Postfix relay: needs postfix installed and root")
+            else:
+                report.phases.append(await run_postfix(args, es, ks, work))
+            print(f"  {report.phases[-1].rate:,.0f} msgs/s" if report.phases else "", flush=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    report.load_after = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return report
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="benchmarks.e2e_throughput", description=__doc__.split("\n\n")[0])
+    p.add_argument("--messages", type=int, default=20_000, help="emails, one recipient each")
+    p.add_argument("--keys", type=int, default=20, help="routing keys (domains x egress IPs)")
+    p.add_argument("--size", type=int, default=2048, help="rendered message size in bytes")
+    p.add_argument("--nodes", type=int, default=2)
+    p.add_argument("--ips-per-node", type=int, default=2, help="egress IPs 127.0.0.2, .3, ... per node")
+    p.add_argument(
+        "--connections", type=int, default=DEFAULT_MAX_CONNECTIONS, help="max_connections per pipeline"
+    )
+    p.add_argument("--batch-size", type=int, default=100, help="pipeline policy batch_size")
+    p.add_argument("--batch-timeout", type=float, help="pipeline policy batch_timeout in seconds (default 5)")
+    p.add_argument("--throttle", action="store_true", help="keep the default rate limit (1000/min per key)")
+    p.add_argument("--batch", type=int, default=500, help="emails per RouteEmails call")
+    p.add_argument("--in-flight", type=int, default=4, help="RouteEmails calls in flight")
+    p.add_argument("--check-interval", default="5s", help="registry check interval of the mesh")
+    p.add_argument("--postfix-feeder", choices=["smtp-source", "aiosmtplib"], default="smtp-source")
+    p.add_argument("--feed-sessions", type=int, default=50, help="SMTP sessions feeding Postfix")
+    p.add_argument("--skip", action="append", default=[], choices=["ceiling", "epoxi", "postfix"])
+    p.add_argument("--timeout", type=float, default=600.0, help="give up on a phase after this many seconds")
+    p.add_argument("--profile", type=Path, help="py-spy the router and nodes during the Epoxi phase into DIR")
+    p.add_argument("--profile-rate", type=int, default=100, help="py-spy samples per second")
+    p.add_argument("--work-dir", help="where spools and the Postfix instance go (default: system temp)")
+    p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    reaper = _utils.become_subreaper()
+    try:
+        report = asyncio.run(run(args))
+    finally:
+        if reaper:
+            _utils.reap_orphans()
+    print(render_report(report), end="")
+    if args.profile is not None:
+        for raw in sorted(args.profile.glob("*.raw")):
+            print(summarize(raw))
+    if args.json is not None:
+        args.json.write_text(json.dumps(asdict(report), indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

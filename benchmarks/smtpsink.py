@@ -1,0 +1,120 @@
+"""Postfix's ``smtp-sink`` as a counting SMTP sink on a loopback port.
+
+``smtp-sink -c`` writes ``sess=N quit=N mesg=N`` + CR whenever a message ends (``.``), a
+session ends or QUIT arrives; the last ``mesg=`` is the number of messages received so far.
+It throws the mail away, so it is never the bottleneck of a benchmark.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import getpass
+import os
+import re
+import shutil
+import time
+
+from benchmarks._utils import free_port
+
+_MESG = re.compile(rb"mesg=(\d+)")
+
+
+class SmtpSink:
+    """Use ``async with SmtpSink() as sink``; ``sink.port``, ``sink.count``, ``await sink.wait_for(n)``."""
+
+    def __init__(self, host: str = "127.0.0.1", max_connections: int = 2048) -> None:
+        self.host = host
+        self.port = 0
+        self.max_connections = max_connections
+        self.count = 0
+        self._changed = asyncio.Event()
+        self._proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+
+    @staticmethod
+    def available() -> bool:
+        return shutil.which("smtp-sink") is not None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def start(self) -> SmtpSink:
+        binary = shutil.which("smtp-sink")
+        if binary is None:
+            raise RuntimeError("smtp-sink not found: apt-get install postfix")
+        self.port = free_port(self.host)
+        args = [binary, "-c", "-m", str(self.max_connections), "-h", "sink.bench.test"]
+        if os.geteuid() == 0:
+            args += ["-u", getpass.getuser()]  # required when run as the super-user
+        args += [f"{self.host}:{self.port}", "1024"]
+        self._proc = await asyncio.create_subprocess_exec(
+            *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        )
+        self._reader = asyncio.create_task(self._read())
+        await self._wait_listening()
+        return self
+
+    async def _wait_listening(self, seconds: float = 10.0) -> None:
+        deadline = time.monotonic() + seconds
+        while True:
+            if self._proc is not None and self._proc.returncode is not None:
+                raise RuntimeError(f"smtp-sink exited with {self._proc.returncode}")
+            try:
+                _, writer = await asyncio.open_connection(self.host, self.port)
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
+                continue
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            return
+
+    async def _read(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        tail = b""
+        while chunk := await self._proc.stdout.read(65536):
+            data = tail + chunk
+            cut = data.rfind(b"\r")
+            if cut < 0:
+                tail = data
+                continue
+            found = _MESG.findall(data, 0, cut)
+            tail = data[cut + 1 :]
+            if found:
+                self.count = int(found[-1])
+                self._changed.set()
+
+    async def wait_for(self, count: int, seconds: float) -> float:
+        """Wait up to ``seconds`` until ``count`` messages arrived; the ``time.perf_counter()`` when they had."""
+        async with asyncio.timeout(seconds):
+            while self.count < count:
+                self._changed.clear()
+                await self._changed.wait()
+        return time.perf_counter()
+
+    async def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 5)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        if self._reader is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+
+    async def __aenter__(self) -> SmtpSink:
+        try:
+            return await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

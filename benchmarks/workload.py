@@ -1,0 +1,119 @@
+"""The benchmark's mail: N emails of about ``size`` bytes, one recipient each, spread round-robin
+over routing keys (recipient domain x source IP), and an SMTP blaster that sends them with the
+node's own client code (``services.node.delivery.SmtpSender``: aiosmtplib, source-bound,
+connections reused)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from epoxi import mail
+from epoxi.routing import routing_key
+from epoxi.v1 import email_pb2
+from services.node.delivery import Destinations, Host, SmtpSender, Status
+
+SENDER = "Epoxi Bench <bench@sender.bench.test>"
+_LINE = "The quick brown fox jumps over the lazy dog; Epoxi mesh benchmark payload line.\n"[:76]
+
+
+@dataclass(frozen=True)
+class Key:
+    domain: str
+    source_ip: str
+
+    @property
+    def routing_key(self) -> str:
+        return routing_key(self.domain, self.source_ip)
+
+
+def keys(count: int, ips: Sequence[str]) -> list[Key]:
+    """``count`` routing keys over ``ips``: domains d0, d1, ... each paired with every IP in turn."""
+    return [Key(f"d{i // len(ips)}.bench.test", ips[i % len(ips)]) for i in range(count)]
+
+
+def _body(size: int) -> str:
+    """Plain text such that the rendered message is about ``size`` bytes."""
+    overhead = len(mail.render(_email(0, Key("d0.bench.test", "127.0.0.2"), "")))
+    n = max(0, size - overhead)
+    return (_LINE * (n // len(_LINE) + 1))[:n].rstrip("\n") + "\n"
+
+
+def _email(i: int, key: Key, text: str) -> email_pb2.Email:
+    return mail.new_email(
+        SENDER,
+        to=[f"user{i}@{key.domain}"],
+        subject=f"Benchmark message {i}",
+        text=text,
+        delivery=email_pb2.Delivery(ip=key.source_ip),
+    )
+
+
+def emails(count: int, ks: Sequence[Key], size: int) -> list[email_pb2.Email]:
+    """Email ``i`` goes to key ``i % len(ks)``; no Message-ID, so the router assigns one as for any client."""
+    text = _body(size)
+    return [_email(i, ks[i % len(ks)], text) for i in range(count)]
+
+
+@dataclass(frozen=True)
+class Rendered:
+    key: Key
+    sender: str
+    recipient: str
+    data: bytes
+
+
+def rendered(es: Sequence[email_pb2.Email], ks: Sequence[Key]) -> list[Rendered]:
+    """What a node would put on the wire for each email (rendered once, outside any timing)."""
+    out = []
+    for i, e in enumerate(es):
+        out.append(Rendered(ks[i % len(ks)], mail.sender_address(e), e.to[0], mail.render(e)))
+    return out
+
+
+@dataclass(frozen=True)
+class BlastResult:
+    seconds: float
+    accepted: int
+    failed: int
+
+
+async def blast(
+    messages: Sequence[Rendered],
+    target: str,
+    connections_per_key: int,
+    bind_source: bool = True,
+    ehlo_name: str = "bench.epoxi.test",
+) -> BlastResult:
+    """Send every message to ``target`` over ``connections_per_key`` reused connections per key,
+    each bound to its key's source IP (as a pipeline's lanes are), all keys at once."""
+    host, _, port = target.rpartition(":")
+    sender = SmtpSender(Destinations({"*": Host(host, int(port))}), ehlo_name)
+    queues: dict[Key, deque[Rendered]] = {}
+    for m in messages:
+        queues.setdefault(m.key, deque()).append(m)
+    accepted = failed = 0
+
+    async def lane(key: Key, queue: deque[Rendered]) -> None:
+        nonlocal accepted, failed
+        conn = sender.connection(key.domain, key.source_ip if bind_source else "127.0.0.1")
+        try:
+            while queue:
+                m = queue.popleft()
+                results = await conn.send(m.sender, [m.recipient], m.data)
+                if all(r.status is Status.ACCEPTED for r in results.values()):
+                    accepted += 1
+                else:
+                    failed += 1
+        finally:
+            await conn.close()
+
+    start = time.perf_counter()
+    async with asyncio.TaskGroup() as tg:
+        for key, queue in queues.items():
+            for _ in range(min(connections_per_key, len(queue))):
+                tg.create_task(lane(key, queue))
+    return BlastResult(time.perf_counter() - start, accepted, failed)
