@@ -229,7 +229,7 @@ class Node:
         return pipeline_service_id(self.id, key)
 
     async def pipeline_info(self, p: Pipeline, counts: Counts | None = None) -> pipeline_pb2.PipelineInfo:
-        counts = counts or await p.counts()
+        counts = await p.counts() if counts is None else counts
         started = timestamp_pb2.Timestamp()
         started.FromNanoseconds(round(p.started_at * 1e9))
         return pipeline_pb2.PipelineInfo(
@@ -246,8 +246,8 @@ class Node:
             healthy=p.status == RUNNING,
         )
 
-    async def node_info(self) -> node_pb2.NodeInfo:
-        counts = await self.spool.all_counts()
+    async def node_info(self, counts: dict[str, Counts] | None = None) -> node_pb2.NodeInfo:
+        counts = await self.spool.all_counts() if counts is None else counts
         return node_pb2.NodeInfo(
             id=self.id,
             address=self.address,
@@ -258,12 +258,14 @@ class Node:
         )
 
     async def snapshot(self) -> Snapshot:
+        # One spool query for every pipeline's counts, not one each.
+        all_counts = await self.spool.all_counts()
         states = []
         for p in list(self.pipelines.values()):
-            counts = await p.counts()
+            counts = all_counts.get(p.routing_key) or Counts()
             info = await self.pipeline_info(p, counts)
             states.append(PipelineState(info, p.state_line(counts), p.status == FAILED))
-        return Snapshot(await self.node_info(), states)
+        return Snapshot(await self.node_info(all_counts), states)
 
     async def _pipeline_failed(self, p: Pipeline) -> None:
         await self._sync()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ from epoxi.v1 import node_pb2, pipeline_pb2
 log = logging.getLogger(__name__)
 
 NODE_REFRESH_ROUNDS = 12
+CONCURRENT_CALLS = 16
 
 RegistryError = (ConsulException, aiohttp.ClientError, OSError, TimeoutError)
 
@@ -70,6 +72,8 @@ class Registrar:
         self._rounds = 0
         # Registered pipelines, with the policy their registration carries.
         self._pipelines: dict[str, pipeline_pb2.PipelinePolicy] = {}
+        # What each pipeline's TTL check was last passed with, and when (monotonic).
+        self._refreshed: dict[str, tuple[tuple[str, bool], float]] = {}
         self._lock = asyncio.Lock()
 
     async def run(self) -> None:
@@ -100,13 +104,34 @@ class Registrar:
             )
             self._node_meta = meta
         current = {p.info.name for p in snap.pipelines}
-        for name in sorted(self._pipelines.keys() - current):
-            await self._deregister_pipeline(name)
-        for p in snap.pipelines:
-            if self._pipelines.get(p.info.name) != p.info.policy:
-                await self._register_pipeline(p)
-            else:
-                await self._refresh(p)
+        now = time.monotonic()
+        work = [self._deregister_pipeline(name) for name in sorted(self._pipelines.keys() - current)]
+        work += [self._update(p) for p in snap.pipelines if self._due(p, now)]
+        # Concurrent but bounded: a node with 1,000 pipelines must not send them one at a time.
+        limit = asyncio.Semaphore(CONCURRENT_CALLS)
+
+        async def limited(call: Awaitable[None]) -> None:
+            async with limit:
+                await call
+
+        await asyncio.gather(*map(limited, work))
+
+    def _due(self, p: PipelineState, now: float) -> bool:
+        """Whether ``p`` needs a registry call this round: it is new, its policy or state line
+        changed, or its TTL was last passed half an interval ago or more (the TTL is three)."""
+        last = self._refreshed.get(p.info.name)
+        return (
+            self._pipelines.get(p.info.name) != p.info.policy
+            or last is None
+            or last[0] != (p.line, p.failing)
+            or now - last[1] >= self.interval / 2
+        )
+
+    async def _update(self, p: PipelineState) -> None:
+        if self._pipelines.get(p.info.name) != p.info.policy:
+            await self._register_pipeline(p)
+        else:
+            await self._refresh(p)
 
     async def _register_pipeline(self, p: PipelineState) -> None:
         await self.consul.agent.service.register(
@@ -125,6 +150,8 @@ class Registrar:
             # Consul's 500 "CheckID ... does not have associated TTL" means the same.
             log.debug("TTL update for %s failed: %s", p.info.name, e)
             known = False
+        if known:
+            self._refreshed[p.info.name] = ((p.line, p.failing), time.monotonic())
         if not known and not register_if_lost:
             log.warning("registry has no TTL check for pipeline %s right after registering it", p.info.name)
         elif not known:
@@ -137,6 +164,7 @@ class Registrar:
     async def _deregister_pipeline(self, name: str) -> None:
         await self.consul.agent.service.deregister(name)  # False (404) when already gone
         self._pipelines.pop(name, None)
+        self._refreshed.pop(name, None)
 
     async def forget_pipeline(self, name: str) -> None:
         """Deregister a stopped pipeline now."""

@@ -212,3 +212,31 @@ async def test_a_crashed_pipeline_shows_critical_until_it_recovers(
         await node.close()
         await spool.close()
     assert await health(consul, "epoxi-pipeline") == []
+
+
+async def test_starting_a_pipeline_touches_only_that_pipeline_in_the_registry(
+    tmp_path: Path, sink: Sink, registry: RunningRegistry
+) -> None:
+    """A start registers the new pipeline; it does not re-send every other pipeline's TTL."""
+    # A long interval, so only the starts themselves sync during the test.
+    n = await start_node(config(tmp_path, sink, consul=registry.address, check_interval=60))
+    calls: list[str] = []
+    assert n.node.registrar is not None
+    agent = n.node.registrar.consul.agent
+    for obj, name in ((agent.service, "register"), (agent.check, "ttl_pass")):
+        real = getattr(obj, name)
+
+        def counted(*args: Any, _real: Any = real, _name: str = name, **kwargs: Any) -> Any:
+            calls.append(_name)
+            return _real(*args, **kwargs)
+
+        setattr(obj, name, counted)
+    try:
+        for i in range(20):
+            await n.node.start_pipeline(f"d{i}.example", SOURCE_IP, fast_policy(f"d{i}.example_127_0_0_2"))
+        calls.clear()
+        await n.node.start_pipeline("last.example", SOURCE_IP, fast_policy("last.example_127_0_0_2"))
+        # The new pipeline's service and its first TTL pass, and the node's new pipeline count.
+        assert sorted(calls) == ["register", "register", "ttl_pass"], calls
+    finally:
+        await n.close()
