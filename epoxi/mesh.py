@@ -144,11 +144,7 @@ class Mesh:
 
     async def _start(self) -> None:
         if self.consul is None:
-            # Like Consul with check_update_interval = "0s": check outputs (pipeline state) show at once.
-            reg = await self._spawn(
-                "registry",
-                ["epoxi.devregistry", "--http-addr", self.registry_addr, "--check-update-interval", "0s"],
-            )
+            reg = await self._spawn("registry", ["epoxi.devregistry", "--http-addr", self.registry_addr])
             self.consul = reg.address.removeprefix("http://")
         if self.route is None:
             sink = await self._spawn(
