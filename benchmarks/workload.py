@@ -17,7 +17,7 @@ from epoxi.v1 import email_pb2
 from services.node.delivery import Destinations, Host, SmtpSender, Status
 
 SENDER = "Epoxi Bench <bench@sender.bench.test>"
-_LINE = "The quick brown fox jumps over the lazy dog; Epoxi mesh benchmark payload line.\n"[:76]
+_LINE = "The quick brown fox jumps over the lazy dog; Epoxi mesh benchmark payload.\n"
 
 
 @dataclass(frozen=True)
