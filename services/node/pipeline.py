@@ -3,12 +3,19 @@
 The task takes up to ``batch_size`` due messages from the spool — or, when fewer are due, what
 arrived within ``batch_timeout`` — and sends them over up to ``max_connections`` reused SMTP
 connections, never more than ``allowed_messages`` in any ``message_interval``. Each message's
-outcome is recorded as soon as it is known: 2xx delivered; 5xx bounced with the reply; 4xx or a
-transport failure deferred with exponential backoff and jitter, and bounced once ``max_retries``
-retries are spent. A bounce spools a DSN to the sender first (``Bouncer``), so a crash between the
-two repeats the DSN rather than losing it. ``apply_policy`` changes the knobs while running: the
-next batch uses them. If the task crashes it is restarted after a growing delay, and the failure
-is reported meanwhile (``on_failure``, ``status``, ``state_line``).
+outcome is: 2xx delivered; 5xx bounced with the reply; 4xx or a transport failure deferred with
+exponential backoff and jitter, and bounced once ``max_retries`` retries are spent.
+
+Outcomes are recorded in groups (``Recorder``), so many share one transaction and its fsync: a
+group is committed when ``record_group`` outcomes are pending, when the oldest has waited
+``record_delay`` seconds, at the end of each batch (before the next claim), and before in-flight
+mail is released (on stop, and after a crash). Until its group commits, a sent message stays
+``inflight`` in the spool, which the spool requeues if the node dies: so a crash sends again at
+most the pipeline's claimed batch, never loses a message. A bounce spools a DSN to the sender
+(``Bouncer``) before its outcome even joins a group, so a crash between the two repeats the DSN
+rather than losing it. ``apply_policy`` changes the knobs while running: the next batch uses them.
+If the task crashes it is restarted after a growing delay, and the failure is reported meanwhile
+(``on_failure``, ``status``, ``state_line``).
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias
 
@@ -39,6 +46,9 @@ STOPPED = pipeline_pb2.PIPELINE_STATUS_STOPPED
 FAILED = pipeline_pb2.PIPELINE_STATUS_FAILED
 
 MAX_RESTART_DELAY = 30.0
+# Outcomes per commit at most before a commit starts, and how long one may wait for its group.
+RECORD_GROUP = 50
+RECORD_DELAY = 0.05
 
 
 @dataclass(frozen=True)
@@ -96,6 +106,95 @@ class RateLimiter:
         return new
 
 
+class Recorder:
+    """A pipeline's outcomes, recorded in groups: one spool transaction (one fsync) for many.
+
+    ``add`` keeps outcomes pending. A recording starts once ``group`` are pending or the oldest
+    has waited ``delay`` seconds, and commits everything pending when it starts; outcomes added
+    meanwhile go in the next one. ``flush`` commits the rest at once and returns when every
+    outcome added before it is durable. A recording runs in a task of its own, so cancelling
+    whoever waits for it (a pipeline stopped past its grace) does not lose the group: it commits,
+    or, if the spool fails, its deliveries stay ``inflight`` and are sent again once released.
+    A failed recording is raised once, by the next ``add`` or ``flush``.
+    """
+
+    def __init__(self, spool: Spool, group: int = RECORD_GROUP, delay: float = RECORD_DELAY) -> None:
+        self.spool = spool
+        self.group = max(1, group)
+        self.delay = delay
+        self._pending: list[Outcome] = []
+        self._oldest = 0.0  # the event loop's time when the oldest pending outcome was added
+        self._timer: asyncio.TimerHandle | None = None
+        self._recording: asyncio.Task[None] | None = None
+        self._error: Exception | None = None
+
+    def add(self, outcomes: Sequence[Outcome]) -> None:
+        self._raise()
+        if not outcomes:
+            return
+        if not self._pending:
+            self._oldest = asyncio.get_running_loop().time()
+        self._pending.extend(outcomes)
+        if len(self._pending) >= self.group:
+            self._start()
+        else:
+            self._arm()
+
+    async def flush(self) -> None:
+        """Record every pending outcome now; return once they, and any recording under way, are durable."""
+        while self._recording is not None or self._pending:
+            self._start()
+            if self._recording is not None:
+                await asyncio.wait({self._recording})  # not cancelled with the caller
+            self._raise()
+        self._raise()
+
+    def discard(self) -> int:
+        """Forget the pending outcomes and any failure (after a failed flush: their deliveries stay
+        in flight for the spool to release); how many were pending."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        n, self._pending, self._error = len(self._pending), [], None
+        return n
+
+    def _start(self) -> None:
+        """Start recording what is pending, unless a recording is under way: it takes them next."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._recording is None and self._pending:
+            self._recording = asyncio.create_task(self._record())
+
+    def _arm(self) -> None:
+        """See that pending outcomes start recording at most ``delay`` after the oldest was added."""
+        if self._pending and self._timer is None and self._recording is None:
+            self._timer = asyncio.get_running_loop().call_at(self._oldest + self.delay, self._start)
+
+    def _due(self) -> bool:
+        return len(self._pending) >= self.group or (
+            bool(self._pending) and asyncio.get_running_loop().time() >= self._oldest + self.delay
+        )
+
+    async def _record(self) -> None:
+        try:
+            while True:
+                taken, self._pending = self._pending, []
+                await self.spool.record(taken)
+                if not self._due():
+                    break
+        except Exception as e:
+            self._error = e
+        finally:
+            self._recording = None
+            self._arm()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            e, self._error = self._error, None
+            raise e
+
+
 OnFailure = Callable[["Pipeline"], Awaitable[None]]
 
 
@@ -114,6 +213,8 @@ class Pipeline:
         restart_delay: float = 1.0,
         on_failure: OnFailure | None = None,
         bouncer: Bouncer | None = None,
+        record_group: int = RECORD_GROUP,
+        record_delay: float = RECORD_DELAY,
     ) -> None:
         self.routing_key = routing_key
         self.domain = domain
@@ -131,6 +232,7 @@ class Pipeline:
         self.last_error = ""
         self.restarts = 0
         self._limiter = RateLimiter(policy.allowed_messages, policy.message_interval)
+        self._recorder = Recorder(spool, record_group, record_delay)
         self._connections: list[Connection] = []
         self._wake = asyncio.Event()
         self._slot_freed = asyncio.Event()
@@ -156,7 +258,8 @@ class Pipeline:
         self._wake.set()  # a batch waiting to fill is measured against the new size and timeout
 
     async def stop(self, grace: float = 5.0) -> None:
-        """Finish the message in hand (up to ``grace`` seconds); undelivered mail stays spooled."""
+        """Finish the message in hand (up to ``grace`` seconds) and record every outcome known;
+        undelivered mail stays spooled."""
         self._stopping = True
         self.status = STOPPING
         self._stop_requested.set()
@@ -169,6 +272,7 @@ class Pipeline:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        await self._record_pending()
         await self._close_connections()
         await self.spool.release(self.routing_key)
         self.status = STOPPED
@@ -207,6 +311,7 @@ class Pipeline:
             cause = cause.exceptions[0]
         self.last_error = f"{type(cause).__name__}: {cause}"
         log.exception("pipeline %s crashed; restarting", self.routing_key)
+        await self._record_pending()
         try:
             await self._close_connections()
             await self.spool.release(self.routing_key)
@@ -215,6 +320,19 @@ class Pipeline:
         except Exception:
             log.exception("pipeline %s: cleaning up after the crash failed", self.routing_key)
         await self._stop_within(min(MAX_RESTART_DELAY, self.restart_delay * 2.0 ** (self._crashes - 1)))
+
+    async def _record_pending(self) -> None:
+        """Record the outcomes still pending before in-flight mail is released, so what was sent is
+        not sent again. If the spool fails, their mail goes back to the queue with the rest."""
+        try:
+            await self._recorder.flush()
+        except Exception:
+            dropped = self._recorder.discard()
+            log.exception(
+                "pipeline %s: recording outcomes failed; their mail will be sent again (%d more pending)",
+                self.routing_key,
+                dropped,
+            )
 
     # Work
 
@@ -275,6 +393,8 @@ class Pipeline:
         async with asyncio.TaskGroup() as tg:
             for conn in self._connections[:lanes]:
                 tg.create_task(self._lane(conn, queue))
+        # The batch's last group commits before the next due/claim, and counts are then exact.
+        await self._recorder.flush()
 
     async def _lane(self, conn: Connection, queue: deque[Job]) -> None:
         while queue and not self._stopping:
@@ -296,8 +416,10 @@ class Pipeline:
                 if o.state is State.BOUNCED
             ]
             if bounced and self.bouncer is not None:
+                # The DSN is durable before its bounce joins a group, so a group never records a
+                # bounce whose DSN is not spooled (and flushing never waits on the node).
                 await self.bouncer.bounced(self.source_ip, job, bounced)
-            await self.spool.record(recorded)
+            self._recorder.add(recorded)
 
     async def _take_slot(self) -> bool:
         """Wait until the rate limit allows one more send; False when the pipeline is stopping."""
@@ -313,14 +435,13 @@ class Pipeline:
     def _outcome(self, d: Delivery, r: Result, now: float) -> Outcome:
         attempts = d.attempts + 1
         if r.status is Status.ACCEPTED:
-            return Outcome(d.id, State.DELIVERED, attempts, now, r.code, r.text)
+            return Outcome(d.id, State.DELIVERED, attempts, now, r.code, r.text, now)
         if r.status is Status.PERMANENT:
-            return Outcome(d.id, State.BOUNCED, attempts, now, r.code, r.text)
+            return Outcome(d.id, State.BOUNCED, attempts, now, r.code, r.text, now)
         if attempts > self.policy.max_retries:
-            return Outcome(
-                d.id, State.BOUNCED, attempts, now, r.code, f"{r.text} (gave up after {attempts} attempts)"
-            )
-        return Outcome(d.id, State.DEFERRED, attempts, now + self.retry.delay(attempts), r.code, r.text)
+            text = f"{r.text} (gave up after {attempts} attempts)"
+            return Outcome(d.id, State.BOUNCED, attempts, now, r.code, text, now)
+        return Outcome(d.id, State.DEFERRED, attempts, now + self.retry.delay(attempts), r.code, r.text, now)
 
     async def _close_connections(self) -> None:
         conns, self._connections = self._connections, []

@@ -3,8 +3,10 @@
 Every write is one transaction, so a whole ``EnqueueBatch`` costs one fsync (group commit) and
 is acknowledged only once it returns. A message is stored once (rendered RFC 5322 bytes and
 envelope sender) with one delivery row per recipient; each attempt's outcome updates the
-delivery and appends to its ``attempts`` history in the same transaction. SQLite connections
-are bound to their thread, so all spool work runs on one dedicated thread, off the event loop.
+delivery and appends to its ``attempts`` history in the same transaction, and ``record`` takes
+many outcomes at once so that a pipeline's outcomes share a commit too. SQLite connections are
+bound to their thread, so all spool work runs on one dedicated thread, off the event loop, in the
+order it was asked for.
 """
 
 from __future__ import annotations
@@ -118,6 +120,9 @@ class Outcome:
     next_attempt_at: float
     reply_code: int
     reply_text: str
+    # When the attempt was made; None: when it is recorded. Outcomes recorded in groups carry it,
+    # so the history says when each attempt happened, not when its group was committed.
+    attempted_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -310,7 +315,8 @@ class Spool:
         return list(jobs.values())
 
     async def record(self, outcomes: Iterable[Outcome]) -> None:
-        """Update the deliveries and append the attempts to their history, in one transaction."""
+        """Update the deliveries and append the attempts to their history, all in one transaction
+        (one fsync however many outcomes there are); returns once it is durable."""
         await self._run(self._record, list(outcomes), time.time())
 
     def _record(self, outcomes: list[Outcome], now: float) -> None:
@@ -335,7 +341,7 @@ class Spool:
                 [
                     (
                         o.attempts,
-                        now,
+                        now if o.attempted_at is None else o.attempted_at,
                         o.state.value,
                         o.reply_code,
                         *split_reply(o.reply_code, o.reply_text),

@@ -148,3 +148,25 @@ async def test_a_spool_from_before_attempt_history_opens_and_records(tmp_path: P
         assert found is not None and [a.result for a in found[1]] == [State.DELIVERED]
     finally:
         await spool.close()
+
+
+async def test_outcomes_recorded_together_keep_the_time_of_each_attempt(spool: Spool) -> None:
+    [mid] = await spool.enqueue(KEY, [message("a@example.com", "b@example.com")])
+    [job] = await spool.claim(KEY, time.time(), 10)
+    a, b = job.deliveries
+    statements: list[str] = []
+    await spool._run(spool._db.set_trace_callback, statements.append)
+    await spool.record(
+        [
+            Outcome(a.id, State.DELIVERED, 1, 1000.0, 250, "2.0.0 OK", attempted_at=1000.0),
+            Outcome(b.id, State.DEFERRED, 1, 1060.0, 451, "4.3.0 later", attempted_at=1001.5),
+        ]
+    )
+    await spool._run(spool._db.set_trace_callback, None)
+    assert sum(s.strip().upper().startswith("COMMIT") for s in statements) == 1
+    found = await spool.message(mid)
+    assert found is not None
+    assert [(x.recipient, x.attempted_at) for x in found[1]] == [
+        ("a@example.com", 1000.0),
+        ("b@example.com", 1001.5),
+    ]
