@@ -4,7 +4,6 @@ the development registry, and a real SMTP sink that records each message's sourc
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import shutil
 import signal
@@ -18,6 +17,7 @@ import pytest
 
 from epoxi.mesh import Mesh, NodeSpec
 from epoxi.sink import Sink
+from tests.support import eventually
 
 GRPCURL = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
 SENDER = "Epoxi Test <sender@epoxi.dev>"
@@ -53,23 +53,6 @@ async def registry_get(mesh: Mesh, path: str) -> Any:
     async with aiohttp.ClientSession() as http, http.get(f"http://{mesh.consul}{path}") as resp:
         assert resp.status == 200, await resp.text()
         return await resp.json()
-
-
-async def eventually(check: Any, seconds: float = 30.0) -> Any:
-    """Poll an async ``check`` until it returns something truthy."""
-    async with asyncio.timeout(seconds):
-        for _ in itertools.count():
-            if result := await check():
-                return result
-            await asyncio.sleep(0.2)
-    raise AssertionError("unreachable")
-
-
-@pytest.fixture
-async def sink() -> AsyncIterator[Sink]:
-    s = await Sink().start()
-    yield s
-    await s.stop()
 
 
 @pytest.fixture
@@ -199,7 +182,7 @@ async def test_stopping_a_pipeline_removes_it_from_the_registry(mesh: Mesh) -> N
     async def gone() -> bool:
         return not await registry_get(mesh, "/v1/health/service/epoxi-pipeline")
 
-    await eventually(gone)
+    await eventually(gone, seconds=30)
 
 
 async def test_a_dead_node_is_not_chosen_and_its_key_fails_over(mesh: Mesh, sink: Sink) -> None:
@@ -220,8 +203,8 @@ async def test_a_dead_node_is_not_chosen_and_its_key_fails_over(mesh: Mesh, sink
         entries = await registry_get(mesh, "/v1/health/service/epoxi-node?passing=1")
         return dead not in {e["Service"]["ID"] for e in entries}
 
-    await eventually(node_not_passing)
-    await eventually(pipelines_not_passing)
+    await eventually(node_not_passing, seconds=30)
+    await eventually(pipelines_not_passing, seconds=30)
 
     second = await route(mesh, [email(["b@gmail.com"], "127.0.0.2")])
     [batch] = second["batches"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -12,33 +12,17 @@ import pytest
 from google.protobuf import duration_pb2
 
 from epoxi import runtime
-from epoxi.devregistry.app import RunningRegistry, serve
+from epoxi.devregistry.app import RunningRegistry
 from epoxi.registry import client, services
 from epoxi.sink import Sink
 from epoxi.v1 import monitor_pb2_grpc, node_pb2, node_pb2_grpc, pipeline_pb2
 from services.monitor.main import MonitorConfig, RunningMonitor, start_monitor
 from services.node.main import NodeConfig, RunningNode, start_node
+from tests.support import eventually
 
 CHECK_INTERVAL = 0.2  # seconds: the registry probes and TTLs run fast in tests
 
 T = TypeVar("T")
-
-
-async def eventually(check: Callable[[], Awaitable[T]], seconds: float = 10.0) -> T:
-    """Poll ``check`` until it returns something truthy; its last value."""
-    async with asyncio.timeout(seconds):
-        while True:
-            result = await check()
-            if result:
-                return result
-            await asyncio.sleep(0.05)
-
-
-@pytest.fixture
-async def registry() -> AsyncIterator[RunningRegistry]:
-    reg = await serve("127.0.0.1", 0)
-    yield reg
-    await reg.close()
 
 
 @pytest.fixture
@@ -46,13 +30,6 @@ async def consul(registry: RunningRegistry) -> AsyncIterator[Any]:
     c = client.connect(registry.address)
     yield c
     await c.close()
-
-
-@pytest.fixture
-async def sink() -> AsyncIterator[Sink]:
-    s = await Sink().start()
-    yield s
-    await s.stop()
 
 
 class Nodes:

@@ -13,7 +13,8 @@ from epoxi.mesh import spawn
 from epoxi.v1 import monitor_pb2 as m
 from epoxi.v1 import monitor_pb2_grpc
 from epoxi.v1 import node_pb2 as m_node
-from tests.monitor.conftest import Nodes, contains, eventually, excludes, passing_nodes
+from tests.monitor.conftest import Nodes, contains, excludes, passing_nodes
+from tests.support import eventually
 
 
 def keys_by_node(response: m.FindAllPipelinesResponse) -> dict[str, list[str]]:

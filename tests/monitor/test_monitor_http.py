@@ -16,7 +16,8 @@ from gateway import main as gateway_main
 from gateway.app import Gateway, start_gateway
 from gateway.upstream import StaticUpstream
 from services.monitor.main import RunningMonitor
-from tests.monitor.conftest import Nodes, eventually
+from tests.monitor.conftest import Nodes
+from tests.support import eventually
 
 
 @pytest.fixture

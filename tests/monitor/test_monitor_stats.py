@@ -13,7 +13,8 @@ from epoxi.sink import Sink
 from epoxi.v1 import email_pb2, monitor_pb2_grpc, node_pb2, pipeline_pb2
 from epoxi.v1 import monitor_pb2 as m
 from services.monitor.main import MonitorConfig, start_monitor
-from tests.monitor.conftest import Nodes, eventually
+from tests.monitor.conftest import Nodes
+from tests.support import eventually
 
 Stub = monitor_pb2_grpc.MonitorServiceStub
 

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -9,7 +8,6 @@ import pytest
 
 from epoxi import mail
 from epoxi.policy import Policy
-from epoxi.sink import Sink
 from epoxi.v1 import email_pb2
 from services.node.spool import Spool
 
@@ -33,22 +31,6 @@ def fast_policy(key: str = "example.com_127_0_0_2", **overrides: Any) -> Policy:
         **overrides,
     }
     return Policy(**fields)
-
-
-async def eventually(check: Callable[[], Awaitable[T]], seconds: float = 10.0) -> T:
-    """Poll ``check`` until it returns something truthy."""
-    async with asyncio.timeout(seconds):
-        while True:
-            if result := await check():
-                return result
-            await asyncio.sleep(0.02)
-
-
-@pytest.fixture
-async def sink() -> AsyncIterator[Sink]:
-    s = await Sink(host="127.0.0.1").start()
-    yield s
-    await s.stop()
 
 
 @pytest.fixture

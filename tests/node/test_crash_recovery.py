@@ -25,13 +25,13 @@ import pytest
 from google.protobuf import duration_pb2
 
 from epoxi import runtime
-from epoxi.devregistry.app import RunningRegistry, serve
-from epoxi.devregistry.state import RegistryConfig
+from epoxi.devregistry.app import RunningRegistry
 from epoxi.registry.client import Consul, connect
 from epoxi.registry.services import passing
 from epoxi.sink import Sink
 from epoxi.v1 import node_pb2, node_pb2_grpc, pipeline_pb2, queue_pb2
-from tests.node.conftest import SOURCE_IP, email, eventually
+from tests.node.conftest import SOURCE_IP, email
+from tests.support import eventually
 
 REPO = Path(__file__).resolve().parents[2]
 DOMAINS = ["a.test", "b.test", "c.test"]
@@ -99,13 +99,6 @@ class NodeProcess:
             if self._drain is not None:
                 await self._drain
         return code
-
-
-@pytest.fixture
-async def registry() -> AsyncIterator[RunningRegistry]:
-    r = await serve("127.0.0.1", 0, RegistryConfig(check_update_interval=0))
-    yield r
-    await r.close()
 
 
 @pytest.fixture

@@ -18,7 +18,8 @@ import pytest
 from epoxi.sink import Sink
 from services.node.delivery import HostBackoff, SmtpSender, Status
 from services.node.mx import Cache, Destinations, DnsUnavailable, Host, NoRoute, Resolver, resolver_for
-from tests.node.conftest import SOURCE_IP, eventually
+from tests.node.conftest import SOURCE_IP
+from tests.support import eventually
 
 DATA = b"From: ann@sender.test\r\nTo: bob@example.test\r\nSubject: hi\r\n\r\nhello\r\n"
 

@@ -18,7 +18,8 @@ from services.node.dsn import Bouncer, Failure, build, original_headers
 from services.node.node import Node
 from services.node.pipeline import Retry
 from services.node.spool import Counts, NewMessage, Spool
-from tests.node.conftest import SOURCE_IP, email, eventually, fast_policy
+from tests.node.conftest import SOURCE_IP, email, fast_policy
+from tests.support import eventually
 
 ORIGINAL = mail.render(email("gone@example.com", "ok@example.com", subject="Quarterly report"))
 SENDER_KEY = "sender.test_127_0_0_2"

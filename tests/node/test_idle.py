@@ -12,27 +12,20 @@ from typing import Any
 import pytest
 
 from epoxi import policies, runtime
-from epoxi.devregistry.app import RunningRegistry, serve
-from epoxi.devregistry.state import RegistryConfig
+from epoxi.devregistry.app import RunningRegistry
 from epoxi.mail import new_email
 from epoxi.registry.client import Consul, connect
 from epoxi.sink import Sink
 from epoxi.v1 import email_pb2, node_pb2, node_pb2_grpc, router_pb2, router_pb2_grpc
 from services.node.main import RunningNode, start_node
 from services.router.main import add_arguments, start_router
-from tests.node.conftest import SOURCE_IP, email, eventually, fast_policy
+from tests.node.conftest import SOURCE_IP, email, fast_policy
 from tests.node.test_servicer import FAST, KEY, config, start
+from tests.support import eventually
 
 Stub = node_pb2_grpc.NodeServiceStub
 OTHER = "example.org_127_0_0_2"
 IDLE = 0.3
-
-
-@pytest.fixture
-async def registry() -> AsyncIterator[RunningRegistry]:
-    r = await serve("127.0.0.1", 0, RegistryConfig(check_update_interval=0))
-    yield r
-    await r.close()
 
 
 @pytest.fixture

@@ -12,7 +12,8 @@ from epoxi.sink import Sink
 from services.node.delivery import Destinations, Host, Result, SmtpConnection, SmtpSender
 from services.node.pipeline import FAILED, RUNNING, Pipeline, RateLimiter, Retry
 from services.node.spool import Counts, NewMessage, Spool, State
-from tests.node.conftest import SOURCE_IP, email, eventually, fast_policy
+from tests.node.conftest import SOURCE_IP, email, fast_policy
+from tests.support import eventually
 
 KEY = "example.com_127_0_0_2"
 FAST_RETRY = Retry(base=0.01, cap=0.05)

@@ -24,7 +24,8 @@ from services.node.dsn import Bouncer
 from services.node.node import Node
 from services.node.pipeline import Pipeline, Recorder, Retry
 from services.node.spool import Counts, NewMessage, Outcome, Spool, State
-from tests.node.conftest import SOURCE_IP, email, eventually, fast_policy
+from tests.node.conftest import SOURCE_IP, email, fast_policy
+from tests.support import eventually
 
 KEY = "example.com_127_0_0_2"
 SENDER_KEY = "sender.test_127_0_0_2"

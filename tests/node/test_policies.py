@@ -13,8 +13,7 @@ import pytest
 from google.protobuf import duration_pb2, json_format
 
 from epoxi import policies, runtime
-from epoxi.devregistry.app import RunningRegistry, serve
-from epoxi.devregistry.state import RegistryConfig
+from epoxi.devregistry.app import RunningRegistry
 from epoxi.policies import PolicyError, PolicyTable
 from epoxi.policy import Policy
 from epoxi.registry.client import Consul, connect
@@ -23,8 +22,9 @@ from epoxi.sink import Sink
 from epoxi.v1 import node_pb2, node_pb2_grpc, pipeline_pb2
 from services.node.main import RunningNode, start_node
 from services.node.policy_watch import PolicyWatch
-from tests.node.conftest import email, eventually
+from tests.node.conftest import email
 from tests.node.test_servicer import KEY, config
+from tests.support import eventually
 
 Stub = node_pb2_grpc.NodeServiceStub
 OTHER = "example.org_127_0_0_2"
@@ -95,13 +95,6 @@ def test_which_policy_a_pipeline_takes() -> None:
 
 
 # Against the development registry.
-
-
-@pytest.fixture
-async def registry() -> AsyncIterator[RunningRegistry]:
-    r = await serve("127.0.0.1", 0, RegistryConfig(check_update_interval=0))
-    yield r
-    await r.close()
 
 
 @pytest.fixture

@@ -13,8 +13,9 @@ from epoxi import runtime
 from epoxi.sink import Sink
 from epoxi.v1 import email_pb2, node_pb2, node_pb2_grpc, queue_pb2
 from services.node.main import RunningNode, start_node
-from tests.node.conftest import email, eventually
+from tests.node.conftest import email
 from tests.node.test_servicer import FAST, KEY, config, start
+from tests.support import eventually
 
 Stub = node_pb2_grpc.NodeServiceStub
 OTHER = "example.org_127_0_0_2"

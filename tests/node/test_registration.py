@@ -11,8 +11,7 @@ from typing import Any
 import pytest
 
 from epoxi import runtime
-from epoxi.devregistry.app import RunningRegistry, serve
-from epoxi.devregistry.state import RegistryConfig
+from epoxi.devregistry.app import RunningRegistry
 from epoxi.registry.client import Consul, connect
 from epoxi.registry.services import node_from_entry, passing, pipeline_from_entry
 from epoxi.sink import Sink
@@ -23,19 +22,12 @@ from services.node.node import Node
 from services.node.pipeline import Retry
 from services.node.registration import Registrar
 from services.node.spool import Spool
-from tests.node.conftest import SOURCE_IP, email, eventually, fast_policy
+from tests.node.conftest import SOURCE_IP, email, fast_policy
 from tests.node.test_pipeline import _Flaky
 from tests.node.test_servicer import FAST, KEY, config
+from tests.support import eventually
 
 PIPELINE_ID = f"epoxi-pipeline-n1-{KEY}"
-
-
-@pytest.fixture
-async def registry() -> AsyncIterator[RunningRegistry]:
-    # Output-only check updates reach the catalog at once (Consul defers them by 5m by default).
-    r = await serve("127.0.0.1", 0, RegistryConfig(check_update_interval=0))
-    yield r
-    await r.close()
 
 
 @pytest.fixture

@@ -12,7 +12,8 @@ from epoxi.policy import Policy
 from epoxi.sink import Sink
 from epoxi.v1 import email_pb2, node_pb2, node_pb2_grpc, pipeline_pb2
 from services.node.main import NodeConfig, RunningNode, start_node
-from tests.node.conftest import SOURCE_IP, email, eventually, fast_policy
+from tests.node.conftest import SOURCE_IP, email, fast_policy
+from tests.support import eventually
 
 KEY = "example.com_127_0_0_2"
 FAST = fast_policy().to_proto()

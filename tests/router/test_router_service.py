@@ -11,8 +11,7 @@ import grpc
 import pytest
 
 from epoxi import runtime
-from epoxi.devregistry.app import RunningRegistry, serve
-from epoxi.devregistry.state import RegistryConfig
+from epoxi.devregistry.app import RunningRegistry
 from epoxi.mail import new_email
 from epoxi.registry import client, services
 from epoxi.sink import Sink
@@ -23,13 +22,6 @@ from services.router.main import RunningRouter, add_arguments, start_router
 
 def email(to: str, ip: str) -> email_pb2.Email:
     return new_email("a@sender.test", to=[to], subject="s", text="t", delivery=email_pb2.Delivery(ip=ip))
-
-
-@pytest.fixture
-async def registry() -> AsyncIterator[RunningRegistry]:
-    r = await serve("127.0.0.1", 0, RegistryConfig(check_update_interval=0))
-    yield r
-    await r.close()
 
 
 @pytest.fixture
