@@ -35,6 +35,7 @@ from services.node.node import Node
 from services.node.pipeline import Retry
 from services.node.policy_watch import PolicyWatch
 from services.node.registration import Registrar, go_duration
+from services.node.retention import Retention
 from services.node.servicer import NodeService
 from services.node.spool import Spool
 
@@ -65,6 +66,10 @@ class NodeConfig:
     connection_idle_timeout: float = 0.0
     # Seconds a pipeline with no unfinished mail keeps running before it stops (0: never).
     pipeline_idle_timeout: float = 300.0
+    # Seconds finished mail stays in the spool after its last outcome (0: forever), and how
+    # often the node purges what is older.
+    retention: float = 7 * 86400.0
+    purge_interval: float = 600.0
     # Follow the stored policies in the registry's KV store (with a registry only).
     watch_policies: bool = True
     # Longest wait of one blocking query on them (a change arrives at once either way);
@@ -98,6 +103,7 @@ class RunningNode:
         self._stop_grace = stop_grace
         self._closed = False
         self.policy_watch: PolicyWatch | None = None
+        self.retention: Retention | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
@@ -146,7 +152,8 @@ class RunningNode:
 
 async def start_node(config: NodeConfig) -> RunningNode:
     """Open the spool, serve NodeService, register in the registry, load the stored policies and
-    resume unfinished pipelines; then watch the policies and stop idle pipelines."""
+    resume unfinished pipelines; then watch the policies, stop idle pipelines and purge old
+    finished mail."""
     Path(config.spool).parent.mkdir(parents=True, exist_ok=True)
     spool = await Spool.open(config.spool)
     try:
@@ -205,6 +212,9 @@ async def start_node(config: NodeConfig) -> RunningNode:
         if config.pipeline_idle_timeout > 0:
             reaper = IdleReaper(node, config.pipeline_idle_timeout)
             running._tasks.append(asyncio.create_task(reaper.run(), name=f"idle reaper {node.id}"))
+        if config.retention > 0:
+            running.retention = Retention(spool, config.retention, config.purge_interval)
+            running._tasks.append(asyncio.create_task(running.retention.run(), name=f"retention {node.id}"))
     except BaseException:
         await running.close()
         raise
@@ -237,12 +247,12 @@ def parse_route(text: str) -> tuple[str, str]:
     return domain, target
 
 
-_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h)")
-_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h|d)")
+_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 def parse_duration(text: str) -> float:
-    """Seconds in ``"1.5"``, ``"500ms"``, ``"5s"``, ``"2m"`` or ``"1h30m"``."""
+    """Seconds in ``"1.5"``, ``"500ms"``, ``"5s"``, ``"2m"``, ``"1h30m"`` or ``"7d"``."""
     text = text.strip()
     try:
         return float(text)
@@ -252,6 +262,20 @@ def parse_duration(text: str) -> float:
     if not parts or "".join(n + u for n, u in parts) != text:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 500ms, 5s or 2m")
     return sum(float(n) * _UNIT[u] for n, u in parts)
+
+
+def non_negative_duration(text: str) -> float:
+    seconds = parse_duration(text)
+    if seconds < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative")
+    return seconds
+
+
+def positive_duration(text: str) -> float:
+    seconds = parse_duration(text)
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive duration")
+    return seconds
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -296,6 +320,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=env("EPOXI_NODE_PIPELINE_IDLE_TIMEOUT", "5m"),
         help="stop a pipeline (and leave the registry) after this long without unfinished mail; 0: never",
     )
+    parser.add_argument(
+        "--retention",
+        type=non_negative_duration,
+        default=env("EPOXI_NODE_RETENTION", "7d"),
+        help="delete finished mail (and its attempt history) this long after its last outcome; 0: never",
+    )
+    parser.add_argument(
+        "--purge-interval",
+        type=positive_duration,
+        default=env("EPOXI_NODE_PURGE_INTERVAL", "10m"),
+        help="how often to delete finished mail older than --retention",
+    )
     outbound.add_arguments(parser, parse_duration)
 
 
@@ -317,6 +353,8 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         retry_base=args.retry_base,
         connection_idle_timeout=args.connection_idle_timeout,
         pipeline_idle_timeout=args.pipeline_idle_timeout,
+        retention=args.retention,
+        purge_interval=args.purge_interval,
         delivery=outbound.config_from_args(args),
     )
 

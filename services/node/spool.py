@@ -7,6 +7,10 @@ delivery and appends to its ``attempts`` history in the same transaction, and ``
 many outcomes at once so that a pipeline's outcomes share a commit too. SQLite connections are
 bound to their thread, so all spool work runs on one dedicated thread, off the event loop, in the
 order it was asked for.
+
+Retention (``purge``) deletes finished mail, a chunk per transaction, and adds what it deleted
+to per-routing-key totals in the same transaction, so delivered and bounced counts are "since
+the spool was created" and never drop.
 """
 
 from __future__ import annotations
@@ -82,10 +86,23 @@ CREATE TABLE IF NOT EXISTS attempts (
     reply_text TEXT
 );
 CREATE INDEX IF NOT EXISTS attempts_message ON attempts (message_id, id);
+-- Retention: finished deliveries by when they finished, to find what to purge; and attempts by
+-- delivery, which the foreign key check needs when a delivery is deleted (else a full scan).
+CREATE INDEX IF NOT EXISTS deliveries_finished ON deliveries (updated_at, message_id)
+    WHERE state IN ('delivered', 'bounced');
+CREATE INDEX IF NOT EXISTS attempts_delivery ON attempts (delivery_id);
+-- Per routing key, the delivered and bounced deliveries that retention deleted.
+CREATE TABLE IF NOT EXISTS purged (
+    routing_key TEXT PRIMARY KEY,
+    delivered INTEGER NOT NULL DEFAULT 0,
+    bounced INTEGER NOT NULL DEFAULT 0
+);
 """
 
 # Bytes of a message read to find its Subject and Message-ID when listing.
 HEAD_BYTES = 8192
+# Most finished deliveries a purge looks at (and so messages it deletes) in one transaction.
+PURGE_CHUNK = 1000
 
 
 @dataclass(frozen=True)
@@ -351,6 +368,37 @@ class Spool:
                 ],
             )
 
+    async def purge(self, finished_before: float, limit: int, *, chunk: int = PURGE_CHUNK) -> int:
+        """Delete up to ``limit`` finished messages (every recipient delivered or bounced, the last
+        outcome before ``finished_before``, epoch seconds) with their deliveries and attempts; how
+        many were deleted. A message with a queued, in-flight or deferred recipient stays.
+
+        Each chunk of at most ``chunk`` messages is one transaction and one job on the spool
+        thread, so other spool work runs between chunks. The deleted deliveries are added to the
+        ``purged`` totals in the same transaction: counts do not change."""
+        if limit <= 0 or chunk <= 0:
+            raise ValueError(f"limit {limit} and chunk {chunk} must be positive")
+        removed = 0
+        after: Cursor | None = (float("-inf"), "")
+        while after is not None and removed < limit:
+            n, after = await self._run(self._purge_chunk, finished_before, after, min(chunk, limit - removed))
+            removed += n
+        return removed
+
+    def _purge_chunk(self, finished_before: float, after: Cursor, n: int) -> tuple[int, Cursor | None]:
+        """Look at the next ``n`` finished deliveries after ``after`` and delete the messages that
+        are finished and old enough; (messages deleted, where to go on from or None at the end)."""
+        with self._db:
+            # The check and the deletes are one transaction, whoever else writes to the file.
+            self._db.execute("BEGIN IMMEDIATE")
+            rows = self._db.execute(_PURGEABLE, (finished_before, *after, n)).fetchall()
+            ids = [(m,) for m in dict.fromkeys(m for _, m, finished in rows if finished)]
+            self._db.executemany(_ADD_PURGED, ids)
+            self._db.executemany("DELETE FROM attempts WHERE message_id = ?", ids)
+            self._db.executemany("DELETE FROM deliveries WHERE message_id = ?", ids)
+            self._db.executemany("DELETE FROM messages WHERE id = ?", ids)
+        return len(ids), (rows[-1][0], rows[-1][1]) if len(rows) == n else None
+
     async def release(self, routing_key: str) -> None:
         """Put ``routing_key``'s in-flight deliveries back in the queue (after a stop or a crash)."""
         await self._run(self._tx, _RELEASE, [(time.time(), routing_key)])
@@ -441,7 +489,8 @@ class Spool:
 def _counts(rows: list[Any]) -> dict[str, Counts]:
     by_key: dict[str, dict[str, int]] = {}
     for key, state, n in rows:
-        by_key.setdefault(key, {})[state] = n
+        c = by_key.setdefault(key, {})
+        c[state] = c.get(state, 0) + n
     return {
         k: Counts(
             queued=c.get(State.QUEUED, 0),
@@ -531,8 +580,34 @@ _RELEASE = (
     "UPDATE deliveries SET state = 'queued', updated_at = ? WHERE routing_key = ? AND state = 'inflight'"
 )
 _RELEASE_ALL = "UPDATE deliveries SET state = 'queued', updated_at = ? WHERE state = 'inflight'"
-_COUNTS = "SELECT routing_key, state, COUNT(*) FROM deliveries GROUP BY routing_key, state"
-_COUNTS_OF_KEY = "SELECT routing_key, state, COUNT(*) FROM deliveries WHERE routing_key = ? GROUP BY state"
+# Counts per (routing key, state): the spool's deliveries plus those retention purged.
+_COUNTS = """
+SELECT routing_key, state, COUNT(*) FROM deliveries GROUP BY routing_key, state
+UNION ALL SELECT routing_key, 'delivered', delivered FROM purged
+UNION ALL SELECT routing_key, 'bounced', bounced FROM purged
+"""
+_COUNTS_OF_KEY = """
+SELECT routing_key, state, COUNT(*) FROM deliveries WHERE routing_key = ?1 GROUP BY state
+UNION ALL SELECT routing_key, 'delivered', delivered FROM purged WHERE routing_key = ?1
+UNION ALL SELECT routing_key, 'bounced', bounced FROM purged WHERE routing_key = ?1
+"""
+# Finished deliveries that finished before ?1, after the cursor (?2, ?3), in the order of the
+# deliveries_finished index; each with whether its whole message is finished before ?1.
+_PURGEABLE = """
+SELECT d.updated_at, d.message_id, NOT EXISTS (
+    SELECT 1 FROM deliveries o WHERE o.message_id = d.message_id
+    AND (o.state NOT IN ('delivered', 'bounced') OR o.updated_at >= ?1)
+) FROM deliveries d
+WHERE d.state IN ('delivered', 'bounced') AND d.updated_at < ?1 AND (d.updated_at, d.message_id) > (?2, ?3)
+ORDER BY d.updated_at, d.message_id LIMIT ?4
+"""
+_ADD_PURGED = """
+INSERT INTO purged (routing_key, delivered, bounced)
+SELECT routing_key, SUM(state = 'delivered'), SUM(state = 'bounced') FROM deliveries
+WHERE message_id = ? GROUP BY routing_key
+ON CONFLICT (routing_key) DO UPDATE SET delivered = delivered + excluded.delivered,
+    bounced = bounced + excluded.bounced
+"""
 _DELIVERIES = """
 SELECT recipient, state, attempts, next_attempt_at, reply_code, reply_text FROM deliveries
 WHERE message_id = ? ORDER BY id
