@@ -527,9 +527,11 @@ _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
 
 def split_reply(code: int | None, text: str | None) -> tuple[str, str | None]:
     """``(enhanced status code, rest of the text)`` of an SMTP reply, per RFC 3463: the code
-    leads the text and its class matches the reply's first digit. ``""`` when there is none."""
+    leads the text and its class matches the reply's first digit. ``""`` when there is none.
+    A failure with no reply at all (``code`` 0: connection lost, DNS) carries the node's own
+    enhanced code, e.g. "4.4.2 connection lost", which is kept the same way."""
     m = _ENHANCED.match(text or "")
-    if m is None or not code or str(code)[0] != m.group(1):
+    if m is None or (code and str(code)[0] != m.group(1)):
         return "", text
     return ".".join(m.groups()), (text or "")[m.end() :]
 

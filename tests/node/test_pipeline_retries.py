@@ -65,10 +65,10 @@ async def test_mail_to_a_flaky_server_all_arrives_once_with_every_attempt_record
             *deferred, last = history
             assert (last.result, last.reply_code) == (State.DELIVERED, 250)
             assert {a.result for a in deferred} <= {State.DEFERRED}
-            failures.update((a.reply_code, a.enhanced_code, (a.reply_text or "")[:16]) for a in deferred)
+            failures.update((a.reply_code, a.enhanced_code, (a.reply_text or "")[:10]) for a in deferred)
     # Both kinds of trouble happened, and each was recorded: the reply, or that there was none.
-    greylisted = (451, "4.3.0", "greylisted, try ")
-    hung_up = (0, "", "4.4.2 connection")  # no reply: the status stays in the text
+    greylisted = (451, "4.3.0", "greylisted")
+    hung_up = (0, "4.4.2", "connection")  # no reply: the node's own enhanced code
     assert failures[greylisted] > 0
     assert failures[hung_up] > 0
     assert set(failures) == {greylisted, hung_up}

@@ -80,7 +80,8 @@ async def test_every_attempt_is_kept_in_order(spool: Spool) -> None:
         (550, "4.1.1 wrong class", ("", "4.1.1 wrong class")),  # RFC 3463: the class must match
         (550, "no code here", ("", "no code here")),
         (550, "5.1.1x not a code", ("", "5.1.1x not a code")),
-        (0, "5.0.0 no reply at all", ("", "5.0.0 no reply at all")),
+        (0, "4.4.2 connection lost", ("4.4.2", "connection lost")),
+        (None, "5.1.10 null MX", ("5.1.10", "null MX")),
         (None, None, ("", None)),
     ],
 )
