@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import email.utils
 import random
 import time
 from email.parser import BytesParser
@@ -302,3 +303,29 @@ def test_fast_render_matches_the_email_package_on_random_mail():
     rng = random.Random(5322)
     for _ in range(150):
         assert_equivalent(_random_email(rng))
+
+
+@pytest.mark.parametrize(
+    "mailbox",
+    [
+        "a@example.com",
+        "first.last+tag@sub.example.co.uk",
+        "o'brien@example.ie",
+        "a..b@example.com",
+        ".a@example.com",
+        "a.@example.com",
+        "a@-example.com",
+        "a@example..com",
+        "a@@example.com",
+        "Ann <ann@example.com>",
+        '"A, B" <ab@example.com>',
+        "ann@example.com (Ann)",
+        "a@exa mple.org",
+        "a@example.com\n",
+    ],
+)
+def test_the_plain_address_shortcut_agrees_with_parseaddr(mailbox: str) -> None:
+    slow_written = mailbox[mailbox.find("<") + 1 : mailbox.rfind(">")] if "<" in mailbox else mailbox
+    _, parsed = email.utils.parseaddr(mailbox)
+    slow = "" if "\r" in mailbox or "\n" in mailbox or parsed != slow_written.strip() else parsed
+    assert mail.addr_spec(mailbox) == slow
