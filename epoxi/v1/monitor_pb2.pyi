@@ -9,6 +9,7 @@ from epoxi.v1 import pipeline_pb2 as _pipeline_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -19,6 +20,35 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _PipelineMoveState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PipelineMoveStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PipelineMoveState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PIPELINE_MOVE_STATE_UNSPECIFIED: _PipelineMoveState.ValueType  # 0
+    PIPELINE_MOVE_STATE_PLANNED: _PipelineMoveState.ValueType  # 1
+    """Dry run: not attempted."""
+    PIPELINE_MOVE_STATE_MOVED: _PipelineMoveState.ValueType  # 2
+    """Started on to_node, then stopped on from_node."""
+    PIPELINE_MOVE_STATE_START_FAILED: _PipelineMoveState.ValueType  # 3
+    """Start on to_node failed; nothing changed."""
+    PIPELINE_MOVE_STATE_STOP_FAILED: _PipelineMoveState.ValueType  # 4
+    """Started on to_node, but stopping on from_node failed: it now runs on both."""
+
+class PipelineMoveState(_PipelineMoveState, metaclass=_PipelineMoveStateEnumTypeWrapper): ...
+
+PIPELINE_MOVE_STATE_UNSPECIFIED: PipelineMoveState.ValueType  # 0
+PIPELINE_MOVE_STATE_PLANNED: PipelineMoveState.ValueType  # 1
+"""Dry run: not attempted."""
+PIPELINE_MOVE_STATE_MOVED: PipelineMoveState.ValueType  # 2
+"""Started on to_node, then stopped on from_node."""
+PIPELINE_MOVE_STATE_START_FAILED: PipelineMoveState.ValueType  # 3
+"""Start on to_node failed; nothing changed."""
+PIPELINE_MOVE_STATE_STOP_FAILED: PipelineMoveState.ValueType  # 4
+"""Started on to_node, but stopping on from_node failed: it now runs on both."""
+Global___PipelineMoveState: _TypeAlias = PipelineMoveState  # noqa: Y015
 
 @_typing.final
 class FindAllPipelinesRequest(_message.Message):
@@ -482,3 +512,288 @@ class HealthCheckRoutingKeyResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HealthCheckRoutingKeyResponse: _TypeAlias = HealthCheckRoutingKeyResponse  # noqa: Y015
+
+@_typing.final
+class StartPipelineOptimalRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOMAIN_FIELD_NUMBER: _builtins.int
+    SOURCE_IP_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    POLICY_NAME_FIELD_NUMBER: _builtins.int
+    domain: _builtins.str
+    source_ip: _builtins.str
+    policy_name: _builtins.str
+    @_builtins.property
+    def policy(self) -> _pipeline_pb2.PipelinePolicy:
+        """Passed to NodeService.StartPipeline as is; see StartPipelineRequest."""
+
+    def __init__(
+        self,
+        *,
+        domain: _builtins.str = ...,
+        source_ip: _builtins.str = ...,
+        policy: _pipeline_pb2.PipelinePolicy | None = ...,
+        policy_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "policy", b"policy", "policy_name", b"policy_name", "source_ip", b"source_ip"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartPipelineOptimalRequest: _TypeAlias = StartPipelineOptimalRequest  # noqa: Y015
+
+@_typing.final
+class StartPipelineOptimalResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PIPELINE_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    STARTED_FIELD_NUMBER: _builtins.int
+    started: _builtins.bool
+    """False when the pipeline was already running on node."""
+    @_builtins.property
+    def pipeline(self) -> _pipeline_pb2.PipelineInfo: ...
+    @_builtins.property
+    def node(self) -> _node_pb2.NodeInfo:
+        """The node chosen, as the registry showed it when choosing."""
+
+    def __init__(
+        self,
+        *,
+        pipeline: _pipeline_pb2.PipelineInfo | None = ...,
+        node: _node_pb2.NodeInfo | None = ...,
+        started: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node", "pipeline", b"pipeline"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node", "pipeline", b"pipeline", "started", b"started"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartPipelineOptimalResponse: _TypeAlias = StartPipelineOptimalResponse  # noqa: Y015
+
+@_typing.final
+class StopPipelineByRoutingKeyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUTING_KEY_FIELD_NUMBER: _builtins.int
+    routing_key: _builtins.str
+    def __init__(
+        self,
+        *,
+        routing_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["routing_key", b"routing_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StopPipelineByRoutingKeyRequest: _TypeAlias = StopPipelineByRoutingKeyRequest  # noqa: Y015
+
+@_typing.final
+class StopPipelineByRoutingKeyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STOPPED_COUNT_FIELD_NUMBER: _builtins.int
+    OUTCOMES_FIELD_NUMBER: _builtins.int
+    stopped_count: _builtins.int
+    """Nodes on which the pipeline stopped."""
+    @_builtins.property
+    def outcomes(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeStopOutcome]:
+        """One per node the registry showed running the pipeline, sorted by node."""
+
+    def __init__(
+        self,
+        *,
+        stopped_count: _builtins.int = ...,
+        outcomes: _abc.Iterable[Global___NodeStopOutcome] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["outcomes", b"outcomes", "stopped_count", b"stopped_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StopPipelineByRoutingKeyResponse: _TypeAlias = StopPipelineByRoutingKeyResponse  # noqa: Y015
+
+@_typing.final
+class NodeStopOutcome(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    STOPPED_FIELD_NUMBER: _builtins.int
+    PIPELINE_FIELD_NUMBER: _builtins.int
+    ERROR_CODE_FIELD_NUMBER: _builtins.int
+    ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    address: _builtins.str
+    stopped: _builtins.bool
+    error_code: _builtins.str
+    """gRPC status code name (e.g. "UNAVAILABLE") and message of the node's error, when not stopped."""
+    error_message: _builtins.str
+    @_builtins.property
+    def pipeline(self) -> _pipeline_pb2.PipelineInfo:
+        """The stopped pipeline, when stopped."""
+
+    def __init__(
+        self,
+        *,
+        node: _builtins.str = ...,
+        address: _builtins.str = ...,
+        stopped: _builtins.bool = ...,
+        pipeline: _pipeline_pb2.PipelineInfo | None = ...,
+        error_code: _builtins.str = ...,
+        error_message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["pipeline", b"pipeline"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "error_code", b"error_code", "error_message", b"error_message", "node", b"node", "pipeline", b"pipeline", "stopped", b"stopped"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeStopOutcome: _TypeAlias = NodeStopOutcome  # noqa: Y015
+
+@_typing.final
+class RebalanceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    dry_run: _builtins.bool
+    """Plan the moves without making them."""
+    def __init__(
+        self,
+        *,
+        dry_run: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RebalanceRequest: _TypeAlias = RebalanceRequest  # noqa: Y015
+
+@_typing.final
+class RebalanceResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class PlannedPipelinesPerNodeEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    MOVES_FIELD_NUMBER: _builtins.int
+    SKIPPED_FIELD_NUMBER: _builtins.int
+    PLANNED_PIPELINES_PER_NODE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def moves(self) -> _containers.RepeatedCompositeFieldContainer[Global___PipelineMove]:
+        """In the order planned (and made)."""
+
+    @_builtins.property
+    def skipped(self) -> _containers.RepeatedCompositeFieldContainer[Global___SkippedPipeline]:
+        """Pipelines that would have moved but still have unfinished mail."""
+
+    @_builtins.property
+    def planned_pipelines_per_node(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Node ID to its pipeline count after the planned moves."""
+
+    def __init__(
+        self,
+        *,
+        moves: _abc.Iterable[Global___PipelineMove] | None = ...,
+        skipped: _abc.Iterable[Global___SkippedPipeline] | None = ...,
+        planned_pipelines_per_node: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["moves", b"moves", "planned_pipelines_per_node", b"planned_pipelines_per_node", "skipped", b"skipped"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RebalanceResponse: _TypeAlias = RebalanceResponse  # noqa: Y015
+
+@_typing.final
+class PipelineMove(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUTING_KEY_FIELD_NUMBER: _builtins.int
+    FROM_NODE_FIELD_NUMBER: _builtins.int
+    TO_NODE_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    PIPELINE_FIELD_NUMBER: _builtins.int
+    ERROR_CODE_FIELD_NUMBER: _builtins.int
+    ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
+    routing_key: _builtins.str
+    from_node: _builtins.str
+    to_node: _builtins.str
+    state: Global___PipelineMoveState.ValueType
+    error_code: _builtins.str
+    """gRPC status code name and message of the failed call."""
+    error_message: _builtins.str
+    @_builtins.property
+    def pipeline(self) -> _pipeline_pb2.PipelineInfo:
+        """The pipeline on to_node once started; the source pipeline otherwise."""
+
+    def __init__(
+        self,
+        *,
+        routing_key: _builtins.str = ...,
+        from_node: _builtins.str = ...,
+        to_node: _builtins.str = ...,
+        state: Global___PipelineMoveState.ValueType = ...,
+        pipeline: _pipeline_pb2.PipelineInfo | None = ...,
+        error_code: _builtins.str = ...,
+        error_message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["pipeline", b"pipeline"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_code", b"error_code", "error_message", b"error_message", "from_node", b"from_node", "pipeline", b"pipeline", "routing_key", b"routing_key", "state", b"state", "to_node", b"to_node"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PipelineMove: _TypeAlias = PipelineMove  # noqa: Y015
+
+@_typing.final
+class SkippedPipeline(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PIPELINE_FIELD_NUMBER: _builtins.int
+    TO_NODE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    to_node: _builtins.str
+    reason: _builtins.str
+    @_builtins.property
+    def pipeline(self) -> _pipeline_pb2.PipelineInfo: ...
+    def __init__(
+        self,
+        *,
+        pipeline: _pipeline_pb2.PipelineInfo | None = ...,
+        to_node: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["pipeline", b"pipeline"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pipeline", b"pipeline", "reason", b"reason", "to_node", b"to_node"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SkippedPipeline: _TypeAlias = SkippedPipeline  # noqa: Y015

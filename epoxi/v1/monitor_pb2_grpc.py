@@ -70,6 +70,21 @@ class MonitorServiceStub:
                 request_serializer=epoxi_dot_v1_dot_monitor__pb2.HealthCheckRoutingKeyRequest.SerializeToString,
                 response_deserializer=epoxi_dot_v1_dot_monitor__pb2.HealthCheckRoutingKeyResponse.FromString,
                 _registered_method=True)
+        self.StartPipelineOptimal = channel.unary_unary(
+                '/epoxi.v1.MonitorService/StartPipelineOptimal',
+                request_serializer=epoxi_dot_v1_dot_monitor__pb2.StartPipelineOptimalRequest.SerializeToString,
+                response_deserializer=epoxi_dot_v1_dot_monitor__pb2.StartPipelineOptimalResponse.FromString,
+                _registered_method=True)
+        self.StopPipelineByRoutingKey = channel.unary_unary(
+                '/epoxi.v1.MonitorService/StopPipelineByRoutingKey',
+                request_serializer=epoxi_dot_v1_dot_monitor__pb2.StopPipelineByRoutingKeyRequest.SerializeToString,
+                response_deserializer=epoxi_dot_v1_dot_monitor__pb2.StopPipelineByRoutingKeyResponse.FromString,
+                _registered_method=True)
+        self.Rebalance = channel.unary_unary(
+                '/epoxi.v1.MonitorService/Rebalance',
+                request_serializer=epoxi_dot_v1_dot_monitor__pb2.RebalanceRequest.SerializeToString,
+                response_deserializer=epoxi_dot_v1_dot_monitor__pb2.RebalanceResponse.FromString,
+                _registered_method=True)
 
 
 class MonitorServiceServicer:
@@ -118,6 +133,29 @@ class MonitorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartPipelineOptimal(self, request, context):
+        """Starts the pipeline on the best passing node owning source_ip (fewest pipelines, then least
+        mail), or returns the one that node already runs. Node errors come back with their code.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StopPipelineByRoutingKey(self, request, context):
+        """Stops the routing key's pipeline on every node the registry shows running it, concurrently.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rebalance(self, request, context):
+        """Moves idle pipelines (no unfinished mail) from the most- to the least-loaded passing owner
+        of their source IP while the two differ by more than one pipeline.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MonitorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -155,6 +193,21 @@ def add_MonitorServiceServicer_to_server(servicer, server):
                     servicer.HealthCheckRoutingKey,
                     request_deserializer=epoxi_dot_v1_dot_monitor__pb2.HealthCheckRoutingKeyRequest.FromString,
                     response_serializer=epoxi_dot_v1_dot_monitor__pb2.HealthCheckRoutingKeyResponse.SerializeToString,
+            ),
+            'StartPipelineOptimal': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartPipelineOptimal,
+                    request_deserializer=epoxi_dot_v1_dot_monitor__pb2.StartPipelineOptimalRequest.FromString,
+                    response_serializer=epoxi_dot_v1_dot_monitor__pb2.StartPipelineOptimalResponse.SerializeToString,
+            ),
+            'StopPipelineByRoutingKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopPipelineByRoutingKey,
+                    request_deserializer=epoxi_dot_v1_dot_monitor__pb2.StopPipelineByRoutingKeyRequest.FromString,
+                    response_serializer=epoxi_dot_v1_dot_monitor__pb2.StopPipelineByRoutingKeyResponse.SerializeToString,
+            ),
+            'Rebalance': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rebalance,
+                    request_deserializer=epoxi_dot_v1_dot_monitor__pb2.RebalanceRequest.FromString,
+                    response_serializer=epoxi_dot_v1_dot_monitor__pb2.RebalanceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -347,6 +400,87 @@ class MonitorService:
             '/epoxi.v1.MonitorService/HealthCheckRoutingKey',
             epoxi_dot_v1_dot_monitor__pb2.HealthCheckRoutingKeyRequest.SerializeToString,
             epoxi_dot_v1_dot_monitor__pb2.HealthCheckRoutingKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartPipelineOptimal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epoxi.v1.MonitorService/StartPipelineOptimal',
+            epoxi_dot_v1_dot_monitor__pb2.StartPipelineOptimalRequest.SerializeToString,
+            epoxi_dot_v1_dot_monitor__pb2.StartPipelineOptimalResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopPipelineByRoutingKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epoxi.v1.MonitorService/StopPipelineByRoutingKey',
+            epoxi_dot_v1_dot_monitor__pb2.StopPipelineByRoutingKeyRequest.SerializeToString,
+            epoxi_dot_v1_dot_monitor__pb2.StopPipelineByRoutingKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rebalance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epoxi.v1.MonitorService/Rebalance',
+            epoxi_dot_v1_dot_monitor__pb2.RebalanceRequest.SerializeToString,
+            epoxi_dot_v1_dot_monitor__pb2.RebalanceResponse.FromString,
             options,
             channel_credentials,
             insecure,

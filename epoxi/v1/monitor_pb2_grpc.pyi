@@ -40,6 +40,16 @@ class MonitorServiceStub:
     GetClusterStats: _grpc.UnaryUnaryMultiCallable[_monitor_pb2.GetClusterStatsRequest, _monitor_pb2.GetClusterStatsResponse]
     HealthCheckAll: _grpc.UnaryUnaryMultiCallable[_monitor_pb2.HealthCheckAllRequest, _monitor_pb2.HealthCheckAllResponse]
     HealthCheckRoutingKey: _grpc.UnaryUnaryMultiCallable[_monitor_pb2.HealthCheckRoutingKeyRequest, _monitor_pb2.HealthCheckRoutingKeyResponse]
+    StartPipelineOptimal: _grpc.UnaryUnaryMultiCallable[_monitor_pb2.StartPipelineOptimalRequest, _monitor_pb2.StartPipelineOptimalResponse]
+    """Starts the pipeline on the best passing node owning source_ip (fewest pipelines, then least
+    mail), or returns the one that node already runs. Node errors come back with their code.
+    """
+    StopPipelineByRoutingKey: _grpc.UnaryUnaryMultiCallable[_monitor_pb2.StopPipelineByRoutingKeyRequest, _monitor_pb2.StopPipelineByRoutingKeyResponse]
+    """Stops the routing key's pipeline on every node the registry shows running it, concurrently."""
+    Rebalance: _grpc.UnaryUnaryMultiCallable[_monitor_pb2.RebalanceRequest, _monitor_pb2.RebalanceResponse]
+    """Moves idle pipelines (no unfinished mail) from the most- to the least-loaded passing owner
+    of their source IP while the two differ by more than one pipeline.
+    """
 
 @_typing.type_check_only
 class MonitorServiceAsyncStub(MonitorServiceStub):
@@ -53,6 +63,16 @@ class MonitorServiceAsyncStub(MonitorServiceStub):
     GetClusterStats: _aio.UnaryUnaryMultiCallable[_monitor_pb2.GetClusterStatsRequest, _monitor_pb2.GetClusterStatsResponse]  # type: ignore[assignment]
     HealthCheckAll: _aio.UnaryUnaryMultiCallable[_monitor_pb2.HealthCheckAllRequest, _monitor_pb2.HealthCheckAllResponse]  # type: ignore[assignment]
     HealthCheckRoutingKey: _aio.UnaryUnaryMultiCallable[_monitor_pb2.HealthCheckRoutingKeyRequest, _monitor_pb2.HealthCheckRoutingKeyResponse]  # type: ignore[assignment]
+    StartPipelineOptimal: _aio.UnaryUnaryMultiCallable[_monitor_pb2.StartPipelineOptimalRequest, _monitor_pb2.StartPipelineOptimalResponse]  # type: ignore[assignment]
+    """Starts the pipeline on the best passing node owning source_ip (fewest pipelines, then least
+    mail), or returns the one that node already runs. Node errors come back with their code.
+    """
+    StopPipelineByRoutingKey: _aio.UnaryUnaryMultiCallable[_monitor_pb2.StopPipelineByRoutingKeyRequest, _monitor_pb2.StopPipelineByRoutingKeyResponse]  # type: ignore[assignment]
+    """Stops the routing key's pipeline on every node the registry shows running it, concurrently."""
+    Rebalance: _aio.UnaryUnaryMultiCallable[_monitor_pb2.RebalanceRequest, _monitor_pb2.RebalanceResponse]  # type: ignore[assignment]
+    """Moves idle pipelines (no unfinished mail) from the most- to the least-loaded passing owner
+    of their source IP while the two differ by more than one pipeline.
+    """
 
 class MonitorServiceServicer(metaclass=_abc_1.ABCMeta):
     """Cluster-wide pipeline discovery, health and administration, answered from the registry."""
@@ -105,5 +125,33 @@ class MonitorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _monitor_pb2.HealthCheckRoutingKeyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_monitor_pb2.HealthCheckRoutingKeyResponse, _abc.Awaitable[_monitor_pb2.HealthCheckRoutingKeyResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def StartPipelineOptimal(
+        self,
+        request: _monitor_pb2.StartPipelineOptimalRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_monitor_pb2.StartPipelineOptimalResponse, _abc.Awaitable[_monitor_pb2.StartPipelineOptimalResponse]]:
+        """Starts the pipeline on the best passing node owning source_ip (fewest pipelines, then least
+        mail), or returns the one that node already runs. Node errors come back with their code.
+        """
+
+    @_abc_1.abstractmethod
+    def StopPipelineByRoutingKey(
+        self,
+        request: _monitor_pb2.StopPipelineByRoutingKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_monitor_pb2.StopPipelineByRoutingKeyResponse, _abc.Awaitable[_monitor_pb2.StopPipelineByRoutingKeyResponse]]:
+        """Stops the routing key's pipeline on every node the registry shows running it, concurrently."""
+
+    @_abc_1.abstractmethod
+    def Rebalance(
+        self,
+        request: _monitor_pb2.RebalanceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_monitor_pb2.RebalanceResponse, _abc.Awaitable[_monitor_pb2.RebalanceResponse]]:
+        """Moves idle pipelines (no unfinished mail) from the most- to the least-loaded passing owner
+        of their source IP while the two differ by more than one pipeline.
+        """
 
 def add_MonitorServiceServicer_to_server(servicer: MonitorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -97,3 +97,81 @@ def node_for_key(
         return min(running, key=lambda n: (n.load, n.pipeline_count, n.id)), True
     owner = best_node(by_id.values(), source_ip)
     return (owner, False) if owner is not None else None
+
+
+def unfinished(p: pipeline_pb2.PipelineInfo) -> int:
+    """Messages the pipeline still has to finish: queued, in flight or deferred."""
+    return p.counters.queued + p.counters.in_flight + p.counters.deferred
+
+
+def plan_rebalance(
+    states: Iterable[node_pb2.GetNodeStateResponse],
+) -> tuple[list[monitor_pb2.PipelineMove], list[monitor_pb2.SkippedPipeline], dict[str, int]]:
+    """Moves that even out pipeline counts, from the passing nodes' live states.
+
+    Repeatedly takes the most-loaded node (most pipelines, then ID) that has a pipeline whose
+    least-loaded other owner of its source IP (fewest pipelines, then least mail, then ID; not
+    already running the key) has at least two pipelines fewer, and moves that pipeline there.
+    A pipeline with unfinished mail is skipped once (its mail would wait in the source's spool
+    until new mail arrived) and never reconsidered. Each move lowers the sum of squared counts,
+    so the loop ends. Returns (moves in order, skipped, node ID → pipeline count after the moves).
+    """
+    states = sorted(states, key=lambda s: s.node.id)
+    nodes = {s.node.id: s.node for s in states}
+    running: dict[str, dict[str, pipeline_pb2.PipelineInfo]] = {
+        s.node.id: {p.routing_key: p for p in s.pipelines} for s in states
+    }
+    counts = {n: len(keys) for n, keys in running.items()}
+    moves: list[monitor_pb2.PipelineMove] = []
+    skipped: list[monitor_pb2.SkippedPipeline] = []
+    settled: set[tuple[str, str]] = set()  # (node, routing key) skipped: not looked at again
+
+    def target_for(source: str, p: pipeline_pb2.PipelineInfo) -> str | None:
+        owners = [
+            n
+            for n in nodes
+            if n != source and p.source_ip in nodes[n].egress_ips and p.routing_key not in running[n]
+        ]
+        if not owners:
+            return None
+        best = min(owners, key=lambda n: (counts[n], nodes[n].load, n))
+        return best if counts[best] + 1 < counts[source] else None
+
+    def next_move() -> tuple[str, str, pipeline_pb2.PipelineInfo] | None:
+        for source in sorted(counts, key=lambda n: (-counts[n], n)):
+            for key in sorted(running[source]):
+                if (source, key) in settled:
+                    continue
+                p = running[source][key]
+                target = target_for(source, p)
+                if target is None:
+                    continue
+                if unfinished(p):
+                    settled.add((source, key))
+                    skipped.append(
+                        monitor_pb2.SkippedPipeline(
+                            pipeline=p,
+                            to_node=target,
+                            reason=f"{unfinished(p)} unfinished messages (queued, in flight or deferred)",
+                        )
+                    )
+                    continue
+                return source, target, p
+        return None
+
+    while (move := next_move()) is not None:
+        source, target, p = move
+        del running[source][p.routing_key]
+        running[target][p.routing_key] = p
+        counts[source] -= 1
+        counts[target] += 1
+        moves.append(
+            monitor_pb2.PipelineMove(
+                routing_key=p.routing_key,
+                from_node=source,
+                to_node=target,
+                state=monitor_pb2.PIPELINE_MOVE_STATE_PLANNED,
+                pipeline=p,
+            )
+        )
+    return moves, skipped, counts

@@ -39,6 +39,8 @@ class MonitorConfig:
     check_interval: str = "5s"
     # Seconds to wait for each node's GetNodeState.
     node_timeout: float = 2.0
+    # Seconds to wait for each node's StartPipeline or StopPipeline.
+    admin_timeout: float = 15.0
     stop_grace: float = 5.0
 
 
@@ -92,7 +94,7 @@ async def start_monitor(config: MonitorConfig) -> RunningMonitor:
     """Serve MonitorService (with health and reflection) and register it with a GRPC check."""
     consul = client.connect(config.consul)
     channels = runtime.Channels()
-    servicer = MonitorService(consul, channels, config.node_timeout)
+    servicer = MonitorService(consul, channels, config.node_timeout, config.admin_timeout)
     try:
         server = await runtime.start_server(
             config.listen,

@@ -2,11 +2,14 @@
 
 Pipeline counts and health come from ``/v1/health/service/<name>``; message counters come from
 each passing node's live ``NodeService.GetNodeState``, asked concurrently with a timeout.
+The admin actions (start, stop, rebalance) call the nodes' ``NodeService`` and pass a node's
+error on with its code; the planning they need is pure, in ``services.monitor.cluster``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from typing import Any, NoReturn
 
@@ -14,10 +17,10 @@ import aiohttp
 import grpc
 from consul import ConsulException
 
-from epoxi import runtime
+from epoxi import mail, runtime
 from epoxi.registry import services
-from epoxi.routing import routing_key, split_routing_key
-from epoxi.v1 import monitor_pb2, monitor_pb2_grpc, node_pb2, node_pb2_grpc
+from epoxi.routing import is_ip, routing_key, split_routing_key
+from epoxi.v1 import monitor_pb2, monitor_pb2_grpc, node_pb2, node_pb2_grpc, pipeline_pb2
 from services.monitor import cluster
 
 log = logging.getLogger(__name__)
@@ -26,10 +29,18 @@ RegistryError = (ConsulException, aiohttp.ClientError, OSError, TimeoutError)
 
 
 class MonitorService(monitor_pb2_grpc.MonitorServiceServicer):
-    def __init__(self, consul: Any, channels: runtime.Channels, node_timeout: float = 2.0) -> None:
+    def __init__(
+        self,
+        consul: Any,
+        channels: runtime.Channels,
+        node_timeout: float = 2.0,
+        admin_timeout: float = 15.0,
+    ) -> None:
         self.consul = consul
         self.channels = channels
         self.node_timeout = node_timeout
+        # Seconds for a node's StartPipeline or StopPipeline (a stop drains the pipeline first).
+        self.admin_timeout = admin_timeout
 
     async def FindAllPipelines(
         self, request: monitor_pb2.FindAllPipelinesRequest, context: grpc.aio.ServicerContext
@@ -96,6 +107,140 @@ class MonitorService(monitor_pb2_grpc.MonitorServiceServicer):
             await _abort(context, grpc.StatusCode.NOT_FOUND, f"no pipeline has routing key {key}")
         results, summary = cluster.health_results(entries)
         return monitor_pb2.HealthCheckRoutingKeyResponse(results=results, summary=summary)
+
+    async def StartPipelineOptimal(
+        self, request: monitor_pb2.StartPipelineOptimalRequest, context: grpc.aio.ServicerContext
+    ) -> monitor_pb2.StartPipelineOptimalResponse:
+        problems = []
+        if not request.domain or mail.address_problem(f"postmaster@{request.domain}") is not None:
+            problems.append(f"domain {request.domain!r} is not a valid domain name")
+        if not is_ip(request.source_ip):
+            problems.append(f"source_ip {request.source_ip!r} is not an IP address")
+        if problems:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "; ".join(problems))
+        source_ip = str(ipaddress.ip_address(request.source_ip))
+        key = routing_key(request.domain, source_ip)
+        node_entries, pipeline_entries = await asyncio.gather(
+            self._health(context, services.NODE_SERVICE, passing=True),
+            self._pipelines_for(context, key, passing=True),
+        )
+        # A node already running the key answers it (no second copy); else placement.best_node.
+        found = cluster.node_for_key(
+            map(services.node_from_entry, node_entries),
+            map(services.pipeline_from_entry, pipeline_entries),
+            source_ip,
+        )
+        if found is None:
+            await _abort(context, grpc.StatusCode.NOT_FOUND, f"no passing node owns source IP {source_ip}")
+        node, _ = found
+        forward = node_pb2.StartPipelineRequest(
+            domain=request.domain, source_ip=source_ip, policy_name=request.policy_name
+        )
+        if request.HasField("policy"):
+            forward.policy.CopyFrom(request.policy)
+        try:
+            started = await self._start(node, forward)
+        except grpc.aio.AioRpcError as e:
+            await _abort(context, e.code(), f"node {node.id} at {node.address}: {e.details()}")
+        return monitor_pb2.StartPipelineOptimalResponse(
+            pipeline=started.pipeline, node=node, started=started.started
+        )
+
+    async def StopPipelineByRoutingKey(
+        self, request: monitor_pb2.StopPipelineByRoutingKeyRequest, context: grpc.aio.ServicerContext
+    ) -> monitor_pb2.StopPipelineByRoutingKeyResponse:
+        key, _ = await self._key(context, request.routing_key)
+        found = {
+            p.node: p for p in map(services.pipeline_from_entry, await self._pipelines_for(context, key))
+        }
+        if not found:
+            await _abort(context, grpc.StatusCode.NOT_FOUND, f"no pipeline has routing key {key}")
+        outcomes = await asyncio.gather(*(self._stop_on(found[n]) for n in sorted(found)))
+        stopped = sum(o.stopped for o in outcomes)
+        if not stopped and all(o.error_code == grpc.StatusCode.NOT_FOUND.name for o in outcomes):
+            await _abort(context, grpc.StatusCode.NOT_FOUND, f"no node runs a pipeline for routing key {key}")
+        return monitor_pb2.StopPipelineByRoutingKeyResponse(stopped_count=stopped, outcomes=outcomes)
+
+    async def Rebalance(
+        self, request: monitor_pb2.RebalanceRequest, context: grpc.aio.ServicerContext
+    ) -> monitor_pb2.RebalanceResponse:
+        nodes = [
+            services.node_from_entry(e)
+            for e in await self._health(context, services.NODE_SERVICE, passing=True)
+        ]
+        answers = await asyncio.gather(*(self._node_state(n) for n in nodes))
+        states = [s for n, s in zip(nodes, answers, strict=True) if s is not None and s.node.id == n.id]
+        addresses = {n.id: n.address for n in nodes}
+        moves, skipped, counts = cluster.plan_rebalance(states)
+        if not request.dry_run:
+            for move in moves:
+                await self._move(move, addresses)
+                if move.state != monitor_pb2.PIPELINE_MOVE_STATE_MOVED:
+                    break  # later moves assumed this one; leave them planned
+        return monitor_pb2.RebalanceResponse(moves=moves, skipped=skipped, planned_pipelines_per_node=counts)
+
+    async def _move(self, move: monitor_pb2.PipelineMove, addresses: dict[str, str]) -> None:
+        """Start ``move``'s pipeline on its target with the same policy, then stop it on its source."""
+        p = move.pipeline
+        target = node_pb2.NodeInfo(id=move.to_node, address=addresses[move.to_node])
+        try:
+            started = await self._start(
+                target, node_pb2.StartPipelineRequest(domain=p.domain, source_ip=p.source_ip, policy=p.policy)
+            )
+        except grpc.aio.AioRpcError as e:
+            move.state = monitor_pb2.PIPELINE_MOVE_STATE_START_FAILED
+            move.error_code, move.error_message = e.code().name, str(e.details())
+            return
+        move.pipeline.CopyFrom(started.pipeline)
+        outcome = await self._stop_on(
+            pipeline_pb2.PipelineInfo(
+                routing_key=p.routing_key, node=move.from_node, address=addresses[move.from_node]
+            )
+        )
+        if outcome.stopped:
+            move.state = monitor_pb2.PIPELINE_MOVE_STATE_MOVED
+        else:
+            move.state = monitor_pb2.PIPELINE_MOVE_STATE_STOP_FAILED
+            move.error_code, move.error_message = outcome.error_code, outcome.error_message
+
+    async def _start(
+        self, node: node_pb2.NodeInfo, request: node_pb2.StartPipelineRequest
+    ) -> node_pb2.StartPipelineResponse:
+        stub = node_pb2_grpc.NodeServiceStub(self.channels.get(node.address))
+        response: node_pb2.StartPipelineResponse = await stub.StartPipeline(
+            request, timeout=self.admin_timeout
+        )
+        log.info(
+            "pipeline %s started on node %s (new: %s)",
+            response.pipeline.routing_key,
+            node.id,
+            response.started,
+        )
+        return response
+
+    async def _stop_on(self, p: pipeline_pb2.PipelineInfo) -> monitor_pb2.NodeStopOutcome:
+        """Stop ``p`` on its node; the outcome carries the node's error instead of raising it."""
+        outcome = monitor_pb2.NodeStopOutcome(node=p.node, address=p.address)
+        stub = node_pb2_grpc.NodeServiceStub(self.channels.get(p.address))
+        try:
+            response: node_pb2.StopPipelineResponse = await stub.StopPipeline(
+                node_pb2.StopPipelineRequest(routing_key=p.routing_key), timeout=self.admin_timeout
+            )
+        except grpc.aio.AioRpcError as e:
+            log.warning(
+                "node %s at %s: StopPipeline %s failed: %s %s",
+                p.node,
+                p.address,
+                p.routing_key,
+                e.code().name,
+                e.details(),
+            )
+            outcome.error_code, outcome.error_message = e.code().name, str(e.details())
+            return outcome
+        log.info("pipeline %s stopped on node %s", p.routing_key, p.node)
+        outcome.stopped = True
+        outcome.pipeline.CopyFrom(response.pipeline)
+        return outcome
 
     async def _cluster(
         self, context: grpc.aio.ServicerContext

@@ -48,9 +48,12 @@ def test_malformed_templates_are_refused(template: str) -> None:
 def test_monitor_routes_come_from_its_annotations() -> None:
     table = RouteTable.from_services([MONITOR])
     assert sorted((r.http_method, r.template.source, r.method.name) for r in table.routes) == [
+        ("DELETE", "/admin/pipelines/{routing_key}", "StopPipelineByRoutingKey"),
         ("GET", "/admin/pipelines", "GetClusterStats"),
         ("GET", "/admin/pipelines/health", "HealthCheckAll"),
         ("GET", "/admin/pipelines/{routing_key}", "HealthCheckRoutingKey"),
+        ("POST", "/admin/pipelines", "StartPipelineOptimal"),
+        ("POST", "/admin/pipelines:rebalance", "Rebalance"),
     ]
 
 
@@ -76,8 +79,8 @@ def test_unknown_path_and_wrong_method() -> None:
     with pytest.raises(NoRoute):
         table.match("GET", "/admin/pipelines/a/b")
     with pytest.raises(MethodNotAllowed) as e:
-        table.match("DELETE", "/admin/pipelines/health")
-    assert e.value.allowed == ["GET"]
+        table.match("PUT", "/admin/pipelines/health")
+    assert e.value.allowed == ["DELETE", "GET"]
 
 
 def _match(method: str, path: str) -> tuple[str, dict[str, str]]:

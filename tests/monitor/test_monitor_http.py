@@ -87,7 +87,7 @@ async def test_admin_errors_are_status_json(monitor: RunningMonitor, http: aioht
         "routing key 'not-a-key' is not <domain>_<source ip>, e.g. gmail.com_192_168_1_1",
     )
     assert (await get(http, "/admin/nothing", 404))["code"] == 5
-    async with http.post("/admin/pipelines") as resp:
+    async with http.put("/admin/pipelines") as resp:
         assert resp.status == 405
         assert (await resp.json())["code"] == 12
 
