@@ -140,10 +140,6 @@ class PostfixRelay:
             raise RuntimeError(f"{e}\n{detail}") from None
         return self
 
-    async def queue_empty(self) -> bool:
-        out = await _run("postqueue", "-c", str(self.conf), "-p")
-        return "queue is empty" in out
-
     def master_pid(self) -> int | None:
         try:
             return int((self.dir / "queue" / "pid" / "master.pid").read_text().strip())

@@ -58,10 +58,6 @@ def meta_headers(index: int) -> dict[str, str]:
     }
 
 
-def has_param(request: web.Request, name: str) -> bool:
-    return name in request.query
-
-
 def param(request: web.Request, name: str) -> str:
     """Go's ``url.Values.Get``: the first value, or ``""``."""
     return request.query.get(name, "")
