@@ -9,15 +9,10 @@ committed yet).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import os
-import re
 import signal
 import sqlite3
-import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +21,14 @@ from google.protobuf import duration_pb2
 
 from epoxi import runtime
 from epoxi.devregistry.app import RunningRegistry
-from epoxi.registry.client import Consul, connect
+from epoxi.mesh import Process, spawn
+from epoxi.registry.client import Consul
 from epoxi.registry.services import passing
 from epoxi.sink import Sink
 from epoxi.v1 import node_pb2, node_pb2_grpc, pipeline_pb2, queue_pb2
 from tests.node.conftest import SOURCE_IP, email
 from tests.support import eventually
 
-REPO = Path(__file__).resolve().parents[2]
 DOMAINS = ["a.test", "b.test", "c.test"]
 PER_DOMAIN = 100
 BATCH = 25
@@ -47,74 +42,30 @@ POLICY = pipeline_pb2.PipelinePolicy(
     allowed_messages=40,
     message_interval=duration_pb2.Duration(seconds=1),
 )
-LISTENING = re.compile(r"node crash1 listening on (127\.0\.0\.1:\d+)")
 
 
 def bounces(rcpt: str) -> str | None:
     return "550 5.1.1 no such user" if rcpt.startswith("gone") else None
 
 
-@dataclass
-class NodeProcess:
-    proc: asyncio.subprocess.Process
-    address: str = ""
-    output: list[str] = field(default_factory=list)
-    _drain: asyncio.Task[None] | None = None
-
-    @classmethod
-    async def start(cls, spool: Path, registry: str, sink: str) -> NodeProcess:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("CONSUL_", "EPOXI_"))}
-        proc = await asyncio.create_subprocess_exec(
-            *[sys.executable, "-m", "services.node", "--id", "crash1", "--listen", "127.0.0.1:0"],
+async def start_node_process(spool: Path, registry: str, sink: str) -> Process:
+    return await spawn(
+        "crash1",
+        [
+            *["services.node", "--id", "crash1", "--listen", "127.0.0.1:0"],
             *["--egress-ip", SOURCE_IP, "--spool", str(spool), "--route", f"*={sink}"],
             *["--consul", registry, "--check-interval", "200ms", "--retry-base", "0.05"],
             *["--pipeline-idle-timeout", "0"],
-            cwd=REPO,
-            env=env,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        node = cls(proc)
-        assert proc.stdout is not None
-        async with asyncio.timeout(30):
-            while line := (await proc.stdout.readline()).decode():
-                node.output.append(line)
-                if m := LISTENING.search(line):
-                    node.address = m.group(1)
-                    break
-        assert node.address, "the node exited early:\n" + "".join(node.output)
-        node._drain = asyncio.create_task(node._read_rest())  # a full pipe would stall the node
-        return node
-
-    async def _read_rest(self) -> None:
-        assert self.proc.stdout is not None
-        while line := (await self.proc.stdout.readline()).decode():
-            self.output.append(line)
-
-    async def kill(self, sig: int = signal.SIGKILL) -> int:
-        if self.proc.returncode is None:
-            self.proc.send_signal(sig)
-        async with asyncio.timeout(30):
-            code = await self.proc.wait()
-            if self._drain is not None:
-                await self._drain
-        return code
+        ],
+    )
 
 
 @pytest.fixture
-async def consul(registry: RunningRegistry) -> AsyncIterator[Consul]:
-    c = connect(registry.address)
-    yield c
-    await c.close()
-
-
-@pytest.fixture
-async def processes() -> AsyncIterator[list[NodeProcess]]:
-    started: list[NodeProcess] = []
+async def processes() -> AsyncIterator[list[Process]]:
+    started: list[Process] = []
     yield started
     for p in started:
-        with contextlib.suppress(ProcessLookupError):
-            await p.kill()
+        await p.stop(signal.SIGKILL)
 
 
 async def pipelines_in_registry(consul: Consul) -> dict[str, dict[str, Any]]:
@@ -142,12 +93,12 @@ async def list_ids(stub: node_pb2_grpc.NodeServiceStub, state: int) -> list[str]
 
 
 async def test_a_killed_node_resumes_every_accepted_message(
-    tmp_path: Path, registry: RunningRegistry, consul: Consul, sink: Sink, processes: list[NodeProcess]
+    tmp_path: Path, registry: RunningRegistry, consul: Consul, sink: Sink, processes: list[Process]
 ) -> None:
     sink.reply_rule = bounces
     spool = tmp_path / "spool.db"
     keys = [f"{d}_127_0_0_2" for d in DOMAINS]
-    first = await NodeProcess.start(spool, registry.address, sink.address)
+    first = await start_node_process(spool, registry.address, sink.address)
     processes.append(first)
 
     accepted: dict[str, str] = {}  # spool ID -> recipient
@@ -170,7 +121,7 @@ async def test_a_killed_node_resumes_every_accepted_message(
     assert len(accepted) == len(DOMAINS) * PER_DOMAIN
 
     await sink.wait_for(60)
-    assert await first.kill() == -signal.SIGKILL
+    assert await first.stop(signal.SIGKILL) == -signal.SIGKILL
     at_kill = spool_counts(spool)
     in_flight = at_kill.get("inflight", 0)
     unfinished = in_flight + at_kill.get("queued", 0) + at_kill.get("deferred", 0)
@@ -184,7 +135,7 @@ async def test_a_killed_node_resumes_every_accepted_message(
 
     await eventually(all_critical)
 
-    second = await NodeProcess.start(spool, registry.address, sink.address)
+    second = await start_node_process(spool, registry.address, sink.address)
     processes.append(second)
 
     async def all_passing_again() -> bool:
@@ -222,4 +173,4 @@ async def test_a_killed_node_resumes_every_accepted_message(
     # One recipient per message here, and outcomes wait for their group within a claimed batch.
     assert duplicates <= len(DOMAINS) * POLICY.batch_size
 
-    assert await second.kill(signal.SIGTERM) == 0, "".join(second.output[-20:])
+    assert await second.stop(signal.SIGTERM) == 0, "".join(second.lines[-20:])
