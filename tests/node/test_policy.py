@@ -9,13 +9,13 @@ from typing import Any
 
 import pytest
 
-from epoxi import mail
 from epoxi.policy import Policy
 from epoxi.sink import Sink
 from services.node.delivery import Destinations, Host, SmtpSender
 from services.node.pipeline import Pipeline, Retry
-from services.node.spool import Counts, Job, NewMessage, Spool, State
-from tests.node.conftest import SOURCE_IP, email, fast_policy
+from services.node.spool import Counts, Job, Spool, State
+from tests.node.conftest import SOURCE_IP, fast_policy
+from tests.node.test_pipeline import enqueue
 from tests.support import eventually
 
 KEY = "example.com_127_0_0_2"
@@ -71,13 +71,6 @@ async def make_pipeline(spool: RecordingSpool, sink: Sink) -> AsyncIterator[Make
     yield make
     for p in started:
         await p.stop(grace=1)
-
-
-async def enqueue(p: Pipeline, *recipients: str) -> list[str]:
-    messages = [NewMessage("ann@sender.test", [r], mail.render(email(r))) for r in recipients]
-    ids = await p.spool.enqueue(p.routing_key, messages)
-    p.wake()
-    return ids
 
 
 def rcpts(n: int, prefix: str = "r") -> list[str]:
