@@ -14,7 +14,7 @@ import email.parser
 import email.policy
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,8 @@ class _Handler:
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
     ) -> str:
+        if self.sink.rcpt_hook is not None:
+            await self.sink.rcpt_hook(address)
         if self.sink.drop_rule is not None and self.sink.drop_rule(address):
             assert server.transport is not None
             server.transport.close()  # hang up mid-session
@@ -105,6 +107,8 @@ class Sink:
     replies: dict[str, str] = field(default_factory=dict)
     reply_rule: Callable[[str], str | None] | None = None
     drop_rule: Callable[[str], bool] | None = None
+    # Awaited before the sink answers RCPT TO:<address>, e.g. to stall one recipient.
+    rcpt_hook: Callable[[str], Awaitable[None]] | None = None
     tls_context: ssl.SSLContext | None = None
     received: list[Received] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)

@@ -2,18 +2,22 @@
 
 The task takes up to ``batch_size`` due messages from the spool — or, when fewer are due, what
 arrived within ``batch_timeout`` — and sends them over up to ``max_connections`` reused SMTP
-connections, never more than ``allowed_messages`` in any ``message_interval``. Each message's
+connections, never more than ``allowed_messages`` in any ``message_interval``. Each connection is
+a lane pulling from one queue of claimed messages, and the next batch is claimed as soon as a lane
+is idle with nothing claimed left to take: a slow server holds up its own lane, not the next batch. Each message's
 outcome is: 2xx delivered; 5xx bounced with the reply; 4xx or a transport failure deferred with
 exponential backoff and jitter, and bounced once ``max_retries`` retries are spent.
 
 Outcomes are recorded in groups (``Recorder``), so many share one transaction and its fsync: a
 group is committed when ``record_group`` outcomes are pending, when the oldest has waited
-``record_delay`` seconds, at the end of each batch (before the next claim), and before in-flight
-mail is released (on stop, and after a crash). Until its group commits, a sent message stays
-``inflight`` in the spool, which the spool requeues if the node dies: so a crash sends again at
-most the pipeline's claimed batch, never loses a message. A bounce spools a DSN to the sender
+``record_delay`` seconds, before each claim, when every lane is idle, and before in-flight mail is
+released (on stop, and after a crash). Until its group commits, a sent message stays ``inflight``
+in the spool, which the spool requeues if the node dies: so a crash sends again at most the
+pipeline's last claimed batch and the sends still under way when it was claimed, never loses a
+message. A bounce spools a DSN to the sender
 (``Bouncer``) before its outcome even joins a group, so a crash between the two repeats the DSN
-rather than losing it. ``apply_policy`` changes the knobs while running: the next batch uses them.
+rather than losing it. ``apply_policy`` changes the knobs while running: the next claim uses them (and lanes beyond
+a lowered ``max_connections`` end after their message).
 If the task crashes it is restarted after a growing delay, and the failure is reported meanwhile
 (``on_failure``, ``status``, ``state_line``).
 """
@@ -233,7 +237,9 @@ class Pipeline:
         self.restarts = 0
         self._limiter = RateLimiter(policy.allowed_messages, policy.message_interval)
         self._recorder = Recorder(spool, record_group, record_delay)
-        self._connections: list[Connection] = []
+        self._connections: list[Connection] = []  # open, at most max_connections
+        self._busy: list[Connection] = []  # those a lane is sending on
+        self._queue: deque[Job] = deque()  # claimed jobs no lane has taken yet
         self._wake = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._stopping = False
@@ -250,8 +256,9 @@ class Pipeline:
         self._wake.set()
 
     def apply_policy(self, policy: Policy) -> None:
-        """Follow ``policy`` from now on: the batch being sent finishes, the next one uses the new
-        batching and connection limits, and the rate limit keeps counting the sends already made."""
+        """Follow ``policy`` from now on: messages already claimed are sent, the next claim uses the
+        new batching, lanes beyond a lowered ``max_connections`` end after their message, and the
+        rate limit keeps counting the sends already made."""
         self.policy = policy
         self._limiter = self._limiter.resized(policy.allowed_messages, policy.message_interval)
         self._slot_freed.set()
@@ -337,31 +344,77 @@ class Pipeline:
     # Work
 
     async def _run(self) -> None:
-        while not self._stopping:
-            policy = self.policy  # apply_policy may change it between batches
-            self._wake.clear()
-            now = time.time()
-            due = await self.spool.due(self.routing_key, now)
-            if due.count == 0 or due.oldest is None:
-                await self._idle(due.next_at)
-                continue
-            fill_until = due.oldest + policy.batch_timeout
-            if due.count < policy.batch_size and now < fill_until:
-                await self._wait(fill_until)
-                continue
-            jobs = await self.spool.claim(self.routing_key, now, policy.batch_size)
-            await self._deliver(jobs, policy)
-            self._crashes = 0
+        """Claim batches and feed them to lanes that pull from one queue: one lane per connection,
+        at most ``max_connections`` at once. A lane runs while the queue holds jobs, so the next
+        batch is claimed as soon as a lane is idle and the queue is empty, however long the
+        slowest lane of the previous batch still takes."""
+        self._queue.clear()
+        self._busy.clear()
+        async with asyncio.TaskGroup() as lanes:
+            while not self._stopping:
+                policy = self.policy  # apply_policy may change it between claims
+                self._wake.clear()  # set by new mail, a new policy, stop, and a lane going idle
+                await self._close_surplus(policy)
+                self._start_lanes(lanes, policy)
+                if not self._busy:
+                    # A batch is done: its last group commits, and counts are then exact.
+                    await self._recorder.flush()
+                if self._queue or len(self._busy) >= policy.max_connections:
+                    await self._wait(None)  # every lane has work: wait for one to go idle
+                    continue
+                now = time.time()
+                due = await self.spool.due(self.routing_key, now)
+                if due.count == 0 or due.oldest is None:
+                    await self._idle(due.next_at)
+                    continue
+                fill_until = due.oldest + policy.batch_timeout
+                if due.count < policy.batch_size and now < fill_until:
+                    await self._wait(fill_until)
+                    continue
+                # Outcomes so far commit before the next claim, so a crash sends again at most
+                # this batch and the sends that were still under way.
+                await self._recorder.flush()
+                if self._stopping:
+                    break
+                self._queue.extend(await self.spool.claim(self.routing_key, now, policy.batch_size))
+
+    def _start_lanes(self, lanes: asyncio.TaskGroup, policy: Policy) -> None:
+        """Start a lane for each queued job, up to ``max_connections`` lanes."""
+        idle = self._idle_connections()
+        while self._queue and len(self._busy) < policy.max_connections:
+            if idle:
+                conn = idle.pop()
+            elif len(self._connections) < policy.max_connections:
+                conn = self.sender.connection(self.domain, self.source_ip)
+                self._connections.append(conn)
+            else:
+                return
+            self._busy.append(conn)
+            lanes.create_task(self._lane(conn, self._queue.popleft()))
+
+    async def _close_surplus(self, policy: Policy) -> None:
+        """Close idle connections beyond a lowered ``max_connections``; busy ones finish first."""
+        idle = self._idle_connections()
+        surplus = idle[: max(0, len(self._connections) - policy.max_connections)]
+        if surplus:
+            self._connections = [c for c in self._connections if not any(c is s for s in surplus)]
+            await self._close(surplus)
 
     async def _idle(self, next_at: float | None) -> None:
-        """Wait for new mail or the next retry; close connections after ``idle_timeout``."""
-        if self._connections:
+        """Wait for new mail, the next retry, or a lane going idle; close idle connections after
+        ``idle_timeout``."""
+        if self._idle_connections():
             close_at = time.time() + self.idle_timeout
             if next_at is None or close_at < next_at:
                 if not await self._wait(close_at):
-                    await self._close_connections()
+                    idle = self._idle_connections()
+                    self._connections = [c for c in self._connections if not any(c is i for i in idle)]
+                    await self._close(idle)
                 return
         await self._wait(next_at)
+
+    def _idle_connections(self) -> list[Connection]:
+        return [c for c in self._connections if not any(c is b for b in self._busy)]
 
     async def _wait(self, deadline: float | None) -> bool:
         """Sleep until ``deadline`` (None: forever); True when woken early."""
@@ -379,47 +432,42 @@ class Pipeline:
             return False
         return True
 
-    async def _deliver(self, jobs: list[Job], policy: Policy) -> None:
-        queue = deque(jobs)
-        # Connections beyond a lowered max_connections are closed; the rest carry on.
-        surplus, self._connections = (
-            self._connections[policy.max_connections :],
-            self._connections[: policy.max_connections],
-        )
-        await self._close(surplus)
-        lanes = min(policy.max_connections, len(jobs))
-        while len(self._connections) < lanes:
-            self._connections.append(self.sender.connection(self.domain, self.source_ip))
-        async with asyncio.TaskGroup() as tg:
-            for conn in self._connections[:lanes]:
-                tg.create_task(self._lane(conn, queue))
-        # The batch's last group commits before the next due/claim, and counts are then exact.
-        await self._recorder.flush()
+    async def _lane(self, conn: Connection, job: Job) -> None:
+        """Send ``job``, then queued jobs while there are any; a lane beyond a lowered
+        ``max_connections`` ends after its message."""
+        try:
+            while True:
+                await self._send(conn, job)
+                self._crashes = 0
+                if not self._queue or self._stopping or len(self._busy) > self.policy.max_connections:
+                    return
+                job = self._queue.popleft()
+        finally:
+            self._busy = [b for b in self._busy if b is not conn]
+            self._wake.set()
 
-    async def _lane(self, conn: Connection, queue: deque[Job]) -> None:
-        while queue and not self._stopping:
-            job = queue.popleft()
-            if not await self._take_slot():
-                return  # stopping: the job stays in flight until stop() releases it
-            try:
-                results = await conn.send(job.sender, [d.recipient for d in job.deliveries], job.data)
-            finally:
-                self._limiter.release()
-                self._slot_freed.set()
-            now = time.time()
-            missing = Result.transient("no result from the sender")
-            outcomes = [(d, results.get(d.recipient, missing)) for d in job.deliveries]
-            recorded = [self._outcome(d, r, now) for d, r in outcomes]
-            bounced = [
-                Failure(d.recipient, r, now)
-                for (d, r), o in zip(outcomes, recorded, strict=True)
-                if o.state is State.BOUNCED
-            ]
-            if bounced and self.bouncer is not None:
-                # The DSN is durable before its bounce joins a group, so a group never records a
-                # bounce whose DSN is not spooled (and flushing never waits on the node).
-                await self.bouncer.bounced(self.source_ip, job, bounced)
-            self._recorder.add(recorded)
+    async def _send(self, conn: Connection, job: Job) -> None:
+        if not await self._take_slot():
+            return  # stopping: the job stays in flight until stop() releases it
+        try:
+            results = await conn.send(job.sender, [d.recipient for d in job.deliveries], job.data)
+        finally:
+            self._limiter.release()
+            self._slot_freed.set()
+        now = time.time()
+        missing = Result.transient("no result from the sender")
+        outcomes = [(d, results.get(d.recipient, missing)) for d in job.deliveries]
+        recorded = [self._outcome(d, r, now) for d, r in outcomes]
+        bounced = [
+            Failure(d.recipient, r, now)
+            for (d, r), o in zip(outcomes, recorded, strict=True)
+            if o.state is State.BOUNCED
+        ]
+        if bounced and self.bouncer is not None:
+            # The DSN is durable before its bounce joins a group, so a group never records a
+            # bounce whose DSN is not spooled (and flushing never waits on the node).
+            await self.bouncer.bounced(self.source_ip, job, bounced)
+        self._recorder.add(recorded)
 
     async def _take_slot(self) -> bool:
         """Wait until the rate limit allows one more send; False when the pipeline is stopping."""
