@@ -60,6 +60,16 @@ def address_problem(mailbox: str) -> str | None:
     return None
 
 
+def target_problems(domain: str, source_ip: str) -> list[str]:
+    """Why (``domain``, ``source_ip``) cannot name a pipeline; empty when it can."""
+    problems = []
+    if not domain or address_problem(f"postmaster@{domain}") is not None:
+        problems.append(f"domain {domain!r} is not a valid domain name")
+    if not is_ip(source_ip):
+        problems.append(f"source_ip {source_ip!r} is not an IP address")
+    return problems
+
+
 def validate(e: email_pb2.Email, where: str = "email") -> list[str]:
     """Every reason ``e`` cannot be accepted, each naming the field."""
     problems: list[str] = []

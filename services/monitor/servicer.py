@@ -19,7 +19,7 @@ from consul import ConsulException
 
 from epoxi import mail, runtime
 from epoxi.registry import services
-from epoxi.routing import is_ip, routing_key, split_routing_key
+from epoxi.routing import routing_key, split_routing_key
 from epoxi.v1 import monitor_pb2, monitor_pb2_grpc, node_pb2, node_pb2_grpc, pipeline_pb2
 from services.monitor import cluster
 
@@ -62,22 +62,7 @@ class MonitorService(monitor_pb2_grpc.MonitorServiceServicer):
         self, request: monitor_pb2.FindNodeForRoutingKeyRequest, context: grpc.aio.ServicerContext
     ) -> monitor_pb2.FindNodeForRoutingKeyResponse:
         key, source_ip = await self._key(context, request.routing_key)
-        node_entries, pipeline_entries = await asyncio.gather(
-            self._health(context, services.NODE_SERVICE, passing=True),
-            self._pipelines_for(context, key, passing=True),
-        )
-        found = cluster.node_for_key(
-            map(services.node_from_entry, node_entries),
-            map(services.pipeline_from_entry, pipeline_entries),
-            source_ip,
-        )
-        if found is None:
-            await _abort(
-                context,
-                grpc.StatusCode.NOT_FOUND,
-                f"no passing node owns source IP {source_ip} (routing key {key})",
-            )
-        node, has_pipeline = found
+        node, has_pipeline = await self._node_for_key(context, key, source_ip)
         return monitor_pb2.FindNodeForRoutingKeyResponse(node=node, has_pipeline=has_pipeline)
 
     async def GetPipelineStats(
@@ -111,28 +96,13 @@ class MonitorService(monitor_pb2_grpc.MonitorServiceServicer):
     async def StartPipelineOptimal(
         self, request: monitor_pb2.StartPipelineOptimalRequest, context: grpc.aio.ServicerContext
     ) -> monitor_pb2.StartPipelineOptimalResponse:
-        problems = []
-        if not request.domain or mail.address_problem(f"postmaster@{request.domain}") is not None:
-            problems.append(f"domain {request.domain!r} is not a valid domain name")
-        if not is_ip(request.source_ip):
-            problems.append(f"source_ip {request.source_ip!r} is not an IP address")
+        problems = mail.target_problems(request.domain, request.source_ip)
         if problems:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "; ".join(problems))
         source_ip = str(ipaddress.ip_address(request.source_ip))
         key = routing_key(request.domain, source_ip)
-        node_entries, pipeline_entries = await asyncio.gather(
-            self._health(context, services.NODE_SERVICE, passing=True),
-            self._pipelines_for(context, key, passing=True),
-        )
         # A node already running the key answers it (no second copy); else placement.best_node.
-        found = cluster.node_for_key(
-            map(services.node_from_entry, node_entries),
-            map(services.pipeline_from_entry, pipeline_entries),
-            source_ip,
-        )
-        if found is None:
-            await _abort(context, grpc.StatusCode.NOT_FOUND, f"no passing node owns source IP {source_ip}")
-        node, _ = found
+        node, _ = await self._node_for_key(context, key, source_ip)
         forward = node_pb2.StartPipelineRequest(
             domain=request.domain, source_ip=source_ip, policy_name=request.policy_name
         )
@@ -270,6 +240,28 @@ class MonitorService(monitor_pb2_grpc.MonitorServiceServicer):
             )
             return None
         return state
+
+    async def _node_for_key(
+        self, context: grpc.aio.ServicerContext, key: str, source_ip: str
+    ) -> tuple[node_pb2.NodeInfo, bool]:
+        """The passing node running ``key``, else the best passing owner of ``source_ip`` (and
+        whether it runs the key); NOT_FOUND when no passing node owns the IP."""
+        node_entries, pipeline_entries = await asyncio.gather(
+            self._health(context, services.NODE_SERVICE, passing=True),
+            self._pipelines_for(context, key, passing=True),
+        )
+        found = cluster.node_for_key(
+            map(services.node_from_entry, node_entries),
+            map(services.pipeline_from_entry, pipeline_entries),
+            source_ip,
+        )
+        if found is None:
+            await _abort(
+                context,
+                grpc.StatusCode.NOT_FOUND,
+                f"no passing node owns source IP {source_ip} (routing key {key})",
+            )
+        return found
 
     async def _key(self, context: grpc.aio.ServicerContext, key: str) -> tuple[str, str]:
         """The canonical routing key and its source IP; INVALID_ARGUMENT when malformed."""

@@ -9,7 +9,7 @@ import grpc
 from epoxi import mail, policy
 from epoxi.policies import POLICIES, PolicyError, check_name
 from epoxi.policy import Policy
-from epoxi.routing import is_ip, recipients_in, routing_key
+from epoxi.routing import recipients_in, routing_key
 from epoxi.v1 import node_pb2, node_pb2_grpc, pipeline_pb2, queue_pb2
 from services.node import queue
 from services.node.node import Node
@@ -27,11 +27,7 @@ class NodeService(node_pb2_grpc.NodeServiceServicer):
     async def StartPipeline(
         self, request: node_pb2.StartPipelineRequest, context: grpc.aio.ServicerContext
     ) -> node_pb2.StartPipelineResponse:
-        problems = []
-        if not request.domain or mail.address_problem(f"postmaster@{request.domain}") is not None:
-            problems.append(f"domain {request.domain!r} is not a valid domain name")
-        if not is_ip(request.source_ip):
-            problems.append(f"source_ip {request.source_ip!r} is not an IP address")
+        problems = mail.target_problems(request.domain, request.source_ip)
         problems += policy.validate(request.policy)
         inline = request.policy != pipeline_pb2.PipelinePolicy()
         if request.policy_name:

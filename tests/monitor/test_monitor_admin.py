@@ -160,7 +160,7 @@ async def test_start_optimal_errors(cluster: Nodes, stub: Stub) -> None:
     )
     assert (unowned.code(), unowned.details()) == (
         grpc.StatusCode.NOT_FOUND,
-        "no passing node owns source IP 127.0.0.9",
+        "no passing node owns source IP 127.0.0.9 (routing key gmail.com_127_0_0_9)",
     )
     bad = await rpc_error(
         stub.StartPipelineOptimal(
