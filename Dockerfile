@@ -6,6 +6,8 @@ COPY protos protos
 COPY epoxi epoxi
 COPY services services
 COPY gateway gateway
+COPY devmesh devmesh
+COPY cli cli
 RUN pip install --no-cache-dir .
 STOPSIGNAL SIGTERM
 ENTRYPOINT []

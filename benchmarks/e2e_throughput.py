@@ -10,7 +10,7 @@ the first submit until the sink has received all N messages:
 1. SMTP ceiling: the node's own client code (``SmtpSender``: aiosmtplib, bound to the key's
    source IP, connections reused) sends the same rendered messages straight to the sink over
    ``connections x keys`` connections, from one process.
-2. Epoxi: ``epoxi.mesh.Mesh`` (dev registry, nodes, router, monitor, gateway, each a process)
+2. Epoxi: ``devmesh.supervisor.Mesh`` (dev registry, nodes, router, monitor, gateway, each a process)
    with a route override to the sink; the emails go through ``RouterService.RouteEmails`` in
    batches, a few calls in flight; spool fsync on (the default). Also timed: acceptance (until
    RouteEmails acknowledged all N).
@@ -41,8 +41,8 @@ from benchmarks.postfix import PostfixRelay
 from benchmarks.profiling import PySpy, summarize
 from benchmarks.smtpsink import SmtpSink
 from benchmarks.workload import SENDER, Key, blast, emails, keys, rendered
-from epoxi import mail, runtime
-from epoxi.mesh import Mesh, NodeSpec
+from devmesh.supervisor import Mesh, NodeSpec
+from epoxi import address, rendering, runtime
 from epoxi.policy import DEFAULT_MAX_CONNECTIONS
 from epoxi.registry.services import PIPELINE_SERVICE, pipeline_service_id
 from epoxi.v1 import email_pb2, node_pb2, node_pb2_grpc, pipeline_pb2, router_pb2, router_pb2_grpc
@@ -260,7 +260,7 @@ async def run_postfix(
 async def _smtp_source(target: str, count: int, size: int, sessions: int) -> None:
     # -l is the body length; smtp-source adds ~150 bytes of headers.
     args = ["-d", "-s", str(sessions), "-m", str(count), "-l", str(max(1, size - 150))]
-    args += ["-f", mail.addr_spec(SENDER), "-t", "user@d0.bench.test", "-N", "-M", "feeder.bench.test"]
+    args += ["-f", address.addr_spec(SENDER), "-t", "user@d0.bench.test", "-N", "-M", "feeder.bench.test"]
     proc = await asyncio.create_subprocess_exec(
         "smtp-source", *args, target, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
     )
@@ -300,7 +300,7 @@ def render_report(r: Report) -> str:
 
 def _code_dir() -> str:
     """The tree the services are imported from (a snapshot, or the working tree)."""
-    return str(Path(mail.__file__).resolve().parent.parent)
+    return str(Path(rendering.__file__).resolve().parent.parent)
 
 
 def _work_dir(parent: str | None) -> Path:
@@ -315,7 +315,8 @@ async def run(args: argparse.Namespace) -> Report:
     ks = keys(args.keys, [ip for s in node_specs(args.nodes, args.ips_per_node) for ip in s.egress_ips])
     es = emails(args.messages, ks, args.size)
     print(
-        f"{args.messages} emails of {len(mail.render(es[0]))} bytes over {len(ks)} routing keys", flush=True
+        f"{args.messages} emails of {len(rendering.render(es[0]))} bytes over {len(ks)} routing keys",
+        flush=True,
     )
     work = _work_dir(args.work_dir)
     try:

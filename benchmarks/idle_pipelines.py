@@ -3,7 +3,7 @@
     .venv/bin/python -m benchmarks.idle_pipelines                     # 1,000 pipelines
     .venv/bin/python -m benchmarks.idle_pipelines --pipelines 200 --observe 15
 
-Starts the development registry and one node (each its own process, as ``epoxi.mesh`` does),
+Starts the development registry and one node (each its own process, as ``devmesh.supervisor`` does),
 then starts ``--pipelines`` pipelines through ``NodeService.StartPipeline`` (one domain each,
 all from egress IP 127.0.0.2; nothing is ever sent), waits until the registry shows every
 pipeline passing, and watches the idle node for ``--observe`` seconds. Prints the node's RSS
@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import _utils
+from devmesh.supervisor import Process, spawn
 from epoxi import runtime
-from epoxi.mesh import Process, spawn
 from epoxi.registry import client
 from epoxi.registry.services import NODE_SERVICE, PIPELINE_SERVICE
 from epoxi.v1 import node_pb2, node_pb2_grpc
@@ -114,7 +114,7 @@ async def run(args: argparse.Namespace) -> Result:
     consul = None
     try:
         registry = await spawn(
-            "registry", ["epoxi.devregistry", "--http-addr", "127.0.0.1:0", "--check-update-interval", "0s"]
+            "registry", ["devmesh.registry", "--http-addr", "127.0.0.1:0", "--check-update-interval", "0s"]
         )
         procs.append(registry)
         reg_addr = registry.address.removeprefix("http://")

@@ -82,14 +82,17 @@ _PLUMBING = (
 CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("render RFC 5322 (epoxi.mail.render)", ("render (epoxi/mail.py)",)),
     ("validate (epoxi.mail.validate)", ("validate (epoxi/mail.py)",)),
-    ("spool: SQLite and fsync", ("(services/node/spool.py)",)),
+    ("spool: SQLite and fsync", ("(services/node/engine/spool.py)",)),
     (
         "registry: sync, snapshot, watch",
         ("Registrar.", "Node.snapshot", "HealthWatch", "consul/", "aiohttp/"),
     ),
     ("router: plan and route", ("services/router/servicer.py", "services/router/batching.py")),
-    ("SMTP delivery (pipeline, aiosmtplib)", ("aiosmtplib/", "services/node/delivery.py", "Pipeline.")),
-    ("node: other handler work", ("services/node/node.py", "services/node/servicer.py")),
+    (
+        "SMTP delivery (pipeline, aiosmtplib)",
+        ("aiosmtplib/", "services/node/engine/delivery.py", "Pipeline."),
+    ),
+    ("node: other handler work", ("services/node/supervisor.py", "services/node/servicer.py")),
     ("gRPC and protobuf", ("grpc/", "_pb2", "google/protobuf/")),
     ("event loop and asyncio", ("asyncio/", "selectors.py")),
 ]

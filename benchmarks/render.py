@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from benchmarks import _utils
-from epoxi import mail
+from epoxi import envelope, rendering
 from epoxi.v1 import email_pb2
 
 _LINE = "The quick brown fox jumps over the lazy dog; Epoxi mesh benchmark payload line.\n"
@@ -31,7 +31,7 @@ def shapes(size: int) -> dict[str, email_pb2.Email]:
     """About ``size`` bytes of body each, in the shapes the node renders most."""
 
     def email_(**fields: object) -> email_pb2.Email:
-        return mail.new_email(
+        return envelope.new_email(
             "Epoxi Bench <bench@sender.bench.test>",
             to=["Some User <user1@d0.bench.test>"],
             subject="Your November statement is ready",
@@ -75,11 +75,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     rows = [["email", "bytes", "EmailMessage µs", "direct µs", "slow / fast"]]
     for name, e in shapes(args.size).items():
-        if mail.render_fast(e) is None:
+        if rendering.render_fast(e) is None:
             raise SystemExit(f"{name}: the fast path does not take it")
-        slow = per_message_us(functools.partial(mail.render_slow, e), args.seconds, args.repeat)
-        fast = per_message_us(functools.partial(mail.render_fast, e), args.seconds, args.repeat)
-        size = str(len(mail.render(e)))
+        slow = per_message_us(functools.partial(rendering.render_slow, e), args.seconds, args.repeat)
+        fast = per_message_us(functools.partial(rendering.render_fast, e), args.seconds, args.repeat)
+        size = str(len(rendering.render(e)))
         rows.append([name, size, f"{slow:,.1f}", f"{fast:,.1f}", f"{slow / fast:,.0f}"])
     print(_utils.table(rows))
     return 0

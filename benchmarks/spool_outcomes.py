@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks import _utils
-from services.node.pipeline import RECORD_DELAY, RECORD_GROUP, Recorder
-from services.node.spool import NewMessage, Outcome, Spool, State
+from services.node.engine.pipeline import RECORD_DELAY, RECORD_GROUP, Recorder
+from services.node.engine.spool import NewMessage, Outcome, Spool, State
 
 KEY = "example.com_127_0_0_2"
 DATA = b"Subject: hi\r\n\r\n" + b"x" * 2000 + b"\r\n"

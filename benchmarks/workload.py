@@ -1,6 +1,6 @@
 """The benchmark's mail: N emails of about ``size`` bytes, one recipient each, spread round-robin
 over routing keys (recipient domain x source IP), and an SMTP blaster that sends them with the
-node's own client code (``services.node.delivery.SmtpSender``: aiosmtplib, source-bound,
+node's own client code (``services.node.engine.delivery.SmtpSender``: aiosmtplib, source-bound,
 connections reused)."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from epoxi import mail
+from epoxi import envelope, rendering
 from epoxi.routing import routing_key
 from epoxi.v1 import email_pb2
-from services.node.delivery import Destinations, Host, SmtpSender, Status
+from services.node.engine.delivery import Destinations, Host, SmtpSender, Status
 
 SENDER = "Epoxi Bench <bench@sender.bench.test>"
 _LINE = "The quick brown fox jumps over the lazy dog; Epoxi mesh benchmark payload.\n"
@@ -37,13 +37,13 @@ def keys(count: int, ips: Sequence[str]) -> list[Key]:
 
 def _body(size: int) -> str:
     """Plain text such that the rendered message is about ``size`` bytes."""
-    overhead = len(mail.render(_email(0, Key("d0.bench.test", "127.0.0.2"), "")))
+    overhead = len(rendering.render(_email(0, Key("d0.bench.test", "127.0.0.2"), "")))
     n = max(0, size - overhead)
     return (_LINE * (n // len(_LINE) + 1))[:n].rstrip("\n") + "\n"
 
 
 def _email(i: int, key: Key, text: str) -> email_pb2.Email:
-    return mail.new_email(
+    return envelope.new_email(
         SENDER,
         to=[f"user{i}@{key.domain}"],
         subject=f"Benchmark message {i}",
@@ -70,7 +70,7 @@ def rendered(es: Sequence[email_pb2.Email], ks: Sequence[Key]) -> list[Rendered]
     """What a node would put on the wire for each email (rendered once, outside any timing)."""
     out = []
     for i, e in enumerate(es):
-        out.append(Rendered(ks[i % len(ks)], mail.sender_address(e), e.to[0], mail.render(e)))
+        out.append(Rendered(ks[i % len(ks)], envelope.sender_address(e), e.to[0], rendering.render(e)))
     return out
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from epoxi.v1 import email_pb2
+from epoxi.address import address_problem
 
 
 def routing_key(domain: str, ip: str) -> str:
@@ -27,27 +27,19 @@ def split_routing_key(key: str) -> tuple[str, str]:
     return domain.lower(), str(ipaddress.ip_address(ip))
 
 
-def domain_of(address: str) -> str:
-    """The lower-cased domain of an addr-spec or ``Name <addr-spec>`` mailbox."""
-    return address.rsplit("@", 1)[-1].rstrip(">").strip().lower()
-
-
-def recipients(email: email_pb2.Email) -> list[str]:
-    return [*email.to, *email.cc, *email.bcc]
-
-
-def recipients_in(email: email_pb2.Email, domain: str) -> list[str]:
-    return [r for r in recipients(email) if domain_of(r) == domain]
-
-
-def domains(email: email_pb2.Email) -> list[str]:
-    """Recipient domains of ``email`` in first-seen order."""
-    return list(dict.fromkeys(domain_of(r) for r in recipients(email)))
-
-
 def is_ip(value: str) -> bool:
     try:
         ipaddress.ip_address(value)
     except ValueError:
         return False
     return True
+
+
+def target_problems(domain: str, source_ip: str) -> list[str]:
+    """Why (``domain``, ``source_ip``) cannot name a pipeline; empty when it can."""
+    problems = []
+    if not domain or address_problem(f"postmaster@{domain}") is not None:
+        problems.append(f"domain {domain!r} is not a valid domain name")
+    if not is_ip(source_ip):
+        problems.append(f"source_ip {source_ip!r} is not an IP address")
+    return problems

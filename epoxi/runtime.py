@@ -141,7 +141,7 @@ def serve_main(
     argv: list[str] | None = None,
 ) -> int:
     """A service's ``main``: parse flags, start it, print ``<name> listening on <address>``
-    (the line ``epoxi.mesh`` and other tooling wait for), and run until SIGTERM or SIGINT."""
+    (the line ``devmesh.supervisor`` and other tooling wait for), and run until SIGTERM or SIGINT."""
     args = parser.parse_args(argv)
     configure_logging()
 

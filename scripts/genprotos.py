@@ -1,10 +1,11 @@
 """Generate the epoxi.v1 Python stubs from protos/, or check that the committed ones match.
 
-    python scripts/genprotos.py          # regenerate epoxi/v1/
-    python scripts/genprotos.py --check  # exit 1 when epoxi/v1/ is out of date
+    python scripts/genprotos.py          # regenerate epoxi/v1/, refresh protos/google/api/
+    python scripts/genprotos.py --check  # exit 1 when either is out of date
 
-It also lays google/api/{annotations,http}.proto from the googleapis-common-protos wheel
-under build/googleapis, the second module of buf.yaml, so `buf lint` needs no network.
+protos/google/api/{annotations,http}.proto are vendored from the googleapis-common-protos
+wheel and committed, so buf needs no network and `buf breaking --against .git#...` finds
+them in history. --check fails when they differ from the installed wheel's copies.
 """
 
 from __future__ import annotations
@@ -23,25 +24,38 @@ from grpc_tools import protoc
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
 OUT = ROOT / "epoxi" / "v1"
-GOOGLEAPIS = ROOT / "build" / "googleapis"
+VENDORED = PROTOS / "google" / "api"
+VENDORED_NAMES = ("annotations.proto", "http.proto")
 
 
-def lay_googleapis() -> Path:
-    target = GOOGLEAPIS / "google" / "api"
-    target.mkdir(parents=True, exist_ok=True)
-    for name in ("annotations.proto", "http.proto"):
-        shutil.copyfile(Path(google.api.__path__[0]) / name, target / name)
-    return GOOGLEAPIS
+def wheel_google_api() -> Path:
+    return Path(google.api.__path__[0])
+
+
+def vendored_drift() -> list[str]:
+    """Files of protos/google/api that are missing, extra, or differ from the wheel's copies."""
+    present = {p.name for p in VENDORED.glob("*")} if VENDORED.is_dir() else set()
+    drift = sorted(present - set(VENDORED_NAMES))
+    for name in VENDORED_NAMES:
+        ours, theirs = VENDORED / name, wheel_google_api() / name
+        if not ours.is_file() or not filecmp.cmp(theirs, ours, False):
+            drift.append(name)
+    return drift
+
+
+def refresh_vendored() -> None:
+    VENDORED.mkdir(parents=True, exist_ok=True)
+    for name in VENDORED_NAMES:
+        shutil.copyfile(wheel_google_api() / name, VENDORED / name)
 
 
 def generate(out_root: Path) -> None:
     wkt = Path(grpc_tools.__file__).parent / "_proto"
     bindir = Path(sys.executable).parent
-    sources = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
+    sources = sorted(str(p.relative_to(PROTOS)) for p in (PROTOS / "epoxi").rglob("*.proto"))
     args = [
         "grpc_tools.protoc",
         f"-I{PROTOS}",
-        f"-I{lay_googleapis()}",
         f"-I{wkt}",
         f"--python_out={out_root}",
         f"--grpc_python_out={out_root}",
@@ -67,8 +81,24 @@ def differences(a: Path, b: Path) -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="fail when epoxi/v1 differs from protos/")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="fail when epoxi/v1 differs from protos/ or protos/google/api from the wheel",
+    )
     args = parser.parse_args()
+    if args.check:
+        drift = vendored_drift()
+        if drift:
+            print(
+                "protos/google/api differs from the googleapis-common-protos wheel"
+                " (run scripts/genprotos.py):",
+                *drift,
+                file=sys.stderr,
+            )
+            return 1
+    else:
+        refresh_vendored()
     with tempfile.TemporaryDirectory() as tmp:
         generate(Path(tmp))
         fresh = Path(tmp) / "epoxi" / "v1"

@@ -6,10 +6,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from epoxi.devregistry.app import RunningRegistry, serve
-from epoxi.devregistry.state import RegistryConfig
+from devmesh.registry.app import RunningRegistry, serve
+from devmesh.registry.state import RegistryConfig
+from devmesh.sink import Sink
 from epoxi.registry.client import Consul, connect
-from epoxi.sink import Sink
 
 
 @pytest.fixture

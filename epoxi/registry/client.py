@@ -13,9 +13,12 @@ from typing import Any
 
 import aiohttp
 import consul.aio
-from consul import base
+from consul import ConsulException, base
 
 DEFAULT_ADDR = "127.0.0.1:8500"
+
+# What a registry call raises when the registry is down, slow, or refuses the call.
+RegistryError = (ConsulException, aiohttp.ClientError, OSError, TimeoutError)
 
 
 class _HTTPClient(consul.aio.HTTPClient):  # type: ignore[misc]

@@ -17,7 +17,7 @@ import aiohttp
 import grpc
 from consul import ConsulException
 
-from epoxi import mail, runtime
+from epoxi import routing, runtime
 from epoxi.registry import services
 from epoxi.routing import routing_key, split_routing_key
 from epoxi.v1 import monitor_pb2, monitor_pb2_grpc, node_pb2, node_pb2_grpc, pipeline_pb2
@@ -96,7 +96,7 @@ class MonitorService(monitor_pb2_grpc.MonitorServiceServicer):
     async def StartPipelineOptimal(
         self, request: monitor_pb2.StartPipelineOptimalRequest, context: grpc.aio.ServicerContext
     ) -> monitor_pb2.StartPipelineOptimalResponse:
-        problems = mail.target_problems(request.domain, request.source_ip)
+        problems = routing.target_problems(request.domain, request.source_ip)
         if problems:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "; ".join(problems))
         source_ip = str(ipaddress.ip_address(request.source_ip))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from services.node.node import Node
+from services.node.supervisor import Node
 
 log = logging.getLogger(__name__)
 

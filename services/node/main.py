@@ -29,15 +29,15 @@ from epoxi.registry import client
 from epoxi.registry.services import split_address
 from epoxi.v1 import node_pb2, node_pb2_grpc
 from services.node import outbound
-from services.node.delivery import Host
+from services.node.engine.delivery import Host
+from services.node.engine.pipeline import Retry
+from services.node.engine.spool import Spool
 from services.node.idle import IdleReaper
-from services.node.node import Node
-from services.node.pipeline import Retry
-from services.node.policy_watch import PolicyWatch
+from services.node.policy_feed import PolicyWatch
 from services.node.registration import Registrar, go_duration
 from services.node.retention import Retention
 from services.node.servicer import NodeService
-from services.node.spool import Spool
+from services.node.supervisor import Node
 
 log = logging.getLogger(__name__)
 

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 
 import dns.asyncresolver
 
-from epoxi import mail
-from services.node.delivery import DEFAULT_MAX_MESSAGES_PER_CONNECTION, HostBackoff, SmtpSender
-from services.node.dsn import Bouncer, Mailer
-from services.node.mx import Destinations, Host, Resolver, resolver_for
-from services.node.tls import TlsMode, TlsPolicy
+from epoxi import address
+from services.node.engine.delivery import DEFAULT_MAX_MESSAGES_PER_CONNECTION, HostBackoff, SmtpSender
+from services.node.engine.dsn import Bouncer, Mailer
+from services.node.engine.mx import Destinations, Host, Resolver, resolver_for
+from services.node.engine.tls import TlsMode, TlsPolicy
 
 
 @dataclass
@@ -66,7 +66,7 @@ def parse_ehlo(text: str) -> tuple[str, str]:
         ip = str(ipaddress.ip_address(ip))
     except ValueError:
         raise argparse.ArgumentTypeError(f"--ehlo {text!r}: {ip!r} is not an IP address") from None
-    if not sep or mail.address_problem(f"postmaster@{name}") is not None:
+    if not sep or address.address_problem(f"postmaster@{name}") is not None:
         raise argparse.ArgumentTypeError(f"--ehlo {text!r} is not IP=HOSTNAME")
     return ip, name
 
@@ -80,7 +80,7 @@ def parse_dns(text: str) -> str:
 
 
 def parse_address(text: str) -> str:
-    if mail.address_problem(text) is not None:
+    if address.address_problem(text) is not None:
         raise argparse.ArgumentTypeError(f"{text!r} is not an email address")
     return text
 

@@ -16,7 +16,15 @@ from dataclasses import dataclass
 from google.protobuf import timestamp_pb2
 
 from epoxi.v1 import queue_pb2
-from services.node.spool import AttemptRow, Cursor, DeliveryRow, KeyStats, MessageRow, State, split_reply
+from services.node.engine.spool import (
+    AttemptRow,
+    Cursor,
+    DeliveryRow,
+    KeyStats,
+    MessageRow,
+    State,
+    split_reply,
+)
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000

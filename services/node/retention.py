@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 
-from services.node.spool import Spool
+from services.node.engine.spool import Spool
 
 log = logging.getLogger(__name__)
 

@@ -6,14 +6,15 @@ from typing import NoReturn
 
 import grpc
 
-from epoxi import mail, policy
-from epoxi.policies import POLICIES, PolicyError, check_name
+from epoxi import policy, routing, validation
+from epoxi.envelope import recipients_in
 from epoxi.policy import Policy
-from epoxi.routing import recipients_in, routing_key
+from epoxi.policy_store import POLICIES, PolicyError, check_name
+from epoxi.routing import routing_key
 from epoxi.v1 import node_pb2, node_pb2_grpc, pipeline_pb2, queue_pb2
 from services.node import queue
-from services.node.node import Node
-from services.node.spool import Counts, KeyStats
+from services.node.engine.spool import Counts, KeyStats
+from services.node.supervisor import Node
 
 MAX_PROBLEMS_REPORTED = 20
 
@@ -27,7 +28,7 @@ class NodeService(node_pb2_grpc.NodeServiceServicer):
     async def StartPipeline(
         self, request: node_pb2.StartPipelineRequest, context: grpc.aio.ServicerContext
     ) -> node_pb2.StartPipelineResponse:
-        problems = mail.target_problems(request.domain, request.source_ip)
+        problems = routing.target_problems(request.domain, request.source_ip)
         problems += policy.validate(request.policy)
         inline = request.policy != pipeline_pb2.PipelinePolicy()
         if request.policy_name:
@@ -89,7 +90,7 @@ class NodeService(node_pb2_grpc.NodeServiceServicer):
     ) -> node_pb2.EnqueueBatchResponse:
         if not request.emails:
             await _abort(context, _INVALID, "emails is empty: send at least one email")
-        problems = [p for i, e in enumerate(request.emails) for p in mail.validate(e, f"emails[{i}]")]
+        problems = [p for i, e in enumerate(request.emails) for p in validation.validate(e, f"emails[{i}]")]
         if problems:
             await _abort(context, _INVALID, _summary(problems))
         p = await self.node.pipeline_for_mail(request.routing_key)

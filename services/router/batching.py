@@ -6,8 +6,9 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from epoxi import mail
-from epoxi.routing import domains, routing_key
+from epoxi import rendering
+from epoxi.envelope import domains
+from epoxi.routing import routing_key
 from epoxi.v1 import email_pb2
 
 DEFAULT_POOL = "default"
@@ -72,5 +73,5 @@ def plan(
 def _with_message_id(e: email_pb2.Email) -> email_pb2.Email:
     copy = email_pb2.Email()
     copy.CopyFrom(e)
-    copy.message_id = mail.new_message_id(getattr(e, "from"))
+    copy.message_id = rendering.new_message_id(getattr(e, "from"))
     return copy

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from epoxi import mail, placement
-from epoxi.routing import recipients_in
+from epoxi import placement, validation
+from epoxi.envelope import recipients_in
 from epoxi.runtime import RPC_TIMEOUT, Channels
 from epoxi.v1 import node_pb2, node_pb2_grpc, router_pb2, router_pb2_grpc
 from services.router.batching import Batch, plan
@@ -45,7 +45,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     ) -> router_pb2.RouteEmailsResponse:
         if not request.emails:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "emails is empty: send at least one email")
-        problems = [p for i, e in enumerate(request.emails) for p in mail.validate(e, f"emails[{i}]")]
+        problems = [p for i, e in enumerate(request.emails) for p in validation.validate(e, f"emails[{i}]")]
         if problems:
             more = len(problems) - MAX_PROBLEMS_REPORTED
             text = "; ".join(problems[:MAX_PROBLEMS_REPORTED]) + (f"; and {more} more" if more > 0 else "")

@@ -6,7 +6,7 @@ import asyncio
 import sys
 from pathlib import Path
 
-from epoxi.dev import DEMO_RECIPIENTS
+from devmesh.launch import DEMO_RECIPIENTS
 
 
 async def test_epoxi_dev_delivers_the_demo_batch(tmp_path: Path) -> None:
@@ -14,7 +14,7 @@ async def test_epoxi_dev_delivers_the_demo_batch(tmp_path: Path) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "epoxi",
+        "cli",
         "dev",
         "--exit-after-demo",
         "--data-dir",

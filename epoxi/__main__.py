@@ -1,5 +1,0 @@
-import sys
-
-from epoxi.cli import main
-
-sys.exit(main())

@@ -1,0 +1,258 @@
+"""RFC 5322 rendering of an Email: written directly for the common shape, with the standard
+library's ``email`` package for the rest."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime
+import email.headerregistry
+import email.policy
+import email.utils
+import functools
+import random
+import re
+import time
+from collections.abc import Sequence
+from email.message import EmailMessage
+
+from epoxi.address import addr_spec
+from epoxi.v1 import email_pb2
+from epoxi.validation import HEADER_NAME, RESERVED_HEADERS
+
+_SMTP_POLICY = email.policy.SMTP.clone(max_line_length=78)
+
+
+def new_message_id(sender: str) -> str:
+    domain = addr_spec(sender).rpartition("@")[2] or "epoxi.invalid"
+    return email.utils.make_msgid(domain=domain)
+
+
+def render(e: email_pb2.Email) -> bytes:
+    """The RFC 5322 message for ``e`` (Bcc is never written), with CRLF line endings.
+
+    The common shape goes through ``render_fast``; whatever it cannot prove safe goes through
+    ``render_slow``. Either way body lines are left as they are when they start with "." (SMTP
+    dot-stuffing is the client's job) or "From " (quoting for mbox is the mailbox's job).
+    """
+    data = render_fast(e)
+    return data if data is not None else render_slow(e)
+
+
+def render_slow(e: email_pb2.Email) -> bytes:
+    """``render`` through the standard library's ``EmailMessage``: any email, 1-2 ms each."""
+    msg = EmailMessage(policy=_SMTP_POLICY)
+    msg["From"] = getattr(e, "from")
+    if e.to:
+        msg["To"] = list(e.to)
+    if e.cc:
+        msg["Cc"] = list(e.cc)
+    if e.reply_to:
+        msg["Reply-To"] = e.reply_to
+    msg["Subject"] = e.subject
+    msg["Date"] = email.utils.formatdate(localtime=False, usegmt=True)
+    msg["Message-ID"] = e.message_id or new_message_id(getattr(e, "from"))
+    for h in e.headers:
+        msg[h.name] = h.value
+    if e.text or not e.html:
+        msg.set_content(e.text)
+        if e.html:
+            msg.add_alternative(e.html, subtype="html")
+    else:
+        msg.set_content(e.html, subtype="html")
+    for a in e.attachments:
+        maintype, _, subtype = (a.content_type or "application/octet-stream").partition("/")
+        msg.add_attachment(
+            a.content, maintype=maintype, subtype=subtype or "octet-stream", filename=a.filename
+        )
+    return msg.as_bytes()
+
+
+# The fast path writes the message directly, and only for input it can write without the header
+# registry: mailboxes of a plain shape, header values of printable ASCII (RFC 2047 encoding is the
+# slow path's job), no attachments, and no extra header the email package would parse or drop.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_DOT_ATOM = rf"{_ATEXT}+(?:\.{_ATEXT}+)*"
+_DOMAIN = r"[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
+_QTEXT = r"[!#-\[\]-~]+"  # printable ASCII less '"' and '\'
+_DISPLAY_NAME = rf"(?:{_ATEXT}+(?: {_ATEXT}+)*|\"{_QTEXT}(?: {_QTEXT})*\")"
+# "a@example.org", "<a@example.org>", 'Ann Lee <a@example.org>' or '"Lee, Ann" <a@example.org>';
+# the group holds the domain, for a generated Message-ID.
+_PLAIN_MAILBOX = re.compile(rf"(?:{_DOT_ATOM}@({_DOMAIN})|(?:{_DISPLAY_NAME} )?<{_DOT_ATOM}@({_DOMAIN})>)")
+_PLAIN_MSG_ID = re.compile(rf"<{_DOT_ATOM}@{_DOT_ATOM}>")
+# Extra headers that EmailMessage parses as structured fields (or, for Content-*, drops).
+_STRUCTURED_HEADERS = frozenset(email.headerregistry.HeaderRegistry().registry) | RESERVED_HEADERS
+# Fold unstructured values before a space that starts a word, so no folded line is only whitespace.
+_FOLD_POINT = re.compile(r"(?= [^ ])")
+_MAX_HEADER_LINE = 78  # RFC 5322 2.1.1 SHOULD; longer only for a word that cannot be folded
+_MAX_LINE = 998  # RFC 5322 2.1.1 MUST, in octets, without the CRLF
+_PLAIN = b'Content-Type: text/plain; charset="utf-8"'
+_HTML = b'Content-Type: text/html; charset="utf-8"'
+
+
+def render_fast(e: email_pb2.Email) -> bytes | None:
+    """``render`` written directly (30-100x faster, benchmarks/render.py); None when ``e`` needs the slow path.
+
+    Taken when: no attachments; From, To, Cc and Reply-To are plain mailboxes (an addr-spec, with
+    an optional display name of atoms or a simple quoted string); Subject and the extra headers
+    are printable ASCII and the extra headers are not ones the email package treats specially
+    (Sender, Resent-*, Content-*, ...); the Message-ID, when given, is a plain ``<id@right>``;
+    and every header line fits in 998 octets (78 when folding at spaces or commas allows it).
+    Bodies may hold any text: 7bit when ASCII with lines of at most 998 octets, otherwise
+    quoted-printable (or base64 when that is shorter).
+    """
+    if e.attachments:
+        return None
+    sender: str = getattr(e, "from")
+    from_match = _PLAIN_MAILBOX.fullmatch(sender)
+    if from_match is None or len("From: " + sender) > _MAX_HEADER_LINE:
+        return None
+    lines = ["From: " + sender]
+    for name, addresses in (("To", e.to), ("Cc", e.cc)):
+        if addresses:
+            folded = _fold_addresses(name + ": ", addresses)
+            if folded is None:
+                return None
+            lines.append(folded)
+    if e.reply_to:
+        if _PLAIN_MAILBOX.fullmatch(e.reply_to) is None or len("Reply-To: " + e.reply_to) > _MAX_HEADER_LINE:
+            return None
+        lines.append("Reply-To: " + e.reply_to)
+    subject = _fold_unstructured("Subject: ", e.subject)
+    if subject is None:
+        return None
+    lines.append(subject)
+    lines.append("Date: " + _date(int(time.time())))
+    if e.message_id:
+        if _PLAIN_MSG_ID.fullmatch(e.message_id) is None or len("Message-ID: " + e.message_id) > _MAX_LINE:
+            return None
+        lines.append("Message-ID: " + e.message_id)
+    else:
+        lines.append("Message-ID: " + email.utils.make_msgid(domain=from_match[1] or from_match[2]))
+    for h in e.headers:
+        lower = h.name.lower()
+        if not HEADER_NAME.fullmatch(h.name) or lower in _STRUCTURED_HEADERS or lower.startswith("content-"):
+            return None
+        header = _fold_unstructured(h.name + ": ", h.value)
+        if header is None:
+            return None
+        lines.append(header)
+    lines.append("MIME-Version: 1.0")
+    if e.text and e.html:
+        text_cte, text = _encode_body(e.text)
+        html_cte, html = _encode_body(e.html)
+        boundary = _boundary(text, html)
+        dash = b"--" + boundary.encode("ascii")
+        lines.append(f'Content-Type: multipart/alternative;\r\n boundary="{boundary}"')
+        head = "\r\n".join(lines).encode("ascii")
+        # The CRLF before a delimiter belongs to it (RFC 2046 5.1.1); each body ends in its own
+        # CRLF, kept like render_slow keeps it.
+        return b"".join(
+            (
+                *(head, b"\r\n\r\n", dash, b"\r\n"),
+                *(_PLAIN, b"\r\n", text_cte, b"\r\n\r\n", text, b"\r\n", dash, b"\r\n"),
+                *(_HTML, b"\r\n", html_cte, b"\r\n\r\n", html, b"\r\n", dash, b"--\r\n"),
+            )
+        )
+    html_only = bool(e.html) and not e.text
+    cte, data = _encode_body(e.html if html_only else e.text)
+    head = "\r\n".join(lines).encode("ascii")
+    return b"".join((head, b"\r\n", _HTML if html_only else _PLAIN, b"\r\n", cte, b"\r\n\r\n", data))
+
+
+def _printable(value: str) -> bool:
+    return value.isascii() and value.isprintable()
+
+
+def _fold_addresses(prefix: str, mailboxes: Sequence[str]) -> str | None:
+    """``prefix`` and the mailboxes, comma-separated, folded after commas into lines of ≤ 78."""
+    for m in mailboxes:
+        if _PLAIN_MAILBOX.fullmatch(m) is None:
+            return None
+    line = prefix + ", ".join(mailboxes)
+    if len(line) <= _MAX_HEADER_LINE:
+        return line
+    lines: list[str] = []
+    current = prefix + mailboxes[0]
+    for m in mailboxes[1:]:
+        if len(current) + 2 + len(m) < _MAX_HEADER_LINE:  # leave room for the "," of a fold
+            current += ", " + m
+        else:
+            lines.append(current + ",")
+            current = " " + m
+    lines.append(current)
+    if max(map(len, lines)) > _MAX_HEADER_LINE:
+        return None
+    return "\r\n".join(lines)
+
+
+def _fold_unstructured(prefix: str, value: str) -> str | None:
+    """``prefix`` and ``value``, folded before spaces into lines of ≤ 78 where the words allow.
+
+    A word too long for one line keeps a line to itself (RFC 2047 encoded-words would break it,
+    and receivers do not decode them in fields such as List-Unsubscribe). None if ``value`` is
+    not printable ASCII or a line would exceed 998 octets.
+    """
+    if not _printable(value):
+        return None
+    if not value:
+        return prefix.rstrip(" ") if len(prefix) <= _MAX_LINE else None
+    line = prefix + value
+    if len(line) <= _MAX_HEADER_LINE:
+        return line
+    chunks = _FOLD_POINT.split(value)
+    lines: list[str] = []
+    current = prefix + chunks[0]
+    has_word = bool(chunks[0].strip(" "))  # a fold right after "Name:" would keep the spaces
+    for chunk in chunks[1:]:
+        if has_word and len(current) + len(chunk) > _MAX_HEADER_LINE:
+            lines.append(current)
+            current = chunk
+        else:
+            current += chunk
+        has_word = True
+    lines.append(current)
+    if max(map(len, lines)) > _MAX_LINE:
+        return None
+    return "\r\n".join(lines)
+
+
+def _encode_body(text: str) -> tuple[bytes, bytes]:
+    """The Content-Transfer-Encoding header and the encoded body, as ``set_content`` would decode it.
+
+    Line breaks (CRLF, CR or LF) become CRLF and the body ends with one, as in ``render_slow``.
+    """
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if not text.endswith("\n"):
+        text += "\n"
+    if (
+        text.isascii()
+        and "\0" not in text
+        and (len(text) <= _MAX_LINE or max(map(len, text.split("\n"))) <= _MAX_LINE)
+    ):
+        return b"Content-Transfer-Encoding: 7bit", text.replace("\n", "\r\n").encode("ascii")
+    # Canonical text has CRLF line breaks before it is encoded (RFC 2045 6.8); b2a_qp keeps them
+    # as hard breaks, breaks longer lines at 76 with "=" CRLF, and encodes trailing whitespace,
+    # NUL and a lone ".".
+    data = text.replace("\n", "\r\n").encode("utf-8")
+    qp = binascii.b2a_qp(data)
+    # The base64 length, with a CRLF per 76 characters; the smaller wins, as in render_slow.
+    if len(qp) <= -(-len(data) // 3) * 4 + -(-len(data) // 57) * 2:
+        return b"Content-Transfer-Encoding: quoted-printable", qp
+    return b"Content-Transfer-Encoding: base64", base64.encodebytes(data).replace(b"\n", b"\r\n")
+
+
+def _boundary(*parts: bytes) -> str:
+    """A multipart boundary that appears nowhere in ``parts``."""
+    while True:
+        boundary = f"=_{random.getrandbits(128):032x}"
+        marker = b"--" + boundary.encode("ascii")
+        if not any(marker in p for p in parts):
+            return boundary
+
+
+@functools.lru_cache(maxsize=1)
+def _date(second: int) -> str:
+    """RFC 5322 date-time in UTC as "+0000", as render_slow writes it ("GMT" is an obsolete zone)."""
+    return email.utils.format_datetime(datetime.datetime.fromtimestamp(second, datetime.UTC))

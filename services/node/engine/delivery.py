@@ -1,0 +1,352 @@
+"""Sending mail: a small ``Sender`` interface and its SMTP implementation over aiosmtplib.
+
+A ``Sender`` opens ``Connection``s for a (domain, source IP) pair. A connection sends one
+message per SMTP transaction and reports a result per recipient; it connects lazily, binds the
+source address, greets with the EHLO name of that address, upgrades with STARTTLS when offered,
+and stays open for the next message until it has carried ``max_messages_per_connection``.
+It tries the domain's hosts in order; a host it could not connect to is left alone for a while
+(``HostBackoff``). Transport failures never raise: they become temporary results, as RFC 5321
+treats them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+import ssl
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+import aiosmtplib
+
+from services.node.engine.mx import Destinations, DnsUnavailable, Host, NoRoute, family_of
+from services.node.engine.tls import TlsPolicy
+
+__all__ = [
+    "Connection",
+    "Destinations",
+    "Host",
+    "HostBackoff",
+    "NoRoute",
+    "Result",
+    "Sender",
+    "SmtpConnection",
+    "SmtpSender",
+    "Status",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 60.0
+DEFAULT_MAX_MESSAGES_PER_CONNECTION = 100
+
+# RFC 3463 status codes for failures with no SMTP reply.
+NO_ANSWER = "4.4.1"
+BAD_CONNECTION = "4.4.2"
+ROUTING_FAILURE = "4.4.3"
+
+_ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
+
+
+class Status(StrEnum):
+    ACCEPTED = "accepted"
+    TEMPORARY = "temporary"
+    PERMANENT = "permanent"
+
+
+@dataclass(frozen=True)
+class Result:
+    """The outcome for one recipient: ``text`` as the server sent it, ``enhanced`` parsed out of it."""
+
+    status: Status
+    code: int
+    text: str
+    enhanced: str = ""
+    host: str = ""  # the host that replied; empty when no server did
+
+    @classmethod
+    def of_reply(cls, code: int, text: str, host: str = "") -> Result:
+        enhanced = enhanced_code(code, text)
+        if 200 <= code < 300:
+            return cls(Status.ACCEPTED, code, text, enhanced, host)
+        if 500 <= code < 600:
+            return cls(Status.PERMANENT, code, text, enhanced, host)
+        return cls(Status.TEMPORARY, code, text, enhanced, host)
+
+    @classmethod
+    def transient(cls, text: str, enhanced: str = NO_ANSWER) -> Result:
+        """A failure with no SMTP reply (connection refused, timeout, lost connection, DNS failure)."""
+        return cls(Status.TEMPORARY, 0, f"{enhanced} {text}", enhanced)
+
+    @property
+    def status_code(self) -> str:
+        """The RFC 3463 status: the enhanced code, else one derived from the reply's class."""
+        if self.enhanced:
+            return self.enhanced
+        return {Status.ACCEPTED: "2.0.0", Status.TEMPORARY: "4.0.0", Status.PERMANENT: "5.0.0"}[self.status]
+
+
+def enhanced_code(code: int, text: str) -> str:
+    """The RFC 2034 enhanced status code at the start of ``text``, if its class matches ``code``'s."""
+    m = _ENHANCED.match(text)
+    if m is None or code // 100 != int(m.group(1)):
+        return ""
+    return m.group(0)
+
+
+class Connection(Protocol):
+    async def send(self, sender: str, recipients: Sequence[str], data: bytes) -> dict[str, Result]:
+        """Send ``data`` to ``recipients`` in one transaction; a result for every recipient."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class Sender(Protocol):
+    def connection(self, domain: str, source_ip: str) -> Connection: ...
+
+
+BackoffKey = tuple[str, str, int]  # (source IP, host address, port)
+
+
+@dataclass
+class HostBackoff:
+    """Hosts that just refused a connection are left alone: ``base`` seconds, doubling per failure."""
+
+    base: float = 60.0
+    cap: float = 900.0
+    clock: Callable[[], float] = time.monotonic
+    _failures: dict[BackoffKey, tuple[int, float]] = field(default_factory=dict)
+
+    def remaining(self, key: BackoffKey) -> float | None:
+        """Seconds until ``key`` may be tried again; None when it may be tried now."""
+        entry = self._failures.get(key)
+        if entry is None:
+            return None
+        left = entry[1] - self.clock()
+        return left if left > 0 else None
+
+    def failed(self, key: BackoffKey) -> None:
+        failures = self._failures.get(key, (0, 0.0))[0] + 1
+        delay = min(self.cap, self.base * 2.0 ** (failures - 1))
+        self._failures[key] = (failures, self.clock() + delay)
+
+    def succeeded(self, key: BackoffKey) -> None:
+        self._failures.pop(key, None)
+
+
+@dataclass
+class SmtpSender:
+    destinations: Destinations
+    ehlo_name: str
+    timeout: float = DEFAULT_TIMEOUT
+    # Source IP -> EHLO name, for IPs whose name differs from ``ehlo_name``.
+    ehlo_names: Mapping[str, str] = field(default_factory=dict)
+    max_messages_per_connection: int = DEFAULT_MAX_MESSAGES_PER_CONNECTION
+    tls: TlsPolicy = field(default_factory=TlsPolicy)
+    backoff: HostBackoff = field(default_factory=HostBackoff)
+
+    def __post_init__(self) -> None:
+        self.ehlo_names = {str(ipaddress.ip_address(ip)): name for ip, name in self.ehlo_names.items()}
+
+    def ehlo_for(self, source_ip: str) -> str:
+        return self.ehlo_names.get(source_ip, self.ehlo_name)
+
+    def connection(self, domain: str, source_ip: str) -> SmtpConnection:
+        return SmtpConnection(self, domain, source_ip)
+
+
+class _TlsFailed(aiosmtplib.SMTPException):
+    """STARTTLS was refused, the handshake failed, or TLS is required and was not offered."""
+
+
+class _Unreachable(Exception):
+    """No host of the domain took a connection."""
+
+
+class SmtpConnection:
+    """One SMTP connection to a domain's destination, opened on first use and reused."""
+
+    def __init__(self, sender: SmtpSender, domain: str, source_ip: str) -> None:
+        self._sender = sender
+        self._domain = domain
+        self._source_ip = source_ip
+        self._smtp: aiosmtplib.SMTP | None = None
+        self._host = ""
+        self._messages = 0
+        self.tls = False
+
+    @property
+    def connected(self) -> bool:
+        return self._smtp is not None and self._smtp.is_connected
+
+    @property
+    def local_address(self) -> tuple[str, int] | None:
+        """The (source IP, port) of the open connection, if any."""
+        if self._smtp is None or self._smtp.transport is None:
+            return None
+        host, port, *_ = self._smtp.transport.get_extra_info("sockname")
+        return str(host), int(port)
+
+    async def send(self, sender: str, recipients: Sequence[str], data: bytes) -> dict[str, Result]:
+        reused = self.connected
+        if not reused:
+            try:
+                await self._connect()
+            except NoRoute as e:
+                return dict.fromkeys(recipients, Result.of_reply(e.code, f"{e.enhanced} {e}"))
+            except DnsUnavailable as e:
+                return _transient(recipients, str(e), ROUTING_FAILURE)
+            except _Unreachable as e:
+                return _transient(recipients, f"cannot connect: {e}", NO_ANSWER)
+        try:
+            results = await self._transaction(sender, recipients, data)
+        except aiosmtplib.SMTPServerDisconnected as e:
+            if not reused:
+                return _transient(recipients, f"connection lost: {e}", BAD_CONNECTION)
+            # The server dropped the idle connection we kept; try once on a fresh one.
+            return await self.send(sender, recipients, data)
+        self._messages += 1
+        if self._messages >= self._sender.max_messages_per_connection:
+            await self.close()  # QUIT; the next message opens a new connection
+        return results
+
+    async def _transaction(self, sender: str, recipients: Sequence[str], data: bytes) -> dict[str, Result]:
+        smtp = self._smtp
+        assert smtp is not None
+        host = self._host
+        results: dict[str, Result] = {}
+        try:
+            try:
+                await smtp.mail(sender)
+            except aiosmtplib.SMTPSenderRefused as e:
+                await self._reset()
+                return dict.fromkeys(recipients, Result.of_reply(e.code, e.message, host))
+            for rcpt in recipients:
+                try:
+                    reply = await smtp.rcpt(rcpt)
+                    results[rcpt] = Result.of_reply(reply.code, reply.message, host)
+                except aiosmtplib.SMTPRecipientRefused as e:
+                    results[rcpt] = Result.of_reply(e.code, e.message, host)
+            accepted = [r for r, res in results.items() if res.status is Status.ACCEPTED]
+            if not accepted:
+                await self._reset()
+                return results
+            try:
+                reply = await smtp.data(data)
+            except aiosmtplib.SMTPDataError as e:
+                await self._reset()
+                return results | dict.fromkeys(accepted, Result.of_reply(e.code, e.message, host))
+            return results | dict.fromkeys(accepted, Result.of_reply(reply.code, reply.message, host))
+        except aiosmtplib.SMTPServerDisconnected:
+            await self.close()
+            if not results:
+                raise  # nothing was said yet: the caller may retry on a new connection
+            return _transient(recipients, f"connection to {host} lost during the transaction", BAD_CONNECTION)
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
+            await self.close()
+            return _transient(recipients, f"transaction with {host} failed: {e}", BAD_CONNECTION)
+
+    async def _connect(self) -> None:
+        """Connect to the first host that answers, in MX order; skip hosts that failed recently."""
+        destinations = self._sender.destinations
+        family = family_of(self._source_ip)
+        errors: list[str] = []
+        for host in await destinations.hosts(self._domain, family):
+            try:
+                addresses = await destinations.addresses(host, family)
+            except DnsUnavailable as e:
+                errors.append(str(e))
+                continue
+            if not addresses:
+                errors.append(f"{host.host} has no IPv{family} address")
+            for address in addresses:
+                key = (self._source_ip, address, host.port)
+                wait = self._sender.backoff.remaining(key)
+                where = f"{host.host}[{address}]:{host.port}"
+                if wait is not None:
+                    errors.append(f"{where} failed recently (next try in {wait:.1f}s)")
+                    continue
+                try:
+                    self._smtp, self.tls = await self._open(host, address)
+                except (aiosmtplib.SMTPException, OSError) as e:
+                    self._sender.backoff.failed(key)
+                    errors.append(f"{where}: {e}")
+                    continue
+                self._sender.backoff.succeeded(key)
+                self._host = host.host
+                self._messages = 0
+                return
+        raise _Unreachable("; ".join(errors) or f"no host for {self._domain}")
+
+    async def _open(self, host: Host, address: str) -> tuple[aiosmtplib.SMTP, bool]:
+        """A greeted session, over TLS when possible; a failed handshake is retried once in plaintext."""
+        tls = self._sender.tls
+        if tls.enabled:
+            try:
+                return await self._session(host, address, starttls=True)
+            except _TlsFailed as e:
+                if tls.required:
+                    raise
+                log.info("%s[%s]: %s; retrying without TLS", host.host, address, e)
+        return await self._session(host, address, starttls=False)
+
+    async def _session(self, host: Host, address: str, *, starttls: bool) -> tuple[aiosmtplib.SMTP, bool]:
+        smtp = aiosmtplib.SMTP(
+            hostname=address,
+            port=host.port,
+            source_address=(self._source_ip, 0),
+            local_hostname=self._sender.ehlo_for(self._source_ip),
+            timeout=self._sender.timeout,
+            start_tls=False,
+        )
+        try:
+            await smtp.connect()
+            await _greet(smtp)
+            if not starttls:
+                return smtp, False
+            if not smtp.supports_extension("starttls"):
+                if self._sender.tls.required:
+                    raise _TlsFailed(f"{host.host} does not offer STARTTLS, and TLS is required")
+                return smtp, False
+            try:
+                await smtp.starttls(server_hostname=host.host, tls_context=self._sender.tls.context)
+            except (aiosmtplib.SMTPException, ssl.SSLError, OSError) as e:
+                raise _TlsFailed(f"STARTTLS with {host.host} failed: {e}") from e
+            await _greet(smtp)  # RFC 3207 4.2: forget what was said before TLS
+            return smtp, True
+        except BaseException:
+            smtp.close()
+            raise
+
+    async def _reset(self) -> None:
+        if self._smtp is not None and self._smtp.is_connected:
+            try:
+                await self._smtp.rset()
+            except (aiosmtplib.SMTPException, OSError):
+                await self.close()
+
+    async def close(self) -> None:
+        smtp, self._smtp = self._smtp, None
+        self.tls = False
+        if smtp is None or not smtp.is_connected:
+            return
+        try:
+            await smtp.quit()
+        except (aiosmtplib.SMTPException, OSError):
+            smtp.close()
+
+
+async def _greet(smtp: aiosmtplib.SMTP) -> None:
+    try:
+        await smtp.ehlo()
+    except aiosmtplib.SMTPHeloError:
+        await smtp.helo()
+
+
+def _transient(recipients: Sequence[str], text: str, enhanced: str) -> dict[str, Result]:
+    return dict.fromkeys(recipients, Result.transient(text, enhanced))

@@ -1,0 +1,290 @@
+"""The node: its spool, its running pipelines and its place in the registry.
+
+The servicer validates requests and calls these methods; ``services.node.main.start_node``
+wires a ``Node`` to a gRPC server, the registry, its policy watch and its idle reaper.
+
+A pipeline stopped for being idle comes back when mail arrives for it (``pipeline_for_mail``).
+Stopping one is safe against a concurrent ``enqueue``: the stop happens only if no enqueue
+began since the spool was seen empty, and an enqueue that finds its pipeline gone restarts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from collections import Counter
+from collections.abc import Sequence
+
+from google.protobuf import timestamp_pb2
+
+from epoxi import envelope, rendering
+from epoxi.envelope import recipients_in
+from epoxi.policy import Policy
+from epoxi.policy_store import PolicyTable
+from epoxi.registry.services import pipeline_service_id
+from epoxi.routing import routing_key
+from epoxi.v1 import email_pb2, node_pb2, pipeline_pb2
+from services.node.engine.delivery import Sender
+from services.node.engine.dsn import Bouncer
+from services.node.engine.pipeline import FAILED, RUNNING, Pipeline, Retry
+from services.node.engine.spool import Counts, NewMessage, PipelineRecord, Spool
+from services.node.registration import PipelineState, Registrar, Snapshot
+
+log = logging.getLogger(__name__)
+
+
+class Node:
+    def __init__(
+        self,
+        *,
+        id: str,
+        address: str,
+        egress_ips: Sequence[str],
+        ip_pool: str,
+        spool: Spool,
+        sender: Sender,
+        retry: Retry | None = None,
+        connection_idle_timeout: float = 0.0,
+        restart_delay: float = 1.0,
+        stop_grace: float = 5.0,
+    ) -> None:
+        self.id = id
+        self.address = address
+        self.egress_ips = [str(ipaddress.ip_address(ip)) for ip in egress_ips]
+        self.ip_pool = ip_pool
+        self.spool = spool
+        self.sender = sender
+        self.retry = retry or Retry()
+        self.connection_idle_timeout = connection_idle_timeout
+        self.restart_delay = restart_delay
+        self.stop_grace = stop_grace
+        self.registrar: Registrar | None = None
+        # Sends DSNs for bounced mail; None: no DSNs (``--dsn-from`` unset).
+        self.bouncer: Bouncer | None = None
+        self.policies = PolicyTable()
+        self.pipelines: dict[str, Pipeline] = {}
+        # Pipelines stopped for being idle: new mail for them starts them again.
+        self.idle_stopped: dict[str, PipelineRecord] = {}
+        # Per routing key: when mail last arrived or was seen unfinished (time.monotonic()),
+        # how many enqueues began, and how many are under way.
+        self.last_active: dict[str, float] = {}
+        self._enqueues_begun: Counter[str] = Counter()
+        self._enqueuing: Counter[str] = Counter()
+        self._lock = asyncio.Lock()
+
+    def owns(self, ip: str) -> bool:
+        try:
+            return str(ipaddress.ip_address(ip)) in self.egress_ips
+        except ValueError:
+            return False
+
+    async def start_pipeline(
+        self, domain: str, source_ip: str, policy: Policy | None = None
+    ) -> tuple[Pipeline, bool]:
+        """The pipeline for (domain, source_ip), started now (True) or already running (False).
+
+        Without ``policy`` it takes the stored policy assigned to its routing key, else the stored
+        ``default``, else the built-in defaults (``epoxi.policy_store``)."""
+        domain = domain.lower()
+        source_ip = str(ipaddress.ip_address(source_ip))
+        key = routing_key(domain, source_ip)
+        async with self._lock:
+            running = self.pipelines.get(key)
+            if running is not None:
+                return running, False
+            policy = policy or self.policies.for_new_pipeline(key) or Policy(name=key)
+            await self.spool.save_pipeline(key, domain, source_ip, policy)
+            p = Pipeline(
+                routing_key=key,
+                domain=domain,
+                source_ip=source_ip,
+                policy=policy,
+                spool=self.spool,
+                sender=self.sender,
+                retry=self.retry,
+                idle_timeout=self.connection_idle_timeout,
+                restart_delay=self.restart_delay,
+                on_failure=self._pipeline_failed,
+                bouncer=self.bouncer,
+            )
+            self.pipelines[key] = p
+            self.idle_stopped.pop(key, None)
+            self.last_active[key] = time.monotonic()
+            p.start()
+        log.info("pipeline %s started with policy %s", key, policy.name)
+        await self._sync()
+        return p, True
+
+    async def stop_pipeline(self, key: str) -> Pipeline | None:
+        # Under the lock: a new pipeline for the key must not start before this one let go of its mail.
+        async with self._lock:
+            self.idle_stopped.pop(key, None)
+            p = self.pipelines.pop(key, None)
+            if p is None:
+                return None
+            await p.stop(self.stop_grace)
+        await self._forget(key)
+        log.info("pipeline %s stopped", key)
+        return p
+
+    async def stop_if_idle(self, key: str, idle_for: float) -> bool:
+        """Stop ``key``'s pipeline if it has had no unfinished mail and no new mail for ``idle_for``
+        seconds; True when it stopped."""
+        async with self._lock:
+            p = self.pipelines.get(key)
+            begun = self._enqueues_begun[key]
+            if p is None or self._enqueuing[key]:
+                return False
+            counts = await self.spool.counts(key)
+            now = time.monotonic()
+            if counts.unfinished:
+                self.last_active[key] = now
+                return False
+            # Nothing may have arrived while the spool was read: the check and the pop are atomic.
+            if self._enqueuing[key] or self._enqueues_begun[key] != begun:
+                return False
+            if now - self.last_active.get(key, now) < idle_for:
+                return False
+            del self.pipelines[key]
+            self.idle_stopped[key] = PipelineRecord(key, p.domain, p.source_ip, p.policy)
+            await p.stop(self.stop_grace)
+        await self._forget(key)
+        log.info("pipeline %s stopped: no mail for %gs", key, idle_for)
+        return True
+
+    async def pipeline_for_mail(self, key: str) -> Pipeline | None:
+        """The running pipeline for ``key``, started again if it stopped for being idle."""
+        p = self.pipelines.get(key)
+        if p is not None:
+            return p
+        rec = self.idle_stopped.get(key)
+        if rec is None:
+            return None
+        p, started = await self.start_pipeline(rec.domain, rec.source_ip, rec.policy)
+        if started:
+            log.info("pipeline %s started again for new mail", key)
+        return p
+
+    async def resume(self) -> list[Pipeline]:
+        """Start the pipelines that have unfinished mail in the spool, each with its saved policy
+        (or the stored policy it follows, when that changed meanwhile)."""
+        resumed = []
+        for rec in await self.spool.pipelines_to_resume():
+            if not self.owns(rec.source_ip):
+                log.warning("not resuming %s: this node no longer owns %s", rec.routing_key, rec.source_ip)
+                continue
+            policy = self.policies.for_running_pipeline(rec.routing_key, rec.policy)
+            p, _ = await self.start_pipeline(rec.domain, rec.source_ip, policy)
+            resumed.append(p)
+        return resumed
+
+    async def apply_policies(self, table: PolicyTable) -> list[str]:
+        """Adopt ``table`` and give each running pipeline the policy it now follows; the routing
+        keys whose policy changed. The new policy is saved, so a restart resumes with it."""
+        self.policies = table
+        changed = []
+        async with self._lock:
+            for key, p in list(self.pipelines.items()):
+                policy = table.for_running_pipeline(key, p.policy)
+                if policy == p.policy:
+                    continue
+                await self.spool.save_pipeline(key, p.domain, p.source_ip, policy)
+                p.apply_policy(policy)
+                changed.append(key)
+                log.info("pipeline %s now follows policy %s: %s", key, policy.name, policy)
+        if changed:
+            await self._sync()
+        return changed
+
+    async def enqueue(self, p: Pipeline, emails: Sequence[email_pb2.Email]) -> list[str]:
+        """Spool ``emails`` for ``p``'s routing key in one durable transaction; their spool IDs."""
+
+        def render() -> list[NewMessage]:
+            return [
+                NewMessage(envelope.sender_address(e), recipients_in(e, p.domain), rendering.render(e))
+                for e in emails
+            ]
+
+        return await self.enqueue_rendered(p, await asyncio.to_thread(render))
+
+    async def enqueue_rendered(self, p: Pipeline, messages: Sequence[NewMessage]) -> list[str]:
+        """Spool rendered ``messages`` (e.g. a DSN) for ``p``'s routing key, like ``enqueue``."""
+        key = p.routing_key
+        while self.pipelines.get(key) is not p:
+            # It stopped for being idle meanwhile: start it again (an explicit stop also
+            # lands here, and the mail is for a pipeline the caller just used).
+            p, _ = await self.start_pipeline(p.domain, p.source_ip, p.policy)
+        # No await between the check above and this: stop_if_idle sees the enqueue.
+        self._enqueues_begun[key] += 1
+        self._enqueuing[key] += 1
+        try:
+            ids = await self.spool.enqueue(key, messages)
+        finally:
+            self._enqueuing[key] -= 1
+            self.last_active[key] = time.monotonic()
+        p.wake()
+        return ids
+
+    def pipeline_name(self, key: str) -> str:
+        return pipeline_service_id(self.id, key)
+
+    async def pipeline_info(self, p: Pipeline, counts: Counts | None = None) -> pipeline_pb2.PipelineInfo:
+        counts = await p.counts() if counts is None else counts
+        started = timestamp_pb2.Timestamp()
+        started.FromNanoseconds(round(p.started_at * 1e9))
+        return pipeline_pb2.PipelineInfo(
+            name=self.pipeline_name(p.routing_key),
+            routing_key=p.routing_key,
+            node=self.id,
+            address=self.address,
+            policy=p.policy.to_proto(),
+            started_at=started,
+            status=p.status,
+            counters=counts.to_proto(),
+            domain=p.domain,
+            source_ip=p.source_ip,
+            healthy=p.status == RUNNING,
+        )
+
+    async def node_info(self, counts: dict[str, Counts] | None = None) -> node_pb2.NodeInfo:
+        counts = await self.spool.all_counts() if counts is None else counts
+        return node_pb2.NodeInfo(
+            id=self.id,
+            address=self.address,
+            egress_ips=self.egress_ips,
+            pipeline_count=len(self.pipelines),
+            load=sum(c.unfinished for c in counts.values()),
+            ip_pool=self.ip_pool,
+        )
+
+    async def snapshot(self) -> Snapshot:
+        # One spool query for every pipeline's counts, not one each.
+        all_counts = await self.spool.all_counts()
+        states = []
+        for p in list(self.pipelines.values()):
+            counts = all_counts.get(p.routing_key) or Counts()
+            info = await self.pipeline_info(p, counts)
+            states.append(PipelineState(info, p.state_line(counts), p.status == FAILED))
+        return Snapshot(await self.node_info(all_counts), states)
+
+    async def _pipeline_failed(self, p: Pipeline) -> None:
+        await self._sync()
+
+    async def _forget(self, key: str) -> None:
+        if self.registrar is not None:
+            await self.registrar.forget_pipeline(self.pipeline_name(key))
+            await self.registrar.sync()
+
+    async def _sync(self) -> None:
+        if self.registrar is not None:
+            await self.registrar.sync()
+
+    async def close(self) -> None:
+        """Stop every pipeline (their mail stays spooled) and leave the registry."""
+        async with self._lock:
+            pipelines, self.pipelines = list(self.pipelines.values()), {}
+            await asyncio.gather(*(p.stop(self.stop_grace) for p in pipelines))
+        if self.registrar is not None:
+            await self.registrar.deregister_all(self.id)

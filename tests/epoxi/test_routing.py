@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import pytest
+
+from epoxi import placement
+from epoxi.envelope import domains, new_email, recipients_in
+from epoxi.routing import routing_key, split_routing_key
+from epoxi.v1 import node_pb2
+
+
+def test_routing_key_is_the_seed_format():
+    assert routing_key("gmail.com", "192.168.1.1") == "gmail.com_192_168_1_1"
+    assert routing_key("GMail.COM", "127.0.0.2") == "gmail.com_127_0_0_2"
+
+
+@pytest.mark.parametrize(
+    ("domain", "ip"), [("gmail.com", "192.168.1.1"), ("mail.example.org", "2001:db8::1"), ("x.io", "::1")]
+)
+def test_split_routing_key_inverts_routing_key(domain, ip):
+    assert split_routing_key(routing_key(domain, ip)) == (domain, ip)
+
+
+@pytest.mark.parametrize(
+    "key", ["gmail.com", "gmail.com_", "gmail_com_1_2_3_4", "x.org_1_2_3", "_1_2_3_4", ""]
+)
+def test_split_routing_key_rejects_malformed_keys(key):
+    with pytest.raises(ValueError, match="is not <domain>_<source ip>"):
+        split_routing_key(key)
+
+
+def test_recipients_are_grouped_by_domain_case_insensitively():
+    e = new_email("a@x.org", to=["A <a@Gmail.com>", "b@yahoo.com"], cc=["c@gmail.com"], bcc=["d@YAHOO.com"])
+    assert domains(e) == ["gmail.com", "yahoo.com"]
+    assert recipients_in(e, "gmail.com") == ["A <a@Gmail.com>", "c@gmail.com"]
+    assert recipients_in(e, "yahoo.com") == ["b@yahoo.com", "d@YAHOO.com"]
+
+
+def test_placement_prefers_fewest_pipelines_then_least_load_among_owners():
+    nodes = [
+        node_pb2.NodeInfo(id="busy", egress_ips=["10.0.0.1"], pipeline_count=3, load=0),
+        node_pb2.NodeInfo(id="loaded", egress_ips=["10.0.0.1"], pipeline_count=1, load=50),
+        node_pb2.NodeInfo(id="idle", egress_ips=["10.0.0.1"], pipeline_count=1, load=2),
+        node_pb2.NodeInfo(id="other", egress_ips=["10.0.0.2"], pipeline_count=0, load=0),
+    ]
+    assert [n.id for n in placement.candidates(nodes, "10.0.0.1")] == ["idle", "loaded", "busy"]
+    assert placement.best_node(nodes, "10.0.0.9") is None

@@ -1,0 +1,217 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import duration_pb2
+
+from devmesh.sink import Sink
+from epoxi import runtime
+from epoxi.policy import Policy
+from epoxi.v1 import email_pb2, node_pb2, node_pb2_grpc, pipeline_pb2
+from services.node.main import NodeConfig, RunningNode, start_node
+from tests.services.node.conftest import SOURCE_IP, email, fast_policy
+from tests.support import eventually
+
+KEY = "example.com_127_0_0_2"
+FAST = fast_policy().to_proto()
+Stub = node_pb2_grpc.NodeServiceStub
+
+
+def config(tmp_path: Path, sink: Sink, **overrides: object) -> NodeConfig:
+    fields: dict[str, object] = {
+        "id": "n1",
+        "egress_ips": [SOURCE_IP, "127.0.0.3"],
+        "spool": tmp_path / "n1" / "spool.db",
+        "routes": {"*": sink.address},
+        "ehlo_name": "n1.epoxi.test",
+        "retry_base": 0.01,
+        "stop_grace": 1.0,
+        **overrides,
+    }
+    return NodeConfig(**fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def node(tmp_path: Path, sink: Sink) -> AsyncIterator[RunningNode]:
+    n = await start_node(config(tmp_path, sink))
+    yield n
+    await n.close()
+
+
+@pytest.fixture
+async def stub(node: RunningNode) -> AsyncIterator[Stub]:
+    async with runtime.channel(node.address) as ch:
+        yield node_pb2_grpc.NodeServiceStub(ch)
+
+
+async def start(
+    stub: Stub, domain: str = "example.com", ip: str = SOURCE_IP, policy: pipeline_pb2.PipelinePolicy = FAST
+) -> node_pb2.StartPipelineResponse:
+    request = node_pb2.StartPipelineRequest(domain=domain, source_ip=ip, policy=policy)
+    reply: node_pb2.StartPipelineResponse = await stub.StartPipeline(request, timeout=5)
+    return reply
+
+
+async def state(stub: Stub) -> node_pb2.GetNodeStateResponse:
+    reply: node_pb2.GetNodeStateResponse = await stub.GetNodeState(node_pb2.GetNodeStateRequest(), timeout=5)
+    return reply
+
+
+async def test_start_pipeline_is_idempotent(stub: Stub) -> None:
+    first = await start(stub)
+    again = await start(stub, domain="EXAMPLE.com", policy=pipeline_pb2.PipelinePolicy(batch_size=1))
+    assert (first.started, again.started) == (True, False)
+    p = first.pipeline
+    assert (p.name, p.routing_key, p.node, p.domain, p.source_ip) == (
+        f"epoxi-pipeline-n1-{KEY}",
+        KEY,
+        "n1",
+        "example.com",
+        SOURCE_IP,
+    )
+    assert p.status == pipeline_pb2.PIPELINE_STATUS_RUNNING and p.healthy
+    assert again.pipeline.started_at == p.started_at
+    assert again.pipeline.policy == FAST  # the running pipeline keeps its policy
+    listed = await stub.ListPipelines(node_pb2.ListPipelinesRequest(), timeout=5)
+    assert [x.routing_key for x in listed.pipelines] == [KEY]
+
+
+@pytest.mark.parametrize(
+    ("domain", "ip", "policy", "expected"),
+    [
+        ("", SOURCE_IP, None, "domain '' is not a valid domain name"),
+        ("bad domain", SOURCE_IP, None, "domain 'bad domain' is not a valid domain name"),
+        ("example.com", "127.0.0.300", None, "source_ip '127.0.0.300' is not an IP address"),
+        (
+            "example.com",
+            SOURCE_IP,
+            pipeline_pb2.PipelinePolicy(batch_timeout=duration_pb2.Duration(seconds=-1)),
+            "policy.batch_timeout must be a positive duration",
+        ),
+    ],
+)
+async def test_start_pipeline_rejects_bad_arguments(
+    stub: Stub, domain: str, ip: str, policy: pipeline_pb2.PipelinePolicy | None, expected: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await start(stub, domain, ip, policy or pipeline_pb2.PipelinePolicy())
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert expected in (err.value.details() or "")
+    assert list((await state(stub)).pipelines) == []
+
+
+async def test_start_pipeline_refuses_an_ip_the_node_does_not_own(stub: Stub) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await start(stub, ip="127.0.0.9")
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert err.value.details() == "node n1 cannot send from 127.0.0.9; it owns: 127.0.0.2, 127.0.0.3"
+
+
+async def test_stop_pipeline(stub: Stub) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.StopPipeline(node_pb2.StopPipelineRequest(routing_key=KEY), timeout=5)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    await start(stub)
+    stopped = await stub.StopPipeline(node_pb2.StopPipelineRequest(routing_key=KEY), timeout=5)
+    assert stopped.pipeline.status == pipeline_pb2.PIPELINE_STATUS_STOPPED
+    assert list((await state(stub)).pipelines) == []
+
+
+async def test_enqueue_batch_delivers_from_the_source_ip(stub: Stub, sink: Sink) -> None:
+    await start(stub)
+    reply = await stub.EnqueueBatch(
+        node_pb2.EnqueueBatchRequest(
+            routing_key=KEY,
+            emails=[email("a@example.com", "x@other.org"), email("b@example.com", cc=["c@example.com"])],
+        ),
+        timeout=5,
+    )
+    assert len(reply.message_ids) == 2 and len(set(reply.message_ids)) == 2
+    assert reply.pipeline.routing_key == KEY
+    await sink.wait_for(3)
+    assert sorted(sink.recipients()) == ["a@example.com", "b@example.com", "c@example.com"]
+    assert {m.peer for m in sink.received} == {SOURCE_IP}
+    assert all(m.mail_from == "ann@sender.test" for m in sink.received)
+
+    async def all_delivered() -> bool:
+        s = await state(stub)
+        return s.pipelines[0].counters.delivered == 3 and s.node.load == 0
+
+    await eventually(all_delivered)
+    s = await state(stub)
+    assert (s.node.id, list(s.node.egress_ips), s.node.pipeline_count, s.node.ip_pool) == (
+        "n1",
+        [SOURCE_IP, "127.0.0.3"],
+        1,
+        "default",
+    )
+
+
+@pytest.mark.parametrize(
+    ("emails", "expected"),
+    [
+        ([], "emails is empty"),
+        (
+            [email("a@example.com", subject="hi\r\nBcc: evil@example.org")],
+            "emails[0].subject contains CR or LF",
+        ),
+        (
+            [
+                email("a@example.com"),
+                email(
+                    "b@example.com",
+                    headers=[email_pb2.Header(name="X-Tag", value="1\nBcc: evil@example.org")],
+                ),
+            ],
+            "emails[1].headers[0] (X-Tag) value contains CR or LF",
+        ),
+        ([email("not-an-address")], "emails[0].to[0] 'not-an-address' is not an email address"),
+        ([email("a@example.com"), email("b@example.org")], "emails[1] has no recipient in example.com"),
+    ],
+)
+async def test_enqueue_batch_rejects_bad_emails_and_spools_nothing(
+    stub: Stub, emails: list[email_pb2.Email], expected: str
+) -> None:
+    await start(stub)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.EnqueueBatch(node_pb2.EnqueueBatchRequest(routing_key=KEY, emails=emails), timeout=5)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert expected in (err.value.details() or "")
+    s = await state(stub)
+    assert s.node.load == 0 and s.pipelines[0].counters == pipeline_pb2.PipelineCounters()
+
+
+async def test_enqueue_batch_needs_a_running_pipeline(stub: Stub) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.EnqueueBatch(
+            node_pb2.EnqueueBatchRequest(routing_key=KEY, emails=[email("a@example.com")]), timeout=5
+        )
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert KEY in (err.value.details() or "")
+
+
+async def test_a_restarted_node_resumes_unfinished_pipelines_with_their_policy(
+    tmp_path: Path, sink: Sink
+) -> None:
+    slow = Policy(name="slow", batch_size=50, batch_timeout=3600.0).to_proto()
+    async with await start_node(config(tmp_path, sink)) as first, runtime.channel(first.address) as ch:
+        stub = node_pb2_grpc.NodeServiceStub(ch)
+        await start(stub, policy=slow)
+        await stub.EnqueueBatch(
+            node_pb2.EnqueueBatchRequest(routing_key=KEY, emails=[email("a@example.com")]), timeout=5
+        )
+        await start(stub, domain="example.org", policy=FAST)  # no mail: not resumed
+
+    async with await start_node(config(tmp_path, sink)) as second, runtime.channel(second.address) as ch:
+        stub = node_pb2_grpc.NodeServiceStub(ch)
+        [p] = (await state(stub)).pipelines
+        assert p.routing_key == KEY and p.policy == slow
+        assert p.counters.queued == 1 and sink.received == []  # still waiting for its batch to fill
+
+        await stub.StopPipeline(node_pb2.StopPipelineRequest(routing_key=KEY), timeout=5)
+        await start(stub, policy=FAST)
+        await sink.wait_for(1)
+        assert sink.recipients() == ["a@example.com"]

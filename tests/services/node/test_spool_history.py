@@ -1,0 +1,173 @@
+"""The spool's attempt history and its queue inspection queries."""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from services.node.engine.spool import Counts, NewMessage, Outcome, Spool, State, split_reply
+
+KEY = "example.com_127_0_0_2"
+OTHER = "example.org_127_0_0_2"
+
+
+def message(*recipients: str, subject: str = "hi") -> NewMessage:
+    return NewMessage("ann@sender.test", recipients, f"Subject: {subject}\r\n\r\nhello\r\n".encode())
+
+
+async def test_an_outcome_and_its_attempt_are_one_transaction(spool: Spool) -> None:
+    [mid] = await spool.enqueue(KEY, [message("a@example.com", "b@example.com")])
+    [job] = await spool.claim(KEY, time.time(), 10)
+    a, b = job.deliveries
+    statements: list[str] = []
+    await spool._run(spool._db.set_trace_callback, statements.append)
+    await spool.record(
+        [
+            Outcome(a.id, State.DEFERRED, 1, time.time() + 60, 451, "4.3.0 try later"),
+            Outcome(b.id, State.BOUNCED, 1, time.time(), 550, "5.1.1 no such user"),
+        ]
+    )
+    await spool._run(spool._db.set_trace_callback, None)
+    assert sum(s.strip().upper().startswith("COMMIT") for s in statements) == 1
+    found = await spool.message(mid)
+    assert found is not None
+    _, attempts = found
+    assert [
+        (x.recipient, x.attempt, x.result, x.reply_code, x.enhanced_code, x.reply_text) for x in attempts
+    ] == [
+        ("a@example.com", 1, State.DEFERRED, 451, "4.3.0", "try later"),
+        ("b@example.com", 1, State.BOUNCED, 550, "5.1.1", "no such user"),
+    ]
+
+
+async def test_every_attempt_is_kept_in_order(spool: Spool) -> None:
+    [mid] = await spool.enqueue(KEY, [message("a@example.com")])
+    for n, (state, code, text) in enumerate(
+        [
+            (State.DEFERRED, 0, "cannot connect: refused"),
+            (State.DEFERRED, 421, "4.7.0 busy"),
+            (State.DELIVERED, 250, "2.0.0 OK"),
+        ],
+        start=1,
+    ):
+        [job] = await spool.claim(KEY, time.time() + 3600 * n, 1)
+        await spool.record([Outcome(job.deliveries[0].id, state, n, time.time(), code, text)])
+    found = await spool.message(mid)
+    assert found is not None
+    row, attempts = found
+    assert [(x.attempt, x.result, x.reply_code, x.enhanced_code, x.reply_text) for x in attempts] == [
+        (1, State.DEFERRED, 0, "", "cannot connect: refused"),
+        (2, State.DEFERRED, 421, "4.7.0", "busy"),
+        (3, State.DELIVERED, 250, "2.0.0", "OK"),
+    ]
+    assert attempts[0].attempted_at <= attempts[1].attempted_at <= attempts[2].attempted_at
+    [d] = row.deliveries
+    assert (d.state, d.attempts, d.reply_code) == (State.DELIVERED, 3, 250)
+    assert (row.id, row.routing_key, row.sender) == (mid, KEY, "ann@sender.test")
+    assert row.size == len(b"Subject: hi\r\n\r\nhello\r\n") and row.head.startswith(b"Subject: hi")
+
+
+@pytest.mark.parametrize(
+    ("code", "text", "expected"),
+    [
+        (550, "5.1.1 no such user", ("5.1.1", "no such user")),
+        (451, "4.3.0", ("4.3.0", "")),
+        (250, "2.0.0 OK: queued", ("2.0.0", "OK: queued")),
+        (550, "4.1.1 wrong class", ("", "4.1.1 wrong class")),  # RFC 3463: the class must match
+        (550, "no code here", ("", "no code here")),
+        (550, "5.1.1x not a code", ("", "5.1.1x not a code")),
+        (0, "4.4.2 connection lost", ("4.4.2", "connection lost")),
+        (None, "5.1.10 null MX", ("5.1.10", "null MX")),
+        (None, None, ("", None)),
+    ],
+)
+def test_split_reply(code: int | None, text: str | None, expected: tuple[str, str | None]) -> None:
+    assert split_reply(code, text) == expected
+
+
+async def test_queue_stats_give_the_next_retry_of_deferred_mail(spool: Spool) -> None:
+    await spool.enqueue(KEY, [message("a@example.com"), message("b@example.com"), message("c@example.com")])
+    await spool.enqueue(OTHER, [message("x@example.org")])
+    now = time.time()
+    jobs = await spool.claim(KEY, now, 2)
+    await spool.record(
+        [
+            Outcome(jobs[0].deliveries[0].id, State.DEFERRED, 1, now + 300, 451, "4.3.0 later"),
+            Outcome(jobs[1].deliveries[0].id, State.DEFERRED, 1, now + 100, 451, "4.3.0 later"),
+        ]
+    )
+    stats = await spool.queue_stats()
+    assert stats[KEY].counts == Counts(queued=1, deferred=2)
+    assert stats[KEY].next_attempt_at == now + 100
+    assert stats[OTHER].counts == Counts(queued=1) and stats[OTHER].next_attempt_at is None
+    assert set(await spool.queue_stats(OTHER)) == {OTHER}
+    assert await spool.queue_stats("nothing.test_127_0_0_2") == {}
+
+
+async def test_listing_pages_through_messages_oldest_first(spool: Spool) -> None:
+    ids = [(await spool.enqueue(KEY, [message(f"r{i}@example.com")]))[0] for i in range(5)]
+    await spool.enqueue(OTHER, [message("x@example.org")])
+    [job] = await spool.claim(KEY, time.time(), 1)
+    await spool.record([Outcome(job.deliveries[0].id, State.DELIVERED, 1, time.time(), 250, "2.0.0 OK")])
+
+    seen: list[str] = []
+    after = None
+    while True:
+        page = await spool.list_messages(KEY, None, after, 2)
+        seen += [m.id for m in page]
+        if len(page) < 2:
+            break
+        after = (page[-1].created_at, page[-1].id)
+    assert seen == ids
+    queued = await spool.list_messages(KEY, State.QUEUED, None, 10)
+    assert [m.id for m in queued] == ids[1:]
+    delivered = await spool.list_messages(KEY, State.DELIVERED, None, 10)
+    assert [m.id for m in delivered] == [ids[0]]
+    assert len(await spool.list_messages(None, None, None, 10)) == 6
+
+
+async def test_an_unknown_message_is_none(spool: Spool) -> None:
+    assert await spool.message("nope") is None
+
+
+async def test_a_spool_from_before_attempt_history_opens_and_records(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    spool = await Spool.open(path)
+    [mid] = await spool.enqueue(KEY, [message("a@example.com")])
+    await spool.close()
+    with contextlib.closing(sqlite3.connect(path)) as db, db:  # as an older node left it
+        db.execute("DROP TABLE attempts")
+    spool = await Spool.open(path)
+    try:
+        [job] = await spool.claim(KEY, time.time(), 1)
+        await spool.record([Outcome(job.deliveries[0].id, State.DELIVERED, 1, time.time(), 250, "2.0.0 OK")])
+        found = await spool.message(mid)
+        assert found is not None and [a.result for a in found[1]] == [State.DELIVERED]
+    finally:
+        await spool.close()
+
+
+async def test_outcomes_recorded_together_keep_the_time_of_each_attempt(spool: Spool) -> None:
+    [mid] = await spool.enqueue(KEY, [message("a@example.com", "b@example.com")])
+    [job] = await spool.claim(KEY, time.time(), 10)
+    a, b = job.deliveries
+    statements: list[str] = []
+    await spool._run(spool._db.set_trace_callback, statements.append)
+    await spool.record(
+        [
+            Outcome(a.id, State.DELIVERED, 1, 1000.0, 250, "2.0.0 OK", attempted_at=1000.0),
+            Outcome(b.id, State.DEFERRED, 1, 1060.0, 451, "4.3.0 later", attempted_at=1001.5),
+        ]
+    )
+    await spool._run(spool._db.set_trace_callback, None)
+    assert sum(s.strip().upper().startswith("COMMIT") for s in statements) == 1
+    found = await spool.message(mid)
+    assert found is not None
+    assert [(x.recipient, x.attempted_at) for x in found[1]] == [
+        ("a@example.com", 1000.0),
+        ("b@example.com", 1001.5),
+    ]
