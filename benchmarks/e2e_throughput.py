@@ -42,9 +42,10 @@ from benchmarks.profiling import PySpy, summarize
 from benchmarks.smtpsink import SmtpSink
 from benchmarks.workload import SENDER, Key, blast, emails, keys, rendered
 from devmesh.supervisor import Mesh, NodeSpec
-from epoxi import address, rendering, runtime
+from epoxi import address, rendering
 from epoxi.policy import DEFAULT_MAX_CONNECTIONS
 from epoxi.registry.services import PIPELINE_SERVICE, pipeline_service_id
+from epoxi.runtime.channels import RPC_TIMEOUT, Channels, channel
 from epoxi.v1 import email_pb2, node_pb2, node_pb2_grpc, pipeline_pb2, router_pb2, router_pb2_grpc
 
 UNTHROTTLED = 1_000_000  # allowed_messages per second when --throttle is not given
@@ -138,14 +139,14 @@ async def start_pipelines(
     """Start every key's pipeline with ``policy`` on the node that owns its IP, and wait until the
     registry shows them passing (the router would start them with the default policy)."""
     owner = {ip: spec.id for spec in specs for ip in spec.egress_ips}
-    channels = runtime.Channels()
+    channels = Channels()
     try:
         for k in ks:
             node = owner[k.source_ip]
             stub = node_pb2_grpc.NodeServiceStub(channels.get(mesh.address(node)))
             await stub.StartPipeline(
                 node_pb2.StartPipelineRequest(domain=k.domain, source_ip=k.source_ip, policy=policy),
-                timeout=runtime.RPC_TIMEOUT,
+                timeout=RPC_TIMEOUT,
             )
     finally:
         await channels.close()
@@ -160,7 +161,7 @@ async def submit(
     """RouteEmails for every request, ``in_flight`` calls at a time; the recipients accepted."""
     accepted = 0
     pending = iter(requests)
-    async with runtime.channel(router) as ch:
+    async with channel(router) as ch:
         stub = router_pb2_grpc.RouterServiceStub(ch)
 
         async def worker() -> None:

@@ -27,9 +27,9 @@ from typing import Any
 
 from benchmarks import _utils
 from devmesh.supervisor import Process, spawn
-from epoxi import runtime
 from epoxi.registry import client
 from epoxi.registry.services import NODE_SERVICE, PIPELINE_SERVICE
+from epoxi.runtime.channels import channel
 from epoxi.v1 import node_pb2, node_pb2_grpc
 
 EGRESS_IP = "127.0.0.2"
@@ -84,7 +84,7 @@ async def start_pipelines(address: str, count: int, concurrency: int, r: Result,
     domains = iter(f"idle{i}.bench.test" for i in range(count))
     start = time.perf_counter()
     marks = {m for m in (1, 10, 100, 250, 500, 750, 1000, 2000, 5000) if m <= count} | {count}
-    async with runtime.channel(address) as ch:
+    async with channel(address) as ch:
         stub = node_pb2_grpc.NodeServiceStub(ch)
 
         async def worker() -> None:

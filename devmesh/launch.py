@@ -11,7 +11,9 @@ from pathlib import Path
 from google.protobuf import json_format
 
 from devmesh.supervisor import Mesh
-from epoxi import envelope, runtime
+from epoxi import envelope
+from epoxi.runtime.channels import channel
+from epoxi.runtime.lifecycle import configure_logging, run_until_signalled
 from epoxi.v1 import email_pb2, router_pb2, router_pb2_grpc
 
 DEMO_RECIPIENTS = [
@@ -27,7 +29,7 @@ DEMO_RECIPIENTS = [
 def demo_emails() -> list[email_pb2.Email]:
     return [
         envelope.new_email(
-            "Epoxi Demo <demo@devmesh.launch>",
+            "Epoxi Demo <demo@epoxi.dev>",
             to=[rcpt],
             subject=f"Hello {rcpt.split('@')[0].title()}",
             text="Routed by Epoxi mesh: router -> node pipeline -> SMTP.",
@@ -39,7 +41,7 @@ def demo_emails() -> list[email_pb2.Email]:
 
 
 async def send_demo(mesh: Mesh) -> router_pb2.RouteEmailsResponse:
-    async with runtime.channel(mesh.address("router")) as ch:
+    async with channel(mesh.address("router")) as ch:
         stub = router_pb2_grpc.RouterServiceStub(ch)
         reply: router_pb2.RouteEmailsResponse = await stub.RouteEmails(
             router_pb2.RouteEmailsRequest(emails=demo_emails()), timeout=30
@@ -101,13 +103,32 @@ async def run(args: argparse.Namespace, stop: asyncio.Event) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", default=os.environ.get("EPOXI_DATA_DIR", "var/dev"))
+    parser.add_argument(
+        "--data-dir", default=os.environ.get("EPOXI_DATA_DIR", "var/dev"), help="spools and delivered mail"
+    )
     parser.add_argument("--consul", default=os.environ.get("CONSUL_HTTP_ADDR"), help="use this registry")
     parser.add_argument("--registry", default="127.0.0.1:8500", help="dev registry HTTP address")
-    parser.add_argument("--router", default="127.0.0.1:50051")
-    parser.add_argument("--monitor", default="127.0.0.1:50052")
-    parser.add_argument("--gateway", default="127.0.0.1:8080")
-    parser.add_argument("--sink", default="127.0.0.1:2525")
+    parser.add_argument("--router", default="127.0.0.1:50051", help="router gRPC address")
+    parser.add_argument("--monitor", default="127.0.0.1:50052", help="monitor gRPC address")
+    parser.add_argument("--gateway", default="127.0.0.1:8080", help="gateway HTTP address")
+    parser.add_argument("--sink", default="127.0.0.1:2525", help="mail sink SMTP address")
     parser.add_argument("--no-demo", action="store_true", help="do not send the demo batch")
     parser.add_argument("--exit-after-demo", action="store_true", help="stop once the demo is delivered")
     parser.add_argument("-v", "--verbose", action="store_true", help="show every service's log")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="epoxi dev", description="Run the whole mesh on this machine, with a demo batch."
+    )
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    configure_logging("WARNING")
+    code = 0
+
+    async def dev_main(stop: asyncio.Event) -> None:
+        nonlocal code
+        code = await run(args, stop)
+
+    asyncio.run(run_until_signalled(dev_main))
+    return code

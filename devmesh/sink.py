@@ -168,7 +168,7 @@ class Sink:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from epoxi.runtime import run_until_signalled
+    from epoxi.runtime.lifecycle import run_until_signalled
 
     parser = argparse.ArgumentParser(
         prog="epoxi sink", description="Accept and keep mail, like a test inbox."

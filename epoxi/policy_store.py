@@ -2,7 +2,7 @@
 
 Layout (values are what ``curl -X PUT --data`` stores)::
 
-    epoxi/policy_store/<name>                   protobuf JSON of epoxi.v1.PipelinePolicy
+    epoxi/policies/<name>                   protobuf JSON of epoxi.v1.PipelinePolicy
     epoxi/policy-assignments/<routing_key>  the name of a policy, as plain text
 
 A node starting a pipeline without a policy in the request uses the policy assigned to its
@@ -25,7 +25,7 @@ from epoxi.policy import Policy
 from epoxi.registry.client import Consul
 from epoxi.v1 import pipeline_pb2
 
-POLICIES = "epoxi/policy_store/"
+POLICIES = "epoxi/policies/"
 ASSIGNMENTS = "epoxi/policy-assignments/"
 DEFAULT_POLICY = "default"
 

@@ -36,6 +36,7 @@ class Setting:
     flag: str | None
     env: tuple[str, ...] | None
     repeated: bool
+    collect: Callable[[tuple[Any, ...]], Any]
     required: bool
     shown: str | None
     metavar: str | None
@@ -49,6 +50,7 @@ def setting(
     flag: str | None = None,
     env: str | Sequence[str] | None = None,
     repeated: bool = False,
+    collect: Callable[[tuple[Any, ...]], Any] = tuple,
     required: bool = False,
     shown: str | None = None,
     metavar: str | None = None,
@@ -59,7 +61,8 @@ def setting(
     ``parse`` turns one text value into the field's value and raises ValueError (or
     ``argparse.ArgumentTypeError``) with a message when it cannot. ``env`` names the variables
     read in order (default: the prefix and the field's name); ``shown`` is the default as
-    help writes it; ``repeated`` settings hold a tuple; ``required`` ones must not end empty.
+    help writes it; a ``repeated`` setting's values are passed to ``collect`` (a tuple by
+    default; ``dict`` for ``parse`` functions that return pairs); ``required`` ones must not end empty.
     """
     meta = {
         _KEY: Setting(
@@ -68,15 +71,16 @@ def setting(
             flag=flag,
             env=(env,) if isinstance(env, str) else (tuple(env) if env is not None else None),
             repeated=repeated,
+            collect=collect,
             required=required,
             shown=shown,
             metavar=metavar,
         )
     }
+    if repeated and default is dataclasses.MISSING and default_factory is None:
+        default_factory = lambda: collect(())  # noqa: E731
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
-    if repeated and default is dataclasses.MISSING:
-        default = ()
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -182,7 +186,7 @@ def from_args(
     for d in _declared(cls):
         value = getattr(args, d.dest, None)
         if value is not None and d.setting.repeated:
-            value = tuple(value)
+            value = d.setting.collect(tuple(value))
         if value is None:
             value = _from_env(d, env, env_prefix, parser)
         if value is None:
@@ -209,7 +213,7 @@ def _from_env(
             continue
         try:
             if d.setting.repeated:
-                return tuple(d.setting.parse(part) for part in text.split(",") if part)
+                return d.setting.collect(tuple(d.setting.parse(part) for part in text.split(",") if part))
             return d.setting.parse(text)
         except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
             _fail(parser, f"{name}={text!r}: {e}")

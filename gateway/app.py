@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import grpc
 from aiohttp import web
 from google.protobuf import descriptor, message
 
-from epoxi import runtime
+from epoxi.runtime.channels import RPC_TIMEOUT
+from epoxi.runtime.lifecycle import Service
 from gateway.errors import GatewayError, rpc_error_response, status_response
 from gateway.routes import MethodNotAllowed, NoRoute, RouteTable
 from gateway.transcode import BadRequest, build_request, response_json
@@ -22,9 +22,7 @@ log = logging.getLogger(__name__)
 _METADATA_PREFIX = "grpc-metadata-"
 
 
-def create_app(
-    routes: RouteTable, upstream: Upstream, rpc_timeout: float = runtime.RPC_TIMEOUT
-) -> web.Application:
+def create_app(routes: RouteTable, upstream: Upstream, rpc_timeout: float = RPC_TIMEOUT) -> web.Application:
     async def handle(request: web.Request) -> web.StreamResponse:
         try:
             return await _handle(request, routes, upstream, rpc_timeout)
@@ -94,47 +92,54 @@ def _metadata(request: web.Request) -> list[tuple[str, str]]:
     return md
 
 
-@dataclass
-class Gateway:
+class HttpServer:
+    """The gateway's aiohttp site, as the service lifecycle sees a server."""
+
+    def __init__(self, runner: web.AppRunner) -> None:
+        self.runner = runner
+
+    async def serving(self) -> None:
+        pass  # no health endpoint yet: listening is serving
+
+    async def not_serving(self) -> None:
+        pass
+
+    async def stop(self, grace: float) -> None:
+        await self.runner.cleanup()  # waits up to the runner's shutdown_timeout, which is the grace
+
+
+class Gateway(Service):
     """A running gateway; ``address`` is ``host:port`` with the bound port."""
 
-    runner: web.AppRunner
     upstream: Upstream
-    address: str
-
-    async def close(self) -> None:
-        try:
-            await self.runner.cleanup()
-        finally:
-            await self.upstream.close()
 
 
 async def start_gateway(
     listen: str,
     services: Iterable[descriptor.ServiceDescriptor],
     upstream: Upstream,
-    rpc_timeout: float = runtime.RPC_TIMEOUT,
+    rpc_timeout: float = RPC_TIMEOUT,
+    stop_grace: float = 5.0,
 ) -> Gateway:
     """Serve the annotated methods of ``services`` on ``listen`` (``host:0`` picks a free port).
 
     The gateway owns ``upstream`` and closes it.
     """
-    try:
+    gateway = Gateway("gateway", stop_grace)
+    async with gateway.starting():
+        gateway.upstream = gateway.closing(upstream)
         routes = RouteTable.from_services(services)
-        runner = web.AppRunner(create_app(routes, upstream, rpc_timeout))
+        runner = web.AppRunner(create_app(routes, upstream, rpc_timeout), shutdown_timeout=stop_grace)
         await runner.setup()
-    except BaseException:
-        await upstream.close()
-        raise
-    host, _, port = listen.rpartition(":")
-    host = host.strip("[]")
-    try:
-        site = web.TCPSite(runner, host or None, int(port))
-        await site.start()
-    except BaseException:
-        await runner.cleanup()
-        await upstream.close()
-        raise
-    bound = runner.addresses[0][1]
-    shown = f"[{host}]" if ":" in host else host
-    return Gateway(runner, upstream, f"{shown}:{bound}")
+        server = HttpServer(runner)
+        host, _, port = listen.rpartition(":")
+        host = host.strip("[]")
+        try:
+            await web.TCPSite(runner, host or None, int(port)).start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        bound = runner.addresses[0][1]
+        shown = f"[{host}]" if ":" in host else host
+        await gateway.attach(server, f"{shown}:{bound}")
+    return gateway

@@ -1,55 +1,56 @@
-"""Wiring for the HTTP gateway: flags, the monitor's address (given or discovered), the HTTP server."""
+"""Wiring for the HTTP gateway: its settings, the monitor's address (given or discovered), the HTTP server."""
 
 from __future__ import annotations
 
-import argparse
-import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 
-from epoxi import runtime
+from epoxi import durations, settings
 from epoxi.registry import client
+from epoxi.runtime.channels import RPC_TIMEOUT
+from epoxi.runtime.lifecycle import serve_main
+from epoxi.settings import setting
 from epoxi.v1 import monitor_pb2
 from gateway.app import Gateway, start_gateway
 from gateway.upstream import RegistryUpstream, StaticUpstream, Upstream
 
 MONITOR_SERVICE = "epoxi-monitor"
 SERVICES = [monitor_pb2.DESCRIPTOR.services_by_name["MonitorService"]]
+ENV_PREFIX = "EPOXI_GATEWAY_"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    env = os.environ.get
-    parser.add_argument(
-        "--listen", default=env("EPOXI_GATEWAY_LISTEN", "127.0.0.1:8080"), help="HTTP host:port"
+@dataclass(frozen=True)
+class GatewayConfig:
+    listen: str = setting("127.0.0.1:8080", help="HTTP host:port")
+    monitor: str | None = setting(
+        None, help=f"the monitor's gRPC host:port (default: a passing {MONITOR_SERVICE} from the registry)"
     )
-    parser.add_argument(
-        "--monitor",
-        default=env("EPOXI_GATEWAY_MONITOR"),
-        help=f"the monitor's gRPC host:port (default: a passing {MONITOR_SERVICE} from the registry)",
-    )
-    parser.add_argument(
-        "--consul",
-        default=env("EPOXI_GATEWAY_CONSUL") or env("CONSUL_HTTP_ADDR"),
+    consul: str | None = setting(
+        None,
+        env=("EPOXI_GATEWAY_CONSUL", "CONSUL_HTTP_ADDR"),
         help="registry HTTP address, used when --monitor is not given",
     )
-    parser.add_argument(
-        "--timeout",
-        type=float,
-        default=float(env("EPOXI_GATEWAY_TIMEOUT", str(runtime.RPC_TIMEOUT))),
-        help="seconds per gRPC call",
+    timeout: float = setting(RPC_TIMEOUT, parse=durations.seconds, help="seconds per gRPC call")
+    stop_grace: float = setting(
+        5.0, parse=durations.seconds, shown="5s", help="how long requests under way may take at shutdown"
     )
 
 
-async def start(args: argparse.Namespace) -> Gateway:
+async def start(config: GatewayConfig) -> Gateway:
     upstream: Upstream
-    if args.monitor:
-        upstream = StaticUpstream(args.monitor)
+    if config.monitor:
+        upstream = StaticUpstream(config.monitor)
     else:
-        upstream = RegistryUpstream(client.connect(args.consul), MONITOR_SERVICE, owns_client=True)
-    return await start_gateway(args.listen, SERVICES, upstream, args.timeout)
+        upstream = RegistryUpstream(client.connect(config.consul), MONITOR_SERVICE, owns_client=True)
+    return await start_gateway(config.listen, SERVICES, upstream, config.timeout, config.stop_grace)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="epoxi gateway", description="Serve the monitor's HTTP admin API (google.api.http)."
+def main(argv: Sequence[str] | None = None) -> int:
+    config = settings.parse(
+        GatewayConfig,
+        argv,
+        prog="epoxi gateway",
+        description="Serve the monitor's HTTP admin API (google.api.http).",
+        env_prefix=ENV_PREFIX,
     )
-    add_arguments(parser)
-    return runtime.serve_main("gateway", parser, start, argv)
+    return serve_main("gateway", lambda: start(config))

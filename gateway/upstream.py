@@ -10,7 +10,7 @@ import aiohttp
 import consul
 import grpc
 
-from epoxi import runtime
+from epoxi.runtime.channels import Channels, channel
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class Upstream(Protocol):
 class StaticUpstream:
     def __init__(self, target: str) -> None:
         self.target = target
-        self._channel = runtime.channel(target)
+        self._channel = channel(target)
 
     async def channel(self) -> grpc.aio.Channel:
         return self._channel
@@ -54,7 +54,7 @@ class RegistryUpstream:
         self._owns_client = owns_client
         self.service = service
         self.target: str | None = None
-        self._channels = runtime.Channels()
+        self._channels = Channels()
 
     async def channel(self) -> grpc.aio.Channel:
         if self.target is None:

@@ -1,12 +1,23 @@
-"""Helpers shared by the tests."""
+"""Helpers shared by the tests: waiting for a condition, and starting real nodes."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
+
+from google.protobuf import duration_pb2
+
+from epoxi.runtime.channels import Channels
+from epoxi.v1 import node_pb2, node_pb2_grpc, pipeline_pb2
+from services.node.main import NodeConfig, RunningNode, start_node
 
 T = TypeVar("T")
+
+SOURCE_IP = "127.0.0.2"
+# Seconds: the registry's probes and TTLs run fast in tests.
+CHECK_INTERVAL = 0.2
 
 
 async def eventually(check: Callable[[], Awaitable[T]], seconds: float = 30.0, step: float = 0.02) -> T:
@@ -17,3 +28,51 @@ async def eventually(check: Callable[[], Awaitable[T]], seconds: float = 30.0, s
             if result := await check():
                 return result
             await asyncio.sleep(step)
+
+
+class Nodes:
+    """Starts real nodes that deliver to one sink (and register when given a registry); closes
+    them all at the end."""
+
+    def __init__(self, data: Path, sink: str, registry: str | None = None) -> None:
+        self.data = data
+        self.sink = sink
+        self.registry = registry
+        self.running: dict[str, RunningNode] = {}
+        self.channels = Channels()
+
+    def config(self, id: str, *egress_ips: str, **overrides: Any) -> NodeConfig:
+        fields: dict[str, Any] = {
+            "id": id,
+            "egress_ips": list(egress_ips),
+            "spool": self.data / id / "spool.db",
+            "routes": {"*": self.sink},
+            "consul": self.registry,
+            "check_interval": CHECK_INTERVAL,
+            "stop_grace": 1.0,
+            **overrides,
+        }
+        return NodeConfig(**fields)
+
+    async def start(self, id: str, *egress_ips: str, **overrides: Any) -> RunningNode:
+        node = self.running[id] = await start_node(self.config(id, *egress_ips, **overrides))
+        return node
+
+    def stub(self, id: str) -> node_pb2_grpc.NodeServiceStub:
+        return self.stub_at(self.running[id].address)
+
+    def stub_at(self, address: str) -> node_pb2_grpc.NodeServiceStub:
+        return node_pb2_grpc.NodeServiceStub(self.channels.get(address))
+
+    async def start_pipeline(self, id: str, domain: str, ip: str) -> None:
+        # A short batch timeout, so enqueued mail goes out at once.
+        policy = pipeline_pb2.PipelinePolicy(batch_timeout=duration_pb2.Duration(nanos=50_000_000))
+        await self.stub(id).StartPipeline(
+            node_pb2.StartPipelineRequest(domain=domain, source_ip=ip, policy=policy), timeout=5
+        )
+
+    async def close(self) -> None:
+        try:
+            await asyncio.gather(*(n.close() for n in self.running.values()))
+        finally:
+            await self.channels.close()

@@ -6,14 +6,14 @@ import argparse
 import socket
 
 from devmesh.registry.app import RunningRegistry, serve
-from devmesh.registry.codec import parse_duration
 from devmesh.registry.state import RegistryConfig
-from epoxi.runtime import serve_main
+from epoxi import durations
+from epoxi.runtime.lifecycle import serve_main
 
 
 def _duration(text: str) -> int:
     try:
-        return parse_duration(text)
+        return durations.parse(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -67,7 +67,8 @@ async def start(args: argparse.Namespace) -> RunningRegistry:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return serve_main("registry", build_parser(), start, argv)
+    args = build_parser().parse_args(argv)
+    return serve_main("registry", lambda: start(args))
 
 
 if __name__ == "__main__":

@@ -17,14 +17,7 @@ from aiohttp import web
 
 from devmesh.registry.blocking import parse_query_options
 from devmesh.registry.checks import CheckRunner
-from devmesh.registry.codec import (
-    DecodeError,
-    ListOf,
-    MapOf,
-    Struct,
-    decode_body,
-    format_duration,
-)
+from devmesh.registry.codec import DecodeError, ListOf, MapOf, Struct, decode_body
 from devmesh.registry.state import (
     CONSUL_VERSION,
     CRITICAL,
@@ -38,6 +31,7 @@ from devmesh.registry.state import (
 )
 from devmesh.registry.views import agent_service, health_check
 from devmesh.registry.web import Handler, HTTPError, bad_request, json_response, param
+from epoxi import durations
 
 CHECK_TYPE = Struct(
     "CheckType",
@@ -339,8 +333,8 @@ class AgentEndpoints:
             service_name=service.name,
             service_tags=list(service.tags),
             type=check_type_of(definition),
-            interval=format_duration(interval) if interval else "",
-            timeout=format_duration(timeout) if timeout else "",
+            interval=durations.format(interval) if interval else "",
+            timeout=durations.format(timeout) if timeout else "",
         )
         spec = CheckSpec(
             ttl=definition.get("TTL", 0),
@@ -485,12 +479,12 @@ class AgentEndpoints:
                     "ServerMode": True,
                     "ACLsEnabled": False,
                     "AdvertiseAddrLAN": config.advertise_address,
-                    "CheckDeregisterIntervalMin": format_duration(config.check_deregister_interval_min),
-                    "CheckReapInterval": format_duration(config.check_reap_interval),
-                    "CheckUpdateInterval": format_duration(config.check_update_interval),
-                    "SessionTTLMin": format_duration(config.session_ttl_min),
-                    "DefaultQueryTime": format_duration(config.default_query_time),
-                    "MaxQueryTime": format_duration(config.max_query_time),
+                    "CheckDeregisterIntervalMin": durations.format(config.check_deregister_interval_min),
+                    "CheckReapInterval": durations.format(config.check_reap_interval),
+                    "CheckUpdateInterval": durations.format(config.check_update_interval),
+                    "SessionTTLMin": durations.format(config.session_ttl_min),
+                    "DefaultQueryTime": durations.format(config.default_query_time),
+                    "MaxQueryTime": durations.format(config.max_query_time),
                 },
                 "Coord": {"Vec": [0, 0, 0, 0, 0, 0, 0, 0], "Error": 1.5, "Adjustment": 0, "Height": 1e-05},
                 "Member": self.member(),

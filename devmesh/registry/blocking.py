@@ -16,9 +16,9 @@ from typing import TypeVar
 
 from aiohttp import web
 
-from devmesh.registry.codec import SECOND, parse_duration
 from devmesh.registry.state import Store
 from devmesh.registry.web import HTTPError, bad_request, param
+from epoxi import durations
 
 T = TypeVar("T")
 
@@ -36,7 +36,7 @@ def parse_query_options(request: web.Request, datacenter: str) -> tuple[int, int
     wait = 0
     if param(request, "wait"):
         try:
-            wait = parse_duration(param(request, "wait"))
+            wait = durations.parse(param(request, "wait"))
         except ValueError:
             raise bad_request("Invalid wait time") from None
     index = 0
@@ -64,7 +64,7 @@ async def blocking_query(
         timeout = store.config.default_query_time
     timeout += int(random.random() * (timeout // JITTER_FRACTION))
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout / SECOND
+    deadline = loop.time() + timeout / durations.SECOND
     while True:
         remaining = deadline - loop.time()
         if remaining <= 0:

@@ -26,13 +26,13 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from devmesh.registry.codec import SECOND
 from devmesh.registry.state import CRITICAL, PASSING, Store
+from epoxi import durations
 
 log = logging.getLogger(__name__)
 
-MIN_INTERVAL = SECOND
-DEFAULT_GRPC_TIMEOUT = 10 * SECOND
+MIN_INTERVAL = durations.SECOND
+DEFAULT_GRPC_TIMEOUT = 10 * durations.SECOND
 OUTPUT_MAX_SIZE = 4 * 1024
 _GO_CODE_NAMES = {"CANCELLED": "Canceled"}
 
@@ -93,7 +93,13 @@ class CheckRunner:
             interval = max(spec.interval, MIN_INTERVAL)
             timeout = spec.timeout if spec.timeout > 0 else DEFAULT_GRPC_TIMEOUT
             self._probes[check_id] = asyncio.create_task(
-                self._probe_loop(check_id, spec.grpc, interval / SECOND, timeout / SECOND, spec.grpc_use_tls)
+                self._probe_loop(
+                    check_id,
+                    spec.grpc,
+                    interval / durations.SECOND,
+                    timeout / durations.SECOND,
+                    spec.grpc_use_tls,
+                )
             )
 
     def stop(self, check_id: str) -> None:
@@ -120,7 +126,7 @@ class CheckRunner:
         if timer is not None:
             timer.cancel()
         loop = asyncio.get_running_loop()
-        self._ttl_timers[check_id] = loop.call_later(ttl / SECOND, self._ttl_expired, check_id)
+        self._ttl_timers[check_id] = loop.call_later(ttl / durations.SECOND, self._ttl_expired, check_id)
 
     def _ttl_expired(self, check_id: str) -> None:
         self._ttl_timers.pop(check_id, None)
@@ -157,7 +163,7 @@ class CheckRunner:
 
     async def _reap_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.store.config.check_reap_interval / SECOND)
+            await asyncio.sleep(self.store.config.check_reap_interval / durations.SECOND)
             self.reap()
 
     def reap(self) -> None:
@@ -170,7 +176,7 @@ class CheckRunner:
             after = local.spec.deregister_critical_service_after
             if not service_id or service_id in reaped or after <= 0 or local.critical_since is None:
                 continue
-            if (now - local.critical_since) * SECOND > max(after, minimum):
+            if (now - local.critical_since) * durations.SECOND > max(after, minimum):
                 reaped.add(service_id)
                 log.info("service %s has been critical for too long; deregistered", service_id)
                 self.remove_service(service_id)

@@ -9,98 +9,10 @@ Durations follow Go's ``time.ParseDuration`` and ``time.Duration.String``.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from typing import Any
 
-NANOSECOND = 1
-MICROSECOND = 1000 * NANOSECOND
-MILLISECOND = 1000 * MICROSECOND
-SECOND = 1000 * MILLISECOND
-MINUTE = 60 * SECOND
-HOUR = 60 * MINUTE
-
-_UNITS = {
-    "ns": NANOSECOND,
-    "us": MICROSECOND,
-    "\u00b5s": MICROSECOND,
-    "\u03bcs": MICROSECOND,
-    "ms": MILLISECOND,
-    "s": SECOND,
-    "m": MINUTE,
-    "h": HOUR,
-}
-_NUMBER = re.compile(r"(\d*)(?:\.(\d*))?")
-_UNIT = re.compile(r"[^\d.]*")
-
-
-def go_quote(text: str) -> str:
-    """Go's ``strconv.Quote`` for the printable strings that appear in error messages."""
-    return json.dumps(text, ensure_ascii=False)
-
-
-def parse_duration(text: str) -> int:
-    """Go's ``time.ParseDuration``; returns nanoseconds or raises ``ValueError`` with Go's text."""
-    invalid = ValueError(f"time: invalid duration {go_quote(text)}")
-    rest = text
-    negative = False
-    if rest[:1] in ("-", "+"):
-        negative = rest[0] == "-"
-        rest = rest[1:]
-    if rest == "0":
-        return 0
-    if not rest:
-        raise invalid
-    total = 0
-    while rest:
-        number = _NUMBER.match(rest)
-        assert number is not None  # the pattern also matches the empty string
-        whole, fraction = number.group(1), number.group(2)
-        if not whole and not fraction:
-            raise invalid
-        rest = rest[number.end() :]
-        unit_text = _UNIT.match(rest)
-        unit_name = unit_text.group(0) if unit_text else ""
-        if not unit_name:
-            raise ValueError(f"time: missing unit in duration {go_quote(text)}")
-        if unit_name not in _UNITS:
-            raise ValueError(f"time: unknown unit {go_quote(unit_name)} in duration {go_quote(text)}")
-        unit = _UNITS[unit_name]
-        rest = rest[len(unit_name) :]
-        value = int(whole or "0") * unit
-        if fraction:
-            value += int(fraction) * unit // 10 ** len(fraction)
-        total += value
-    return -total if negative else total
-
-
-def _decimal(value: int, places: int) -> str:
-    whole, fraction = divmod(value, 10**places)
-    digits = str(fraction).rjust(places, "0").rstrip("0")
-    return f"{whole}.{digits}" if digits else str(whole)
-
-
-def format_duration(nanos: int) -> str:
-    """Go's ``time.Duration.String`` (``1h0m0s``, ``1.5s``, ``100ms``, ``0s``)."""
-    if nanos == 0:
-        return "0s"
-    magnitude = abs(nanos)
-    if magnitude < MICROSECOND:
-        text = f"{magnitude}ns"
-    elif magnitude < MILLISECOND:
-        text = _decimal(magnitude, 3) + "\u00b5s"
-    elif magnitude < SECOND:
-        text = _decimal(magnitude, 6) + "ms"
-    else:
-        seconds = _decimal(magnitude % MINUTE, 9) + "s"
-        minutes = magnitude // MINUTE
-        if minutes == 0:
-            text = seconds
-        else:
-            hours, minutes = divmod(minutes, 60)
-            text = (f"{hours}h" if hours else "") + f"{minutes}m" + seconds
-    return "-" + text if nanos < 0 else text
-
+from epoxi import durations
 
 # --- request decoding -------------------------------------------------------------------------
 
@@ -184,7 +96,7 @@ def _decode(value: object, kind: Kind, where: str) -> Any:
     if kind == "duration":
         if isinstance(value, str):
             try:
-                return parse_duration(value)
+                return durations.parse(value)
             except ValueError as exc:
                 raise DecodeError(str(exc)) from None
         if isinstance(value, int | float) and not isinstance(value, bool):
@@ -218,7 +130,7 @@ def decode_struct(value: dict[str, object], struct: Struct) -> dict[str, Any]:
     for key, item in value.items():
         field = _field_for(key, struct)
         if field is None:
-            raise DecodeError(f"json: unknown field {go_quote(key)}")
+            raise DecodeError(f"json: unknown field {durations.go_quote(key)}")
         name, kind = field
         decoded = _decode(item, kind, f"{struct.go_name}.{name}")
         if decoded is not None or isinstance(kind, ListOf | MapOf):

@@ -16,22 +16,14 @@ from typing import Any
 from aiohttp import web
 
 from devmesh.registry.blocking import blocking_query
-from devmesh.registry.codec import (
-    HOUR,
-    SECOND,
-    DecodeError,
-    ListOf,
-    Struct,
-    decode_body,
-    format_duration,
-    parse_duration,
-)
+from devmesh.registry.codec import DecodeError, ListOf, Struct, decode_body
 from devmesh.registry.state import SERF_CHECK_ID, Session, Store, StoreError
 from devmesh.registry.views import session as session_view
 from devmesh.registry.web import Handler, HTTPError, bad_request, json_response, meta_headers
+from epoxi import durations
 
 SESSION_TTL_MULTIPLIER = 2
-SESSION_TTL_MAX = 24 * HOUR
+SESSION_TTL_MAX = 24 * durations.HOUR
 LOCK_DELAY_MIN_THRESHOLD = 1000  # nanoseconds: smaller values are taken as seconds
 
 SESSION = Struct(
@@ -55,18 +47,18 @@ SESSION = Struct(
 def lock_delay_of(value: Any) -> int | None:
     """``Session.UnmarshalJSON``: a duration string or nanoseconds; below 1000 means seconds."""
     if isinstance(value, str):
-        delay = parse_duration(value)
+        delay = durations.parse(value)
     elif isinstance(value, int | float) and not isinstance(value, bool):
         delay = int(value)
     else:
         return None
-    return delay * SECOND if delay < LOCK_DELAY_MIN_THRESHOLD else delay
+    return delay * durations.SECOND if delay < LOCK_DELAY_MIN_THRESHOLD else delay
 
 
 def ttl_of(ttl: str) -> int:
     if ttl in ("", "0", "0s", "0m", "0h"):
         return 0
-    return parse_duration(ttl)
+    return durations.parse(ttl)
 
 
 class SessionTimers:
@@ -81,7 +73,7 @@ class SessionTimers:
         self.clear(session_id)
         if ttl <= 0:
             return
-        delay = ttl * SESSION_TTL_MULTIPLIER / SECOND
+        delay = ttl * SESSION_TTL_MULTIPLIER / durations.SECOND
         self._timers[session_id] = asyncio.get_running_loop().call_later(delay, self._expire, session_id)
 
     def clear(self, session_id: str) -> None:
@@ -145,14 +137,14 @@ class SessionEndpoints:
         ttl = 0
         if entry.ttl != "":
             try:
-                ttl = parse_duration(entry.ttl)
+                ttl = durations.parse(entry.ttl)
             except ValueError as exc:
                 raise HTTPError(500, f"Session TTL '{entry.ttl}' invalid: {exc}") from None
             if ttl != 0 and (ttl < config.session_ttl_min or ttl > SESSION_TTL_MAX):
                 raise HTTPError(
                     500,
                     f"Invalid Session TTL '{ttl}', must be between "
-                    f"[{format_duration(config.session_ttl_min)}={format_duration(SESSION_TTL_MAX)}]",
+                    f"[{durations.format(config.session_ttl_min)}={durations.format(SESSION_TTL_MAX)}]",
                 )
         entry.id = str(uuid.uuid4())
         try:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from devmesh.registry.codec import MINUTE, SECOND, go_quote
+from epoxi import durations
 
 PASSING = "passing"
 WARNING = "warning"
@@ -39,12 +39,12 @@ class RegistryConfig:
     node_name: str = field(default_factory=socket.gethostname)
     datacenter: str = "dc1"
     advertise_address: str = "127.0.0.1"
-    session_ttl_min: int = 10 * SECOND
-    check_deregister_interval_min: int = MINUTE
-    check_reap_interval: int = 30 * SECOND
-    check_update_interval: int = 5 * MINUTE
-    default_query_time: int = 300 * SECOND
-    max_query_time: int = 600 * SECOND
+    session_ttl_min: int = 10 * durations.SECOND
+    check_deregister_interval_min: int = durations.MINUTE
+    check_reap_interval: int = 30 * durations.SECOND
+    check_update_interval: int = 5 * durations.MINUTE
+    default_query_time: int = 300 * durations.SECOND
+    max_query_time: int = 600 * durations.SECOND
 
 
 @dataclass
@@ -131,7 +131,7 @@ class Session:
     id: str
     node: str
     name: str = ""
-    lock_delay: int = 15 * SECOND
+    lock_delay: int = 15 * durations.SECOND
     behavior: str = "release"
     ttl: str = ""
     node_checks: list[str] | None = None
@@ -364,7 +364,7 @@ class Store:
         if interval > 0 and check.status == status:
             check.output = output
             if local.deferred_sync is None:
-                delay = (interval / 2 + random.uniform(0, interval)) / SECOND
+                delay = (interval / 2 + random.uniform(0, interval)) / durations.SECOND
                 local.deferred_sync = asyncio.get_running_loop().call_later(
                     delay, self._deferred_sync, check_id
                 )
@@ -435,7 +435,7 @@ class Store:
         if session == "":
             raise StoreError("missing session")
         if session not in self.sessions:
-            raise StoreError(f"invalid session {go_quote(session)}")
+            raise StoreError(f"invalid session {durations.go_quote(session)}")
         existing = self.kv.get(key)
         lock_index = 1
         if existing is not None:
@@ -516,7 +516,7 @@ class Store:
             tables += ["kvs", "tombstones"] if session.behavior == "delete" else ["kvs"]
         index = self._write(tables)
         del self.sessions[session_id]
-        expires = time.monotonic() + session.lock_delay / SECOND
+        expires = time.monotonic() + session.lock_delay / durations.SECOND
         for key in held:
             if session.behavior == "delete":
                 self._kv_delete_locked(key, index)

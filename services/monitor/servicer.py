@@ -17,9 +17,10 @@ import aiohttp
 import grpc
 from consul import ConsulException
 
-from epoxi import routing, runtime
+from epoxi import routing
 from epoxi.registry import services
 from epoxi.routing import routing_key, split_routing_key
+from epoxi.runtime.channels import Channels
 from epoxi.v1 import monitor_pb2, monitor_pb2_grpc, node_pb2, node_pb2_grpc, pipeline_pb2
 from services.monitor import cluster
 
@@ -32,7 +33,7 @@ class MonitorService(monitor_pb2_grpc.MonitorServiceServicer):
     def __init__(
         self,
         consul: Any,
-        channels: runtime.Channels,
+        channels: Channels,
         node_timeout: float = 2.0,
         admin_timeout: float = 15.0,
     ) -> None:

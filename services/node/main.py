@@ -1,4 +1,4 @@
-"""Wiring for the node: flags, the gRPC server, the spool, SMTP delivery and the registry.
+"""Wiring for the node: its settings, the gRPC server, the spool, SMTP delivery and the registry.
 
 In-process use (tests, tools)::
 
@@ -11,22 +11,20 @@ In-process use (tests, tools)::
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
+import ipaddress
 import logging
-import os
-import re
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 
 import dns.asyncresolver
 
-from epoxi import runtime
+from epoxi import durations, settings
 from epoxi.registry import client
 from epoxi.registry.services import split_address
+from epoxi.runtime.lifecycle import Service, serve_main
+from epoxi.settings import group, setting
 from epoxi.v1 import node_pb2, node_pb2_grpc
 from services.node import outbound
 from services.node.engine.delivery import Host
@@ -34,7 +32,7 @@ from services.node.engine.pipeline import Retry
 from services.node.engine.spool import Spool
 from services.node.idle import IdleReaper
 from services.node.policy_feed import PolicyWatch
-from services.node.registration import Registrar, go_duration
+from services.node.registration import Registrar
 from services.node.retention import Retention
 from services.node.servicer import NodeService
 from services.node.supervisor import Node
@@ -42,198 +40,14 @@ from services.node.supervisor import Node
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = node_pb2.DESCRIPTOR.services_by_name["NodeService"].full_name
-_WILDCARDS = {"", "0.0.0.0", "::", "[::]"}
+ENV_PREFIX = "EPOXI_NODE_"
 
 
-@dataclass
-class NodeConfig:
-    id: str
-    egress_ips: Sequence[str] = ()
-    spool: str | Path = "spool.db"
-    listen: str = "127.0.0.1:0"
-    advertise: str | None = None
-    ip_pool: str = "default"
-    # Domain (or "*") -> "host:port"; other domains go to their MX hosts on port 25.
-    routes: Mapping[str, str] = field(default_factory=dict)
-    ehlo_name: str = field(default_factory=socket.getfqdn)
-    # Registry address; None runs the node without a registry.
-    consul: str | None = None
-    check_interval: float = 5.0
-    deregister_after: str = "1m"
-    retry_base: float = 60.0
-    retry_cap: float = 3600.0
-    # Seconds an SMTP connection stays open once its pipeline has nothing due.
-    connection_idle_timeout: float = 0.0
-    # Seconds a pipeline with no unfinished mail keeps running before it stops (0: never).
-    pipeline_idle_timeout: float = 300.0
-    # Seconds finished mail stays in the spool after its last outcome (0: forever), and how
-    # often the node purges what is older.
-    retention: float = 7 * 86400.0
-    purge_interval: float = 600.0
-    # Follow the stored policies in the registry's KV store (with a registry only).
-    watch_policies: bool = True
-    # Longest wait of one blocking query on them (a change arrives at once either way);
-    # None: check_interval, so the watch costs about what the TTL checks cost.
-    policy_watch_wait: float | None = None
-    restart_delay: float = 1.0
-    stop_grace: float = 5.0
-    smtp_timeout: float = 60.0
-    resolver: dns.asyncresolver.Resolver | None = None
-    # DNS server, EHLO names, TLS, connection reuse, host backoff and DSNs (services.node.outbound).
-    delivery: outbound.DeliveryConfig = field(default_factory=outbound.DeliveryConfig)
-
-
-class RunningNode:
-    """A started node: ``address`` is what others dial; ``close()`` shuts it down gracefully."""
-
-    def __init__(
-        self,
-        node: Node,
-        server: runtime.Server,
-        spool: Spool,
-        consul: client.Consul | None,
-        registrar_task: asyncio.Task[None] | None,
-        stop_grace: float,
-    ) -> None:
-        self.node = node
-        self.server = server
-        self.spool = spool
-        self.consul = consul
-        self._registrar_task = registrar_task
-        self._stop_grace = stop_grace
-        self._closed = False
-        self.policy_watch: PolicyWatch | None = None
-        self.retention: Retention | None = None
-        self._tasks: list[asyncio.Task[None]] = []
-
-    @property
-    def id(self) -> str:
-        return self.node.id
-
-    @property
-    def address(self) -> str:
-        return self.node.address
-
-    async def close(self) -> None:
-        """Health NOT_SERVING and stop serving, stop pipelines, leave the registry, close the spool."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            await self.server.stop(self._stop_grace)
-        finally:
-            tasks, self._tasks = self._tasks, []
-            for t in tasks:
-                t.cancel()
-            for t in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await t
-            if self.policy_watch is not None:
-                await self.policy_watch.close()
-            if self._registrar_task is not None:
-                self._registrar_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._registrar_task
-            try:
-                await self.node.close()
-            finally:
-                if self.consul is not None:
-                    await self.consul.close()
-                await self.spool.close()
-
-    async def __aenter__(self) -> RunningNode:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
-
-
-async def start_node(config: NodeConfig) -> RunningNode:
-    """Open the spool, serve NodeService, register in the registry, load the stored policies and
-    resume unfinished pipelines; then watch the policies, stop idle pipelines and purge old
-    finished mail."""
-    Path(config.spool).parent.mkdir(parents=True, exist_ok=True)
-    spool = await Spool.open(config.spool)
+def parse_ip(text: str) -> str:
     try:
-        sender = outbound.build_sender(
-            config.delivery,
-            parse_routes(config.routes),
-            config.ehlo_name,
-            config.smtp_timeout,
-            config.resolver,
-        )
-        node = Node(
-            id=config.id,
-            address="",
-            egress_ips=config.egress_ips,
-            ip_pool=config.ip_pool,
-            spool=spool,
-            sender=sender,
-            retry=Retry(config.retry_base, config.retry_cap),
-            connection_idle_timeout=config.connection_idle_timeout,
-            restart_delay=config.restart_delay,
-            stop_grace=config.stop_grace,
-        )
-        node.bouncer = outbound.build_bouncer(config.delivery, node, config.ehlo_name)
-        servicer = NodeService(node)
-        server = await runtime.start_server(
-            config.listen,
-            [(lambda s: node_pb2_grpc.add_NodeServiceServicer_to_server(servicer, s), SERVICE_NAME)],
-        )
-    except BaseException:
-        await spool.close()
-        raise
-    node.address = config.advertise or advertised_address(config.listen, server.port)
-    consul = client.connect(config.consul) if config.consul else None
-    running = RunningNode(node, server, spool, consul, None, config.stop_grace)
-    try:
-        if consul is not None:
-            node.registrar = Registrar(
-                consul,
-                node.snapshot,
-                interval=config.check_interval,
-                deregister_after=config.deregister_after,
-            )
-            await node.registrar.sync()
-            if config.watch_policies:
-                wait = go_duration(config.policy_watch_wait or config.check_interval)
-                running.policy_watch = PolicyWatch(consul, node.apply_policies, wait)
-                if await running.policy_watch.load():
-                    node.policies = running.policy_watch.table
-        resumed = await node.resume()
-        if resumed:
-            log.info("resumed %d pipelines: %s", len(resumed), ", ".join(p.routing_key for p in resumed))
-        if node.registrar is not None:
-            running._registrar_task = asyncio.create_task(node.registrar.run(), name=f"registrar {node.id}")
-        if running.policy_watch is not None:
-            running.policy_watch.start()
-        if config.pipeline_idle_timeout > 0:
-            reaper = IdleReaper(node, config.pipeline_idle_timeout)
-            running._tasks.append(asyncio.create_task(reaper.run(), name=f"idle reaper {node.id}"))
-        if config.retention > 0:
-            running.retention = Retention(spool, config.retention, config.purge_interval)
-            running._tasks.append(asyncio.create_task(running.retention.run(), name=f"retention {node.id}"))
-    except BaseException:
-        await running.close()
-        raise
-    return running
-
-
-def advertised_address(listen: str, port: int) -> str:
-    host = listen.rpartition(":")[0]
-    if host in _WILDCARDS:
-        host = socket.getfqdn()
-    return f"{host}:{port}"
-
-
-def parse_routes(routes: Mapping[str, str]) -> dict[str, Host]:
-    out = {}
-    for domain, target in routes.items():
-        host, port = split_address(target)
-        out[domain.lower()] = Host(host, port)
-    return out
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IP address") from None
 
 
 def parse_route(text: str) -> tuple[str, str]:
@@ -247,122 +61,211 @@ def parse_route(text: str) -> tuple[str, str]:
     return domain, target
 
 
-_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h|d)")
-_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-
-def parse_duration(text: str) -> float:
-    """Seconds in ``"1.5"``, ``"500ms"``, ``"5s"``, ``"2m"``, ``"1h30m"`` or ``"7d"``."""
-    text = text.strip()
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    parts = _DURATION.findall(text)
-    if not parts or "".join(n + u for n, u in parts) != text:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 500ms, 5s or 2m")
-    return sum(float(n) * _UNIT[u] for n, u in parts)
-
-
 def non_negative_duration(text: str) -> float:
-    seconds = parse_duration(text)
+    seconds = durations.seconds(text)
     if seconds < 0:
         raise argparse.ArgumentTypeError(f"{text!r} is negative")
     return seconds
 
 
 def positive_duration(text: str) -> float:
-    seconds = parse_duration(text)
+    seconds = durations.seconds(text)
     if seconds <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive duration")
     return seconds
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    env = os.environ.get
-    parser.add_argument("--id", default=env("EPOXI_NODE_ID", f"node-{socket.gethostname()}"))
-    parser.add_argument(
-        "--listen", default=env("EPOXI_NODE_LISTEN", "127.0.0.1:0"), help="host:port (port 0: any)"
+@dataclass(frozen=True)
+class NodeConfig:
+    id: str = setting(
+        default_factory=lambda: f"node-{socket.gethostname()}", shown="node-<hostname>", help="the node's ID"
     )
-    parser.add_argument("--advertise", default=env("EPOXI_NODE_ADVERTISE"), help="address others dial")
-    parser.add_argument(
-        "--egress-ip",
-        action="append",
-        dest="egress_ips",
-        help="a source IP this node sends from (repeatable)",
+    egress_ips: Sequence[str] = setting(
+        flag="--egress-ip",
+        env="EPOXI_NODE_EGRESS_IP",
+        parse=parse_ip,
+        repeated=True,
+        metavar="IP",
+        help="a source IP this node sends from",
     )
-    parser.add_argument("--ip-pool", default=env("EPOXI_NODE_IP_POOL", "default"))
-    parser.add_argument(
-        "--spool", default=env("EPOXI_NODE_SPOOL"), help="SQLite file (default var/<id>/spool.db)"
+    spool: str | Path | None = setting(None, shown="var/<id>/spool.db", help="the spool's SQLite file")
+    listen: str = setting("127.0.0.1:0", help="host:port to serve gRPC on (port 0: any)")
+    advertise: str | None = setting(None, help="the address others dial (default: from --listen)")
+    ip_pool: str = setting("default", help="the IP pool the egress IPs belong to")
+    # Domain (or "*") -> "host:port"; other domains go to their MX hosts on port 25.
+    routes: Mapping[str, str] = setting(
+        flag="--route",
+        env="EPOXI_NODE_ROUTE",
+        parse=parse_route,
+        repeated=True,
+        collect=dict,
+        metavar="DOMAIN=HOST:PORT",
+        help="send mail for DOMAIN ('*': every domain) to HOST:PORT instead of its MX hosts",
     )
-    parser.add_argument(
-        "--route", action="append", dest="routes", type=parse_route, help="DOMAIN=HOST:PORT ('*': all)"
+    ehlo_name: str = setting(default_factory=socket.getfqdn, shown="the host's FQDN", help="the EHLO name")
+    # Registry address; None runs the node without a registry.
+    consul: str | None = setting(
+        None, env=("EPOXI_NODE_CONSUL", "CONSUL_HTTP_ADDR"), help="registry HTTP address (default: none)"
     )
-    parser.add_argument("--ehlo-name", default=env("EPOXI_NODE_EHLO_NAME", socket.getfqdn()))
-    parser.add_argument(
-        "--consul", default=env("EPOXI_NODE_CONSUL", env("CONSUL_HTTP_ADDR")), help="registry HTTP address"
+    check_interval: float = setting(
+        5.0,
+        parse=positive_duration,
+        shown="5s",
+        help="how often the registry checks the node and its pipelines",
     )
-    parser.add_argument(
-        "--check-interval", type=parse_duration, default=env("EPOXI_NODE_CHECK_INTERVAL", "5s")
+    deregister_after: str = field(default="1m")
+    retry_base: float = setting(
+        60.0, parse=positive_duration, shown="60s", help="the first retry's delay, doubling per attempt"
     )
-    parser.add_argument(
-        "--retry-base", type=parse_duration, default=env("EPOXI_NODE_RETRY_BASE", "60"), help="seconds"
+    retry_cap: float = field(default=3600.0)
+    connection_idle_timeout: float = setting(
+        0.0,
+        parse=non_negative_duration,
+        shown="0",
+        help="keep an SMTP connection open this long once its pipeline has nothing due",
     )
-    parser.add_argument(
-        "--connection-idle-timeout",
-        type=parse_duration,
-        default=env("EPOXI_NODE_CONNECTION_IDLE_TIMEOUT", "0"),
-        help="keep idle SMTP connections open this long",
-    )
-    parser.add_argument(
-        "--pipeline-idle-timeout",
-        type=parse_duration,
-        default=env("EPOXI_NODE_PIPELINE_IDLE_TIMEOUT", "5m"),
+    pipeline_idle_timeout: float = setting(
+        300.0,
+        parse=non_negative_duration,
+        shown="5m",
         help="stop a pipeline (and leave the registry) after this long without unfinished mail; 0: never",
     )
-    parser.add_argument(
-        "--retention",
-        type=non_negative_duration,
-        default=env("EPOXI_NODE_RETENTION", "7d"),
+    retention: float = setting(
+        7 * 86400.0,
+        parse=non_negative_duration,
+        shown="7d",
         help="delete finished mail (and its attempt history) this long after its last outcome; 0: never",
     )
-    parser.add_argument(
-        "--purge-interval",
-        type=positive_duration,
-        default=env("EPOXI_NODE_PURGE_INTERVAL", "10m"),
+    purge_interval: float = setting(
+        600.0,
+        parse=positive_duration,
+        shown="10m",
         help="how often to delete finished mail older than --retention",
     )
-    outbound.add_arguments(parser, parse_duration)
+    # Follow the stored policies in the registry's KV store (with a registry only).
+    watch_policies: bool = field(default=True)
+    # Longest wait of one blocking query on them (a change arrives at once either way);
+    # None: check_interval, so the watch costs about what the TTL checks cost.
+    policy_watch_wait: float | None = field(default=None)
+    restart_delay: float = field(default=1.0)
+    stop_grace: float = setting(
+        5.0,
+        parse=non_negative_duration,
+        shown="5s",
+        help="how long deliveries under way may take at shutdown",
+    )
+    smtp_timeout: float = setting(60.0, parse=positive_duration, shown="60s", help="SMTP command timeout")
+    resolver: dns.asyncresolver.Resolver | None = field(default=None)
+    # DNS server, EHLO names, TLS, connection reuse, host backoff and DSNs (services.node.outbound).
+    delivery: outbound.DeliveryConfig = group(outbound.DeliveryConfig)
+
+    @property
+    def spool_path(self) -> Path:
+        return Path(self.spool) if self.spool else Path("var") / self.id / "spool.db"
 
 
-def config_from_args(args: argparse.Namespace) -> NodeConfig:
-    env = os.environ.get
-    egress = args.egress_ips or [ip for ip in env("EPOXI_NODE_EGRESS_IP", "").split(",") if ip]
-    routes = args.routes or [parse_route(r) for r in env("EPOXI_NODE_ROUTE", "").split(",") if r]
-    return NodeConfig(
-        id=args.id,
-        egress_ips=egress,
-        spool=args.spool or Path("var") / args.id / "spool.db",
-        listen=args.listen,
-        advertise=args.advertise,
-        ip_pool=args.ip_pool,
-        routes=dict(routes),
-        ehlo_name=args.ehlo_name,
-        consul=args.consul or None,
-        check_interval=args.check_interval,
-        retry_base=args.retry_base,
-        connection_idle_timeout=args.connection_idle_timeout,
-        pipeline_idle_timeout=args.pipeline_idle_timeout,
-        retention=args.retention,
-        purge_interval=args.purge_interval,
-        delivery=outbound.config_from_args(args),
+class RunningNode(Service):
+    """A started node: ``address`` is what others dial; ``close()`` shuts it down gracefully."""
+
+    node: Node
+    spool: Spool
+    consul: client.Consul | None = None
+    policy_watch: PolicyWatch | None = None
+    retention: Retention | None = None
+
+    @property
+    def id(self) -> str:
+        return self.node.id
+
+
+async def start_node(config: NodeConfig) -> RunningNode:
+    """Open the spool, serve NodeService, register in the registry, load the stored policies and
+    resume unfinished pipelines; then watch the policies, stop idle pipelines and purge old
+    finished mail."""
+    running = RunningNode(f"node {config.id}", config.stop_grace)
+    async with running.starting():
+        config.spool_path.parent.mkdir(parents=True, exist_ok=True)
+        spool = running.spool = running.closing(await Spool.open(config.spool_path))
+        consul = running.consul = running.closing(client.connect(config.consul)) if config.consul else None
+        sender = outbound.build_sender(
+            config.delivery,
+            parse_routes(config.routes),
+            config.ehlo_name,
+            config.smtp_timeout,
+            config.resolver,
+        )
+        node = running.node = Node(
+            id=config.id,
+            address="",
+            egress_ips=config.egress_ips,
+            ip_pool=config.ip_pool,
+            spool=spool,
+            sender=sender,
+            retry=Retry(config.retry_base, config.retry_cap),
+            connection_idle_timeout=config.connection_idle_timeout,
+            restart_delay=config.restart_delay,
+            stop_grace=config.stop_grace,
+        )
+        node.bouncer = outbound.build_bouncer(config.delivery, node, config.ehlo_name)
+        running.on_close(node.close)
+        servicer = NodeService(node)
+        await running.serve(
+            config.listen,
+            [(lambda s: node_pb2_grpc.add_NodeServiceServicer_to_server(servicer, s), SERVICE_NAME)],
+            config.advertise,
+        )
+        node.address = running.address
+        if consul is not None:
+            registrar = node.registrar = Registrar(
+                consul,
+                node.snapshot,
+                interval=config.check_interval,
+                deregister_after=config.deregister_after,
+            )
+            await running.register(
+                f"node {node.id} and its pipelines", registrar.sync, lambda: registrar.deregister_all(node.id)
+            )
+            if config.watch_policies:
+                wait = durations.go(config.policy_watch_wait or config.check_interval)
+                running.policy_watch = PolicyWatch(consul, node.apply_policies, wait)
+                if await running.policy_watch.load():
+                    node.policies = running.policy_watch.table
+        resumed = await node.resume()
+        if resumed:
+            log.info("resumed %d pipelines: %s", len(resumed), ", ".join(p.routing_key for p in resumed))
+        if node.registrar is not None:
+            running.run(node.registrar.run(), "registrar")
+        if running.policy_watch is not None:
+            running.run(running.policy_watch.run(), "policy watch")
+        if config.pipeline_idle_timeout > 0:
+            running.run(IdleReaper(node, config.pipeline_idle_timeout).run(), "idle reaper")
+        if config.retention > 0:
+            running.retention = Retention(spool, config.retention, config.purge_interval)
+            running.run(running.retention.run(), "retention")
+    return running
+
+
+def parse_routes(routes: Mapping[str, str]) -> dict[str, Host]:
+    out = {}
+    for domain, target in routes.items():
+        host, port = split_address(target)
+        out[domain.lower()] = Host(host, port)
+    return out
+
+
+def parse_config(argv: Sequence[str] | None = None) -> NodeConfig:
+    """The node's settings from ``argv`` and the environment."""
+    return settings.parse(
+        NodeConfig,
+        argv,
+        prog="epoxi node",
+        description="Spool mail and deliver it over SMTP.",
+        env_prefix=ENV_PREFIX,
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="epoxi node", description="Spool mail and deliver it over SMTP.")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    if not (args.egress_ips or os.environ.get("EPOXI_NODE_EGRESS_IP")):
-        parser.error("give at least one --egress-ip (or EPOXI_NODE_EGRESS_IP)")
-    return runtime.serve_main(f"node {args.id}", parser, lambda a: start_node(config_from_args(a)), argv)
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_config(argv)
+    if not config.egress_ips:
+        raise SystemExit("epoxi node: give at least one --egress-ip (or EPOXI_NODE_EGRESS_IP)")
+    return serve_main(f"node {config.id}", lambda: start_node(config))

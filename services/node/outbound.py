@@ -1,63 +1,24 @@
-"""Outbound delivery settings: their flags, and the ``SmtpSender`` and ``Bouncer`` built from them.
+"""Outbound delivery settings, and the ``SmtpSender`` and ``Bouncer`` built from them.
 
-``services.node.main`` adds these flags to the node's and builds its sender here, so the
-delivery knobs live next to the code they configure.
+The settings are a group of the node's (``services.node.main.NodeConfig.delivery``), declared
+here next to the code they configure.
 """
 
 from __future__ import annotations
 
 import argparse
 import ipaddress
-import os
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import dns.asyncresolver
 
-from epoxi import address
+from epoxi import address, durations
+from epoxi.settings import setting
 from services.node.engine.delivery import DEFAULT_MAX_MESSAGES_PER_CONNECTION, HostBackoff, SmtpSender
 from services.node.engine.dsn import Bouncer, Mailer
 from services.node.engine.mx import Destinations, Host, Resolver, resolver_for
 from services.node.engine.tls import TlsMode, TlsPolicy
-
-
-@dataclass
-class DeliveryConfig:
-    # DNS server as "IP:PORT"; None: the system's resolver.
-    dns: str | None = None
-    # Source IP -> EHLO name, for IPs whose name is not the node's ``ehlo_name``.
-    ehlo_names: Mapping[str, str] = field(default_factory=dict)
-    max_messages_per_connection: int = DEFAULT_MAX_MESSAGES_PER_CONNECTION
-    tls: TlsMode = TlsMode.OPPORTUNISTIC
-    tls_cafile: str | None = None
-    # Seconds a host that refused a connection is left alone (doubling while it keeps failing).
-    host_backoff: float = 60.0
-    # The From of DSNs (e.g. MAILER-DAEMON@node.example); None: no DSNs.
-    dsn_from: str | None = None
-
-
-def build_sender(
-    config: DeliveryConfig,
-    routes: Mapping[str, Host],
-    ehlo_name: str,
-    timeout: float,
-    resolver: dns.asyncresolver.Resolver | None = None,
-) -> SmtpSender:
-    return SmtpSender(
-        Destinations(routes, Resolver(resolver or resolver_for(config.dns))),
-        ehlo_name,
-        timeout,
-        ehlo_names=config.ehlo_names,
-        max_messages_per_connection=config.max_messages_per_connection,
-        tls=TlsPolicy(config.tls, config.tls_cafile),
-        backoff=HostBackoff(base=config.host_backoff),
-    )
-
-
-def build_bouncer(config: DeliveryConfig, node: Mailer, reporting_mta: str) -> Bouncer | None:
-    if not config.dsn_from:
-        return None
-    return Bouncer(node, config.dsn_from, reporting_mta)
 
 
 def parse_ehlo(text: str) -> tuple[str, str]:
@@ -92,59 +53,63 @@ def positive_int(text: str) -> int:
     return n
 
 
-def add_arguments(parser: argparse.ArgumentParser, duration: Callable[[str], float] = float) -> None:
-    """The delivery flags; ``duration`` parses the node's durations ("60s", "2m")."""
-    env = os.environ.get
-    parser.add_argument(
-        "--dns",
-        type=parse_dns,
-        default=env("EPOXI_NODE_DNS"),
-        help="DNS server IP:PORT (default: the system's)",
+@dataclass(frozen=True)
+class DeliveryConfig:
+    dns: str | None = setting(
+        None, parse=parse_dns, metavar="IP:PORT", help="DNS server (default: the system's)"
     )
-    parser.add_argument(
-        "--ehlo",
-        action="append",
-        dest="ehlo_names",
-        type=parse_ehlo,
-        help="IP=NAME: the EHLO name when sending from IP (repeatable; default --ehlo-name)",
+    ehlo_names: Mapping[str, str] = setting(
+        default_factory=dict,
+        flag="--ehlo",
+        parse=parse_ehlo,
+        repeated=True,
+        collect=dict,
+        metavar="IP=NAME",
+        help="the EHLO name when sending from IP (default --ehlo-name)",
     )
-    parser.add_argument(
-        "--max-messages-per-connection",
-        type=positive_int,
-        default=env("EPOXI_NODE_MAX_MESSAGES_PER_CONNECTION", str(DEFAULT_MAX_MESSAGES_PER_CONNECTION)),
+    max_messages_per_connection: int = setting(
+        DEFAULT_MAX_MESSAGES_PER_CONNECTION,
+        parse=positive_int,
         help="QUIT and reconnect after this many messages",
     )
-    parser.add_argument(
-        "--tls",
-        type=TlsMode,
-        choices=list(TlsMode),
-        default=env("EPOXI_NODE_TLS", TlsMode.OPPORTUNISTIC.value),
-        help="STARTTLS: opportunistic (default; no certificate checks), required, verify (required and checked), off",
+    tls: TlsMode = setting(
+        TlsMode.OPPORTUNISTIC,
+        parse=TlsMode,
+        help="STARTTLS: opportunistic (no certificate checks), required, verify (required and checked), off",
     )
-    parser.add_argument(
-        "--tls-cafile", default=env("EPOXI_NODE_TLS_CAFILE"), help="CA certificates for --tls verify"
-    )
-    parser.add_argument(
-        "--host-backoff",
-        type=duration,
-        default=env("EPOXI_NODE_HOST_BACKOFF", "60s"),
+    tls_cafile: str | None = setting(None, help="CA certificates for --tls verify")
+    host_backoff: float = setting(
+        60.0,
+        parse=durations.seconds,
+        shown="60s",
         help="leave a host that refused a connection alone this long (doubling while it fails)",
     )
-    parser.add_argument(
-        "--dsn-from",
-        type=parse_address,
-        default=env("EPOXI_NODE_DSN_FROM"),
-        help="send bounce reports (DSNs) from this address, e.g. MAILER-DAEMON@node.example",
+    dsn_from: str | None = setting(
+        None,
+        parse=parse_address,
+        help="send bounce reports (DSNs) from this address, e.g. MAILER-DAEMON@node.example (default: none)",
     )
 
 
-def config_from_args(args: argparse.Namespace) -> DeliveryConfig:
-    return DeliveryConfig(
-        dns=args.dns or None,
-        ehlo_names=dict(args.ehlo_names or []),
-        max_messages_per_connection=int(args.max_messages_per_connection),
-        tls=TlsMode(args.tls),
-        tls_cafile=args.tls_cafile or None,
-        host_backoff=float(args.host_backoff),
-        dsn_from=args.dsn_from or None,
+def build_sender(
+    config: DeliveryConfig,
+    routes: Mapping[str, Host],
+    ehlo_name: str,
+    timeout: float,
+    resolver: dns.asyncresolver.Resolver | None = None,
+) -> SmtpSender:
+    return SmtpSender(
+        Destinations(routes, Resolver(resolver or resolver_for(config.dns))),
+        ehlo_name,
+        timeout,
+        ehlo_names=config.ehlo_names,
+        max_messages_per_connection=config.max_messages_per_connection,
+        tls=TlsPolicy(config.tls, config.tls_cafile),
+        backoff=HostBackoff(base=config.host_backoff),
     )
+
+
+def build_bouncer(config: DeliveryConfig, node: Mailer, reporting_mta: str) -> Bouncer | None:
+    if not config.dsn_from:
+        return None
+    return Bouncer(node, config.dsn_from, reporting_mta)

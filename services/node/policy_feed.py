@@ -1,6 +1,6 @@
 """Keeps the node's ``PolicyTable`` in step with the registry's KV store.
 
-One Consul blocking query per prefix (``epoxi/policy_store/``, ``epoxi/policy-assignments/``)
+One Consul blocking query per prefix (``epoxi/policies/``, ``epoxi/policy-assignments/``)
 re-reads it whenever its index moves, then hands the new table to ``on_change``. A policy that
 does not validate is logged and ignored (its last valid version stays); a registry that is down
 is retried with backoff, and the node keeps the table it has.
@@ -9,7 +9,6 @@ is retried with backoff, and the node keeps the table it has.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable
@@ -32,7 +31,6 @@ class PolicyWatch:
         self._wait = wait
         self.table = PolicyTable()
         self._indexes = {POLICIES: 0, ASSIGNMENTS: 0}
-        self._tasks: list[asyncio.Task[None]] = []
 
     async def load(self) -> bool:
         """Read both prefixes now (not blocking); False when the registry could not be read."""
@@ -45,19 +43,9 @@ class PolicyWatch:
             return False
         return True
 
-    def start(self) -> PolicyWatch:
-        self._tasks = [
-            asyncio.create_task(self._watch(prefix), name=f"watch {prefix}") for prefix in self._indexes
-        ]
-        return self
-
-    async def close(self) -> None:
-        tasks, self._tasks = self._tasks, []
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+    async def run(self) -> None:
+        """Follow both prefixes until cancelled."""
+        await asyncio.gather(*(self._watch(prefix) for prefix in self._indexes))
 
     def _store(self, prefix: str, index: int, entries: list[dict[str, Any]] | None) -> None:
         # An index that goes backwards means the store was reset: start over from 0 (as Consul says).

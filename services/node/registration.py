@@ -75,6 +75,8 @@ class Registrar:
         # What each pipeline's TTL check was last passed with, and when (monotonic).
         self._refreshed: dict[str, tuple[tuple[str, bool], float]] = {}
         self._lock = asyncio.Lock()
+        # Set once the node has left the registry at shutdown: nothing registers it again.
+        self._left = False
 
     async def run(self) -> None:
         while True:
@@ -86,6 +88,8 @@ class Registrar:
 
     async def sync(self) -> None:
         async with self._lock:
+            if self._left:
+                return
             try:
                 snap = await self.snapshot()
                 async with asyncio.timeout(self.timeout):
@@ -169,6 +173,8 @@ class Registrar:
     async def forget_pipeline(self, name: str) -> None:
         """Deregister a stopped pipeline now."""
         async with self._lock:
+            if self._left:
+                return
             try:
                 async with asyncio.timeout(self.timeout):
                     await self._deregister_pipeline(name)
@@ -176,8 +182,9 @@ class Registrar:
                 log.warning("deregistering pipeline %s failed: %s", name, e)
 
     async def deregister_all(self, node_id: str) -> None:
-        """On shutdown: every pipeline, then the node."""
+        """On shutdown: every pipeline, then the node; the registrar does nothing after this."""
         async with self._lock:
+            self._left = True
             try:
                 async with asyncio.timeout(self.timeout):
                     for name in sorted(self._pipelines):

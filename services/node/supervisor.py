@@ -282,9 +282,7 @@ class Node:
             await self.registrar.sync()
 
     async def close(self) -> None:
-        """Stop every pipeline (their mail stays spooled) and leave the registry."""
+        """Stop every pipeline; their mail stays spooled."""
         async with self._lock:
             pipelines, self.pipelines = list(self.pipelines.values()), {}
             await asyncio.gather(*(p.stop(self.stop_grace) for p in pipelines))
-        if self.registrar is not None:
-            await self.registrar.deregister_all(self.id)

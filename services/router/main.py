@@ -1,82 +1,88 @@
-"""Wiring for the router: flags, the gRPC server, registry watches and self-registration."""
+"""Wiring for the router: its settings, the gRPC server, registry watches and self-registration.
+
+In-process use (tests, tools)::
+
+    router = await start_router(RouterConfig(listen="127.0.0.1:0", consul=registry_addr))
+    ...  # dial router.address
+    await router.close()
+"""
 
 from __future__ import annotations
 
-import argparse
-import logging
-import os
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
-from epoxi import runtime
+from epoxi import durations, settings
 from epoxi.registry import client, services
+from epoxi.runtime.channels import Channels
+from epoxi.runtime.lifecycle import Service, serve_main
+from epoxi.settings import setting
 from epoxi.v1 import router_pb2, router_pb2_grpc
 from services.router.discovery import ClusterView
 from services.router.servicer import RouterServicer
 
 SERVICE = "epoxi-router"
-log = logging.getLogger(__name__)
+SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name
+ENV_PREFIX = "EPOXI_ROUTER_"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    env = os.environ.get
-    parser.add_argument("--id", default=env("EPOXI_ROUTER_ID", f"router-{socket.gethostname()}"))
-    parser.add_argument("--listen", default=env("EPOXI_ROUTER_LISTEN", "127.0.0.1:50051"), help="host:port")
-    parser.add_argument("--advertise", default=env("EPOXI_ROUTER_ADVERTISE"), help="address others dial")
-    parser.add_argument("--consul", default=env("CONSUL_HTTP_ADDR"), help="registry HTTP address")
-    parser.add_argument("--max-batch", type=int, default=int(env("EPOXI_ROUTER_MAX_BATCH", "500")))
-    parser.add_argument("--check-interval", default=env("EPOXI_ROUTER_CHECK_INTERVAL", "5s"))
-
-
-@dataclass
-class RunningRouter:
-    address: str
-    id: str
-    server: runtime.Server
-    consul: Any
-    view: ClusterView
-    channels: runtime.Channels
-
-    async def close(self) -> None:
-        await self.server.stop()
-        try:
-            await self.consul.agent.service.deregister(self.id)
-        except Exception as e:  # the registry may be gone first; its check then reaps us
-            log.warning("could not deregister %s: %s", self.id, e)
-        finally:
-            await self.view.close()
-            await self.channels.close()
-            await self.consul.close()
-
-
-async def start_router(args: argparse.Namespace) -> RunningRouter:
-    consul = client.connect(args.consul)
-    channels = runtime.Channels()
-    view = ClusterView(consul).start()
-    servicer = RouterServicer(view, channels, max_batch=args.max_batch)
-    server = await runtime.start_server(
-        args.listen,
-        [
-            (
-                lambda s: router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, s),
-                router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name,
-            )
-        ],
+@dataclass(frozen=True)
+class RouterConfig:
+    id: str = setting(
+        default_factory=lambda: f"router-{socket.gethostname()}",
+        shown="router-<hostname>",
+        help="registry service ID",
     )
-    address = args.advertise or f"{args.listen.rpartition(':')[0]}:{server.port}"
-    router = RunningRouter(address, args.id, server, consul, view, channels)
-    try:
-        await consul.agent.service.register(
-            **services.grpc_service_registration(SERVICE, args.id, address, args.check_interval)
+    listen: str = setting("127.0.0.1:50051", help="host:port to serve gRPC on (port 0: any)")
+    advertise: str | None = setting(None, help="the address others dial (default: from --listen)")
+    consul: str | None = setting(
+        None,
+        env=("EPOXI_ROUTER_CONSUL", "CONSUL_HTTP_ADDR"),
+        help="registry HTTP address (default 127.0.0.1:8500)",
+    )
+    max_batch: int = setting(500, parse=int, help="most emails per batch handed to a node")
+    check_interval: float = setting(
+        5.0, parse=durations.seconds, shown="5s", help="how often the registry probes the router's health"
+    )
+    stop_grace: float = setting(
+        5.0, parse=durations.seconds, shown="5s", help="how long calls under way may take at shutdown"
+    )
+
+
+class RunningRouter(Service):
+    view: ClusterView
+    channels: Channels
+
+
+async def start_router(config: RouterConfig) -> RunningRouter:
+    """Watch the registry, serve RouterService, register as ``epoxi-router``."""
+    router = RunningRouter("router", config.stop_grace)
+    async with router.starting():
+        consul = router.closing(client.connect(config.consul))
+        router.channels = router.closing(Channels())
+        router.view = router.closing(ClusterView(consul).start())
+        servicer = RouterServicer(router.view, router.channels, max_batch=config.max_batch)
+        await router.serve(
+            config.listen,
+            [(lambda s: router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, s), SERVICE_NAME)],
+            config.advertise,
         )
-    except BaseException:
-        await router.close()
-        raise
+        await router.register_service(
+            consul,
+            services.grpc_service_registration(
+                SERVICE, config.id, router.address, durations.go(config.check_interval)
+            ),
+        )
     return router
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="epoxi router", description="Route emails to node pipelines.")
-    add_arguments(parser)
-    return runtime.serve_main("router", parser, start_router, argv)
+def main(argv: Sequence[str] | None = None) -> int:
+    config = settings.parse(
+        RouterConfig,
+        argv,
+        prog="epoxi router",
+        description="Route emails to node pipelines.",
+        env_prefix=ENV_PREFIX,
+    )
+    return serve_main("router", lambda: start_router(config))

@@ -11,7 +11,7 @@ import grpc
 
 from epoxi import placement, validation
 from epoxi.envelope import recipients_in
-from epoxi.runtime import RPC_TIMEOUT, Channels
+from epoxi.runtime.channels import RPC_TIMEOUT, Channels
 from epoxi.v1 import node_pb2, node_pb2_grpc, router_pb2, router_pb2_grpc
 from services.router.batching import Batch, plan
 from services.router.discovery import ClusterView

@@ -20,7 +20,7 @@ from devmesh.supervisor import Mesh, NodeSpec
 from tests.support import eventually
 
 GRPCURL = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
-SENDER = "Epoxi Test <sender@devmesh.launch>"
+SENDER = "Epoxi Test <sender@epoxi.dev>"
 
 
 def email(to: list[str], ip: str, **extra: Any) -> dict[str, Any]:
@@ -87,7 +87,7 @@ async def test_grpcurl_to_router_to_node_to_smtp(mesh: Mesh, sink: Sink) -> None
         "cat@gmail.com": "127.0.0.3",
         "dan@example.org": "127.0.0.4",
     }
-    assert all(m.mail_from == "sender@devmesh.launch" for m in sink.received)
+    assert all(m.mail_from == "sender@epoxi.dev" for m in sink.received)
 
     code, out = await grpcurl(mesh.address("monitor"), "epoxi.v1.MonitorService/FindAllPipelines", {})
     assert code == 0, out

@@ -19,8 +19,8 @@ import aiohttp
 import pytest
 
 from devmesh.registry.app import serve
-from devmesh.registry.codec import MILLISECOND, SECOND, parse_duration
 from devmesh.registry.state import RegistryConfig
+from epoxi import durations
 from epoxi.registry.client import Consul, connect
 
 T = TypeVar("T")
@@ -30,9 +30,9 @@ BACKENDS = ["dev", *(["consul"] if os.environ.get("CONSUL_HTTP_ADDR") else [])]
 # Fast enough for tests; the CLI keeps Consul's defaults (10s, 1m, 30s).
 DEV_CONFIG = dict(
     node_name="epoxi-dev-node",
-    session_ttl_min=1 * SECOND,
+    session_ttl_min=1 * durations.SECOND,
     check_deregister_interval_min=0,
-    check_reap_interval=100 * MILLISECOND,
+    check_reap_interval=100 * durations.MILLISECOND,
 )
 
 
@@ -94,4 +94,8 @@ async def debug_duration(consul: Consul, name: str) -> float:
     """A duration setting from ``/v1/agent/self``'s ``DebugConfig``, in seconds."""
     me: dict[str, Any] = await consul.agent.self()
     value = me["DebugConfig"][name]
-    return parse_duration(value) / SECOND if isinstance(value, str) else float(value) / SECOND
+    return (
+        durations.parse(value) / durations.SECOND
+        if isinstance(value, str)
+        else float(value) / durations.SECOND
+    )

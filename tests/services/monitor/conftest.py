@@ -13,8 +13,8 @@ from google.protobuf import duration_pb2
 
 from devmesh.registry.app import RunningRegistry
 from devmesh.sink import Sink
-from epoxi import runtime
 from epoxi.registry import client, services
+from epoxi.runtime.channels import Channels
 from epoxi.v1 import monitor_pb2_grpc, node_pb2, node_pb2_grpc, pipeline_pb2
 from services.monitor.main import MonitorConfig, RunningMonitor, start_monitor
 from services.node.main import NodeConfig, RunningNode, start_node
@@ -40,7 +40,7 @@ class Nodes:
         self.sink = sink
         self.data = data
         self.running: dict[str, RunningNode] = {}
-        self.channels = runtime.Channels()
+        self.channels = Channels()
 
     async def start(self, id: str, *egress_ips: str) -> RunningNode:
         node = await start_node(
@@ -87,7 +87,7 @@ async def nodes(registry: RunningRegistry, sink: Sink, tmp_path: Path) -> AsyncI
 @pytest.fixture
 async def monitor(registry: RunningRegistry) -> AsyncIterator[RunningMonitor]:
     m = await start_monitor(
-        MonitorConfig(consul=registry.address, id="monitor-test", check_interval="200ms", node_timeout=1.0)
+        MonitorConfig(consul=registry.address, id="monitor-test", check_interval=0.2, node_timeout=1.0)
     )
     yield m
     await m.close()

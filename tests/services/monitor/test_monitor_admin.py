@@ -233,7 +233,7 @@ async def lopsided(nodes: Nodes, sink: Sink, consul: Any) -> AsyncIterator[Nodes
     email = email_pb2.Email(
         to=["bob@aol.com"], subject="hi", text="hello", delivery=email_pb2.Delivery(ip="127.0.0.2")
     )
-    setattr(email, "from", "sender@devmesh.launch")
+    setattr(email, "from", "sender@epoxi.dev")
     await nodes.stub("node1").EnqueueBatch(
         node_pb2.EnqueueBatchRequest(routing_key="aol.com_127_0_0_2", emails=[email]), timeout=5
     )

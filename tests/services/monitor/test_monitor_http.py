@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import signal
 from collections.abc import AsyncIterator
 from typing import Any
@@ -95,8 +94,8 @@ async def test_admin_errors_are_status_json(monitor: RunningMonitor, http: aioht
 async def test_gateway_finds_the_monitor_in_the_registry(
     registry: RunningRegistry, monitor: RunningMonitor
 ) -> None:
-    args = argparse.Namespace(listen="127.0.0.1:0", monitor=None, consul=registry.address, timeout=5.0)
-    gateway: Gateway = await gateway_main.start(args)
+    config = gateway_main.GatewayConfig(listen="127.0.0.1:0", consul=registry.address, timeout=5.0)
+    gateway: Gateway = await gateway_main.start(config)
     try:
         async with aiohttp.ClientSession(base_url=f"http://{gateway.address}") as http:
 

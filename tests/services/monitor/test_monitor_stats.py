@@ -42,7 +42,7 @@ async def test_pipeline_stats_count_from_the_registry_and_sum_live_counters(
     email = email_pb2.Email(
         to=["ann@gmail.com"], subject="hi", text="hello", delivery=email_pb2.Delivery(ip="127.0.0.2")
     )
-    setattr(email, "from", "sender@devmesh.launch")
+    setattr(email, "from", "sender@epoxi.dev")
     await cluster.stub("node1").EnqueueBatch(
         node_pb2.EnqueueBatchRequest(routing_key="gmail.com_127_0_0_2", emails=[email, email]), timeout=5
     )

@@ -22,9 +22,9 @@ from google.protobuf import duration_pb2
 from devmesh.registry.app import RunningRegistry
 from devmesh.sink import Sink
 from devmesh.supervisor import Process, spawn
-from epoxi import runtime
 from epoxi.registry.client import Consul
 from epoxi.registry.services import passing
+from epoxi.runtime.channels import channel
 from epoxi.v1 import node_pb2, node_pb2_grpc, pipeline_pb2, queue_pb2
 from tests.services.node.conftest import SOURCE_IP, email
 from tests.support import eventually
@@ -102,7 +102,7 @@ async def test_a_killed_node_resumes_every_accepted_message(
     processes.append(first)
 
     accepted: dict[str, str] = {}  # spool ID -> recipient
-    async with runtime.channel(first.address) as ch:
+    async with channel(first.address) as ch:
         stub = node_pb2_grpc.NodeServiceStub(ch)
         for domain in DOMAINS:
             await stub.StartPipeline(
@@ -144,7 +144,7 @@ async def test_a_killed_node_resumes_every_accepted_message(
 
     await eventually(all_passing_again, 30)
 
-    async with runtime.channel(second.address) as ch:
+    async with channel(second.address) as ch:
         stub = node_pb2_grpc.NodeServiceStub(ch)
 
         async def finished() -> node_pb2.GetQueueStatsResponse | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import pytest
@@ -10,15 +9,13 @@ import pytest
 from devmesh.sink import Sink
 from services.node.engine.delivery import SmtpSender
 from services.node.engine.tls import TlsMode
-from services.node.main import NodeConfig, add_arguments, config_from_args, start_node
+from services.node.main import NodeConfig, parse_config, start_node
 from services.node.outbound import DeliveryConfig
 from tests.services.node.conftest import SOURCE_IP
 
 
-def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    return parser.parse_args(argv)
+def parse(argv: list[str]) -> NodeConfig:
+    return parse_config(argv)
 
 
 @pytest.fixture(autouse=True)
@@ -40,7 +37,7 @@ def test_delivery_flags() -> None:
             "--dsn-from=MAILER-DAEMON@node.example",
         ]
     )
-    assert config_from_args(args).delivery == DeliveryConfig(
+    assert args.delivery == DeliveryConfig(
         dns="127.0.0.1:5353",
         ehlo_names={"127.0.0.2": "mta2.example.net", "::1": "mta6.example.net"},
         max_messages_per_connection=7,
@@ -54,12 +51,12 @@ def test_delivery_flags() -> None:
 def test_delivery_flags_default_to_the_environment_then_to_production_values(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    assert config_from_args(parse([])).delivery == DeliveryConfig()
+    assert parse([]).delivery == DeliveryConfig()
     assert DeliveryConfig().max_messages_per_connection == 100
     assert DeliveryConfig().tls is TlsMode.OPPORTUNISTIC
     monkeypatch.setenv("EPOXI_NODE_DSN_FROM", "postmaster@node.example")
     monkeypatch.setenv("EPOXI_NODE_TLS", "required")
-    d = config_from_args(parse([])).delivery
+    d = parse([]).delivery
     assert (d.dsn_from, d.tls) == ("postmaster@node.example", TlsMode.REQUIRED)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -13,12 +12,13 @@ import pytest
 
 from devmesh.registry.app import RunningRegistry
 from devmesh.sink import Sink
-from epoxi import policy_store, runtime
+from epoxi import policy_store
 from epoxi.envelope import new_email
 from epoxi.registry.client import Consul, connect
+from epoxi.runtime.channels import channel
 from epoxi.v1 import email_pb2, node_pb2, node_pb2_grpc, router_pb2, router_pb2_grpc
 from services.node.main import RunningNode, start_node
-from services.router.main import add_arguments, start_router
+from services.router.main import RouterConfig, start_router
 from tests.services.node.conftest import SOURCE_IP, email, fast_policy
 from tests.services.node.test_servicer import FAST, KEY, config, start
 from tests.support import eventually
@@ -53,7 +53,7 @@ async def node(tmp_path: Path, sink: Sink, registry: RunningRegistry) -> AsyncIt
 
 @pytest.fixture
 async def stub(node: RunningNode) -> AsyncIterator[Stub]:
-    async with runtime.channel(node.address) as ch:
+    async with channel(node.address) as ch:
         yield node_pb2_grpc.NodeServiceStub(ch)
 
 
@@ -159,13 +159,11 @@ async def test_a_new_router_batch_restarts_an_idle_pipeline(
         return node.node.policies.named("default") is not None
 
     await eventually(loaded)
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
     router = await start_router(
-        parser.parse_args(["--listen", "127.0.0.1:0", "--consul", registry.address, "--check-interval", "1s"])
+        RouterConfig(listen="127.0.0.1:0", consul=registry.address, check_interval=1.0)
     )
     try:
-        async with runtime.channel(router.address) as ch:
+        async with channel(router.address) as ch:
             stub = router_pb2_grpc.RouterServiceStub(ch)
 
             async def route(to: str) -> Any:

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import re
@@ -13,19 +12,18 @@ import pytest
 
 from devmesh.registry.app import serve
 from devmesh.sink import Sink
-from epoxi import runtime
+from epoxi import durations
 from epoxi.registry.client import connect
+from epoxi.runtime.channels import channel
 from epoxi.v1 import node_pb2, node_pb2_grpc
-from services.node.main import add_arguments, config_from_args, parse_duration
+from services.node.main import NodeConfig, parse_config
 from tests.services.node.conftest import SOURCE_IP
 
 REPO = Path(__file__).resolve().parents[3]
 
 
-def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    return parser.parse_args(argv)
+def parse(argv: list[str]) -> NodeConfig:
+    return parse_config(argv)
 
 
 def test_flags_fall_back_to_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -34,7 +32,7 @@ def test_flags_fall_back_to_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("EPOXI_NODE_ROUTE", "*=127.0.0.1:2525")
     monkeypatch.setenv("EPOXI_NODE_CHECK_INTERVAL", "1s")
     monkeypatch.setenv("CONSUL_HTTP_ADDR", "127.0.0.1:8501")
-    c = config_from_args(parse([]))
+    c = parse([])
     assert (c.id, list(c.egress_ips), dict(c.routes), c.check_interval, c.consul) == (
         "env-node",
         ["127.0.0.2", "127.0.0.3"],
@@ -42,13 +40,13 @@ def test_flags_fall_back_to_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
         1.0,
         "127.0.0.1:8501",
     )
-    assert c.spool == Path("var/env-node/spool.db")
-    flags = config_from_args(parse(["--id", "n9", "--egress-ip", "10.0.0.1", "--route", "a.test=h:25"]))
+    assert c.spool_path == Path("var/env-node/spool.db")
+    flags = parse(["--id", "n9", "--egress-ip", "10.0.0.1", "--route", "a.test=h:25"])
     assert (flags.id, list(flags.egress_ips), dict(flags.routes)) == ("n9", ["10.0.0.1"], {"a.test": "h:25"})
 
 
 def test_durations() -> None:
-    assert [parse_duration(t) for t in ("5s", "500ms", "2m", "1h30m", "1.5", "0.25s")] == [
+    assert [durations.seconds(t) for t in ("5s", "500ms", "2m", "1h30m", "1.5", "0.25s")] == [
         5.0,
         0.5,
         120.0,
@@ -56,8 +54,8 @@ def test_durations() -> None:
         1.5,
         0.25,
     ]
-    with pytest.raises(argparse.ArgumentTypeError):
-        parse_duration("5 seconds")
+    with pytest.raises(ValueError):
+        durations.seconds("5 seconds")
 
 
 async def read_until(
@@ -94,7 +92,7 @@ async def test_the_node_process_announces_itself_and_leaves_the_registry_on_sigt
                 proc.stdout, re.compile(r"node cli1 listening on (127\.0\.0\.1:\d+)"), seen
             )
         address = ready.group(1)
-        async with runtime.channel(address) as ch:
+        async with channel(address) as ch:
             stub = node_pb2_grpc.NodeServiceStub(ch)
             await stub.StartPipeline(node_pb2.StartPipelineRequest(domain="example.com", source_ip=SOURCE_IP))
             state: node_pb2.GetNodeStateResponse = await stub.GetNodeState(node_pb2.GetNodeStateRequest())

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
-
 import pytest
 
-from services.node.main import NodeConfig, add_arguments, config_from_args
+from services.node.main import NodeConfig, parse_config
 
 
 def parse(argv: list[str]) -> NodeConfig:
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    return config_from_args(parser.parse_args(argv))
+    return parse_config(argv)
 
 
 def test_connection_and_pipeline_idle_timeouts_are_separate_flags(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,11 +14,13 @@ from google.protobuf import duration_pb2, json_format
 
 from devmesh.registry.app import RunningRegistry
 from devmesh.sink import Sink
-from epoxi import policy_store, runtime
+from epoxi import policy_store
 from epoxi.policy import Policy
 from epoxi.policy_store import PolicyError, PolicyTable
 from epoxi.registry.client import Consul, connect
 from epoxi.registry.services import pipeline_from_entry
+from epoxi.runtime.channels import channel
+from epoxi.tasks import cancel_and_wait
 from epoxi.v1 import node_pb2, node_pb2_grpc, pipeline_pb2
 from services.node.main import RunningNode, start_node
 from services.node.policy_feed import PolicyWatch
@@ -69,9 +71,9 @@ def test_a_bad_stored_policy_says_why(name: str, raw: bytes, problem: str) -> No
 def test_a_policy_that_turns_bad_keeps_its_last_good_version() -> None:
     good = policy_store.decode("bulk", b'{"batchSize": 7}')
     entries: list[dict[str, Any]] = [
-        {"Key": "epoxi/policy_store/bulk", "Value": b"{broken"},
-        {"Key": "epoxi/policy_store/fresh", "Value": b"{broken"},
-        {"Key": "epoxi/policy_store/", "Value": None},
+        {"Key": "epoxi/policies/bulk", "Value": b"{broken"},
+        {"Key": "epoxi/policies/fresh", "Value": b"{broken"},
+        {"Key": "epoxi/policies/", "Value": None},
     ]
     found, problems = policy_store.read_policies(entries, {"bulk": good})
     assert found == {"bulk": good}
@@ -107,7 +109,7 @@ async def consul(registry: RunningRegistry) -> AsyncIterator[Consul]:
 async def test_policies_and_assignments_round_trip_through_kv(consul: Consul) -> None:
     await policy_store.put_policy(consul, "bulk", stored(name="ignored", max_connections=4))
     await policy_store.assign(consul, KEY, "bulk")
-    _, raw = await consul.kv.get("epoxi/policy_store/bulk")
+    _, raw = await consul.kv.get("epoxi/policies/bulk")
     assert json_format.Parse(raw["Value"], pipeline_pb2.PipelinePolicy()).name == ""  # the key names it
     table, problems = await policy_store.read_table(consul)
     assert problems == [] and table.assignments == {KEY: "bulk"}
@@ -117,7 +119,7 @@ async def test_policies_and_assignments_round_trip_through_kv(consul: Consul) ->
         await policy_store.put_policy(
             consul, "bad", stored(message_interval=duration_pb2.Duration(seconds=-5))
         )
-    assert (await consul.kv.get("epoxi/policy_store/bad"))[1] is None
+    assert (await consul.kv.get("epoxi/policies/bad"))[1] is None
     await policy_store.unassign(consul, KEY)
     await policy_store.delete_policy(consul, "bulk")
     assert await policy_store.read_table(consul) == (PolicyTable(), [])
@@ -133,14 +135,14 @@ async def test_the_watch_follows_changes_and_ignores_bad_policies(
 
     watch = PolicyWatch(consul, changed, wait="200ms")
     assert await watch.load() and watch.table == PolicyTable()
-    watch.start()
+    running = asyncio.create_task(watch.run())
     try:
         await policy_store.put_policy(consul, "bulk", stored(batch_size=5))
         table = await asyncio.wait_for(tables.get(), 10)
         assert table.policies["bulk"].batch_size == 5
 
         with caplog.at_level(logging.WARNING, "services.node.policy_feed"):
-            await consul.kv.put("epoxi/policy_store/bulk", '{"batchSize": "many"}')
+            await consul.kv.put("epoxi/policies/bulk", '{"batchSize": "many"}')
             await policy_store.put_policy(consul, "other", stored())
             table = await asyncio.wait_for(tables.get(), 10)
         # Only a real change is reported, and the bad version of "bulk" was read before "other".
@@ -156,7 +158,7 @@ async def test_the_watch_follows_changes_and_ignores_bad_policies(
         assert set(table.policies) == {"other"}
         assert tables.empty()
     finally:
-        await watch.close()
+        await cancel_and_wait(running)
 
 
 # A node following the stored policies.
@@ -171,7 +173,7 @@ async def node(tmp_path: Path, sink: Sink, registry: RunningRegistry) -> AsyncIt
 
 @pytest.fixture
 async def stub(node: RunningNode) -> AsyncIterator[Stub]:
-    async with runtime.channel(node.address) as ch:
+    async with channel(node.address) as ch:
         yield node_pb2_grpc.NodeServiceStub(ch)
 
 
@@ -198,7 +200,7 @@ async def test_start_pipeline_by_policy_name(consul: Consul, node: RunningNode, 
         await start(stub, "example.org", policy_name="nope")
     assert (err.value.code(), err.value.details()) == (
         grpc.StatusCode.NOT_FOUND,
-        "no valid policy 'nope' is stored under epoxi/policy_store/",
+        "no valid policy 'nope' is stored under epoxi/policies/",
     )
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await start(stub, "example.org", policy_name="bulk", policy=stored(batch_size=3))
@@ -282,7 +284,7 @@ async def test_a_bad_policy_change_is_ignored_and_the_pipeline_keeps_its_policy(
     before = (await start(stub, policy_name="a")).policy
     await start(stub, "example.org", policy_name="b")
 
-    await consul.kv.put("epoxi/policy_store/a", '{"batchTimeout": "-3s"}')
+    await consul.kv.put("epoxi/policies/a", '{"batchTimeout": "-3s"}')
     await policy_store.put_policy(consul, "b", stored(batch_size=7))  # written after the bad one
 
     async def b_changed() -> bool:

@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from devmesh.sink import Sink
-from epoxi import runtime
+from epoxi.runtime.channels import channel
 from epoxi.v1 import email_pb2, node_pb2, node_pb2_grpc, queue_pb2
 from services.node.main import RunningNode, start_node
 from tests.services.node.conftest import email
@@ -31,7 +31,7 @@ async def node(tmp_path: Path, sink: Sink) -> AsyncIterator[RunningNode]:
 
 @pytest.fixture
 async def stub(node: RunningNode) -> AsyncIterator[Stub]:
-    async with runtime.channel(node.address) as ch:
+    async with channel(node.address) as ch:
         yield node_pb2_grpc.NodeServiceStub(ch)
 
 

@@ -12,9 +12,9 @@ import pytest
 
 from devmesh.registry.app import RunningRegistry
 from devmesh.sink import Sink
-from epoxi import runtime
 from epoxi.registry.client import Consul, connect
 from epoxi.registry.services import node_from_entry, passing, pipeline_from_entry
+from epoxi.runtime.channels import channel
 from epoxi.v1 import node_pb2, node_pb2_grpc
 from services.node.engine.delivery import Destinations, Host, SmtpSender
 from services.node.engine.pipeline import Retry
@@ -55,7 +55,7 @@ def output(entry: dict[str, Any]) -> str:
 
 
 async def start_pipeline(node: RunningNode) -> None:
-    async with runtime.channel(node.address) as ch:
+    async with channel(node.address) as ch:
         stub = node_pb2_grpc.NodeServiceStub(ch)
         await stub.StartPipeline(
             node_pb2.StartPipelineRequest(domain="example.com", source_ip=SOURCE_IP, policy=FAST)
@@ -116,7 +116,7 @@ async def test_a_pipeline_appears_passing_with_its_state_and_follows_its_counts(
 async def test_stopping_a_pipeline_deregisters_it(node: RunningNode, consul: Consul) -> None:
     await start_pipeline(node)
     assert len(await health(consul, "epoxi-pipeline")) == 1
-    async with runtime.channel(node.address) as ch:
+    async with channel(node.address) as ch:
         await node_pb2_grpc.NodeServiceStub(ch).StopPipeline(node_pb2.StopPipelineRequest(routing_key=KEY))
     assert await health(consul, "epoxi-pipeline") == []
     [n] = await health(consul, "epoxi-node")
@@ -201,6 +201,7 @@ async def test_a_crashed_pipeline_shows_critical_until_it_recovers(
         refresher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await refresher
+        await node.registrar.deregister_all(node.id)  # the service lifecycle's step before the stop
         await node.close()
         await spool.close()
     assert await health(consul, "epoxi-pipeline") == []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import sqlite3
 import time
@@ -13,10 +12,10 @@ import grpc
 import pytest
 
 from devmesh.sink import Sink
-from epoxi import runtime
+from epoxi.runtime.channels import channel
 from epoxi.v1 import node_pb2, node_pb2_grpc
 from services.node.engine.spool import Counts, NewMessage, Outcome, Spool, State
-from services.node.main import NodeConfig, RunningNode, add_arguments, config_from_args, start_node
+from services.node.main import NodeConfig, RunningNode, parse_config, start_node
 from services.node.retention import Retention
 from tests.services.node.conftest import email
 from tests.services.node.test_servicer import KEY, config, start
@@ -233,7 +232,7 @@ async def node(tmp_path: Path, sink: Sink) -> AsyncIterator[RunningNode]:
 
 @pytest.fixture
 async def stub(node: RunningNode) -> AsyncIterator[Stub]:
-    async with runtime.channel(node.address) as ch:
+    async with channel(node.address) as ch:
         yield node_pb2_grpc.NodeServiceStub(ch)
 
 
@@ -275,7 +274,7 @@ async def test_purged_mail_is_not_found_and_the_counters_stay(
 
 async def test_the_node_purges_on_its_own_every_interval(tmp_path: Path, sink: Sink) -> None:
     async with await start_node(config(tmp_path, sink, retention=0.001, purge_interval=0.05)) as node:
-        async with runtime.channel(node.address) as ch:
+        async with channel(node.address) as ch:
             stub = node_pb2_grpc.NodeServiceStub(ch)
             await start(stub)
             request = node_pb2.EnqueueBatchRequest(routing_key=KEY, emails=[email("a@example.com")])
@@ -291,19 +290,19 @@ async def test_the_node_purges_on_its_own_every_interval(tmp_path: Path, sink: S
 async def test_retention_zero_keeps_mail_forever(tmp_path: Path, sink: Sink) -> None:
     async with await start_node(config(tmp_path, sink, retention=0.0, purge_interval=0.05)) as node:
         assert node.retention is None
-        assert not [t for t in node._tasks if t.get_name().startswith("retention")]
+        assert not [t for t in node._tasks if t.get_name().endswith(": retention")]
     async with await start_node(config(tmp_path, sink)) as node:  # the default: a week
         assert node.retention is not None and node.retention.retention == 7 * DAY
-        assert [t.get_name() for t in node._tasks if t.get_name().startswith("retention")] == ["retention n1"]
+        assert [t.get_name() for t in node._tasks if t.get_name().endswith(": retention")] == [
+            "node n1: retention"
+        ]
 
 
 # Flags
 
 
 def parse(argv: list[str]) -> NodeConfig:
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    return config_from_args(parser.parse_args(argv))
+    return parse_config(argv)
 
 
 def test_retention_flags(monkeypatch: pytest.MonkeyPatch) -> None:

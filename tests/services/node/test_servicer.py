@@ -8,8 +8,8 @@ import pytest
 from google.protobuf import duration_pb2
 
 from devmesh.sink import Sink
-from epoxi import runtime
 from epoxi.policy import Policy
+from epoxi.runtime.channels import channel
 from epoxi.v1 import email_pb2, node_pb2, node_pb2_grpc, pipeline_pb2
 from services.node.main import NodeConfig, RunningNode, start_node
 from tests.services.node.conftest import SOURCE_IP, email, fast_policy
@@ -43,7 +43,7 @@ async def node(tmp_path: Path, sink: Sink) -> AsyncIterator[RunningNode]:
 
 @pytest.fixture
 async def stub(node: RunningNode) -> AsyncIterator[Stub]:
-    async with runtime.channel(node.address) as ch:
+    async with channel(node.address) as ch:
         yield node_pb2_grpc.NodeServiceStub(ch)
 
 
@@ -197,7 +197,7 @@ async def test_a_restarted_node_resumes_unfinished_pipelines_with_their_policy(
     tmp_path: Path, sink: Sink
 ) -> None:
     slow = Policy(name="slow", batch_size=50, batch_timeout=3600.0).to_proto()
-    async with await start_node(config(tmp_path, sink)) as first, runtime.channel(first.address) as ch:
+    async with await start_node(config(tmp_path, sink)) as first, channel(first.address) as ch:
         stub = node_pb2_grpc.NodeServiceStub(ch)
         await start(stub, policy=slow)
         await stub.EnqueueBatch(
@@ -205,7 +205,7 @@ async def test_a_restarted_node_resumes_unfinished_pipelines_with_their_policy(
         )
         await start(stub, domain="example.org", policy=FAST)  # no mail: not resumed
 
-    async with await start_node(config(tmp_path, sink)) as second, runtime.channel(second.address) as ch:
+    async with await start_node(config(tmp_path, sink)) as second, channel(second.address) as ch:
         stub = node_pb2_grpc.NodeServiceStub(ch)
         [p] = (await state(stub)).pipelines
         assert p.routing_key == KEY and p.policy == slow

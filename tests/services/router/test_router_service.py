@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,12 +11,12 @@ import pytest
 
 from devmesh.registry.app import RunningRegistry
 from devmesh.sink import Sink
-from epoxi import runtime
 from epoxi.envelope import new_email
 from epoxi.registry import client, services
+from epoxi.runtime.channels import channel
 from epoxi.v1 import email_pb2, router_pb2, router_pb2_grpc
 from services.node.main import NodeConfig, RunningNode, start_node
-from services.router.main import RunningRouter, add_arguments, start_router
+from services.router.main import RouterConfig, RunningRouter, start_router
 
 
 def email(to: str, ip: str) -> email_pb2.Email:
@@ -64,17 +63,13 @@ async def start_nodes(
 
 @pytest.fixture
 async def router(registry: RunningRegistry) -> AsyncIterator[RunningRouter]:
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    r = await start_router(
-        parser.parse_args(["--listen", "127.0.0.1:0", "--consul", registry.address, "--check-interval", "1s"])
-    )
+    r = await start_router(RouterConfig(listen="127.0.0.1:0", consul=registry.address, check_interval=1.0))
     yield r
     await r.close()
 
 
 async def route(router: RunningRouter, *emails: email_pb2.Email) -> router_pb2.RouteEmailsResponse:
-    async with runtime.channel(router.address) as ch:
+    async with channel(router.address) as ch:
         reply: router_pb2.RouteEmailsResponse = await router_pb2_grpc.RouterServiceStub(ch).RouteEmails(
             router_pb2.RouteEmailsRequest(emails=emails), timeout=20
         )
@@ -94,6 +89,7 @@ async def test_routing_uses_the_cache_and_falls_back_when_a_node_fails(
         # With the registry gone the router still routes from its cache: no round trip per batch.
         # Node a is unreachable but still passing in that cache, so the router must fall back.
         await registry.close()
+        assert a.server is not None
         await a.server.stop(0)
         second = await route(router, email("y@example.com", "127.0.0.2"))
         [batch] = second.batches
@@ -113,11 +109,7 @@ async def test_routing_uses_the_cache_and_falls_back_when_a_node_fails(
 async def test_batches_of_one_key_stay_on_one_pipeline_and_are_split(
     tmp_path: Path, registry: RunningRegistry, sink: Sink
 ) -> None:
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    router = await start_router(
-        parser.parse_args(["--listen", "127.0.0.1:0", "--consul", registry.address, "--max-batch", "2"])
-    )
+    router = await start_router(RouterConfig(listen="127.0.0.1:0", consul=registry.address, max_batch=2))
     [node] = await start_nodes(tmp_path, registry, sink, {"n": ["127.0.0.3"]})
     try:
         reply = await route(router, *(email(f"u{i}@example.net", "127.0.0.3") for i in range(5)))

@@ -1,0 +1,212 @@
+"""One lifecycle for every service: start in one order, stop in one order, also after a failed start.
+
+Start: the service opens what it needs (``open``, ``closing``), then ``serve`` starts its
+server and turns health SERVING, then ``register`` puts it in the registry, then ``run``
+starts its background tasks. Stop (``close``), always in this order, whatever got started:
+
+1. health NOT_SERVING, so health checks and clients turn away at once;
+2. background tasks cancelled (nothing re-registers the service behind our back);
+3. deregistration, newest first;
+4. the server stopped, with ``grace`` for the calls under way;
+5. whatever was opened closed, newest first (pipelines, clients, stores).
+
+A service subclasses ``Service`` to carry its own handles, and ``start_x`` builds it inside
+``async with service.starting():``, which closes what was started if anything raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from types import TracebackType
+from typing import Any, Protocol, Self, TypeVar
+
+import grpc
+
+from epoxi.registry.client import RegistryError
+from epoxi.runtime.server import GrpcServer, Register, start_grpc_server
+from epoxi.tasks import cancel_and_wait
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_WILDCARDS = {"", "0.0.0.0", "::", "[::]"}
+
+
+class Server(Protocol):
+    """What the lifecycle needs of a server: gRPC (``GrpcServer``) or HTTP (the gateway's)."""
+
+    async def serving(self) -> None: ...
+
+    async def not_serving(self) -> None: ...
+
+    async def stop(self, grace: float) -> None: ...
+
+
+class Closable(Protocol):
+    async def close(self) -> None: ...
+
+
+class Running(Closable, Protocol):
+    """A started server of any kind: where it listens, and how to stop it."""
+
+    @property
+    def address(self) -> str: ...
+
+
+C = TypeVar("C", bound=Closable)
+
+
+class Service:
+    def __init__(self, name: str, grace: float = 5.0) -> None:
+        self.name = name
+        self.grace = grace
+        self.address = ""
+        self._opened = AsyncExitStack()
+        self.server: Server | None = None
+        self._deregister: list[tuple[str, Callable[[], Awaitable[object]]]] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+
+    # Starting
+
+    @contextlib.asynccontextmanager
+    async def starting(self) -> AsyncIterator[Self]:
+        """Build the service inside this block; if anything raises, what was started is stopped."""
+        try:
+            yield self
+        except BaseException:
+            await self.close()
+            raise
+
+    async def open(self, resource: AbstractAsyncContextManager[T]) -> T:
+        """Enter ``resource`` now and exit it at step 5 of ``close``."""
+        return await self._opened.enter_async_context(resource)
+
+    def closing(self, resource: C) -> C:
+        """Close ``resource`` at step 5 of ``close``."""
+        self._opened.push_async_callback(resource.close)
+        return resource
+
+    def on_close(self, callback: Callable[[], Awaitable[object]]) -> None:
+        """Await ``callback()`` at step 5 of ``close`` (before what was opened earlier)."""
+        self._opened.push_async_callback(callback)
+
+    async def serve(
+        self,
+        listen: str,
+        register: Iterable[Register],
+        advertise: str | None = None,
+        interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+    ) -> GrpcServer:
+        """Serve gRPC on ``listen`` with health and reflection, and turn health SERVING."""
+        server = await start_grpc_server(listen, register, interceptors)
+        await self.attach(server, advertise or advertised_address(listen, server.port))
+        return server
+
+    async def attach(self, server: Server, address: str) -> None:
+        """Take a started ``server`` that others reach at ``address``, and turn its health SERVING."""
+        self.server = server
+        self.address = address
+        await server.serving()
+
+    async def register(
+        self,
+        what: str,
+        register: Callable[[], Awaitable[object]],
+        deregister: Callable[[], Awaitable[object]],
+    ) -> None:
+        """``await register()`` now, and ``deregister()`` at step 3 of ``close``."""
+        self._deregister.append((what, deregister))
+        await register()
+
+    async def register_service(self, consul: Any, registration: dict[str, Any]) -> None:
+        """Register a registry service (``agent.service.register`` keyword arguments)."""
+        service_id = registration["service_id"]
+        await self.register(
+            f"service {service_id}",
+            lambda: consul.agent.service.register(**registration),
+            lambda: consul.agent.service.deregister(service_id),
+        )
+
+    def run(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """Run ``work`` in the background until step 2 of ``close``."""
+        task = asyncio.create_task(work, name=f"{self.name}: {name}")
+        self._tasks.append(task)
+        return task
+
+    # Stopping
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self.server is not None:
+                await self.server.not_serving()
+            tasks, self._tasks = self._tasks, []
+            await cancel_and_wait(*tasks)
+            for what, deregister in reversed(self._deregister):
+                try:
+                    await deregister()
+                except RegistryError as e:  # the registry may be gone first; our checks then lapse
+                    log.warning("%s: deregistering %s failed: %s", self.name, what, e)
+            if self.server is not None:
+                await self.server.stop(self.grace)
+        finally:
+            await self._opened.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+
+def advertised_address(listen: str, port: int) -> str:
+    """Where others reach a server listening on ``listen`` and bound to ``port``."""
+    host = listen.rpartition(":")[0]
+    if host in _WILDCARDS:
+        host = socket.getfqdn()
+    return f"{host}:{port}"
+
+
+async def run_until_signalled(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Run ``main(stop_event)``; SIGTERM and SIGINT set the event so ``main`` can shut down gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await main(stop)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+def serve_main(name: str, start: Callable[[], Awaitable[Running]]) -> int:
+    """A service's ``main``: start it, print ``<name> listening on <address>`` (the line
+    ``devmesh.supervisor`` and other tooling wait for), and run until SIGTERM or SIGINT."""
+    configure_logging()
+
+    async def serve(stop: asyncio.Event) -> None:
+        service = await start()
+        try:
+            print(f"{name} listening on {service.address}", flush=True)
+            await stop.wait()
+        finally:
+            await service.close()
+
+    asyncio.run(run_until_signalled(serve))
+    return 0
+
+
+def configure_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
