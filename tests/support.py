@@ -9,8 +9,9 @@ from typing import Any, TypeVar
 
 from google.protobuf import duration_pb2
 
+from epoxi.envelope import new_email
 from epoxi.runtime.channels import Channels
-from epoxi.v1 import node_pb2, node_pb2_grpc, pipeline_pb2
+from epoxi.v1 import email_pb2, node_pb2, node_pb2_grpc, pipeline_pb2
 from services.node.main import NodeConfig, RunningNode, start_node
 
 T = TypeVar("T")
@@ -18,6 +19,11 @@ T = TypeVar("T")
 SOURCE_IP = "127.0.0.2"
 # Seconds: the registry's probes and TTLs run fast in tests.
 CHECK_INTERVAL = 0.2
+
+
+def valid_email(sender: str = "Ann <ann@example.com>", **fields: Any) -> email_pb2.Email:
+    """An email the router accepts: one recipient, a subject and a text body, unless overridden."""
+    return new_email(sender, **{"to": ["bob@example.org"], "subject": "Hi", "text": "hello", **fields})
 
 
 async def eventually(check: Callable[[], Awaitable[T]], seconds: float = 30.0, step: float = 0.02) -> T:
