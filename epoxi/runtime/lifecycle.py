@@ -143,23 +143,32 @@ class Service:
     # Stopping
 
     async def close(self) -> None:
+        """Stop, in the order above. A step that fails is logged and the next one still runs."""
         if self._closed:
             return
         self._closed = True
         try:
             if self.server is not None:
-                await self.server.not_serving()
+                await self._step("turning health NOT_SERVING", self.server.not_serving())
             tasks, self._tasks = self._tasks, []
-            await cancel_and_wait(*tasks)
+            await self._step("stopping background tasks", cancel_and_wait(*tasks))
             for what, deregister in reversed(self._deregister):
                 try:
                     await deregister()
                 except RegistryError as e:  # the registry may be gone first; our checks then lapse
                     log.warning("%s: deregistering %s failed: %s", self.name, what, e)
+                except Exception:
+                    log.exception("%s: deregistering %s failed", self.name, what)
             if self.server is not None:
-                await self.server.stop(self.grace)
+                await self._step("stopping the server", self.server.stop(self.grace))
         finally:
             await self._opened.aclose()
+
+    async def _step(self, what: str, step: Awaitable[object]) -> None:
+        try:
+            await step
+        except Exception:
+            log.exception("%s: %s failed", self.name, what)
 
     async def __aenter__(self) -> Self:
         return self
