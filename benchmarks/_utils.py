@@ -1,4 +1,5 @@
-"""Small helpers shared by the benchmarks: free ports, /proc readings, table printing, orphans."""
+"""Small helpers shared by the benchmarks: free ports, /proc readings, table printing, orphans,
+and the start/stop context of the processes they run."""
 
 from __future__ import annotations
 
@@ -6,9 +7,30 @@ import ctypes
 import os
 import socket
 from collections.abc import Sequence
+from typing import Self
 
 _PR_SET_CHILD_SUBREAPER = 36
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+class Started:
+    """``async with``: ``start()`` on entry (``stop()`` if that fails), ``stop()`` on exit."""
+
+    async def start(self) -> Self:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        try:
+            return await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -16,7 +16,7 @@ import shutil
 import signal
 from pathlib import Path
 
-from benchmarks._utils import free_port
+from benchmarks._utils import Started, free_port
 
 _MASTER_CF = """\
 {listen} inet n - n - - smtpd
@@ -77,7 +77,7 @@ maillog_file = {dir}/maillog
 """
 
 
-class PostfixRelay:
+class PostfixRelay(Started):
     """``async with PostfixRelay(tmp, relay="127.0.0.1:2525", concurrency=200) as pf: pf.address``."""
 
     def __init__(self, directory: Path, relay: str, concurrency: int) -> None:
@@ -160,16 +160,6 @@ class PostfixRelay:
                 await asyncio.sleep(0.1)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-
-    async def __aenter__(self) -> PostfixRelay:
-        try:
-            return await self.start()
-        except BaseException:
-            await self.stop()
-            raise
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
 
 def _alive(pid: int) -> bool:

@@ -15,12 +15,12 @@ import re
 import shutil
 import time
 
-from benchmarks._utils import free_port
+from benchmarks._utils import Started, free_port
 
 _MESG = re.compile(rb"mesg=(\d+)")
 
 
-class SmtpSink:
+class SmtpSink(Started):
     """Use ``async with SmtpSink() as sink``; ``sink.port``, ``sink.count``, ``await sink.wait_for(n)``."""
 
     def __init__(self, host: str = "127.0.0.1", max_connections: int = 2048) -> None:
@@ -108,13 +108,3 @@ class SmtpSink:
         if self._reader is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
-
-    async def __aenter__(self) -> SmtpSink:
-        try:
-            return await self.start()
-        except BaseException:
-            await self.stop()
-            raise
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
