@@ -169,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from epoxi.runtime.lifecycle import run_until_signalled
+    from epoxi.tasks import cancel_and_wait
 
     parser = argparse.ArgumentParser(
         prog="epoxi sink", description="Accept and keep mail, like a test inbox."
@@ -186,8 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             changed = asyncio.create_task(sink.changed.wait())
             stopped = asyncio.create_task(stop.wait())
             await asyncio.wait([changed, stopped], return_when=asyncio.FIRST_COMPLETED)
-            changed.cancel()
-            stopped.cancel()
+            await cancel_and_wait(changed, stopped)
             sink.changed.clear()
             for r in sink.received[seen:]:
                 print(f"received from {r.peer} for {', '.join(r.rcpt_tos)} ({len(r.data)} bytes)", flush=True)

@@ -149,8 +149,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, env_prefix: str | 
     for d in _declared(cls):
         default = _default(d.field)
         shown = d.setting.shown
-        if shown is None and default is not dataclasses.MISSING and default not in (None, "") and not (
-            d.setting.repeated and not default
+        if (
+            shown is None
+            and default is not dataclasses.MISSING
+            and default not in (None, "")
+            and not (d.setting.repeated and not default)
         ):
             shown = ", ".join(map(str, default)) if d.setting.repeated else str(default)
         extra = []

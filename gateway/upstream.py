@@ -6,10 +6,9 @@ import logging
 import random
 from typing import Any, Protocol
 
-import aiohttp
-import consul
 import grpc
 
+from epoxi.registry.client import RegistryError
 from epoxi.runtime.channels import Channels, channel
 
 log = logging.getLogger(__name__)
@@ -60,7 +59,7 @@ class RegistryUpstream:
         if self.target is None:
             try:
                 _, entries = await self._consul.health.service(self.service, passing=True)
-            except (aiohttp.ClientError, consul.ConsulException, OSError) as e:
+            except RegistryError as e:
                 raise NoUpstream(f"cannot read {self.service} from the registry: {e}") from e
             if not entries:
                 raise NoUpstream(f"no passing {self.service} in the registry")

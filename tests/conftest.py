@@ -1,6 +1,7 @@
 """Fixtures shared across the suite: each builds the real thing, yields it, and closes it.
 
-``node`` is started from ``node_config``: a module that needs another node (registered, other
+``consul`` is a registry client for ``registry_addr`` (by default the ``registry``). ``node``
+is started from ``node_config``: a module that needs another node (registered, other
 IPs, other timings) overrides ``node_config``, and ``stub`` dials whichever ``node`` it gets.
 """
 
@@ -31,8 +32,15 @@ async def registry() -> AsyncIterator[RunningRegistry]:
 
 
 @pytest.fixture
-async def consul(registry: RunningRegistry) -> AsyncIterator[Consul]:
-    c = connect(registry.address)
+def registry_addr(registry: RunningRegistry) -> str:
+    """The registry ``consul`` talks to: ``registry`` here; the registry contract suite
+    (tests/devmesh/registry) overrides it with each backend it runs against."""
+    return registry.address
+
+
+@pytest.fixture
+async def consul(registry_addr: str) -> AsyncIterator[Consul]:
+    c = connect(registry_addr)
     yield c
     await c.close()
 

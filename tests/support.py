@@ -1,8 +1,9 @@
-"""Helpers shared by the tests: waiting for a condition, and starting real nodes."""
+"""Helpers shared by the tests: waiting for a condition, reading the registry, and starting real nodes."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -10,6 +11,7 @@ from typing import Any, TypeVar
 from google.protobuf import duration_pb2
 
 from epoxi.envelope import new_email
+from epoxi.registry import services
 from epoxi.runtime.channels import Channels
 from epoxi.v1 import email_pb2, node_pb2, node_pb2_grpc, pipeline_pb2
 from services.node.main import NodeConfig, RunningNode, start_node
@@ -26,14 +28,30 @@ def valid_email(sender: str = "Ann <ann@example.com>", **fields: Any) -> email_p
     return new_email(sender, **{"to": ["bob@example.org"], "subject": "Hi", "text": "hello", **fields})
 
 
-async def eventually(check: Callable[[], Awaitable[T]], seconds: float = 30.0, step: float = 0.02) -> T:
-    """Poll ``check`` until it returns something truthy; fail after ``seconds`` (generous: a
-    loaded machine may take a while to run a registry check, and only a failure waits it out)."""
+async def eventually(
+    check: Callable[[], Awaitable[T | None]], seconds: float = 30.0, step: float = 0.02
+) -> T:
+    """Poll ``check`` until it returns something truthy, and return that; fail after ``seconds``
+    (generous: a loaded machine may take a while to run a registry check, and only a failure
+    waits it out). ``None``, ``False`` and empty values all mean "not yet"."""
     async with asyncio.timeout(seconds):
         while True:
             if result := await check():
                 return result
             await asyncio.sleep(step)
+
+
+def unused_address() -> str:
+    """A 127.0.0.1 address nothing listens on (a port bound and released at once)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+async def passing_nodes(consul: Any) -> set[str]:
+    """The IDs of the nodes the registry shows passing."""
+    _, entries = await consul.health.service(services.NODE_SERVICE, passing=True)
+    return {e["Service"]["ID"] for e in entries}
 
 
 class Nodes:

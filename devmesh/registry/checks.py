@@ -18,7 +18,6 @@ Behaviour follows ``agent/checks/check.go``, ``agent/checks/grpc.go`` and ``Agen
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -28,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from devmesh.registry.state import CRITICAL, PASSING, Store
 from epoxi import durations
+from epoxi.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -185,9 +185,5 @@ class CheckRunner:
         tasks = list(self._probes.values())
         for check_id in list(self._ttl_timers) + list(self._probes):
             self.stop(check_id)
-        if self._reaper is not None:
-            self._reaper.cancel()
-            tasks.append(self._reaper)
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        reaper, self._reaper = self._reaper, None
+        await cancel_and_wait(*tasks, reaper)

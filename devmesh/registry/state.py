@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from epoxi import durations
+from epoxi.settings import setting
 
 PASSING = "passing"
 WARNING = "warning"
@@ -32,17 +33,34 @@ SERF_CHECK_ID = "serfHealth"
 CONSUL_VERSION = "1.21.0"
 
 
+def _duration(default: int, help: str) -> Any:
+    """A duration setting in nanoseconds, written and parsed as Go does (``epoxi.durations``)."""
+    return setting(
+        default, parse=durations.parse, shown=durations.format(default), metavar="DURATION", help=help
+    )
+
+
 @dataclass
 class RegistryConfig:
-    """The agent settings the dev registry honours; defaults are Consul's (``agent/config/default.go``)."""
+    """The agent settings the dev registry honours; defaults are Consul's (``agent/config/default.go``).
 
-    node_name: str = field(default_factory=socket.gethostname)
-    datacenter: str = "dc1"
+    Those with a ``setting`` are also flags of ``python -m devmesh.registry`` (durations in
+    Go's form, like Consul's: ``10s``, ``1m``); the others are for in-process use.
+    """
+
+    node_name: str = setting(
+        default_factory=socket.gethostname, flag="--node", shown="the host name", help="node name"
+    )
+    datacenter: str = setting("dc1", help="datacenter name")
     advertise_address: str = "127.0.0.1"
-    session_ttl_min: int = 10 * durations.SECOND
-    check_deregister_interval_min: int = durations.MINUTE
-    check_reap_interval: int = 30 * durations.SECOND
-    check_update_interval: int = 5 * durations.MINUTE
+    session_ttl_min: int = _duration(10 * durations.SECOND, "shortest session TTL accepted")
+    check_deregister_interval_min: int = _duration(
+        durations.MINUTE, "shortest DeregisterCriticalServiceAfter honoured"
+    )
+    check_reap_interval: int = _duration(30 * durations.SECOND, "how often critical services are reaped")
+    check_update_interval: int = _duration(
+        5 * durations.MINUTE, "how long an output-only check change waits to reach the catalog"
+    )
     default_query_time: int = 300 * durations.SECOND
     max_query_time: int = 600 * durations.SECOND
 

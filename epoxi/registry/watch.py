@@ -7,14 +7,17 @@ Readers look at ``entries`` without a registry round trip; a background task re-
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import random
 from typing import Any
 
+from epoxi.backoff import Backoff
 from epoxi.registry.services import Entry
+from epoxi.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
+
+# After n failures in a row: 0.4s, 0.8s, ... up to 10s, each between half and all of it.
+RETRY = Backoff(base=0.4, cap=10.0, jitter=0.5)
 
 
 class HealthWatch:
@@ -60,13 +63,10 @@ class HealthWatch:
                 raise
             except Exception as exc:
                 failures += 1
-                delay = min(10.0, 0.2 * 2**failures) * random.uniform(0.5, 1.0)
+                delay = RETRY.delay(failures)
                 log.warning("watching %s failed (%s); retrying in %.1fs", self.service, exc, delay)
                 await asyncio.sleep(delay)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait(task)

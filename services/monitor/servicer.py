@@ -11,22 +11,21 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from typing import Any, NoReturn
+from typing import Any
 
-import aiohttp
 import grpc
-from consul import ConsulException
 
 from epoxi import routing
 from epoxi.registry import services
+from epoxi.registry.client import RegistryError
 from epoxi.routing import routing_key, split_routing_key
+from epoxi.runtime import status
 from epoxi.runtime.channels import Channels
+from epoxi.runtime.status import abort
 from epoxi.v1 import monitor_pb2, monitor_pb2_grpc, node_pb2, node_pb2_grpc, pipeline_pb2
 from services.monitor import cluster
 
 log = logging.getLogger(__name__)
-
-RegistryError = (ConsulException, aiohttp.ClientError, OSError, TimeoutError)
 
 
 class MonitorService(monitor_pb2_grpc.MonitorServiceServicer):
@@ -90,7 +89,7 @@ class MonitorService(monitor_pb2_grpc.MonitorServiceServicer):
         key, _ = await self._key(context, request.routing_key)
         entries = await self._pipelines_for(context, key)
         if not entries:
-            await _abort(context, grpc.StatusCode.NOT_FOUND, f"no pipeline has routing key {key}")
+            await abort(context, grpc.StatusCode.NOT_FOUND, f"no pipeline has routing key {key}")
         results, summary = cluster.health_results(entries)
         return monitor_pb2.HealthCheckRoutingKeyResponse(results=results, summary=summary)
 
@@ -99,7 +98,7 @@ class MonitorService(monitor_pb2_grpc.MonitorServiceServicer):
     ) -> monitor_pb2.StartPipelineOptimalResponse:
         problems = routing.target_problems(request.domain, request.source_ip)
         if problems:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "; ".join(problems))
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, status.summary(problems))
         source_ip = str(ipaddress.ip_address(request.source_ip))
         key = routing_key(request.domain, source_ip)
         # A node already running the key answers it (no second copy); else placement.best_node.
@@ -112,7 +111,7 @@ class MonitorService(monitor_pb2_grpc.MonitorServiceServicer):
         try:
             started = await self._start(node, forward)
         except grpc.aio.AioRpcError as e:
-            await _abort(context, e.code(), f"node {node.id} at {node.address}: {e.details()}")
+            await abort(context, e.code(), f"node {node.id} at {node.address}: {e.details()}")
         return monitor_pb2.StartPipelineOptimalResponse(
             pipeline=started.pipeline, node=node, started=started.started
         )
@@ -125,11 +124,11 @@ class MonitorService(monitor_pb2_grpc.MonitorServiceServicer):
             p.node: p for p in map(services.pipeline_from_entry, await self._pipelines_for(context, key))
         }
         if not found:
-            await _abort(context, grpc.StatusCode.NOT_FOUND, f"no pipeline has routing key {key}")
+            await abort(context, grpc.StatusCode.NOT_FOUND, f"no pipeline has routing key {key}")
         outcomes = await asyncio.gather(*(self._stop_on(found[n]) for n in sorted(found)))
         stopped = sum(o.stopped for o in outcomes)
         if not stopped and all(o.error_code == grpc.StatusCode.NOT_FOUND.name for o in outcomes):
-            await _abort(context, grpc.StatusCode.NOT_FOUND, f"no node runs a pipeline for routing key {key}")
+            await abort(context, grpc.StatusCode.NOT_FOUND, f"no node runs a pipeline for routing key {key}")
         return monitor_pb2.StopPipelineByRoutingKeyResponse(stopped_count=stopped, outcomes=outcomes)
 
     async def Rebalance(
@@ -257,7 +256,7 @@ class MonitorService(monitor_pb2_grpc.MonitorServiceServicer):
             source_ip,
         )
         if found is None:
-            await _abort(
+            await abort(
                 context,
                 grpc.StatusCode.NOT_FOUND,
                 f"no passing node owns source IP {source_ip} (routing key {key})",
@@ -269,7 +268,7 @@ class MonitorService(monitor_pb2_grpc.MonitorServiceServicer):
         try:
             domain, ip = split_routing_key(key)
         except ValueError as e:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return routing_key(domain, ip), ip
 
     async def _pipelines_for(
@@ -285,12 +284,5 @@ class MonitorService(monitor_pb2_grpc.MonitorServiceServicer):
             _, entries = await self.consul.health.service(service, passing=passing, tag=tag)
         except RegistryError as e:
             log.warning("registry query for %s failed: %s", service, e)
-            await _abort(
-                context, grpc.StatusCode.UNAVAILABLE, f"cannot read {service} from the registry: {e}"
-            )
+            await abort(context, grpc.StatusCode.UNAVAILABLE, f"cannot read {service} from the registry: {e}")
         return list(entries or [])
-
-
-async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
-    await context.abort(code, message)
-    raise AssertionError("context.abort returned")  # pragma: no cover

@@ -13,7 +13,7 @@ from epoxi.v1 import node_pb2, pipeline_pb2
 
 
 @dataclass(frozen=True)
-class Snapshot:
+class ClusterSnapshot:
     """Passing nodes, and passing pipelines on passing nodes, indexed for the hot path."""
 
     nodes: dict[str, node_pb2.NodeInfo] = field(default_factory=dict)
@@ -21,7 +21,9 @@ class Snapshot:
     pools: dict[str, list[str]] = field(default_factory=dict)
 
 
-def build_snapshot(node_entries: list[services.Entry], pipeline_entries: list[services.Entry]) -> Snapshot:
+def build_snapshot(
+    node_entries: list[services.Entry], pipeline_entries: list[services.Entry]
+) -> ClusterSnapshot:
     nodes = {n.id: n for n in map(services.node_from_entry, filter(services.passing, node_entries))}
     pipelines: dict[str, list[pipeline_pb2.PipelineInfo]] = defaultdict(list)
     for entry in filter(services.passing, pipeline_entries):
@@ -33,14 +35,14 @@ def build_snapshot(node_entries: list[services.Entry], pipeline_entries: list[se
     pools: dict[str, set[str]] = defaultdict(set)
     for n in nodes.values():
         pools[n.ip_pool].update(n.egress_ips)
-    return Snapshot(nodes, dict(pipelines), {pool: sorted(ips) for pool, ips in pools.items()})
+    return ClusterSnapshot(nodes, dict(pipelines), {pool: sorted(ips) for pool, ips in pools.items()})
 
 
 class ClusterView:
     def __init__(self, consul: Any, wait: str = "30s") -> None:
         self._nodes = HealthWatch(consul, services.NODE_SERVICE, wait)
         self._pipelines = HealthWatch(consul, services.PIPELINE_SERVICE, wait)
-        self._snapshot = Snapshot()
+        self._snapshot = ClusterSnapshot()
         self._built_at = (-1, -1)
 
     def start(self) -> ClusterView:
@@ -55,7 +57,7 @@ class ClusterView:
     async def refresh(self) -> None:
         await asyncio.gather(self._nodes.refresh(), self._pipelines.refresh())
 
-    def snapshot(self) -> Snapshot:
+    def snapshot(self) -> ClusterSnapshot:
         at = (self._nodes.index, self._pipelines.index)
         if at != self._built_at:
             self._snapshot = build_snapshot(self._nodes.entries, self._pipelines.entries)

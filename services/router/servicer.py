@@ -11,14 +11,15 @@ import grpc
 
 from epoxi import placement, validation
 from epoxi.envelope import recipients_in
+from epoxi.runtime import status
 from epoxi.runtime.channels import RPC_TIMEOUT, Channels
+from epoxi.runtime.status import abort
 from epoxi.v1 import node_pb2, node_pb2_grpc, router_pb2, router_pb2_grpc
 from services.router.batching import Batch, plan
 from services.router.discovery import ClusterView
 
 log = logging.getLogger(__name__)
 
-MAX_PROBLEMS_REPORTED = 20
 # Errors that another node cannot fix: the request itself is wrong.
 _FINAL = {grpc.StatusCode.INVALID_ARGUMENT}
 
@@ -44,17 +45,17 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self, request: router_pb2.RouteEmailsRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.RouteEmailsResponse:
         if not request.emails:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "emails is empty: send at least one email")
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "emails is empty: send at least one email")
         problems = [p for i, e in enumerate(request.emails) for p in validation.validate(e, f"emails[{i}]")]
         if problems:
-            more = len(problems) - MAX_PROBLEMS_REPORTED
-            text = "; ".join(problems[:MAX_PROBLEMS_REPORTED]) + (f"; and {more} more" if more > 0 else "")
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"nothing was routed: {text}")
+            await abort(
+                context, grpc.StatusCode.INVALID_ARGUMENT, f"nothing was routed: {status.summary(problems)}"
+            )
         try:
             async with asyncio.timeout(RPC_TIMEOUT):
                 await self._view.ready()
         except TimeoutError:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the registry has not answered yet; try again")
+            await abort(context, grpc.StatusCode.UNAVAILABLE, "the registry has not answered yet; try again")
 
         batches, unroutable = plan(
             request.emails, request.ip_pool, self._view.snapshot().pools, self._max_batch

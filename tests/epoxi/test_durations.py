@@ -45,7 +45,13 @@ def test_parse_refuses_with_gos_text(text: str, error: str) -> None:
 
 @pytest.mark.parametrize(
     ("nanos", "text"),
-    [(0, "0s"), (HOUR, "1h0m0s"), (1500 * MILLISECOND, "1.5s"), (100 * MILLISECOND, "100ms"), (-2 * MINUTE, "-2m0s")],
+    [
+        (0, "0s"),
+        (HOUR, "1h0m0s"),
+        (1500 * MILLISECOND, "1.5s"),
+        (100 * MILLISECOND, "100ms"),
+        (-2 * MINUTE, "-2m0s"),
+    ],
 )
 def test_format_is_gos_duration_string(nanos: int, text: str) -> None:
     assert durations.format(nanos) == text
@@ -54,7 +60,17 @@ def test_format_is_gos_duration_string(nanos: int, text: str) -> None:
 
 def test_seconds_takes_numbers_go_durations_and_days() -> None:
     cases = ("5s", "500ms", "2m", "1h30m", "1.5", "0.25s", "7d", "1d12h", "0")
-    assert [durations.seconds(t) for t in cases] == [5.0, 0.5, 120.0, 5400.0, 1.5, 0.25, 604800.0, 129600.0, 0.0]
+    assert [durations.seconds(t) for t in cases] == [
+        5.0,
+        0.5,
+        120.0,
+        5400.0,
+        1.5,
+        0.25,
+        604800.0,
+        129600.0,
+        0.0,
+    ]
     for bad in ("5 seconds", "7 days", "s", ""):
         with pytest.raises(ValueError, match="is not a duration like 500ms, 5s or 2m"):
             durations.seconds(bad)

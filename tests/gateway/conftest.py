@@ -10,7 +10,7 @@ import pytest
 
 from gateway.app import Gateway, start_gateway
 from gateway.upstream import StaticUpstream
-from tests.gateway.gateway_echo import EchoServer, EchoServicer, echo_service
+from tests.gateway.support import EchoServer, EchoServicer, echo_service
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pytest
 
 from gateway.app import start_gateway
 from gateway.upstream import StaticUpstream
-from tests.gateway.gateway_echo import echo_service
+from tests.gateway.support import echo_service
 
 
 async def _json(resp: aiohttp.ClientResponse) -> Any:

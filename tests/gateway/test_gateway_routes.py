@@ -18,7 +18,7 @@ from gateway.routes import (
     parse_template,
 )
 from gateway.transcode import BadRequest, build_request
-from tests.gateway.gateway_echo import echo_service
+from tests.gateway.support import echo_service
 
 MONITOR = monitor_pb2.DESCRIPTOR.services_by_name["MonitorService"]
 

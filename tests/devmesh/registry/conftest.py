@@ -9,11 +9,9 @@ that differ between the two (minimum session TTL, reaper timing) are read from
 
 from __future__ import annotations
 
-import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
@@ -21,9 +19,7 @@ import pytest
 from devmesh.registry.app import serve
 from devmesh.registry.state import RegistryConfig
 from epoxi import durations
-from epoxi.registry.client import Consul, connect
-
-T = TypeVar("T")
+from epoxi.registry.client import Consul
 
 BACKENDS = ["dev", *(["consul"] if os.environ.get("CONSUL_HTTP_ADDR") else [])]
 
@@ -54,23 +50,19 @@ def prefix() -> str:
     return f"epoxi-test-{uuid.uuid4().hex[:8]}"
 
 
-@pytest.fixture
-async def consul(registry_addr: str, prefix: str) -> AsyncIterator[Consul]:
-    client = connect(registry_addr)
-    try:
-        yield client
-    finally:
-        try:
-            for service_id in await client.agent.services():
-                if service_id.startswith(prefix):
-                    await client.agent.service.deregister(service_id)
-            await client.kv.delete(prefix, recurse=True)
-            _, sessions = await client.session.list()
-            for session in sessions:
-                if session["Name"].startswith(prefix):
-                    await client.session.destroy(session["ID"])
-        finally:
-            await client.close()
+@pytest.fixture(autouse=True)
+async def clean_up(consul: Consul, prefix: str) -> AsyncIterator[None]:
+    """After each test, remove the services, keys and sessions named with its ``prefix``
+    (``consul`` is the top-level fixture, a client for the ``registry_addr`` above)."""
+    yield
+    for service_id in await consul.agent.services():
+        if service_id.startswith(prefix):
+            await consul.agent.service.deregister(service_id)
+    await consul.kv.delete(prefix, recurse=True)
+    _, sessions = await consul.session.list()
+    for session in sessions:
+        if session["Name"].startswith(prefix):
+            await consul.session.destroy(session["ID"])
 
 
 @pytest.fixture
@@ -78,24 +70,3 @@ async def http(registry_addr: str) -> AsyncIterator[aiohttp.ClientSession]:
     scheme = "" if "://" in registry_addr else "http://"
     async with aiohttp.ClientSession(base_url=f"{scheme}{registry_addr}") as session:
         yield session
-
-
-async def eventually(probe: Callable[[], Awaitable[T | None]], within: float = 15.0, step: float = 0.1) -> T:
-    """Poll ``probe`` until it returns something other than ``None``; fail after ``within`` seconds."""
-    async with asyncio.timeout(within):
-        while True:
-            value = await probe()
-            if value is not None:
-                return value
-            await asyncio.sleep(step)
-
-
-async def debug_duration(consul: Consul, name: str) -> float:
-    """A duration setting from ``/v1/agent/self``'s ``DebugConfig``, in seconds."""
-    me: dict[str, Any] = await consul.agent.self()
-    value = me["DebugConfig"][name]
-    return (
-        durations.parse(value) / durations.SECOND
-        if isinstance(value, str)
-        else float(value) / durations.SECOND
-    )

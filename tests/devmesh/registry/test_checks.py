@@ -12,7 +12,8 @@ from consul import Check
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from epoxi.registry.client import Consul
-from tests.devmesh.registry.conftest import debug_duration, eventually
+from tests.devmesh.registry.support import debug_duration
+from tests.support import eventually
 
 pytestmark = pytest.mark.consul
 
@@ -126,8 +127,8 @@ async def test_critical_service_is_reaped(consul: Consul, prefix: str) -> None:
     await consul.agent.service.register(prefix, check=check)
     await consul.agent.check.ttl_pass(f"service:{prefix}")
 
-    async def gone() -> bool | None:
-        return True if prefix not in await consul.agent.services() else None
+    async def gone() -> bool:
+        return prefix not in await consul.agent.services()
 
-    await eventually(gone, within=10 + minimum + 2 * period)
+    await eventually(gone, seconds=10 + minimum + 2 * period)
     assert f"service:{prefix}" not in await consul.agent.checks()

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import aiohttp
 import pytest
 
 from epoxi.registry.client import Consul
-from tests.devmesh.registry.conftest import debug_duration, eventually
+from tests.devmesh.registry.support import debug_duration
+from tests.support import eventually
 
 pytestmark = pytest.mark.consul
 
@@ -80,10 +79,10 @@ async def test_ttl_invalidation_releases_keys_and_arms_lock_delay(
     key = f"{prefix}/leader"
     assert await consul.kv.put(key, "me", acquire=session_id) is True
 
-    async def invalidated() -> bool | None:
-        return True if (await consul.session.info(session_id))[1] is None else None
+    async def invalidated() -> bool:
+        return (await consul.session.info(session_id))[1] is None
 
-    await eventually(invalidated, within=2 * ttl + 15)
+    await eventually(invalidated, seconds=2 * ttl + 15)
 
     _, entry = await consul.kv.get(key)
     assert entry is not None
@@ -100,9 +99,9 @@ async def test_ttl_invalidation_deletes_keys(
     key = f"{prefix}/ephemeral"
     assert await consul.kv.put(key, "me", acquire=session_id) is True
 
-    async def deleted() -> dict[str, Any] | None:
+    async def deleted() -> bool:
         _, entry = await consul.kv.get(key)
-        return {} if entry is None else None
+        return entry is None
 
-    await eventually(deleted, within=2 * ttl + 15)
+    await eventually(deleted, seconds=2 * ttl + 15)
     assert (await consul.session.info(session_id))[1] is None

@@ -17,8 +17,8 @@ from gateway.app import start_gateway
 from gateway.upstream import StaticUpstream
 from services.monitor import cluster as plan
 from services.monitor.main import RunningMonitor
-from tests.services.monitor.conftest import Nodes, equals, passing_nodes
-from tests.support import eventually
+from tests.services.monitor.support import equals
+from tests.support import Nodes, eventually, passing_nodes
 
 Stub = monitor_pb2_grpc.MonitorServiceStub
 
@@ -112,8 +112,8 @@ def test_plan_needs_an_owner_of_the_ip_not_running_the_key() -> None:
 # --- StartPipelineOptimal ---
 
 
-async def keys_by_node(stub: Stub) -> dict[str, list[str]]:
-    response = await stub.FindAllPipelines(m.FindAllPipelinesRequest(passing_only=True), timeout=5)
+async def keys_by_node(monitor_stub: Stub) -> dict[str, list[str]]:
+    response = await monitor_stub.FindAllPipelines(m.FindAllPipelinesRequest(passing_only=True), timeout=5)
     return {n: [p.routing_key for p in g.pipelines] for n, g in response.nodes.items()}
 
 
@@ -123,9 +123,9 @@ async def rpc_error(call: Any) -> grpc.aio.AioRpcError:
     return e.value
 
 
-async def test_start_optimal_lands_on_the_least_loaded_owner(cluster: Nodes, stub: Stub) -> None:
+async def test_start_optimal_lands_on_the_least_loaded_owner(cluster: Nodes, monitor_stub: Stub) -> None:
     # Both own .2; node2 runs one pipeline, node1 two.
-    response = await stub.StartPipelineOptimal(
+    response = await monitor_stub.StartPipelineOptimal(
         m.StartPipelineOptimalRequest(
             domain="Outlook.com", source_ip="127.0.0.2", policy=pipeline_pb2.PipelinePolicy(batch_size=7)
         ),
@@ -136,7 +136,7 @@ async def test_start_optimal_lands_on_the_least_loaded_owner(cluster: Nodes, stu
     assert response.pipeline.policy.batch_size == 7
     await eventually(
         lambda: equals(
-            keys_by_node(stub),
+            keys_by_node(monitor_stub),
             {
                 "node1": ["gmail.com_127_0_0_2", "yahoo.com_127_0_0_3"],
                 "node2": ["gmail.com_127_0_0_4", "outlook.com_127_0_0_2"],
@@ -144,7 +144,7 @@ async def test_start_optimal_lands_on_the_least_loaded_owner(cluster: Nodes, stu
         )
     )
     # Now tied 2/2, node1 would win on ID; but node2 already runs the key, so nothing new starts.
-    again = await stub.StartPipelineOptimal(
+    again = await monitor_stub.StartPipelineOptimal(
         m.StartPipelineOptimalRequest(domain="outlook.com", source_ip="127.0.0.2"), timeout=10
     )
     assert (again.node.id, again.started) == ("node2", False)
@@ -152,9 +152,9 @@ async def test_start_optimal_lands_on_the_least_loaded_owner(cluster: Nodes, stu
     assert "outlook.com_127_0_0_2" not in [p.routing_key for p in listed.pipelines]
 
 
-async def test_start_optimal_errors(cluster: Nodes, stub: Stub) -> None:
+async def test_start_optimal_errors(cluster: Nodes, monitor_stub: Stub) -> None:
     unowned = await rpc_error(
-        stub.StartPipelineOptimal(
+        monitor_stub.StartPipelineOptimal(
             m.StartPipelineOptimalRequest(domain="gmail.com", source_ip="127.0.0.9"), timeout=5
         )
     )
@@ -163,7 +163,7 @@ async def test_start_optimal_errors(cluster: Nodes, stub: Stub) -> None:
         "no passing node owns source IP 127.0.0.9 (routing key gmail.com_127_0_0_9)",
     )
     bad = await rpc_error(
-        stub.StartPipelineOptimal(
+        monitor_stub.StartPipelineOptimal(
             m.StartPipelineOptimalRequest(domain="nodot", source_ip="300.1.1.1"), timeout=5
         )
     )
@@ -171,7 +171,7 @@ async def test_start_optimal_errors(cluster: Nodes, stub: Stub) -> None:
     assert "domain 'nodot'" in bad.details() and "source_ip '300.1.1.1'" in bad.details()
     # The node's own error comes back with its code.
     node_error = await rpc_error(
-        stub.StartPipelineOptimal(
+        monitor_stub.StartPipelineOptimal(
             m.StartPipelineOptimalRequest(domain="aol.com", source_ip="127.0.0.4", policy_name="nosuch"),
             timeout=5,
         )
@@ -185,18 +185,18 @@ async def test_start_optimal_errors(cluster: Nodes, stub: Stub) -> None:
 # --- StopPipelineByRoutingKey ---
 
 
-async def test_stop_by_routing_key_stops_it_on_every_node(cluster: Nodes, stub: Stub) -> None:
+async def test_stop_by_routing_key_stops_it_on_every_node(cluster: Nodes, monitor_stub: Stub) -> None:
     await cluster.start_pipeline("node2", "gmail.com", "127.0.0.2")  # node1 runs it too
     key = "gmail.com_127_0_0_2"
 
     async def runners() -> list[str]:
-        response = await stub.FindPipelinesByRoutingKey(
+        response = await monitor_stub.FindPipelinesByRoutingKey(
             m.FindPipelinesByRoutingKeyRequest(routing_key=key), timeout=5
         )
         return sorted(p.node for p in response.pipelines)
 
     await eventually(lambda: equals(runners(), ["node1", "node2"]))
-    response = await stub.StopPipelineByRoutingKey(
+    response = await monitor_stub.StopPipelineByRoutingKey(
         m.StopPipelineByRoutingKeyRequest(routing_key="GMAIL.com_127_0_0_2"), timeout=10
     )
     assert response.stopped_count == 2
@@ -208,13 +208,15 @@ async def test_stop_by_routing_key_stops_it_on_every_node(cluster: Nodes, stub: 
         listed = await cluster.stub(node).ListPipelines(node_pb2.ListPipelinesRequest(), timeout=5)
         assert key not in [p.routing_key for p in listed.pipelines]
     await eventually(lambda: equals(runners(), []))
-    assert (await keys_by_node(stub))["node1"] == ["yahoo.com_127_0_0_3"]
+    assert (await keys_by_node(monitor_stub))["node1"] == ["yahoo.com_127_0_0_3"]
     gone = await rpc_error(
-        stub.StopPipelineByRoutingKey(m.StopPipelineByRoutingKeyRequest(routing_key=key), timeout=5)
+        monitor_stub.StopPipelineByRoutingKey(m.StopPipelineByRoutingKeyRequest(routing_key=key), timeout=5)
     )
     assert (gone.code(), gone.details()) == (grpc.StatusCode.NOT_FOUND, f"no pipeline has routing key {key}")
     bad = await rpc_error(
-        stub.StopPipelineByRoutingKey(m.StopPipelineByRoutingKeyRequest(routing_key="gmail.com"), timeout=5)
+        monitor_stub.StopPipelineByRoutingKey(
+            m.StopPipelineByRoutingKeyRequest(routing_key="gmail.com"), timeout=5
+        )
     )
     assert bad.code() == grpc.StatusCode.INVALID_ARGUMENT
 
@@ -247,8 +249,8 @@ async def lopsided(nodes: Nodes, sink: Sink, consul: Any) -> AsyncIterator[Nodes
     yield nodes
 
 
-async def test_rebalance_dry_run_plans_and_a_real_run_moves(lopsided: Nodes, stub: Stub) -> None:
-    planned = await stub.Rebalance(m.RebalanceRequest(dry_run=True), timeout=10)
+async def test_rebalance_dry_run_plans_and_a_real_run_moves(lopsided: Nodes, monitor_stub: Stub) -> None:
+    planned = await monitor_stub.Rebalance(m.RebalanceRequest(dry_run=True), timeout=10)
     expected = [("gmail.com_127_0_0_2", "node1", "node2"), ("hotmail.com_127_0_0_2", "node1", "node2")]
     assert moves_of(list(planned.moves)) == expected
     assert all(mv.state == m.PIPELINE_MOVE_STATE_PLANNED for mv in planned.moves)
@@ -258,7 +260,7 @@ async def test_rebalance_dry_run_plans_and_a_real_run_moves(lopsided: Nodes, stu
     state2 = await lopsided.stub("node2").GetNodeState(node_pb2.GetNodeStateRequest(), timeout=5)
     assert list(state2.pipelines) == []
 
-    done = await stub.Rebalance(m.RebalanceRequest(), timeout=30)
+    done = await monitor_stub.Rebalance(m.RebalanceRequest(), timeout=30)
     assert moves_of(list(done.moves)) == expected
     assert [mv.state for mv in done.moves] == [m.PIPELINE_MOVE_STATE_MOVED] * 2
     assert all(mv.pipeline.node == "node2" for mv in done.moves)
@@ -266,7 +268,7 @@ async def test_rebalance_dry_run_plans_and_a_real_run_moves(lopsided: Nodes, stu
     assert all(mv.pipeline.policy.batch_timeout.nanos == 50_000_000 for mv in done.moves)
     await eventually(
         lambda: equals(
-            keys_by_node(stub),
+            keys_by_node(monitor_stub),
             {
                 "node1": ["aol.com_127_0_0_2", "outlook.com_127_0_0_2", "yahoo.com_127_0_0_2"],
                 "node2": ["gmail.com_127_0_0_2", "hotmail.com_127_0_0_2"],
@@ -274,7 +276,7 @@ async def test_rebalance_dry_run_plans_and_a_real_run_moves(lopsided: Nodes, stu
         )
     )
     # Balanced now: nothing more to move.
-    assert list((await stub.Rebalance(m.RebalanceRequest(dry_run=True), timeout=10)).moves) == []
+    assert list((await monitor_stub.Rebalance(m.RebalanceRequest(dry_run=True), timeout=10)).moves) == []
 
 
 # --- HTTP ---
@@ -291,7 +293,7 @@ async def http(monitor: RunningMonitor) -> AsyncIterator[aiohttp.ClientSession]:
 
 
 async def test_http_post_and_delete_admin_pipelines(
-    cluster: Nodes, stub: Stub, http: aiohttp.ClientSession
+    cluster: Nodes, monitor_stub: Stub, http: aiohttp.ClientSession
 ) -> None:
     async with http.post("/admin/pipelines", json={"domain": "outlook.com", "sourceIp": "127.0.0.2"}) as resp:
         assert resp.status == 200, await resp.text()
@@ -306,7 +308,7 @@ async def test_http_post_and_delete_admin_pipelines(
         assert (await resp.json())["code"] == 5
     await eventually(
         lambda: equals(
-            keys_by_node(stub),
+            keys_by_node(monitor_stub),
             {
                 "node1": ["gmail.com_127_0_0_2", "yahoo.com_127_0_0_3"],
                 "node2": ["gmail.com_127_0_0_4", "outlook.com_127_0_0_2"],
@@ -321,7 +323,7 @@ async def test_http_post_and_delete_admin_pipelines(
     assert [(o["node"], o["stopped"]) for o in body["outcomes"]] == [("node2", True)]
     await eventually(
         lambda: equals(
-            keys_by_node(stub),
+            keys_by_node(monitor_stub),
             {"node1": ["gmail.com_127_0_0_2", "yahoo.com_127_0_0_3"], "node2": ["gmail.com_127_0_0_4"]},
         )
     )

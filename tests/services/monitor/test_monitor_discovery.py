@@ -13,8 +13,8 @@ from devmesh.supervisor import spawn
 from epoxi.v1 import monitor_pb2 as m
 from epoxi.v1 import monitor_pb2_grpc
 from epoxi.v1 import node_pb2 as m_node
-from tests.services.monitor.conftest import Nodes, contains, excludes, passing_nodes
-from tests.support import eventually
+from tests.services.monitor.support import contains, excludes
+from tests.support import Nodes, eventually, passing_nodes
 
 
 def keys_by_node(response: m.FindAllPipelinesResponse) -> dict[str, list[str]]:
@@ -22,9 +22,9 @@ def keys_by_node(response: m.FindAllPipelinesResponse) -> dict[str, list[str]]:
 
 
 async def test_find_all_pipelines_groups_them_by_node(
-    cluster: Nodes, stub: monitor_pb2_grpc.MonitorServiceStub
+    cluster: Nodes, monitor_stub: monitor_pb2_grpc.MonitorServiceStub
 ) -> None:
-    response = await stub.FindAllPipelines(m.FindAllPipelinesRequest(), timeout=5)
+    response = await monitor_stub.FindAllPipelines(m.FindAllPipelinesRequest(), timeout=5)
     assert keys_by_node(response) == {
         "node1": ["gmail.com_127_0_0_2", "yahoo.com_127_0_0_3"],
         "node2": ["gmail.com_127_0_0_4"],
@@ -35,13 +35,13 @@ async def test_find_all_pipelines_groups_them_by_node(
 
 
 async def test_find_pipelines_by_routing_key(
-    cluster: Nodes, stub: monitor_pb2_grpc.MonitorServiceStub
+    cluster: Nodes, monitor_stub: monitor_pb2_grpc.MonitorServiceStub
 ) -> None:
-    response = await stub.FindPipelinesByRoutingKey(
+    response = await monitor_stub.FindPipelinesByRoutingKey(
         m.FindPipelinesByRoutingKeyRequest(routing_key="GMAIL.com_127_0_0_2", passing_only=True), timeout=5
     )
     assert [(p.routing_key, p.node) for p in response.pipelines] == [("gmail.com_127_0_0_2", "node1")]
-    none = await stub.FindPipelinesByRoutingKey(
+    none = await monitor_stub.FindPipelinesByRoutingKey(
         m.FindPipelinesByRoutingKeyRequest(routing_key="gmail.com_127_0_0_3"), timeout=5
     )
     assert list(none.pipelines) == []
@@ -49,12 +49,14 @@ async def test_find_pipelines_by_routing_key(
 
 @pytest.mark.parametrize("key", ["", "gmail.com", "gmail_127_0_0_1", "gmail.com_127_0_0"])
 async def test_malformed_routing_keys_are_invalid_arguments(
-    monitor: Any, stub: monitor_pb2_grpc.MonitorServiceStub, key: str
+    monitor: Any, monitor_stub: monitor_pb2_grpc.MonitorServiceStub, key: str
 ) -> None:
     calls = [
-        stub.FindPipelinesByRoutingKey(m.FindPipelinesByRoutingKeyRequest(routing_key=key), timeout=5),
-        stub.FindNodeForRoutingKey(m.FindNodeForRoutingKeyRequest(routing_key=key), timeout=5),
-        stub.HealthCheckRoutingKey(m.HealthCheckRoutingKeyRequest(routing_key=key), timeout=5),
+        monitor_stub.FindPipelinesByRoutingKey(
+            m.FindPipelinesByRoutingKeyRequest(routing_key=key), timeout=5
+        ),
+        monitor_stub.FindNodeForRoutingKey(m.FindNodeForRoutingKeyRequest(routing_key=key), timeout=5),
+        monitor_stub.HealthCheckRoutingKey(m.HealthCheckRoutingKeyRequest(routing_key=key), timeout=5),
     ]
     for call in calls:
         with pytest.raises(grpc.aio.AioRpcError) as e:
@@ -67,10 +69,10 @@ async def test_malformed_routing_keys_are_invalid_arguments(
 
 
 async def test_find_node_prefers_the_node_already_running_the_key(
-    cluster: Nodes, stub: monitor_pb2_grpc.MonitorServiceStub
+    cluster: Nodes, monitor_stub: monitor_pb2_grpc.MonitorServiceStub
 ) -> None:
     # node2 has fewer pipelines, but node1 already runs gmail.com on .2.
-    response = await stub.FindNodeForRoutingKey(
+    response = await monitor_stub.FindNodeForRoutingKey(
         m.FindNodeForRoutingKeyRequest(routing_key="gmail.com_127_0_0_2"), timeout=5
     )
     assert (response.node.id, response.has_pipeline) == ("node1", True)
@@ -78,24 +80,24 @@ async def test_find_node_prefers_the_node_already_running_the_key(
 
 
 async def test_find_node_chooses_the_least_loaded_owner(
-    cluster: Nodes, stub: monitor_pb2_grpc.MonitorServiceStub
+    cluster: Nodes, monitor_stub: monitor_pb2_grpc.MonitorServiceStub
 ) -> None:
-    response = await stub.FindNodeForRoutingKey(
+    response = await monitor_stub.FindNodeForRoutingKey(
         m.FindNodeForRoutingKeyRequest(routing_key="example.org_127_0_0_2"), timeout=5
     )
     assert (response.node.id, response.has_pipeline) == ("node2", False)
     assert list(response.node.egress_ips) == ["127.0.0.2", "127.0.0.4"]
-    only_owner = await stub.FindNodeForRoutingKey(
+    only_owner = await monitor_stub.FindNodeForRoutingKey(
         m.FindNodeForRoutingKeyRequest(routing_key="example.org_127_0_0_3"), timeout=5
     )
     assert (only_owner.node.id, only_owner.has_pipeline) == ("node1", False)
 
 
 async def test_find_node_for_an_unowned_ip_is_not_found(
-    cluster: Nodes, stub: monitor_pb2_grpc.MonitorServiceStub
+    cluster: Nodes, monitor_stub: monitor_pb2_grpc.MonitorServiceStub
 ) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as e:
-        await stub.FindNodeForRoutingKey(
+        await monitor_stub.FindNodeForRoutingKey(
             m.FindNodeForRoutingKeyRequest(routing_key="gmail.com_127_0_0_99"), timeout=5
         )
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
@@ -106,7 +108,7 @@ async def test_a_killed_node_drops_out_of_passing_answers(
     cluster: Nodes,
     registry: RunningRegistry,
     consul: Any,
-    stub: monitor_pb2_grpc.MonitorServiceStub,
+    monitor_stub: monitor_pb2_grpc.MonitorServiceStub,
     tmp_path: Any,
 ) -> None:
     node3 = await spawn(
@@ -123,7 +125,7 @@ async def test_a_killed_node_drops_out_of_passing_answers(
         await cluster.stub_at(node3.address).StartPipeline(
             m_node.StartPipelineRequest(domain="gmail.com", source_ip="127.0.0.5"), timeout=5
         )
-        found = await stub.FindNodeForRoutingKey(
+        found = await monitor_stub.FindNodeForRoutingKey(
             m.FindNodeForRoutingKeyRequest(routing_key="gmail.com_127_0_0_5"), timeout=5
         )
         assert (found.node.id, found.has_pipeline) == ("node3", True)
@@ -131,30 +133,30 @@ async def test_a_killed_node_drops_out_of_passing_answers(
         await node3.stop(signal.SIGKILL)
 
     async def node3_only_in_all() -> bool:
-        passing = await stub.FindAllPipelines(m.FindAllPipelinesRequest(passing_only=True), timeout=5)
+        passing = await monitor_stub.FindAllPipelines(m.FindAllPipelinesRequest(passing_only=True), timeout=5)
         return "node3" not in passing.nodes
 
     await eventually(node3_only_in_all)
     await eventually(lambda: excludes(passing_nodes(consul), "node3"))
-    everything = await stub.FindAllPipelines(m.FindAllPipelinesRequest(), timeout=5)
+    everything = await monitor_stub.FindAllPipelines(m.FindAllPipelinesRequest(), timeout=5)
     [dead] = everything.nodes["node3"].pipelines
     assert dead.routing_key == "gmail.com_127_0_0_5"
     assert not dead.healthy
     assert keys_by_node(everything)["node1"] == ["gmail.com_127_0_0_2", "yahoo.com_127_0_0_3"]
 
     with pytest.raises(grpc.aio.AioRpcError) as e:
-        await stub.FindNodeForRoutingKey(
+        await monitor_stub.FindNodeForRoutingKey(
             m.FindNodeForRoutingKeyRequest(routing_key="gmail.com_127_0_0_5"), timeout=5
         )
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
 
-    health = await stub.HealthCheckRoutingKey(
+    health = await monitor_stub.HealthCheckRoutingKey(
         m.HealthCheckRoutingKeyRequest(routing_key="gmail.com_127_0_0_5"), timeout=5
     )
     [result] = health.results
     assert (result.healthy, result.status) == (False, "critical")
     assert (health.summary.healthy, health.summary.unhealthy) == (0, 1)
 
-    stats = await stub.GetPipelineStats(m.GetPipelineStatsRequest(), timeout=5)
+    stats = await monitor_stub.GetPipelineStats(m.GetPipelineStatsRequest(), timeout=5)
     assert stats.stats.total_pipelines == 4
     assert stats.stats.pipelines_per_node["node3"] == 1

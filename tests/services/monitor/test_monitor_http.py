@@ -15,8 +15,7 @@ from gateway import main as gateway_main
 from gateway.app import Gateway, start_gateway
 from gateway.upstream import StaticUpstream
 from services.monitor.main import RunningMonitor
-from tests.services.monitor.conftest import Nodes
-from tests.support import eventually
+from tests.support import Nodes, eventually
 
 
 @pytest.fixture

@@ -13,8 +13,7 @@ from epoxi.registry import services
 from epoxi.v1 import email_pb2, monitor_pb2_grpc, node_pb2, pipeline_pb2
 from epoxi.v1 import monitor_pb2 as m
 from services.monitor.main import MonitorConfig, start_monitor
-from tests.services.monitor.conftest import Nodes
-from tests.support import eventually
+from tests.support import Nodes, eventually
 
 Stub = monitor_pb2_grpc.MonitorServiceStub
 
@@ -37,7 +36,7 @@ async def register_pipeline(
 
 
 async def test_pipeline_stats_count_from_the_registry_and_sum_live_counters(
-    cluster: Nodes, sink: Sink, stub: Stub
+    cluster: Nodes, sink: Sink, monitor_stub: Stub
 ) -> None:
     email = email_pb2.Email(
         to=["ann@gmail.com"], subject="hi", text="hello", delivery=email_pb2.Delivery(ip="127.0.0.2")
@@ -49,7 +48,7 @@ async def test_pipeline_stats_count_from_the_registry_and_sum_live_counters(
     await sink.wait_for(2)
 
     async def delivered() -> m.PipelineStats | None:
-        stats = (await stub.GetPipelineStats(m.GetPipelineStatsRequest(), timeout=5)).stats
+        stats = (await monitor_stub.GetPipelineStats(m.GetPipelineStatsRequest(), timeout=5)).stats
         return stats if stats.totals.delivered == 2 else None
 
     stats = await eventually(delivered)
@@ -64,8 +63,8 @@ async def test_pipeline_stats_count_from_the_registry_and_sum_live_counters(
     assert (stats.totals.queued, stats.totals.in_flight, stats.totals.bounced) == (0, 0, 0)
 
 
-async def test_cluster_stats(cluster: Nodes, stub: Stub) -> None:
-    response = await stub.GetClusterStats(m.GetClusterStatsRequest(), timeout=5)
+async def test_cluster_stats(cluster: Nodes, monitor_stub: Stub) -> None:
+    response = await monitor_stub.GetClusterStats(m.GetClusterStatsRequest(), timeout=5)
     assert response.pipeline_stats.total_pipelines == 3
     assert (response.health_summary.healthy, response.health_summary.unhealthy) == (3, 0)
     assert [(n.id, n.pipeline_count, list(n.egress_ips)) for n in response.nodes] == [
@@ -76,22 +75,22 @@ async def test_cluster_stats(cluster: Nodes, stub: Stub) -> None:
 
 
 async def test_a_node_that_does_not_answer_contributes_no_counters(
-    cluster: Nodes, consul: Any, stub: Stub
+    cluster: Nodes, consul: Any, monitor_stub: Stub
 ) -> None:
     ghost = node_pb2.NodeInfo(id="ghost", address="127.0.0.1:1", egress_ips=["127.0.0.9"], pipeline_count=7)
     registration = services.node_registration(ghost, "1s", "1m")
     registration["check"] = {"Name": "always passing", "TTL": "1m", "Status": "passing"}
     await consul.agent.service.register(**registration)
 
-    response = await stub.GetClusterStats(m.GetClusterStatsRequest(), timeout=5)
+    response = await monitor_stub.GetClusterStats(m.GetClusterStatsRequest(), timeout=5)
     assert response.pipeline_stats.total_nodes == 3
     assert response.pipeline_stats.pipelines_per_node["ghost"] == 0
     # Its registry entry stands in for the live state it could not give.
     assert [(n.id, n.pipeline_count) for n in response.nodes] == [("ghost", 7), ("node1", 2), ("node2", 1)]
 
 
-async def test_health_check_all(cluster: Nodes, stub: Stub) -> None:
-    response = await stub.HealthCheckAll(m.HealthCheckAllRequest(), timeout=5)
+async def test_health_check_all(cluster: Nodes, monitor_stub: Stub) -> None:
+    response = await monitor_stub.HealthCheckAll(m.HealthCheckAllRequest(), timeout=5)
     assert [(r.pipeline.routing_key, r.pipeline.node) for r in response.results] == [
         ("gmail.com_127_0_0_2", "node1"),
         ("gmail.com_127_0_0_4", "node2"),
@@ -102,7 +101,9 @@ async def test_health_check_all(cluster: Nodes, stub: Stub) -> None:
     assert (response.summary.healthy, response.summary.unhealthy) == (3, 0)
 
 
-async def test_failing_and_warning_checks_show_in_health(cluster: Nodes, consul: Any, stub: Stub) -> None:
+async def test_failing_and_warning_checks_show_in_health(
+    cluster: Nodes, consul: Any, monitor_stub: Stub
+) -> None:
     stuck = await register_pipeline(consul, "node9", "stuck.example", "127.0.0.8")
     slow = await register_pipeline(consul, "node9", "slow.example", "127.0.0.8")
     # Checks start critical, and Consul syncs an output-only change late: pass first, then fail.
@@ -110,7 +111,7 @@ async def test_failing_and_warning_checks_show_in_health(cluster: Nodes, consul:
     await consul.agent.check.ttl_fail(stuck, notes="failed: smtp refused 3 times")
     await consul.agent.check.ttl_warn(slow, notes="deferring: 4xx from mx")
 
-    response = await stub.HealthCheckAll(m.HealthCheckAllRequest(), timeout=5)
+    response = await monitor_stub.HealthCheckAll(m.HealthCheckAllRequest(), timeout=5)
     by_key = {r.pipeline.routing_key: r for r in response.results}
     assert (by_key["stuck.example_127_0_0_8"].healthy, by_key["stuck.example_127_0_0_8"].status) == (
         False,
@@ -123,20 +124,20 @@ async def test_failing_and_warning_checks_show_in_health(cluster: Nodes, consul:
     )
     assert (response.summary.healthy, response.summary.unhealthy) == (3, 2)
 
-    one = await stub.HealthCheckRoutingKey(
+    one = await monitor_stub.HealthCheckRoutingKey(
         m.HealthCheckRoutingKeyRequest(routing_key="stuck.example_127_0_0_8")
     )
     assert [r.pipeline.name for r in one.results] == ["epoxi-pipeline-node9-stuck.example_127_0_0_8"]
     assert (one.summary.healthy, one.summary.unhealthy) == (0, 1)
 
-    cluster_stats = await stub.GetClusterStats(m.GetClusterStatsRequest(), timeout=5)
+    cluster_stats = await monitor_stub.GetClusterStats(m.GetClusterStatsRequest(), timeout=5)
     assert (cluster_stats.health_summary.healthy, cluster_stats.health_summary.unhealthy) == (3, 2)
-    passing = await stub.FindAllPipelines(m.FindAllPipelinesRequest(passing_only=True), timeout=5)
+    passing = await monitor_stub.FindAllPipelines(m.FindAllPipelinesRequest(passing_only=True), timeout=5)
     assert "node9" not in passing.nodes
 
 
-async def test_health_check_routing_key(cluster: Nodes, stub: Stub) -> None:
-    response = await stub.HealthCheckRoutingKey(
+async def test_health_check_routing_key(cluster: Nodes, monitor_stub: Stub) -> None:
+    response = await monitor_stub.HealthCheckRoutingKey(
         m.HealthCheckRoutingKeyRequest(routing_key="yahoo.com_127_0_0_3"), timeout=5
     )
     [result] = response.results
@@ -144,18 +145,18 @@ async def test_health_check_routing_key(cluster: Nodes, stub: Stub) -> None:
     assert (response.summary.healthy, response.summary.unhealthy) == (1, 0)
 
     with pytest.raises(grpc.aio.AioRpcError) as e:
-        await stub.HealthCheckRoutingKey(
+        await monitor_stub.HealthCheckRoutingKey(
             m.HealthCheckRoutingKeyRequest(routing_key="yahoo.com_127_0_0_4"), timeout=5
         )
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
     assert e.value.details() == "no pipeline has routing key yahoo.com_127_0_0_4"
 
 
-async def test_an_empty_cluster_answers_with_zeros(stub: Stub) -> None:
-    stats = (await stub.GetPipelineStats(m.GetPipelineStatsRequest(), timeout=5)).stats
+async def test_an_empty_cluster_answers_with_zeros(monitor_stub: Stub) -> None:
+    stats = (await monitor_stub.GetPipelineStats(m.GetPipelineStatsRequest(), timeout=5)).stats
     assert (stats.total_pipelines, stats.total_nodes, stats.totals.delivered) == (0, 0, 0)
     assert stats.HasField("totals")
-    health = await stub.HealthCheckAll(m.HealthCheckAllRequest(), timeout=5)
+    health = await monitor_stub.HealthCheckAll(m.HealthCheckAllRequest(), timeout=5)
     assert (list(health.results), health.summary.healthy, health.summary.unhealthy) == ([], 0, 0)
 
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Awaitable
 
 import grpc
 import pytest
@@ -12,53 +10,27 @@ import pytest
 from devmesh.registry.app import RunningRegistry
 from devmesh.sink import Sink
 from epoxi.envelope import new_email
-from epoxi.registry import client, services
+from epoxi.registry.client import Consul
 from epoxi.runtime.channels import channel
 from epoxi.v1 import email_pb2, router_pb2, router_pb2_grpc
-from services.node.main import NodeConfig, RunningNode, start_node
+from services.node.main import RunningNode
 from services.router.main import RouterConfig, RunningRouter, start_router
+from tests.support import Nodes, eventually, passing_nodes
 
 
 def email(to: str, ip: str) -> email_pb2.Email:
     return new_email("a@sender.test", to=[to], subject="s", text="t", delivery=email_pb2.Delivery(ip=ip))
 
 
-@pytest.fixture
-async def sink() -> AsyncIterator[Sink]:
-    s = await Sink().start()
-    yield s
-    await s.stop()
+async def start_nodes(nodes: Nodes, consul: Consul, owners: dict[str, list[str]]) -> list[RunningNode]:
+    """Start a registered node per ``owners`` entry (ID: egress IPs) and wait until all pass."""
+    started = [await nodes.start(node_id, *ips, retry_base=0.05) for node_id, ips in owners.items()]
+    await eventually(lambda: contains_all(passing_nodes(consul), set(owners)), seconds=20)
+    return started
 
 
-async def start_nodes(
-    tmp_path: Path, registry: RunningRegistry, sink: Sink, owners: dict[str, list[str]]
-) -> list[RunningNode]:
-    nodes = [
-        await start_node(
-            NodeConfig(
-                id=node_id,
-                egress_ips=ips,
-                spool=tmp_path / node_id / "spool.db",
-                routes={"*": sink.address},
-                consul=registry.address,
-                check_interval=0.2,
-                retry_base=0.05,
-            )
-        )
-        for node_id, ips in owners.items()
-    ]
-    consul = client.connect(registry.address)
-    try:
-        async with asyncio.timeout(20):
-            index = None
-            while True:
-                index, entries = await consul.health.service(
-                    services.NODE_SERVICE, passing=True, index=index, wait="2s"
-                )
-                if {e["Service"]["ID"] for e in entries} >= set(owners):
-                    return nodes
-    finally:
-        await consul.close()
+async def contains_all(ids: Awaitable[set[str]], wanted: set[str]) -> bool:
+    return await ids >= wanted
 
 
 @pytest.fixture
@@ -77,40 +49,37 @@ async def route(router: RunningRouter, *emails: email_pb2.Email) -> router_pb2.R
 
 
 async def test_routing_uses_the_cache_and_falls_back_when_a_node_fails(
-    tmp_path: Path, registry: RunningRegistry, sink: Sink, router: RunningRouter
+    registry: RunningRegistry, sink: Sink, router: RunningRouter, nodes: Nodes, consul: Consul
 ) -> None:
-    a, b = await start_nodes(tmp_path, registry, sink, {"a": ["127.0.0.2"], "b": ["127.0.0.2"]})
-    try:
-        first = await route(router, email("x@example.com", "127.0.0.2"))
-        [batch] = first.batches
-        assert batch.ok and batch.node == "a" and batch.new_pipeline  # tie on load: lowest ID
-        await sink.wait_for(1)
+    a, _ = await start_nodes(nodes, consul, {"a": ["127.0.0.2"], "b": ["127.0.0.2"]})
+    first = await route(router, email("x@example.com", "127.0.0.2"))
+    [batch] = first.batches
+    assert batch.ok and batch.node == "a" and batch.new_pipeline  # tie on load: lowest ID
+    await sink.wait_for(1)
 
-        # With the registry gone the router still routes from its cache: no round trip per batch.
-        # Node a is unreachable but still passing in that cache, so the router must fall back.
-        await registry.close()
-        assert a.server is not None
-        await a.server.stop(0)
-        second = await route(router, email("y@example.com", "127.0.0.2"))
-        [batch] = second.batches
-        assert batch.ok and batch.node == "b", second
-        assert batch.new_pipeline
-        assert "node a: UNAVAILABLE" in batch.error
-        assert (second.successful_batches, second.fallbacks_used, second.new_pipelines_started) == (1, 1, 1)
-        await sink.wait_for(2)
-        assert [(m.peer, m.rcpt_tos) for m in sink.received] == [
-            ("127.0.0.2", ["x@example.com"]),
-            ("127.0.0.2", ["y@example.com"]),
-        ]
-    finally:
-        await asyncio.gather(a.close(), b.close())
+    # With the registry gone the router still routes from its cache: no round trip per batch.
+    # Node a is unreachable but still passing in that cache, so the router must fall back.
+    await registry.close()
+    assert a.server is not None
+    await a.server.stop(0)
+    second = await route(router, email("y@example.com", "127.0.0.2"))
+    [batch] = second.batches
+    assert batch.ok and batch.node == "b", second
+    assert batch.new_pipeline
+    assert "node a: UNAVAILABLE" in batch.error
+    assert (second.successful_batches, second.fallbacks_used, second.new_pipelines_started) == (1, 1, 1)
+    await sink.wait_for(2)
+    assert [(m.peer, m.rcpt_tos) for m in sink.received] == [
+        ("127.0.0.2", ["x@example.com"]),
+        ("127.0.0.2", ["y@example.com"]),
+    ]
 
 
 async def test_batches_of_one_key_stay_on_one_pipeline_and_are_split(
-    tmp_path: Path, registry: RunningRegistry, sink: Sink
+    registry: RunningRegistry, sink: Sink, nodes: Nodes, consul: Consul
 ) -> None:
     router = await start_router(RouterConfig(listen="127.0.0.1:0", consul=registry.address, max_batch=2))
-    [node] = await start_nodes(tmp_path, registry, sink, {"n": ["127.0.0.3"]})
+    await start_nodes(nodes, consul, {"n": ["127.0.0.3"]})
     try:
         reply = await route(router, *(email(f"u{i}@example.net", "127.0.0.3") for i in range(5)))
         assert [len(b.message_ids) for b in reply.batches] == [2, 2, 1]
@@ -118,7 +87,7 @@ async def test_batches_of_one_key_stay_on_one_pipeline_and_are_split(
         assert reply.new_pipelines_started == 1 and reply.accepted_recipients == 5
         await sink.wait_for(5)
     finally:
-        await asyncio.gather(router.close(), node.close())
+        await router.close()
 
 
 async def test_an_invalid_email_rejects_the_whole_request(
