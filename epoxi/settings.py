@@ -1,12 +1,13 @@
 """Settings declared once: a field of a service's config dataclass is also its flag, its
 environment variable and its help.
 
+    @program("epoxi router", "Route emails to node pipelines.", env_prefix="EPOXI_ROUTER_")
     @dataclass
     class RouterConfig:
         listen: str = setting("127.0.0.1:50051", help="host:port to serve gRPC on")
         check_interval: float = setting(5.0, parse=durations.seconds, shown="5s", help="...")
 
-    config = settings.parse(RouterConfig, argv, prog="epoxi router", env_prefix="EPOXI_ROUTER_")
+    config = settings.parse(RouterConfig, argv)
 
 A field ``check_interval`` is ``--check-interval`` and ``EPOXI_ROUTER_CHECK_INTERVAL``; a flag
 beats the environment, which beats the default. A repeated setting takes its flag once per
@@ -27,6 +28,31 @@ T = TypeVar("T")
 
 _KEY = "epoxi.setting"
 _GROUP = "epoxi.settings-group"
+_PROGRAM = "__epoxi_program__"
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    prog: str
+    description: str
+    # Environment variables are this prefix and the field's name; None: no environment.
+    env_prefix: str | None
+
+
+def program(prog: str, description: str, *, env_prefix: str | None = None) -> Callable[[type[T]], type[T]]:
+    """Declare the command a config class is the settings of: its name, what it does, and
+    the prefix of its environment variables."""
+
+    def declare(cls: type[T]) -> type[T]:
+        setattr(cls, _PROGRAM, Program(prog, description, env_prefix))
+        return cls
+
+    return declare
+
+
+def _program(cls: type) -> Program:
+    found = getattr(cls, _PROGRAM, None)
+    return found if isinstance(found, Program) else Program(cls.__name__, "", None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +171,9 @@ def _text_type(d: _Declared) -> Callable[[str], Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type, env_prefix: str | None = None) -> None:
-    """Add a flag for every setting of ``cls`` (and of its groups) to ``parser``."""
+    """Add a flag for every setting of ``cls`` (and of its groups) to ``parser``; the environment
+    prefix defaults to the one ``cls``'s ``program`` declares."""
+    env_prefix = env_prefix if env_prefix is not None else _program(cls).env_prefix
     for d in _declared(cls):
         default = _default(d.field)
         shown = d.setting.shown
@@ -187,6 +215,7 @@ def from_args(
     A bad environment value or a missing required setting is reported through ``parser.error``
     when a parser is given, else raised as ValueError."""
     env = os.environ if environ is None else environ
+    env_prefix = env_prefix if env_prefix is not None else _program(cls).env_prefix
     values: dict[tuple[str, ...], Any] = {}
     for d in _declared(cls):
         value = getattr(args, d.dest, None)
@@ -242,16 +271,10 @@ def _fail(parser: argparse.ArgumentParser | None, message: str) -> Any:
     raise ValueError(message)
 
 
-def parse(
-    cls: type[T],
-    argv: Sequence[str] | None = None,
-    *,
-    prog: str,
-    description: str,
-    env_prefix: str | None = None,
-) -> T:
-    """Parse ``argv`` (default: ``sys.argv[1:]``) and the environment into a ``cls``."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    add_arguments(parser, cls, env_prefix)
-    args = parser.parse_args(argv)
-    return from_args(cls, args, env_prefix, parser)
+def parse(cls: type[T], argv: Sequence[str] | None = None) -> T:
+    """Parse ``argv`` (default: ``sys.argv[1:]``) and the environment into a ``cls``, as the
+    command its ``program`` declares."""
+    declared = _program(cls)
+    parser = argparse.ArgumentParser(prog=declared.prog, description=declared.description)
+    add_arguments(parser, cls)
+    return from_args(cls, parser.parse_args(argv), parser=parser)

@@ -9,28 +9,32 @@ from epoxi import durations, settings
 from epoxi.registry import client
 from epoxi.runtime.channels import RPC_TIMEOUT
 from epoxi.runtime.lifecycle import serve_main
-from epoxi.settings import setting
+from epoxi.settings import program, setting
 from epoxi.v1 import monitor_pb2
 from gateway.app import Gateway, start_gateway
 from gateway.upstream import RegistryUpstream, StaticUpstream, Upstream
 
 MONITOR_SERVICE = "epoxi-monitor"
 SERVICES = [monitor_pb2.DESCRIPTOR.services_by_name["MonitorService"]]
-ENV_PREFIX = "EPOXI_GATEWAY_"
 
 
+@program(
+    "epoxi gateway", "Serve the monitor's HTTP admin API (google.api.http).", env_prefix="EPOXI_GATEWAY_"
+)
 @dataclass(frozen=True)
 class GatewayConfig:
     listen: str = setting("127.0.0.1:8080", help="HTTP host:port")
     monitor: str | None = setting(
-        None, help=f"the monitor's gRPC host:port (default: a passing {MONITOR_SERVICE} from the registry)"
+        None, shown=f"a passing {MONITOR_SERVICE} from the registry", help="the monitor's gRPC host:port"
     )
     consul: str | None = setting(
         None,
         env=("EPOXI_GATEWAY_CONSUL", "CONSUL_HTTP_ADDR"),
         help="registry HTTP address, used when --monitor is not given",
     )
-    timeout: float = setting(RPC_TIMEOUT, parse=durations.seconds, help="seconds per gRPC call")
+    timeout: float = setting(
+        RPC_TIMEOUT, parse=durations.seconds, shown="10s", help="how long one gRPC call may take"
+    )
     stop_grace: float = setting(
         5.0, parse=durations.seconds, shown="5s", help="how long requests under way may take at shutdown"
     )
@@ -46,11 +50,5 @@ async def start(config: GatewayConfig) -> Gateway:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config = settings.parse(
-        GatewayConfig,
-        argv,
-        prog="epoxi gateway",
-        description="Serve the monitor's HTTP admin API (google.api.http).",
-        env_prefix=ENV_PREFIX,
-    )
+    config = settings.parse(GatewayConfig, argv)
     return serve_main("gateway", lambda: start(config))

@@ -9,7 +9,7 @@ from devmesh.registry.app import RunningRegistry, serve
 from devmesh.registry.state import RegistryConfig
 from epoxi import settings
 from epoxi.runtime.lifecycle import serve_main
-from epoxi.settings import group, setting
+from epoxi.settings import group, program, setting
 
 
 def _http_addr(text: str) -> tuple[str, int]:
@@ -19,6 +19,7 @@ def _http_addr(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+@program("epoxi registry", "A Consul-compatible development registry held in memory.")
 @dataclass(frozen=True)
 class RegistryFlags:
     """The registry's flags: where to serve, and the agent settings of ``RegistryConfig``."""
@@ -30,13 +31,7 @@ class RegistryFlags:
 
 
 def parse(argv: Sequence[str] | None = None) -> RegistryFlags:
-    return settings.parse(
-        RegistryFlags,
-        argv,
-        prog="epoxi-devregistry",
-        description="A Consul-compatible development registry held in memory.",
-        env_prefix=None,
-    )
+    return settings.parse(RegistryFlags, argv)
 
 
 async def start(flags: RegistryFlags) -> RunningRegistry:

@@ -17,24 +17,25 @@ from epoxi import durations, settings
 from epoxi.registry import client, services
 from epoxi.runtime.channels import Channels
 from epoxi.runtime.lifecycle import Service, serve_main
-from epoxi.settings import setting
+from epoxi.settings import program, setting
 from epoxi.v1 import monitor_pb2, monitor_pb2_grpc
 from services.monitor.servicer import MonitorService
 
 SERVICE = "epoxi-monitor"
 SERVICE_NAME = monitor_pb2.DESCRIPTOR.services_by_name["MonitorService"].full_name
-ENV_PREFIX = "EPOXI_MONITOR_"
 
 
+@program("epoxi monitor", "Cluster-wide pipeline discovery, stats and health.", env_prefix="EPOXI_MONITOR_")
 @dataclass(frozen=True)
 class MonitorConfig:
     consul: str | None = setting(
         None,
         env=("EPOXI_MONITOR_CONSUL", "CONSUL_HTTP_ADDR"),
-        help="registry HTTP address (default 127.0.0.1:8500)",
+        shown="127.0.0.1:8500",
+        help="registry HTTP address",
     )
     listen: str = setting("127.0.0.1:50052", help="host:port to serve gRPC on (port 0: any)")
-    advertise: str | None = setting(None, help="the address others dial (default: from --listen)")
+    advertise: str | None = setting(None, shown="from --listen", help="the address others dial")
     id: str | None = setting(None, shown="monitor-<hostname>-<port>", help="registry service ID")
     check_interval: float = setting(
         5.0, parse=durations.seconds, shown="5s", help="how often the registry probes the monitor's health"
@@ -80,11 +81,5 @@ async def start_monitor(config: MonitorConfig) -> RunningMonitor:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config = settings.parse(
-        MonitorConfig,
-        argv,
-        prog="epoxi monitor",
-        description="Cluster-wide pipeline discovery, stats and health.",
-        env_prefix=ENV_PREFIX,
-    )
+    config = settings.parse(MonitorConfig, argv)
     return serve_main("monitor", lambda: start_monitor(config))

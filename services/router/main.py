@@ -17,16 +17,16 @@ from epoxi import durations, settings
 from epoxi.registry import client, services
 from epoxi.runtime.channels import Channels
 from epoxi.runtime.lifecycle import Service, serve_main
-from epoxi.settings import setting
+from epoxi.settings import program, setting
 from epoxi.v1 import router_pb2, router_pb2_grpc
 from services.router.discovery import ClusterView
 from services.router.servicer import RouterServicer
 
 SERVICE = "epoxi-router"
 SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name
-ENV_PREFIX = "EPOXI_ROUTER_"
 
 
+@program("epoxi router", "Route emails to node pipelines.", env_prefix="EPOXI_ROUTER_")
 @dataclass(frozen=True)
 class RouterConfig:
     id: str = setting(
@@ -35,11 +35,12 @@ class RouterConfig:
         help="registry service ID",
     )
     listen: str = setting("127.0.0.1:50051", help="host:port to serve gRPC on (port 0: any)")
-    advertise: str | None = setting(None, help="the address others dial (default: from --listen)")
+    advertise: str | None = setting(None, shown="from --listen", help="the address others dial")
     consul: str | None = setting(
         None,
         env=("EPOXI_ROUTER_CONSUL", "CONSUL_HTTP_ADDR"),
-        help="registry HTTP address (default 127.0.0.1:8500)",
+        shown="127.0.0.1:8500",
+        help="registry HTTP address",
     )
     max_batch: int = setting(500, parse=int, help="most emails per batch handed to a node")
     check_interval: float = setting(
@@ -78,11 +79,5 @@ async def start_router(config: RouterConfig) -> RunningRouter:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config = settings.parse(
-        RouterConfig,
-        argv,
-        prog="epoxi router",
-        description="Route emails to node pipelines.",
-        env_prefix=ENV_PREFIX,
-    )
+    config = settings.parse(RouterConfig, argv)
     return serve_main("router", lambda: start_router(config))

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from epoxi import durations, settings
-from epoxi.settings import group, setting
+from epoxi.settings import group, program, setting
 
 
 def pair(text: str) -> tuple[str, str]:
@@ -24,6 +24,7 @@ class Inner:
     host_backoff: float = setting(60.0, parse=durations.seconds, shown="60s", help="host backoff")
 
 
+@program("x", "does x", env_prefix="X_")
 @dataclass(frozen=True)
 class Config:
     id: str = setting(help="the ID")
@@ -37,8 +38,8 @@ class Config:
 
 def parse(argv: list[str], env: dict[str, str] | None = None) -> Config:
     parser = argparse.ArgumentParser()
-    settings.add_arguments(parser, Config, "X_")
-    return settings.from_args(Config, parser.parse_args(argv), "X_", environ=env or {})
+    settings.add_arguments(parser, Config)  # the prefix comes from @program
+    return settings.from_args(Config, parser.parse_args(argv), environ=env or {})
 
 
 def test_a_flag_beats_the_environment_which_beats_the_default() -> None:
@@ -77,8 +78,9 @@ def test_bad_values_are_refused_with_the_reason(capsys: pytest.CaptureFixture[st
 
 def test_help_says_the_default_and_the_variables(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
-        settings.parse(Config, ["--help"], prog="x", description="d", env_prefix="X_")
+        settings.parse(Config, ["--help"])
     text = " ".join(capsys.readouterr().out.split())
+    assert text.startswith("usage: x ") and "does x" in text
     assert "interval (default 5s; env X_CHECK_INTERVAL)" in text
     assert "registry (env X_CONSUL or CONSUL_HTTP_ADDR)" in text
     assert "IPs (repeatable; env X_EGRESS_IP (comma-separated))" in text

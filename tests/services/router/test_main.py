@@ -21,7 +21,7 @@ from epoxi.registry.client import Consul, RegistryError
 from epoxi.runtime.channels import channel
 from epoxi.runtime.server import GrpcServer, start_grpc_server
 from epoxi.v1 import email_pb2, node_pb2, node_pb2_grpc, router_pb2, router_pb2_grpc
-from services.router.main import ENV_PREFIX, SERVICE, SERVICE_NAME, RouterConfig, start_router
+from services.router.main import SERVICE, SERVICE_NAME, RouterConfig, start_router
 from tests.support import eventually, passing_nodes, unused_address
 
 NODE_SERVICE_NAME = node_pb2.DESCRIPTOR.services_by_name["NodeService"].full_name
@@ -36,11 +36,7 @@ async def test_a_wildcard_listen_address_advertises_a_dialable_name(
     registry: RunningRegistry, consul: Consul
 ) -> None:
     config = settings.parse(
-        RouterConfig,
-        ["--listen", "0.0.0.0:0", "--consul", registry.address, "--check-interval", "200ms"],
-        prog="epoxi router",
-        description="",
-        env_prefix=ENV_PREFIX,
+        RouterConfig, ["--listen", "0.0.0.0:0", "--consul", registry.address, "--check-interval", "200ms"]
     )
     async with await start_router(config) as router:
         host, _, port = router.address.rpartition(":")
