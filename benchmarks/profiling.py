@@ -85,12 +85,12 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("spool: SQLite and fsync", ("(services/node/engine/spool.py)",)),
     (
         "registry: sync, snapshot, watch",
-        ("Registrar.", "Node.snapshot", "HealthWatch", "consul/", "aiohttp/"),
+        ("Registrar.", "PipelineSupervisor.snapshot", "HealthWatch", "consul/", "aiohttp/"),
     ),
     ("router: plan and route", ("services/router/servicer.py", "services/router/batching.py")),
     (
         "SMTP delivery (pipeline, aiosmtplib)",
-        ("aiosmtplib/", "services/node/engine/delivery.py", "Pipeline."),
+        ("aiosmtplib/", "services/node/engine/smtp.py", "services/node/engine/reply.py", "Pipeline."),
     ),
     ("node: other handler work", ("services/node/supervisor.py", "services/node/servicer.py")),
     ("gRPC and protobuf", ("grpc/", "_pb2", "google/protobuf/")),

@@ -32,11 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks import _utils
-from services.node.engine.pipeline import RECORD_DELAY, RECORD_GROUP, Recorder
+from services.node.engine.recorder import RECORD_DELAY, RECORD_GROUP, Recorder
+from services.node.engine.reply import Reply
 from services.node.engine.spool import NewMessage, Outcome, Spool, State
 
 KEY = "example.com_127_0_0_2"
 DATA = b"Subject: hi\r\n\r\n" + b"x" * 2000 + b"\r\n"
+OK = Reply.parse(250, "2.0.0 OK")
 
 Report = Callable[[Spool, list[list[Outcome]]], Awaitable[None]]
 
@@ -94,9 +96,7 @@ async def measure(name: str, report: Report, path: Path, outcomes: int, lanes: i
             await spool.enqueue(KEY, msgs[start : start + 500])
         jobs = await spool.claim(KEY, time.time(), outcomes)
         now = time.time()
-        all_outcomes = [
-            Outcome(j.deliveries[0].id, State.DELIVERED, 1, now, 250, "2.0.0 OK", now) for j in jobs
-        ]
+        all_outcomes = [Outcome(j.deliveries[0].id, State.DELIVERED, 1, now, OK, now) for j in jobs]
         per_lane = [all_outcomes[i::lanes] for i in range(lanes)]
 
         commits = 0

@@ -1,6 +1,6 @@
 """The benchmark's mail: N emails of about ``size`` bytes, one recipient each, spread round-robin
 over routing keys (recipient domain x source IP), and an SMTP blaster that sends them with the
-node's own client code (``services.node.engine.delivery.SmtpSender``: aiosmtplib, source-bound,
+node's own client code (``services.node.engine.smtp.SmtpSender``: aiosmtplib, source-bound,
 connections reused)."""
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from epoxi import envelope, rendering
 from epoxi.routing import routing_key
 from epoxi.v1 import email_pb2
-from services.node.engine.delivery import Destinations, Host, SmtpSender, Status
+from services.node.engine.mx import Destinations, Host
+from services.node.engine.smtp import SmtpSender
 
 SENDER = "Epoxi Bench <bench@sender.bench.test>"
 _LINE = "The quick brown fox jumps over the lazy dog; Epoxi mesh benchmark payload.\n"
@@ -104,7 +105,7 @@ async def blast(
             while queue:
                 m = queue.popleft()
                 results = await conn.send(m.sender, [m.recipient], m.data)
-                if all(r.status is Status.ACCEPTED for r in results.values()):
+                if all(r.accepted for r in results.values()):
                     accepted += 1
                 else:
                     failed += 1

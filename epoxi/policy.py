@@ -1,4 +1,9 @@
-"""Pipeline policy: the seed's knobs, with their defaults filled in."""
+"""Pipeline policy: the seed's knobs, with their defaults filled in.
+
+``Policy`` is the one internal form. Each boundary converts it in one place: protobuf here
+(``Policy.from_proto``, ``Policy.to_proto``, ``validate``), the KV store's JSON in
+``epoxi.policy_store`` (``encode``, ``decode``), SQLite in the node's spool (its policy blob).
+"""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 A stopped pipeline leaves the registry, so routers start it again (StartPipeline) when mail
 for its routing key comes; mail sent straight to the node restarts it too
-(``Node.pipeline_for_mail``). Pipelines with queued, in-flight or deferred mail never stop.
+(``PipelineSupervisor.pipeline_for_mail``). Pipelines with queued, in-flight or deferred mail never stop.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from services.node.supervisor import Node
+from services.node.supervisor import PipelineSupervisor
 
 log = logging.getLogger(__name__)
 
@@ -19,8 +19,8 @@ MAX_INTERVAL = 5.0
 
 
 class IdleReaper:
-    def __init__(self, node: Node, timeout: float) -> None:
-        self.node = node
+    def __init__(self, supervisor: PipelineSupervisor, timeout: float) -> None:
+        self.supervisor = supervisor
         self.timeout = timeout
         # Look a few times per timeout, so a pipeline stops at most a quarter late.
         self.interval = min(MAX_INTERVAL, max(MIN_INTERVAL, timeout / 4))
@@ -35,4 +35,5 @@ class IdleReaper:
 
     async def sweep(self) -> list[str]:
         """Stop the pipelines idle for long enough now; their routing keys."""
-        return [key for key in list(self.node.pipelines) if await self.node.stop_if_idle(key, self.timeout)]
+        keys = self.supervisor.routing_keys()
+        return [key for key in keys if await self.supervisor.stop_if_idle(key, self.timeout)]

@@ -1,5 +1,10 @@
 """Wiring for the node: its settings, the gRPC server, the spool, SMTP delivery and the registry.
 
+``start_node`` builds each part whole, in dependency order: the spool, the registry client, the
+sender, the bouncer and the registrar (the supervisor's hooks), the policy feed (read once), then
+the ``PipelineSupervisor`` with all of them, then its servicer and server. Only the node's
+address comes later (``serving_at``): the server binds its port as it starts.
+
 In-process use (tests, tools)::
 
     node = await start_node(NodeConfig(id="n1", egress_ips=["127.0.0.2"], spool=tmp / "spool.db",
@@ -11,6 +16,7 @@ In-process use (tests, tools)::
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ipaddress
 import logging
 import socket
@@ -21,21 +27,24 @@ from pathlib import Path
 import dns.asyncresolver
 
 from epoxi import durations, settings
+from epoxi.policy_store import PolicyTable
 from epoxi.registry import client
 from epoxi.registry.services import split_address
 from epoxi.runtime.lifecycle import Service, serve_main
-from epoxi.settings import group, setting
+from epoxi.settings import group, program, setting
 from epoxi.v1 import node_pb2, node_pb2_grpc
 from services.node import outbound
-from services.node.engine.delivery import Host
-from services.node.engine.pipeline import Retry
+from services.node.engine.dsn import Bouncer
+from services.node.engine.hooks import PipelineHooks
+from services.node.engine.mx import Host
+from services.node.engine.retry import Retry
 from services.node.engine.spool import Spool
 from services.node.idle import IdleReaper
-from services.node.policy_feed import PolicyWatch
+from services.node.policy_feed import PolicyFeed
 from services.node.registration import Registrar
 from services.node.retention import Retention
 from services.node.servicer import NodeService
-from services.node.supervisor import Node
+from services.node.supervisor import PipelineSupervisor
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +84,7 @@ def positive_duration(text: str) -> float:
     return seconds
 
 
+@program("epoxi node", "Spool mail and deliver it over SMTP.", env_prefix="EPOXI_NODE_")
 @dataclass(frozen=True)
 class NodeConfig:
     id: str = setting(
@@ -167,20 +177,22 @@ class NodeConfig:
 class RunningNode(Service):
     """A started node: ``address`` is what others dial; ``close()`` shuts it down gracefully."""
 
-    node: Node
+    supervisor: PipelineSupervisor
     spool: Spool
     consul: client.Consul | None = None
-    policy_watch: PolicyWatch | None = None
+    registrar: Registrar | None = None
+    bouncer: Bouncer | None = None
+    policy_feed: PolicyFeed | None = None
     retention: Retention | None = None
 
     @property
     def id(self) -> str:
-        return self.node.id
+        return self.supervisor.id
 
 
 async def start_node(config: NodeConfig) -> RunningNode:
-    """Open the spool, serve NodeService, register in the registry, load the stored policies and
-    resume unfinished pipelines; then watch the policies, stop idle pipelines and purge old
+    """Open the spool, load the stored policies, serve NodeService, register in the registry and
+    resume unfinished pipelines; then follow the policies, stop idle pipelines and purge old
     finished mail."""
     running = RunningNode(f"node {config.id}", config.stop_grace)
     async with running.starting():
@@ -194,51 +206,61 @@ async def start_node(config: NodeConfig) -> RunningNode:
             config.smtp_timeout,
             config.resolver,
         )
-        node = running.node = Node(
+        # The routing keys the bouncer spools DSNs for; the supervisor starts or wakes their pipelines.
+        spooled: asyncio.Queue[str] = asyncio.Queue()
+        hooks: list[PipelineHooks] = []
+        bouncer = running.bouncer = outbound.build_bouncer(config.delivery, spool, spooled, config.ehlo_name)
+        if bouncer is not None:
+            hooks.append(bouncer)
+        registrar = None
+        policies = PolicyTable()
+        if consul is not None:
+            registrar = running.registrar = Registrar(
+                consul, interval=config.check_interval, deregister_after=config.deregister_after
+            )
+            hooks.append(registrar)
+            if config.watch_policies:
+                wait = durations.go(config.policy_watch_wait or config.check_interval)
+                feed = running.policy_feed = PolicyFeed(consul, wait)
+                if await feed.load():
+                    policies = feed.table
+        supervisor = running.supervisor = PipelineSupervisor(
             id=config.id,
-            address="",
             egress_ips=config.egress_ips,
             ip_pool=config.ip_pool,
             spool=spool,
             sender=sender,
+            hooks=hooks,
+            spooled=spooled,
+            policies=policies,
             retry=Retry(config.retry_base, config.retry_cap),
             connection_idle_timeout=config.connection_idle_timeout,
             restart_delay=config.restart_delay,
             stop_grace=config.stop_grace,
         )
-        node.bouncer = outbound.build_bouncer(config.delivery, node, config.ehlo_name)
-        running.on_close(node.close)
-        servicer = NodeService(node)
+        running.on_close(supervisor.close)
+        servicer = NodeService(supervisor)
         await running.serve(
             config.listen,
             [(lambda s: node_pb2_grpc.add_NodeServiceServicer_to_server(servicer, s), SERVICE_NAME)],
             config.advertise,
         )
-        node.address = running.address
-        if consul is not None:
-            registrar = node.registrar = Registrar(
-                consul,
-                node.snapshot,
-                interval=config.check_interval,
-                deregister_after=config.deregister_after,
-            )
+        supervisor.serving_at(running.address)
+        if registrar is not None:
             await running.register(
-                f"node {node.id} and its pipelines", registrar.sync, lambda: registrar.deregister_all(node.id)
+                f"node {supervisor.id} and its pipelines",
+                lambda: registrar.sync(supervisor.snapshot),
+                lambda: registrar.deregister_all(supervisor.id),
             )
-            if config.watch_policies:
-                wait = durations.go(config.policy_watch_wait or config.check_interval)
-                running.policy_watch = PolicyWatch(consul, node.apply_policies, wait)
-                if await running.policy_watch.load():
-                    node.policies = running.policy_watch.table
-        resumed = await node.resume()
+            # Running before the resume: each resumed pipeline is in the registry once it started.
+            running.run(registrar.run(supervisor.snapshot), "registrar")
+        resumed = await supervisor.resume()
         if resumed:
             log.info("resumed %d pipelines: %s", len(resumed), ", ".join(p.routing_key for p in resumed))
-        if node.registrar is not None:
-            running.run(node.registrar.run(), "registrar")
-        if running.policy_watch is not None:
-            running.run(running.policy_watch.run(), "policy watch")
+        if running.policy_feed is not None:
+            running.run(running.policy_feed.run(supervisor.apply_policies), "policy feed")
         if config.pipeline_idle_timeout > 0:
-            running.run(IdleReaper(node, config.pipeline_idle_timeout).run(), "idle reaper")
+            running.run(IdleReaper(supervisor, config.pipeline_idle_timeout).run(), "idle reaper")
         if config.retention > 0:
             running.retention = Retention(spool, config.retention, config.purge_interval)
             running.run(running.retention.run(), "retention")
@@ -255,13 +277,7 @@ def parse_routes(routes: Mapping[str, str]) -> dict[str, Host]:
 
 def parse_config(argv: Sequence[str] | None = None) -> NodeConfig:
     """The node's settings from ``argv`` and the environment."""
-    return settings.parse(
-        NodeConfig,
-        argv,
-        prog="epoxi node",
-        description="Spool mail and deliver it over SMTP.",
-        env_prefix=ENV_PREFIX,
-    )
+    return settings.parse(NodeConfig, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

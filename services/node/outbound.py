@@ -7,6 +7,7 @@ here next to the code they configure.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -15,9 +16,11 @@ import dns.asyncresolver
 
 from epoxi import address, durations
 from epoxi.settings import setting
-from services.node.engine.delivery import DEFAULT_MAX_MESSAGES_PER_CONNECTION, HostBackoff, SmtpSender
-from services.node.engine.dsn import Bouncer, Mailer
+from services.node.engine.dsn import Bouncer
+from services.node.engine.host_backoff import HostBackoff
 from services.node.engine.mx import Destinations, Host, Resolver, resolver_for
+from services.node.engine.smtp import DEFAULT_MAX_MESSAGES_PER_CONNECTION, SmtpSender
+from services.node.engine.spool import Spool
 from services.node.engine.tls import TlsMode, TlsPolicy
 
 
@@ -109,7 +112,10 @@ def build_sender(
     )
 
 
-def build_bouncer(config: DeliveryConfig, node: Mailer, reporting_mta: str) -> Bouncer | None:
+def build_bouncer(
+    config: DeliveryConfig, spool: Spool, spooled: asyncio.Queue[str], reporting_mta: str
+) -> Bouncer | None:
+    """The bouncer that spools DSNs into ``spool`` and tells ``spooled``; None without ``dsn_from``."""
     if not config.dsn_from:
         return None
-    return Bouncer(node, config.dsn_from, reporting_mta)
+    return Bouncer(spool, spooled, config.dsn_from, reporting_mta)

@@ -1,33 +1,35 @@
 """Keeps the node's ``PolicyTable`` in step with the registry's KV store.
 
 One Consul blocking query per prefix (``epoxi/policies/``, ``epoxi/policy-assignments/``)
-re-reads it whenever its index moves, then hands the new table to ``on_change``. A policy that
-does not validate is logged and ignored (its last valid version stays); a registry that is down
-is retried with backoff, and the node keeps the table it has.
+re-reads it whenever its index moves, then hands the new table to ``run``'s ``on_change``. A
+policy that does not validate is logged and ignored (its last valid version stays); a registry
+that is down is retried with backoff (``epoxi.backoff``), and the node keeps the table it has.
+``load`` reads the table once before the node is built, so its pipelines start with it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
+from epoxi.backoff import Backoff
 from epoxi.policy_store import ASSIGNMENTS, POLICIES, PolicyTable, read_assignments, read_policies
-from epoxi.registry.client import Consul
-from services.node.registration import RegistryError
+from epoxi.registry.client import Consul, RegistryError
 
 log = logging.getLogger(__name__)
 
 OnChange = Callable[[PolicyTable], Awaitable[object]]
 
+# After n failures in a row, a watch waits between 0.1 x 2^n and 0.2 x 2^n seconds, 10 s at most.
+RETRY = Backoff(base=0.4, cap=10.0, jitter=0.5)
 
-class PolicyWatch:
-    def __init__(self, consul: Consul, on_change: OnChange, wait: str = "30s") -> None:
+
+class PolicyFeed:
+    def __init__(self, consul: Consul, wait: str = "30s") -> None:
         self._consul = consul
-        self._on_change = on_change
         self._wait = wait
         self.table = PolicyTable()
         self._indexes = {POLICIES: 0, ASSIGNMENTS: 0}
@@ -43,9 +45,9 @@ class PolicyWatch:
             return False
         return True
 
-    async def run(self) -> None:
-        """Follow both prefixes until cancelled."""
-        await asyncio.gather(*(self._watch(prefix) for prefix in self._indexes))
+    async def run(self, on_change: OnChange) -> None:
+        """Follow both prefixes until cancelled; ``on_change(table)`` after each change."""
+        await asyncio.gather(*(self._watch(prefix, on_change) for prefix in self._indexes))
 
     def _store(self, prefix: str, index: int, entries: list[dict[str, Any]] | None) -> None:
         # An index that goes backwards means the store was reset: start over from 0 (as Consul says).
@@ -59,7 +61,7 @@ class PolicyWatch:
         for problem in problems:
             log.warning("stored policies: %s", problem)
 
-    async def _watch(self, prefix: str) -> None:
+    async def _watch(self, prefix: str, on_change: OnChange) -> None:
         failures = 0
         while True:
             try:
@@ -78,11 +80,11 @@ class PolicyWatch:
                 raise
             except Exception as e:
                 failures += 1
-                delay = min(10.0, 0.2 * 2**failures) * random.uniform(0.5, 1.0)
+                delay = RETRY.delay(failures)
                 log.warning("watching %s failed (%s); retrying in %.1fs", prefix, e, delay)
                 await asyncio.sleep(delay)
                 continue
             try:
-                await self._on_change(self.table)
+                await on_change(self.table)
             except Exception:
                 log.exception("applying changed policies failed")

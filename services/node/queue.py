@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from google.protobuf import timestamp_pb2
 
 from epoxi.v1 import queue_pb2
+from services.node.engine.reply import Reply
 from services.node.engine.spool import (
     AttemptRow,
     Cursor,
@@ -23,7 +24,6 @@ from services.node.engine.spool import (
     KeyStats,
     MessageRow,
     State,
-    split_reply,
 )
 
 DEFAULT_PAGE_SIZE = 50
@@ -37,6 +37,8 @@ STATES: dict[State, queue_pb2.DeliveryState.ValueType] = {
     State.BOUNCED: queue_pb2.DELIVERY_STATE_BOUNCED,
 }
 SPOOL_STATES = {v: k for k, v in STATES.items()}
+# What a recipient not tried yet shows.
+NO_REPLY = Reply(0, "", "")
 
 
 class BadPageToken(ValueError):
@@ -93,14 +95,14 @@ def stats_proto(key: str, stats: KeyStats, running: bool) -> queue_pb2.QueueStat
 
 
 def _recipient(d: DeliveryRow) -> queue_pb2.RecipientStatus:
-    enhanced, text = split_reply(d.reply_code, d.reply_text)
+    reply = d.reply or NO_REPLY
     out = queue_pb2.RecipientStatus(
         recipient=d.recipient,
         state=STATES[d.state],
         attempts=d.attempts,
-        smtp_code=d.reply_code or 0,
-        enhanced_code=enhanced,
-        text=text or "",
+        smtp_code=reply.code,
+        enhanced_code=reply.enhanced,
+        text=reply.text,
     )
     if d.state in (State.QUEUED, State.DEFERRED):
         out.next_attempt_at.CopyFrom(timestamp(d.next_attempt_at))
@@ -127,9 +129,9 @@ def attempt_proto(a: AttemptRow) -> queue_pb2.DeliveryAttempt:
         recipient=a.recipient,
         attempt=a.attempt,
         result=STATES[a.result],
-        smtp_code=a.reply_code or 0,
-        enhanced_code=a.enhanced_code,
-        text=a.reply_text or "",
+        smtp_code=a.reply.code,
+        enhanced_code=a.reply.enhanced,
+        text=a.reply.text,
     )
 
 

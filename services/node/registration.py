@@ -1,35 +1,47 @@
 """Keeps the registry in step with the node: its service, its pipelines and their TTL checks.
 
-``sync()`` reconciles the registry with what the node runs now and is idempotent: it registers
-the node (again when its pipeline count or load changed), registers new pipelines, passes each
-running pipeline's TTL check with its state line as the output (fails it while the pipeline is
-restarting after a crash), registers a pipeline again when its policy changed (the policy is
-in the service's metadata), and deregisters pipelines that stopped. ``run()`` calls it every
-``interval``; the node also calls it right after a change. A registry that is down is retried
-on the next round, and a registry that lost our registrations (e.g. restarted) gets them again.
+``sync(snapshot)`` reconciles the registry with what the node runs now (``snapshot()``, a
+``NodeSnapshot``) and is idempotent: it registers the node (again when its pipeline count or
+load changed), registers new pipelines, passes each running pipeline's TTL check with its state
+line as the output (fails it while the pipeline is restarting after a crash), registers a
+pipeline again when its policy changed (the policy is in the service's metadata), and
+deregisters pipelines that stopped. ``run(snapshot)`` calls it every ``interval``. A registry that
+is down is retried on the next round, and a registry that lost our registrations (e.g.
+restarted) gets them again.
+
+The ``Registrar`` is a pipeline hook and holds no supervisor: the snapshot function is an
+argument of ``sync`` and ``run``, never stored. A hook event (a pipeline started, stopped,
+crashed or took a new policy) wakes ``run`` for a round at once and returns when that round is
+done, so a StartPipeline or StopPipeline call answers only once the registry shows it. Before
+``run`` starts and after it ends, events wait for nothing: the startup's inline ``sync`` and the
+first round see them. Once ``deregister_all`` ran at shutdown, nothing registers again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import aiohttp
 from consul import ConsulException
 
-from epoxi.registry.client import Consul
+from epoxi import durations
+from epoxi.registry.client import Consul, RegistryError
 from epoxi.registry.services import node_registration, pipeline_check_id, pipeline_registration
 from epoxi.v1 import node_pb2, pipeline_pb2
+from services.node.engine.hooks import PipelineHooks
+
+if TYPE_CHECKING:
+    from services.node.engine.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
 NODE_REFRESH_ROUNDS = 12
 CONCURRENT_CALLS = 16
-
-RegistryError = (ConsulException, aiohttp.ClientError, OSError, TimeoutError)
 
 
 @dataclass(frozen=True)
@@ -40,32 +52,29 @@ class PipelineState:
 
 
 @dataclass(frozen=True)
-class Snapshot:
+class NodeSnapshot:
+    """What the node runs now: itself and each pipeline, as the registry shows them."""
+
     node: node_pb2.NodeInfo
     pipelines: list[PipelineState]
 
 
-def go_duration(seconds: float) -> str:
-    """``1.0`` → ``"1s"``, ``0.25`` → ``"250ms"``: a duration Consul parses."""
-    ms = max(1, round(seconds * 1000))
-    return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
+Snapshots = Callable[[], Awaitable[NodeSnapshot]]
 
 
-class Registrar:
+class Registrar(PipelineHooks):
     def __init__(
         self,
         consul: Consul,
-        snapshot: Callable[[], Awaitable[Snapshot]],
         *,
         interval: float = 5.0,
         deregister_after: str = "1m",
         timeout: float = 10.0,
     ) -> None:
         self.consul = consul
-        self.snapshot = snapshot
         self.interval = interval
-        self.check_interval = go_duration(interval)
-        self.ttl = go_duration(interval * 3)
+        self.check_interval = durations.go(interval)
+        self.ttl = durations.go(interval * 3)
         self.deregister_after = deregister_after
         self.timeout = timeout  # for one round of registry calls
         self._node_meta: tuple[int, int] | None = None
@@ -77,27 +86,65 @@ class Registrar:
         self._lock = asyncio.Lock()
         # Set once the node has left the registry at shutdown: nothing registers it again.
         self._left = False
+        # While ``run`` runs: set to start a round now, and the round hook events wait for.
+        self._running = False
+        self._wake = asyncio.Event()
+        self._next_round: asyncio.Future[None] | None = None
 
-    async def run(self) -> None:
-        while True:
-            try:
-                await self.sync()
-            except Exception:
-                log.exception("registry sync failed unexpectedly")
-            await asyncio.sleep(self.interval)
+    async def run(self, snapshot: Snapshots) -> None:
+        """Sync every ``interval``, and at once when a hook event asks; until cancelled."""
+        self._running = True
+        try:
+            while True:
+                self._wake.clear()
+                waiting, self._next_round = self._next_round, None
+                try:
+                    await self.sync(snapshot)
+                except Exception:
+                    log.exception("registry sync failed unexpectedly")
+                finally:
+                    _done(waiting)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.interval)
+        finally:
+            self._running = False
+            waiting, self._next_round = self._next_round, None
+            _done(waiting)
 
-    async def sync(self) -> None:
+    async def pipeline_started(self, pipeline: Pipeline) -> None:
+        await self._round()
+
+    async def pipeline_stopped(self, pipeline: Pipeline) -> None:
+        await self._round()
+
+    async def pipeline_failed(self, pipeline: Pipeline) -> None:
+        await self._round()
+
+    async def policy_changed(self, pipeline: Pipeline) -> None:
+        await self._round()
+
+    async def _round(self) -> None:
+        """Have ``run`` sync now; return once a round that began after this call is done."""
+        if not self._running or self._left:
+            return
+        if self._next_round is None:
+            self._next_round = asyncio.get_running_loop().create_future()
+        round_ = self._next_round
+        self._wake.set()
+        await asyncio.shield(round_)  # shared: a cancelled waiter must not cancel it for the rest
+
+    async def sync(self, snapshot: Snapshots) -> None:
         async with self._lock:
             if self._left:
                 return
             try:
-                snap = await self.snapshot()
+                snap = await snapshot()
                 async with asyncio.timeout(self.timeout):
                     await self._sync(snap)
             except RegistryError as e:
                 log.warning("registry sync failed, retrying in %ss: %s", self.interval, e)
 
-    async def _sync(self, snap: Snapshot) -> None:
+    async def _sync(self, snap: NodeSnapshot) -> None:
         meta = (snap.node.pipeline_count, snap.node.load)
         self._rounds += 1
         # Also now and then, so a registry that restarted empty learns about us again (Consul keeps
@@ -170,17 +217,6 @@ class Registrar:
         self._pipelines.pop(name, None)
         self._refreshed.pop(name, None)
 
-    async def forget_pipeline(self, name: str) -> None:
-        """Deregister a stopped pipeline now."""
-        async with self._lock:
-            if self._left:
-                return
-            try:
-                async with asyncio.timeout(self.timeout):
-                    await self._deregister_pipeline(name)
-            except RegistryError as e:
-                log.warning("deregistering pipeline %s failed: %s", name, e)
-
     async def deregister_all(self, node_id: str) -> None:
         """On shutdown: every pipeline, then the node; the registrar does nothing after this."""
         async with self._lock:
@@ -193,3 +229,8 @@ class Registrar:
                 self._node_meta = None
             except RegistryError as e:
                 log.warning("deregistering node %s failed: %s", node_id, e)
+
+
+def _done(round_: asyncio.Future[None] | None) -> None:
+    if round_ is not None and not round_.done():
+        round_.set_result(None)

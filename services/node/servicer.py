@@ -1,8 +1,7 @@
-"""NodeService: validates requests, then asks the ``Node`` to act. Errors go through ``context.abort``."""
+"""NodeService: validates requests, then asks the ``PipelineSupervisor`` to act, and only it.
+Errors go through ``epoxi.runtime.status.abort``."""
 
 from __future__ import annotations
-
-from typing import NoReturn
 
 import grpc
 
@@ -11,19 +10,18 @@ from epoxi.envelope import recipients_in
 from epoxi.policy import Policy
 from epoxi.policy_store import POLICIES, PolicyError, check_name
 from epoxi.routing import routing_key
+from epoxi.runtime.status import abort, summary
 from epoxi.v1 import node_pb2, node_pb2_grpc, pipeline_pb2, queue_pb2
 from services.node import queue
-from services.node.engine.spool import Counts, KeyStats
-from services.node.supervisor import Node
-
-MAX_PROBLEMS_REPORTED = 20
+from services.node.engine.spool import Counts
+from services.node.supervisor import PipelineSupervisor
 
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 
 class NodeService(node_pb2_grpc.NodeServiceServicer):
-    def __init__(self, node: Node) -> None:
-        self.node = node
+    def __init__(self, supervisor: PipelineSupervisor) -> None:
+        self.supervisor = supervisor
 
     async def StartPipeline(
         self, request: node_pb2.StartPipelineRequest, context: grpc.aio.ServicerContext
@@ -39,66 +37,68 @@ class NodeService(node_pb2_grpc.NodeServiceServicer):
             if inline:
                 problems.append("give policy or policy_name, not both")
         if problems:
-            await _abort(context, _INVALID, "; ".join(problems))
-        if not self.node.owns(request.source_ip):
-            owned = ", ".join(self.node.egress_ips) or "none"
-            await _abort(
+            await abort(context, _INVALID, "; ".join(problems))
+        if not self.supervisor.owns(request.source_ip):
+            owned = ", ".join(self.supervisor.egress_ips) or "none"
+            await abort(
                 context,
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"node {self.node.id} cannot send from {request.source_ip}; it owns: {owned}",
+                f"node {self.supervisor.id} cannot send from {request.source_ip}; it owns: {owned}",
             )
         key = routing_key(request.domain, request.source_ip)
         chosen: Policy | None = Policy.from_proto(request.policy, key) if inline else None
         if request.policy_name:
-            chosen = self.node.policies.named(request.policy_name)
+            chosen = self.supervisor.stored_policy(request.policy_name)
             if chosen is None:
-                await _abort(
+                await abort(
                     context,
                     grpc.StatusCode.NOT_FOUND,
                     f"no valid policy {request.policy_name!r} is stored under {POLICIES}",
                 )
-        p, started = await self.node.start_pipeline(request.domain, request.source_ip, chosen)
-        return node_pb2.StartPipelineResponse(pipeline=await self.node.pipeline_info(p), started=started)
+        p, started = await self.supervisor.start_pipeline(request.domain, request.source_ip, chosen)
+        return node_pb2.StartPipelineResponse(
+            pipeline=await self.supervisor.pipeline_info(p), started=started
+        )
 
     async def StopPipeline(
         self, request: node_pb2.StopPipelineRequest, context: grpc.aio.ServicerContext
     ) -> node_pb2.StopPipelineResponse:
-        p = await self.node.stop_pipeline(request.routing_key)
+        p = await self.supervisor.stop_pipeline(request.routing_key)
         if p is None:
-            await _abort(
+            await abort(
                 context,
                 grpc.StatusCode.NOT_FOUND,
-                f"no pipeline {request.routing_key!r} runs on node {self.node.id}",
+                f"no pipeline {request.routing_key!r} runs on node {self.supervisor.id}",
             )
-        return node_pb2.StopPipelineResponse(pipeline=await self.node.pipeline_info(p))
+        return node_pb2.StopPipelineResponse(pipeline=await self.supervisor.pipeline_info(p))
 
     async def ListPipelines(
         self, request: node_pb2.ListPipelinesRequest, context: grpc.aio.ServicerContext
     ) -> node_pb2.ListPipelinesResponse:
         return node_pb2.ListPipelinesResponse(
-            pipelines=[p.info for p in (await self.node.snapshot()).pipelines]
+            pipelines=[p.info for p in (await self.supervisor.snapshot()).pipelines]
         )
 
     async def GetNodeState(
         self, request: node_pb2.GetNodeStateRequest, context: grpc.aio.ServicerContext
     ) -> node_pb2.GetNodeStateResponse:
-        snap = await self.node.snapshot()
+        snap = await self.supervisor.snapshot()
         return node_pb2.GetNodeStateResponse(node=snap.node, pipelines=[p.info for p in snap.pipelines])
 
     async def EnqueueBatch(
         self, request: node_pb2.EnqueueBatchRequest, context: grpc.aio.ServicerContext
     ) -> node_pb2.EnqueueBatchResponse:
         if not request.emails:
-            await _abort(context, _INVALID, "emails is empty: send at least one email")
+            await abort(context, _INVALID, "emails is empty: send at least one email")
         problems = [p for i, e in enumerate(request.emails) for p in validation.validate(e, f"emails[{i}]")]
         if problems:
-            await _abort(context, _INVALID, _summary(problems))
-        p = await self.node.pipeline_for_mail(request.routing_key)
+            await abort(context, _INVALID, summary(problems))
+        p = await self.supervisor.pipeline_for_mail(request.routing_key)
         if p is None:
-            await _abort(
+            await abort(
                 context,
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"no pipeline {request.routing_key!r} runs on node {self.node.id}; start it first",
+                f"no pipeline {request.routing_key!r} runs on node {self.supervisor.id}; start it first",
             )
         outside = [
             f"emails[{i}] has no recipient in {p.domain}"
@@ -106,10 +106,10 @@ class NodeService(node_pb2_grpc.NodeServiceServicer):
             if not recipients_in(e, p.domain)
         ]
         if outside:
-            await _abort(context, _INVALID, _summary(outside))
-        ids = await self.node.enqueue(p, request.emails)
-        p = self.node.pipelines.get(p.routing_key, p)  # restarted if it stopped meanwhile
-        return node_pb2.EnqueueBatchResponse(message_ids=ids, pipeline=await self.node.pipeline_info(p))
+            await abort(context, _INVALID, summary(outside))
+        ids = await self.supervisor.enqueue(p, request.emails)
+        p = self.supervisor.pipeline(p.routing_key) or p  # restarted if it stopped meanwhile
+        return node_pb2.EnqueueBatchResponse(message_ids=ids, pipeline=await self.supervisor.pipeline_info(p))
 
     # Queue inspection
 
@@ -117,19 +117,17 @@ class NodeService(node_pb2_grpc.NodeServiceServicer):
         self, request: node_pb2.GetQueueStatsRequest, context: grpc.aio.ServicerContext
     ) -> node_pb2.GetQueueStatsResponse:
         key = request.routing_key or None
-        stats = await self.node.spool.queue_stats(key)
-        running = set(self.node.pipelines)
-        for k in running:
-            if key in (None, k):
-                stats.setdefault(k, KeyStats(Counts(), None))
+        stats = await self.supervisor.queue_stats(key)
         if key is not None and not stats:
-            await _abort(
+            await abort(
                 context,
                 grpc.StatusCode.NOT_FOUND,
-                f"routing key {key!r} has no pipeline and no mail on node {self.node.id}",
+                f"routing key {key!r} has no pipeline and no mail on node {self.supervisor.id}",
             )
         return node_pb2.GetQueueStatsResponse(
-            pipelines=[queue.stats_proto(k, stats[k], k in running) for k in sorted(stats)],
+            pipelines=[
+                queue.stats_proto(k, stats[k], self.supervisor.pipeline(k) is not None) for k in sorted(stats)
+            ],
             totals=sum((s.counts for s in stats.values()), Counts()).to_proto(),
         )
 
@@ -157,8 +155,8 @@ class NodeService(node_pb2_grpc.NodeServiceServicer):
                     problems.append("page_token belongs to a listing with another routing_key or state")
                 after = page.after
         if problems:
-            await _abort(context, _INVALID, "; ".join(problems))
-        rows = await self.node.spool.list_messages(request.routing_key or None, state, after, size + 1)
+            await abort(context, _INVALID, "; ".join(problems))
+        rows = await self.supervisor.list_messages(request.routing_key or None, state, after, size + 1)
         reply = node_pb2.ListMessagesResponse(messages=[queue.message_proto(m) for m in rows[:size]])
         if len(rows) > size:
             last = rows[size - 1]
@@ -171,25 +169,15 @@ class NodeService(node_pb2_grpc.NodeServiceServicer):
         self, request: node_pb2.GetMessageRequest, context: grpc.aio.ServicerContext
     ) -> node_pb2.GetMessageResponse:
         if not request.message_id:
-            await _abort(context, _INVALID, "message_id is empty: give a spool ID from EnqueueBatch")
-        found = await self.node.spool.message(request.message_id)
+            await abort(context, _INVALID, "message_id is empty: give a spool ID from EnqueueBatch")
+        found = await self.supervisor.message(request.message_id)
         if found is None:
-            await _abort(
+            await abort(
                 context,
                 grpc.StatusCode.NOT_FOUND,
-                f"no message {request.message_id!r} in the spool of node {self.node.id}",
+                f"no message {request.message_id!r} in the spool of node {self.supervisor.id}",
             )
         message, attempts = found
         return node_pb2.GetMessageResponse(
             message=queue.message_proto(message), attempts=[queue.attempt_proto(a) for a in attempts]
         )
-
-
-async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
-    await context.abort(code, message)
-    raise AssertionError("context.abort returned")  # it always raises
-
-
-def _summary(problems: list[str]) -> str:
-    more = len(problems) - MAX_PROBLEMS_REPORTED
-    return "; ".join(problems[:MAX_PROBLEMS_REPORTED]) + (f"; and {more} more" if more > 0 else "")

@@ -1,7 +1,14 @@
-"""The node: its spool, its running pipelines and its place in the registry.
+"""The node's pipelines: started, stopped, resumed and fed mail, over one spool.
 
 The servicer validates requests and calls these methods; ``services.node.main.start_node``
-wires a ``Node`` to a gRPC server, the registry, its policy watch and its idle reaper.
+builds a ``PipelineSupervisor`` whole, with its hooks (the bouncer, the registrar), and wires it
+to a gRPC server, the registry, its policy feed and its idle reaper. The supervisor tells its
+hooks when a pipeline starts, stops or takes a new policy, and hands them to each pipeline,
+which tells them when it crashed or bounced mail. Nothing it runs holds it.
+
+Mail spooled by a hook (a DSN) arrives as its routing key on ``spooled``, a queue the supervisor
+drains: it wakes that key's pipeline, or starts it. ``resume`` starts every routing key with
+unfinished mail, so a DSN spooled just before a crash is sent after it too.
 
 A pipeline stopped for being idle comes back when mail arrives for it (``pipeline_for_mail``).
 Stopping one is safe against a concurrent ``enqueue``: the stop happens only if no enqueue
@@ -24,46 +31,61 @@ from epoxi.envelope import recipients_in
 from epoxi.policy import Policy
 from epoxi.policy_store import PolicyTable
 from epoxi.registry.services import pipeline_service_id
-from epoxi.routing import routing_key
+from epoxi.routing import routing_key, split_routing_key
+from epoxi.tasks import cancel_and_wait
 from epoxi.v1 import email_pb2, node_pb2, pipeline_pb2
-from services.node.engine.delivery import Sender
-from services.node.engine.dsn import Bouncer
-from services.node.engine.pipeline import FAILED, RUNNING, Pipeline, Retry
-from services.node.engine.spool import Counts, NewMessage, PipelineRecord, Spool
-from services.node.registration import PipelineState, Registrar, Snapshot
+from services.node.engine.hooks import HookChain, PipelineHooks
+from services.node.engine.pipeline import FAILED, RUNNING, Pipeline
+from services.node.engine.retry import Retry
+from services.node.engine.smtp import Sender
+from services.node.engine.spool import (
+    AttemptRow,
+    Counts,
+    Cursor,
+    KeyStats,
+    MessageRow,
+    NewMessage,
+    PipelineRecord,
+    Spool,
+    State,
+)
+from services.node.registration import NodeSnapshot, PipelineState
 
 log = logging.getLogger(__name__)
 
 
-class Node:
+class PipelineSupervisor:
     def __init__(
         self,
         *,
         id: str,
-        address: str,
         egress_ips: Sequence[str],
         ip_pool: str,
         spool: Spool,
         sender: Sender,
+        hooks: Sequence[PipelineHooks] = (),
+        spooled: asyncio.Queue[str] | None = None,
+        policies: PolicyTable | None = None,
         retry: Retry | None = None,
         connection_idle_timeout: float = 0.0,
         restart_delay: float = 1.0,
         stop_grace: float = 5.0,
     ) -> None:
         self.id = id
-        self.address = address
+        # Where others dial the node: known once its server listens (``serving_at``).
+        self.address = ""
         self.egress_ips = [str(ipaddress.ip_address(ip)) for ip in egress_ips]
         self.ip_pool = ip_pool
         self.spool = spool
         self.sender = sender
+        self.hooks = HookChain(hooks)
+        # Routing keys that hooks spooled mail for (DSNs); drained by ``_take_spooled``.
+        self.spooled: asyncio.Queue[str] = spooled if spooled is not None else asyncio.Queue()
+        self.policies = policies or PolicyTable()
         self.retry = retry or Retry()
         self.connection_idle_timeout = connection_idle_timeout
         self.restart_delay = restart_delay
         self.stop_grace = stop_grace
-        self.registrar: Registrar | None = None
-        # Sends DSNs for bounced mail; None: no DSNs (``--dsn-from`` unset).
-        self.bouncer: Bouncer | None = None
-        self.policies = PolicyTable()
         self.pipelines: dict[str, Pipeline] = {}
         # Pipelines stopped for being idle: new mail for them starts them again.
         self.idle_stopped: dict[str, PipelineRecord] = {}
@@ -73,12 +95,30 @@ class Node:
         self._enqueues_begun: Counter[str] = Counter()
         self._enqueuing: Counter[str] = Counter()
         self._lock = asyncio.Lock()
+        self._draining: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def serving_at(self, address: str) -> None:
+        """The node's server listens now, and others reach it at ``address``."""
+        self.address = address
 
     def owns(self, ip: str) -> bool:
         try:
             return str(ipaddress.ip_address(ip)) in self.egress_ips
         except ValueError:
             return False
+
+    def pipeline(self, key: str) -> Pipeline | None:
+        """``key``'s running pipeline, if any."""
+        return self.pipelines.get(key)
+
+    def stored_policy(self, name: str) -> Policy | None:
+        """The valid policy stored as ``name``, if any."""
+        return self.policies.named(name)
+
+    def routing_keys(self) -> list[str]:
+        """The routing keys of the running pipelines."""
+        return list(self.pipelines)
 
     async def start_pipeline(
         self, domain: str, source_ip: str, policy: Policy | None = None
@@ -94,7 +134,7 @@ class Node:
             running = self.pipelines.get(key)
             if running is not None:
                 return running, False
-            policy = policy or self.policies.for_new_pipeline(key) or Policy(name=key)
+            policy = policy or self._new_policy(key)
             await self.spool.save_pipeline(key, domain, source_ip, policy)
             p = Pipeline(
                 routing_key=key,
@@ -106,16 +146,22 @@ class Node:
                 retry=self.retry,
                 idle_timeout=self.connection_idle_timeout,
                 restart_delay=self.restart_delay,
-                on_failure=self._pipeline_failed,
-                bouncer=self.bouncer,
+                hooks=self.hooks,
             )
             self.pipelines[key] = p
             self.idle_stopped.pop(key, None)
             self.last_active[key] = time.monotonic()
             p.start()
+            if self._draining is None and not self._closed:
+                self._draining = asyncio.create_task(
+                    self._take_spooled(), name=f"node {self.id}: spooled mail"
+                )
         log.info("pipeline %s started with policy %s", key, policy.name)
-        await self._sync()
+        await self.hooks.pipeline_started(p)
         return p, True
+
+    def _new_policy(self, key: str) -> Policy:
+        return self.policies.for_new_pipeline(key) or Policy(name=key)
 
     async def stop_pipeline(self, key: str) -> Pipeline | None:
         # Under the lock: a new pipeline for the key must not start before this one let go of its mail.
@@ -125,8 +171,8 @@ class Node:
             if p is None:
                 return None
             await p.stop(self.stop_grace)
-        await self._forget(key)
         log.info("pipeline %s stopped", key)
+        await self.hooks.pipeline_stopped(p)
         return p
 
     async def stop_if_idle(self, key: str, idle_for: float) -> bool:
@@ -150,8 +196,8 @@ class Node:
             del self.pipelines[key]
             self.idle_stopped[key] = PipelineRecord(key, p.domain, p.source_ip, p.policy)
             await p.stop(self.stop_grace)
-        await self._forget(key)
         log.info("pipeline %s stopped: no mail for %gs", key, idle_for)
+        await self.hooks.pipeline_stopped(p)
         return True
 
     async def pipeline_for_mail(self, key: str) -> Pipeline | None:
@@ -168,14 +214,24 @@ class Node:
         return p
 
     async def resume(self) -> list[Pipeline]:
-        """Start the pipelines that have unfinished mail in the spool, each with its saved policy
-        (or the stored policy it follows, when that changed meanwhile)."""
+        """Start a pipeline for each routing key with unfinished mail in the spool: with the policy
+        it was last started with (or the stored policy it follows, when that changed meanwhile),
+        or, for mail spooled for a key that never ran (a DSN, just before a crash), as a new one."""
+        saved = {rec.routing_key: rec for rec in await self.spool.pipelines_to_resume()}
         resumed = []
-        for rec in await self.spool.pipelines_to_resume():
+        for key in sorted(saved.keys() | await self.spool.unfinished_keys()):
+            rec = saved.get(key)
+            if rec is None:
+                try:
+                    domain, source_ip = split_routing_key(key)
+                except ValueError as e:
+                    log.warning("not resuming %s: %s", key, e)
+                    continue
+                rec = PipelineRecord(key, domain, source_ip, self._new_policy(key))
             if not self.owns(rec.source_ip):
-                log.warning("not resuming %s: this node no longer owns %s", rec.routing_key, rec.source_ip)
+                log.warning("not resuming %s: this node no longer owns %s", key, rec.source_ip)
                 continue
-            policy = self.policies.for_running_pipeline(rec.routing_key, rec.policy)
+            policy = self.policies.for_running_pipeline(key, rec.policy)
             p, _ = await self.start_pipeline(rec.domain, rec.source_ip, policy)
             resumed.append(p)
         return resumed
@@ -192,11 +248,10 @@ class Node:
                     continue
                 await self.spool.save_pipeline(key, p.domain, p.source_ip, policy)
                 p.apply_policy(policy)
-                changed.append(key)
+                changed.append(p)
                 log.info("pipeline %s now follows policy %s: %s", key, policy.name, policy)
-        if changed:
-            await self._sync()
-        return changed
+        await asyncio.gather(*(self.hooks.policy_changed(p) for p in changed))
+        return [p.routing_key for p in changed]
 
     async def enqueue(self, p: Pipeline, emails: Sequence[email_pb2.Email]) -> list[str]:
         """Spool ``emails`` for ``p``'s routing key in one durable transaction; their spool IDs."""
@@ -210,7 +265,7 @@ class Node:
         return await self.enqueue_rendered(p, await asyncio.to_thread(render))
 
     async def enqueue_rendered(self, p: Pipeline, messages: Sequence[NewMessage]) -> list[str]:
-        """Spool rendered ``messages`` (e.g. a DSN) for ``p``'s routing key, like ``enqueue``."""
+        """Spool rendered ``messages`` for ``p``'s routing key, like ``enqueue``."""
         key = p.routing_key
         while self.pipelines.get(key) is not p:
             # It stopped for being idle meanwhile: start it again (an explicit stop also
@@ -226,6 +281,28 @@ class Node:
             self.last_active[key] = time.monotonic()
         p.wake()
         return ids
+
+    async def _take_spooled(self) -> None:
+        """Drain ``spooled`` until closed: each key's mail is in the spool already."""
+        while True:
+            key = await self.spooled.get()
+            try:
+                await self._mail_spooled(key)
+            except Exception:
+                log.exception("starting the pipeline for mail spooled for %s failed", key)
+
+    async def _mail_spooled(self, key: str) -> None:
+        # Like an enqueue, before any await: stop_if_idle sees that mail arrived.
+        self._enqueues_begun[key] += 1
+        self.last_active[key] = time.monotonic()
+        p = self.pipelines.get(key)
+        if p is not None:
+            p.wake()
+            return
+        domain, source_ip = split_routing_key(key)
+        await self.start_pipeline(domain, source_ip)
+
+    # Reading
 
     def pipeline_name(self, key: str) -> str:
         return pipeline_service_id(self.id, key)
@@ -259,7 +336,7 @@ class Node:
             ip_pool=self.ip_pool,
         )
 
-    async def snapshot(self) -> Snapshot:
+    async def snapshot(self) -> NodeSnapshot:
         # One spool query for every pipeline's counts, not one each.
         all_counts = await self.spool.all_counts()
         states = []
@@ -267,22 +344,34 @@ class Node:
             counts = all_counts.get(p.routing_key) or Counts()
             info = await self.pipeline_info(p, counts)
             states.append(PipelineState(info, p.state_line(counts), p.status == FAILED))
-        return Snapshot(await self.node_info(all_counts), states)
+        return NodeSnapshot(await self.node_info(all_counts), states)
 
-    async def _pipeline_failed(self, p: Pipeline) -> None:
-        await self._sync()
+    async def queue_stats(self, key: str | None = None) -> dict[str, KeyStats]:
+        """Counts and next retry per routing key with mail or a running pipeline (only ``key``'s
+        when given)."""
+        stats = await self.spool.queue_stats(key)
+        for k in self.pipelines:
+            if key in (None, k):
+                stats.setdefault(k, KeyStats(Counts(), None))
+        return stats
 
-    async def _forget(self, key: str) -> None:
-        if self.registrar is not None:
-            await self.registrar.forget_pipeline(self.pipeline_name(key))
-            await self.registrar.sync()
+    async def list_messages(
+        self, key: str | None, state: State | None, after: Cursor | None, limit: int
+    ) -> list[MessageRow]:
+        """Spooled messages, oldest first (``Spool.list_messages``)."""
+        return await self.spool.list_messages(key, state, after, limit)
 
-    async def _sync(self) -> None:
-        if self.registrar is not None:
-            await self.registrar.sync()
+    async def message(self, message_id: str) -> tuple[MessageRow, list[AttemptRow]] | None:
+        """A spooled message with its deliveries and attempt history, or None when unknown."""
+        return await self.spool.message(message_id)
 
     async def close(self) -> None:
         """Stop every pipeline; their mail stays spooled."""
+        self._closed = True
+        draining, self._draining = self._draining, None
+        await cancel_and_wait(draining)
         async with self._lock:
             pipelines, self.pipelines = list(self.pipelines.values()), {}
             await asyncio.gather(*(p.stop(self.stop_grace) for p in pipelines))
+        for p in pipelines:
+            await self.hooks.pipeline_stopped(p)

@@ -4,27 +4,33 @@ A DSN is a ``multipart/report; report-type=delivery-status`` message: a human-re
 ``message/delivery-status`` part (Reporting-MTA and Arrival-Date, then per recipient
 Final-Recipient, Action, Status, Remote-MTA, Diagnostic-Code, Last-Attempt-Date) and the original
 header as ``text/rfc822-headers``. Its envelope sender is the null path, so a DSN never bounces
-back; mail whose envelope sender is null gets none (RFC 5321 4.5.5). The ``Bouncer`` spools each
-DSN like any message, for the pipeline (sender's domain, the bounced mail's source IP).
+back; mail whose envelope sender is null gets none (RFC 5321 4.5.5).
+
+The ``Bouncer`` is a pipeline hook: it spools each DSN itself, like any message, under the routing
+key (sender's domain, the bounced mail's source IP), then puts that key on ``spooled``, a queue the
+supervisor drains to start or wake the key's pipeline. It holds neither the supervisor nor a
+pipeline. A crash between the two steps loses nothing: a node resumes every routing key with
+unfinished mail.
 """
 
 from __future__ import annotations
 
+import asyncio
 import email.policy
 import email.utils
 import logging
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from email.message import Message
 from email.mime.base import MIMEBase
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
-from epoxi.policy import Policy
-from services.node.engine.delivery import Result
-from services.node.engine.spool import Job, NewMessage, Spool
+from epoxi.routing import routing_key
+from services.node.engine.hooks import PipelineHooks
+from services.node.engine.reply import Reply
+from services.node.engine.spool import Job, NewMessage, Outcome, Spool
 
 if TYPE_CHECKING:
     from services.node.engine.pipeline import Pipeline
@@ -34,15 +40,6 @@ log = logging.getLogger(__name__)
 SUBJECT = "Undelivered Mail Returned to Sender"
 
 
-@dataclass(frozen=True)
-class Failure:
-    """A recipient that bounced: the last reply, and when it came."""
-
-    recipient: str
-    result: Result
-    at: float
-
-
 def build(
     *,
     reporting_mta: str,
@@ -50,10 +47,11 @@ def build(
     sender: str,
     original: bytes,
     arrival: float,
-    failures: Sequence[Failure],
+    bounced: Mapping[str, Outcome],
     now: float | None = None,
 ) -> bytes:
-    """The DSN for ``failures`` of the message ``original``, addressed to its envelope ``sender``."""
+    """The DSN for the ``bounced`` recipients (with the outcome of each one's last attempt) of the
+    message ``original``, addressed to its envelope ``sender``."""
     report = MIMEMultipart("report", report_type="delivery-status")
     report["From"] = f"Mail Delivery System <{dsn_from}>"
     report["To"] = sender
@@ -61,13 +59,13 @@ def build(
     report["Date"] = email.utils.formatdate(now, usegmt=True)
     report["Message-ID"] = email.utils.make_msgid(domain=dsn_from.rpartition("@")[2] or reporting_mta)
     report["Auto-Submitted"] = "auto-replied"  # RFC 3834
-    report.attach(_part(MIMEText(_human(reporting_mta, failures), "plain", "utf-8")))
+    report.attach(_part(MIMEText(_human(reporting_mta, bounced), "plain", "utf-8")))
 
     status = _part(MIMEBase("message", "delivery-status"))
     per_message = Message()
     per_message["Reporting-MTA"] = f"dns; {reporting_mta}"
     per_message["Arrival-Date"] = email.utils.formatdate(arrival, usegmt=True)
-    status.set_payload([per_message, *(_per_recipient(f) for f in failures)])
+    status.set_payload([per_message, *(_per_recipient(r, o) for r, o in bounced.items())])
     report.attach(status)
 
     headers = original_headers(original)
@@ -81,26 +79,27 @@ def _part(part: Message) -> Message:
     return part
 
 
-def _per_recipient(f: Failure) -> Message:
+def _per_recipient(recipient: str, o: Outcome) -> Message:
     block = Message()
-    block["Final-Recipient"] = f"rfc822; {f.recipient}"
+    block["Final-Recipient"] = f"rfc822; {recipient}"
     block["Action"] = "failed"
-    block["Status"] = f.result.status_code
-    if f.result.host:
-        block["Remote-MTA"] = f"dns; {f.result.host}"
+    block["Status"] = o.reply.status_code
+    if o.reply.host:
+        block["Remote-MTA"] = f"dns; {o.reply.host}"
     # "smtp" only for what a server replied; a local failure (no connection, DNS) says so.
-    kind = "smtp" if f.result.code else "X-Epoxi"
-    block["Diagnostic-Code"] = f"{kind}; {_reply(f.result)}"
-    block["Last-Attempt-Date"] = email.utils.formatdate(f.at, usegmt=True)
+    kind = "smtp" if o.reply.code else "X-Epoxi"
+    block["Diagnostic-Code"] = f"{kind}; {_diagnostic(o.reply)}"
+    block["Last-Attempt-Date"] = email.utils.formatdate(o.attempted_at, usegmt=True)
     return block
 
 
-def _reply(r: Result) -> str:
-    text = " ".join(r.text.split())  # one line: folded by the generator if long
+def _diagnostic(r: Reply) -> str:
+    """The reply as the server sent it, on one line (folded by the generator if long)."""
+    text = " ".join(r.line.split())
     return f"{r.code} {text}" if r.code else text
 
 
-def _human(reporting_mta: str, failures: Sequence[Failure]) -> str:
+def _human(reporting_mta: str, bounced: Mapping[str, Outcome]) -> str:
     lines = [
         f"This is the mail system at host {reporting_mta}.",
         "",
@@ -108,9 +107,9 @@ def _human(reporting_mta: str, failures: Sequence[Failure]) -> str:
         "The delivery status report and the header of your message are attached.",
         "",
     ]
-    for f in failures:
-        where = f" (host {f.result.host} said)" if f.result.host else ""
-        lines.append(f"<{f.recipient}>{where}: {_reply(f.result)}")
+    for recipient, o in bounced.items():
+        where = f" (host {o.reply.host} said)" if o.reply.host else ""
+        lines.append(f"<{recipient}>{where}: {_diagnostic(o.reply)}")
     return "\n".join(lines) + "\n"
 
 
@@ -120,37 +119,27 @@ def original_headers(data: bytes) -> str:
     return data[:end].decode("utf-8", errors="replace").replace("\r\n", "\n") + "\n"
 
 
-class Mailer(Protocol):
-    """What the bouncer needs of the node."""
+class Bouncer(PipelineHooks):
+    """Spools a DSN for each bounced message whose sender can take one, and puts the DSN's routing
+    key on ``spooled`` for the supervisor."""
 
-    spool: Spool
+    def __init__(self, spool: Spool, spooled: asyncio.Queue[str], dsn_from: str, reporting_mta: str) -> None:
+        self.spool = spool
+        self.spooled = spooled
+        self.dsn_from = dsn_from
+        self.reporting_mta = reporting_mta
 
-    async def start_pipeline(
-        self, domain: str, source_ip: str, policy: Policy | None = None
-    ) -> tuple[Pipeline, bool]: ...
-
-    async def enqueue_rendered(self, p: Pipeline, messages: Sequence[NewMessage]) -> list[str]: ...
-
-
-@dataclass
-class Bouncer:
-    """Spools a DSN for each bounced message whose sender can take one."""
-
-    node: Mailer
-    dsn_from: str
-    reporting_mta: str
-    # The policy of a pipeline started for DSNs; None: the node's choice for a new pipeline.
-    policy: Policy | None = None
-
-    async def bounced(self, source_ip: str, job: Job, failures: Sequence[Failure]) -> None:
+    async def bounced(self, pipeline: Pipeline, job: Job, outcomes: Sequence[Outcome]) -> None:
         sender = job.sender.strip("<>")
-        if not sender or not failures:
+        if not sender or not outcomes:
             return  # a bounce of a bounce, or nothing to report
         domain = sender.rpartition("@")[2]
         if not domain:
             log.warning("no DSN for message %s: sender %r has no domain", job.message_id, job.sender)
             return
-        stored = await self.node.spool.message(job.message_id)
+        recipients = {d.id: d.recipient for d in job.deliveries}
+        bounced = {recipients[o.delivery_id]: o for o in outcomes}
+        stored = await self.spool.message(job.message_id)
         arrival = stored[0].created_at if stored is not None else time.time()
         data = build(
             reporting_mta=self.reporting_mta,
@@ -158,14 +147,9 @@ class Bouncer:
             sender=sender,
             original=job.data,
             arrival=arrival,
-            failures=failures,
+            bounced=bounced,
         )
-        p, _ = await self.node.start_pipeline(domain, source_ip, self.policy)
-        [dsn_id] = await self.node.enqueue_rendered(p, [NewMessage("", [sender], data)])
-        log.info(
-            "message %s: DSN %s to %s for %s",
-            job.message_id,
-            dsn_id,
-            sender,
-            ", ".join(f.recipient for f in failures),
-        )
+        key = routing_key(domain, pipeline.source_ip)
+        [dsn_id] = await self.spool.enqueue(key, [NewMessage("", [sender], data)])
+        self.spooled.put_nowait(key)
+        log.info("message %s: DSN %s to %s for %s", job.message_id, dsn_id, sender, ", ".join(bounced))

@@ -5,8 +5,8 @@ arrived within ``batch_timeout`` — and sends them over up to ``max_connections
 connections, never more than ``allowed_messages`` in any ``message_interval``. Each connection is
 a lane pulling from one queue of claimed messages, and the next batch is claimed as soon as a lane
 is idle with nothing claimed left to take: a slow server holds up its own lane, not the next batch. Each message's
-outcome is: 2xx delivered; 5xx bounced with the reply; 4xx or a transport failure deferred with
-exponential backoff and jitter, and bounced once ``max_retries`` retries are spent.
+outcome is: 2xx delivered; 5xx bounced with the reply; 4xx or a transport failure deferred
+(``Retry``), and bounced once ``max_retries`` retries are spent.
 
 Outcomes are recorded in groups (``Recorder``), so many share one transaction and its fsync: a
 group is committed when ``record_group`` outcomes are pending, when the oldest has waited
@@ -14,12 +14,12 @@ group is committed when ``record_group`` outcomes are pending, when the oldest h
 released (on stop, and after a crash). Until its group commits, a sent message stays ``inflight``
 in the spool, which the spool requeues if the node dies: so a crash sends again at most the
 pipeline's last claimed batch and the sends still under way when it was claimed, never loses a
-message. A bounce spools a DSN to the sender
-(``Bouncer``) before its outcome even joins a group, so a crash between the two repeats the DSN
-rather than losing it. ``apply_policy`` changes the knobs while running: the next claim uses them (and lanes beyond
-a lowered ``max_connections`` end after their message).
-If the task crashes it is restarted after a growing delay, and the failure is reported meanwhile
-(``on_failure``, ``status``, ``state_line``).
+message. Bounces go to the hooks (``PipelineHooks.bounced``: the bouncer spools a DSN) before
+their outcomes even join a group, so a crash between the two repeats the DSN rather than losing
+it. ``apply_policy`` changes the knobs while running: the next claim uses them (and lanes beyond
+a lowered ``max_connections`` end after their message). If the task crashes it is restarted
+after a growing delay (``epoxi.backoff``), and the failure is reported meanwhile
+(``PipelineHooks.pipeline_failed``, ``status``, ``state_line``).
 """
 
 from __future__ import annotations
@@ -27,17 +27,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import TypeAlias
 
+from epoxi.backoff import Backoff
 from epoxi.policy import Policy
 from epoxi.v1 import pipeline_pb2
-from services.node.engine.delivery import Connection, Result, Sender, Status
-from services.node.engine.dsn import Bouncer, Failure
+from services.node.engine.hooks import PipelineHooks
+from services.node.engine.ratelimit import RateLimiter
+from services.node.engine.recorder import RECORD_DELAY, RECORD_GROUP, Recorder
+from services.node.engine.reply import Reply
+from services.node.engine.retry import Retry
+from services.node.engine.smtp import Connection, Sender
 from services.node.engine.spool import Counts, Delivery, Job, Outcome, Spool, State
 
 log = logging.getLogger(__name__)
@@ -50,156 +52,6 @@ STOPPED = pipeline_pb2.PIPELINE_STATUS_STOPPED
 FAILED = pipeline_pb2.PIPELINE_STATUS_FAILED
 
 MAX_RESTART_DELAY = 30.0
-# Outcomes per commit at most before a commit starts, and how long one may wait for its group.
-RECORD_GROUP = 50
-RECORD_DELAY = 0.05
-
-
-@dataclass(frozen=True)
-class Retry:
-    """Exponential backoff with equal jitter: attempt n waits between d/2 and d, d = base * 2^(n-1)."""
-
-    base: float = 60.0
-    cap: float = 3600.0
-
-    def delay(self, attempts: int, rng: Callable[[], float] = random.random) -> float:
-        d = min(self.cap, self.base * 2.0 ** max(0, attempts - 1))
-        return d / 2 + rng() * d / 2
-
-
-class RateLimiter:
-    """Never more than ``allowed`` sends in any window of ``interval`` seconds; bursts of ``allowed``.
-
-    A sliding-window log: a send holds its slot until it completes, and the slot is free again
-    ``interval`` seconds after that. So any two sends through one slot are at least ``interval``
-    apart however long each took, and a receiver sees at most ``allowed`` arrivals in any window.
-    (GCRA would smooth the rate, but with a burst of ``allowed`` it lets up to 2 x allowed - 1 sends
-    into one window.)
-    """
-
-    def __init__(self, allowed: int, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.allowed = max(1, allowed)
-        self.interval = interval
-        self._clock = clock
-        self._held = 0
-        self._done: deque[float] = deque()  # when recent sends completed, oldest first
-
-    def take(self) -> float | None:
-        """Take a slot (0.0), or say how long until one frees (None: not before a send completes)."""
-        now = self._clock()
-        while self._done and self._done[0] + self.interval <= now:
-            self._done.popleft()
-        used = self._held + len(self._done)
-        if used < self.allowed:
-            self._held += 1
-            return 0.0
-        if self._held >= self.allowed:
-            return None
-        return self._done[used - self.allowed] + self.interval - now
-
-    def release(self) -> None:
-        """The send that took a slot is done."""
-        self._held = max(0, self._held - 1)
-        self._done.append(self._clock())
-
-    def resized(self, allowed: int, interval: float) -> RateLimiter:
-        """A limiter with new limits that remembers the sends of this one (in flight and recent)."""
-        new = RateLimiter(allowed, interval, self._clock)
-        new._held = self._held
-        new._done = deque(self._done)
-        return new
-
-
-class Recorder:
-    """A pipeline's outcomes, recorded in groups: one spool transaction (one fsync) for many.
-
-    ``add`` keeps outcomes pending. A recording starts once ``group`` are pending or the oldest
-    has waited ``delay`` seconds, and commits everything pending when it starts; outcomes added
-    meanwhile go in the next one. ``flush`` commits the rest at once and returns when every
-    outcome added before it is durable. A recording runs in a task of its own, so cancelling
-    whoever waits for it (a pipeline stopped past its grace) does not lose the group: it commits,
-    or, if the spool fails, its deliveries stay ``inflight`` and are sent again once released.
-    A failed recording is raised once, by the next ``add`` or ``flush``.
-    """
-
-    def __init__(self, spool: Spool, group: int = RECORD_GROUP, delay: float = RECORD_DELAY) -> None:
-        self.spool = spool
-        self.group = max(1, group)
-        self.delay = delay
-        self._pending: list[Outcome] = []
-        self._oldest = 0.0  # the event loop's time when the oldest pending outcome was added
-        self._timer: asyncio.TimerHandle | None = None
-        self._recording: asyncio.Task[None] | None = None
-        self._error: Exception | None = None
-
-    def add(self, outcomes: Sequence[Outcome]) -> None:
-        self._raise()
-        if not outcomes:
-            return
-        if not self._pending:
-            self._oldest = asyncio.get_running_loop().time()
-        self._pending.extend(outcomes)
-        if len(self._pending) >= self.group:
-            self._start()
-        else:
-            self._arm()
-
-    async def flush(self) -> None:
-        """Record every pending outcome now; return once they, and any recording under way, are durable."""
-        while self._recording is not None or self._pending:
-            self._start()
-            if self._recording is not None:
-                await asyncio.wait({self._recording})  # not cancelled with the caller
-            self._raise()
-        self._raise()
-
-    def discard(self) -> int:
-        """Forget the pending outcomes and any failure (after a failed flush: their deliveries stay
-        in flight for the spool to release); how many were pending."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        n, self._pending, self._error = len(self._pending), [], None
-        return n
-
-    def _start(self) -> None:
-        """Start recording what is pending, unless a recording is under way: it takes them next."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._recording is None and self._pending:
-            self._recording = asyncio.create_task(self._record())
-
-    def _arm(self) -> None:
-        """See that pending outcomes start recording at most ``delay`` after the oldest was added."""
-        if self._pending and self._timer is None and self._recording is None:
-            self._timer = asyncio.get_running_loop().call_at(self._oldest + self.delay, self._start)
-
-    def _due(self) -> bool:
-        return len(self._pending) >= self.group or (
-            bool(self._pending) and asyncio.get_running_loop().time() >= self._oldest + self.delay
-        )
-
-    async def _record(self) -> None:
-        try:
-            while True:
-                taken, self._pending = self._pending, []
-                await self.spool.record(taken)
-                if not self._due():
-                    break
-        except Exception as e:
-            self._error = e
-        finally:
-            self._recording = None
-            self._arm()
-
-    def _raise(self) -> None:
-        if self._error is not None:
-            e, self._error = self._error, None
-            raise e
-
-
-OnFailure = Callable[["Pipeline"], Awaitable[None]]
 
 
 class Pipeline:
@@ -215,8 +67,7 @@ class Pipeline:
         retry: Retry | None = None,
         idle_timeout: float = 0.0,
         restart_delay: float = 1.0,
-        on_failure: OnFailure | None = None,
-        bouncer: Bouncer | None = None,
+        hooks: PipelineHooks | None = None,
         record_group: int = RECORD_GROUP,
         record_delay: float = RECORD_DELAY,
     ) -> None:
@@ -229,8 +80,7 @@ class Pipeline:
         self.retry = retry or Retry()
         self.idle_timeout = idle_timeout
         self.restart_delay = restart_delay
-        self.on_failure = on_failure
-        self.bouncer = bouncer
+        self.hooks = hooks or PipelineHooks()
         self.status: PipelineStatus = STARTING
         self.started_at = time.time()
         self.last_error = ""
@@ -249,6 +99,9 @@ class Pipeline:
 
     def start(self) -> None:
         if self._task is None:
+            # Running from here on: a snapshot taken before the task's first step (another
+            # pipeline's registry round) must not show it still starting.
+            self.status = RUNNING
             self._task = asyncio.create_task(self._supervise(), name=f"pipeline {self.routing_key}")
 
     def wake(self) -> None:
@@ -322,11 +175,10 @@ class Pipeline:
         try:
             await self._close_connections()
             await self.spool.release(self.routing_key)
-            if self.on_failure is not None:
-                await self.on_failure(self)
+            await self.hooks.pipeline_failed(self)
         except Exception:
             log.exception("pipeline %s: cleaning up after the crash failed", self.routing_key)
-        await self._stop_within(min(MAX_RESTART_DELAY, self.restart_delay * 2.0 ** (self._crashes - 1)))
+        await self._stop_within(Backoff(self.restart_delay, MAX_RESTART_DELAY).delay(self._crashes))
 
     async def _record_pending(self) -> None:
         """Record the outcomes still pending before in-flight mail is released, so what was sent is
@@ -455,19 +307,14 @@ class Pipeline:
             self._limiter.release()
             self._slot_freed.set()
         now = time.time()
-        missing = Result.transient("no result from the sender")
-        outcomes = [(d, results.get(d.recipient, missing)) for d in job.deliveries]
-        recorded = [self._outcome(d, r, now) for d, r in outcomes]
-        bounced = [
-            Failure(d.recipient, r, now)
-            for (d, r), o in zip(outcomes, recorded, strict=True)
-            if o.state is State.BOUNCED
-        ]
-        if bounced and self.bouncer is not None:
-            # The DSN is durable before its bounce joins a group, so a group never records a
-            # bounce whose DSN is not spooled (and flushing never waits on the node).
-            await self.bouncer.bounced(self.source_ip, job, bounced)
-        self._recorder.add(recorded)
+        missing = Reply.local("no result from the sender")
+        outcomes = [self._outcome(d, results.get(d.recipient, missing), now) for d in job.deliveries]
+        bounced = [o for o in outcomes if o.state is State.BOUNCED]
+        if bounced:
+            # A DSN is durable before its bounce joins a group, so a group never records a
+            # bounce whose DSN is not spooled (and flushing never waits on the hooks).
+            await self.hooks.bounced(self, job, bounced)
+        self._recorder.add(outcomes)
 
     async def _take_slot(self) -> bool:
         """Wait until the rate limit allows one more send; False when the pipeline is stopping."""
@@ -480,16 +327,15 @@ class Pipeline:
                 await asyncio.wait_for(self._slot_freed.wait(), wait)
         return False
 
-    def _outcome(self, d: Delivery, r: Result, now: float) -> Outcome:
+    def _outcome(self, d: Delivery, r: Reply, now: float) -> Outcome:
+        """Delivered on a 2xx; bounced on a 5xx, or a temporary failure past ``max_retries``
+        (``Outcome.text`` says so); else deferred for a retry."""
         attempts = d.attempts + 1
-        if r.status is Status.ACCEPTED:
-            return Outcome(d.id, State.DELIVERED, attempts, now, r.code, r.text, now)
-        if r.status is Status.PERMANENT:
-            return Outcome(d.id, State.BOUNCED, attempts, now, r.code, r.text, now)
-        if attempts > self.policy.max_retries:
-            text = f"{r.text} (gave up after {attempts} attempts)"
-            return Outcome(d.id, State.BOUNCED, attempts, now, r.code, text, now)
-        return Outcome(d.id, State.DEFERRED, attempts, now + self.retry.delay(attempts), r.code, r.text, now)
+        if r.accepted:
+            return Outcome(d.id, State.DELIVERED, attempts, now, r, now)
+        if r.permanent or attempts > self.policy.max_retries:
+            return Outcome(d.id, State.BOUNCED, attempts, now, r, now)
+        return Outcome(d.id, State.DEFERRED, attempts, now + self.retry.delay(attempts), r, now)
 
     async def _close_connections(self) -> None:
         conns, self._connections = self._connections, []

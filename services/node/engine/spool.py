@@ -8,6 +8,10 @@ many outcomes at once so that a pipeline's outcomes share a commit too. SQLite c
 bound to their thread, so all spool work runs on one dedicated thread, off the event loop, in the
 order it was asked for.
 
+Each outcome's ``Reply`` is stored as parsed: code, enhanced code and text, on the delivery and on
+its attempt alike. A spool file from before deliveries had an enhanced code column gets it when
+opened, its rows split once the way the reply was parsed (``_migrate``).
+
 Retention (``purge``) deletes finished mail, a chunk per transaction, and adds what it deleted
 to per-routing-key totals in the same transaction, so delivered and bounced counts are "since
 the spool was created" and never drop.
@@ -16,7 +20,6 @@ the spool was created" and never drop.
 from __future__ import annotations
 
 import asyncio
-import re
 import sqlite3
 import time
 import uuid
@@ -29,11 +32,14 @@ from typing import Any, Self, TypeVar
 
 from epoxi.policy import Policy
 from epoxi.v1 import pipeline_pb2
+from services.node.engine.reply import Reply
 
 T = TypeVar("T")
 
 
 class State(StrEnum):
+    """A delivery's state in the spool."""
+
     QUEUED = "queued"
     INFLIGHT = "inflight"
     DEFERRED = "deferred"
@@ -66,6 +72,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt_at REAL NOT NULL,
     reply_code INTEGER,
+    enhanced_code TEXT,
     reply_text TEXT,
     updated_at REAL NOT NULL
 );
@@ -131,15 +138,25 @@ class Job:
 
 @dataclass(frozen=True)
 class Outcome:
+    """What one attempt recorded for a delivery: its new state and the reply that decided it."""
+
     delivery_id: int
     state: State
     attempts: int
     next_attempt_at: float
-    reply_code: int
-    reply_text: str
+    reply: Reply
     # When the attempt was made; None: when it is recorded. Outcomes recorded in groups carry it,
     # so the history says when each attempt happened, not when its group was committed.
     attempted_at: float | None = None
+
+    @property
+    def text(self) -> str:
+        """The reply's text as recorded: a bounce on a temporary reply (its retries ran out) says so."""
+        if self.state is not State.BOUNCED or not self.reply.temporary:
+            return self.reply.text
+        note = f"(gave up after {self.attempts} attempts)"
+        # As if appended to the reply as the server sent it, enhanced code and all.
+        return note if self.reply.enhanced and not self.reply.text else f"{self.reply.text} {note}"
 
 
 @dataclass(frozen=True)
@@ -192,12 +209,13 @@ class PipelineRecord:
 
 @dataclass(frozen=True)
 class DeliveryRow:
+    """A recipient of a spooled message: its state and its last attempt's reply (None: no attempt yet)."""
+
     recipient: str
     state: State
     attempts: int
     next_attempt_at: float
-    reply_code: int | None
-    reply_text: str | None
+    reply: Reply | None
 
 
 @dataclass(frozen=True)
@@ -225,9 +243,7 @@ class AttemptRow:
     attempt: int
     attempted_at: float
     result: State
-    reply_code: int | None
-    enhanced_code: str
-    reply_text: str | None
+    reply: Reply
 
 
 # Where a listing page ends: the (created_at, id) of its last message.
@@ -264,18 +280,17 @@ class Spool:
     # Pipelines
 
     async def save_pipeline(self, routing_key: str, domain: str, source_ip: str, policy: Policy) -> None:
-        blob = policy.to_proto().SerializeToString()
-        await self._run(self._tx, _SAVE_PIPELINE, [(routing_key, domain, source_ip, blob)])
+        await self._run(self._tx, _SAVE_PIPELINE, [(routing_key, domain, source_ip, _policy_blob(policy))])
 
     async def pipelines_to_resume(self) -> list[PipelineRecord]:
         """Pipelines with unfinished mail, with the policy each was last started with."""
         rows = await self._run(self._query, _RESUME, ())
-        return [PipelineRecord(k, d, ip, _policy(blob, k)) for k, d, ip, blob in rows]
+        return [PipelineRecord(k, d, ip, _policy_from_blob(blob, k)) for k, d, ip, blob in rows]
 
     async def pipeline(self, routing_key: str) -> PipelineRecord | None:
         """How ``routing_key``'s pipeline was last started, if it ever was."""
         rows = await self._run(self._query, _PIPELINE, (routing_key,))
-        return next((PipelineRecord(k, d, ip, _policy(blob, k)) for k, d, ip, blob in rows), None)
+        return next((PipelineRecord(k, d, ip, _policy_from_blob(blob, k)) for k, d, ip, blob in rows), None)
 
     async def unfinished_keys(self) -> set[str]:
         rows = await self._run(self._query, _UNFINISHED_KEYS, ())
@@ -345,8 +360,9 @@ class Spool:
                         o.state.value,
                         o.attempts,
                         o.next_attempt_at,
-                        o.reply_code,
-                        o.reply_text,
+                        o.reply.code,
+                        o.reply.enhanced,
+                        o.text,
                         now,
                         o.delivery_id,
                     )
@@ -360,8 +376,9 @@ class Spool:
                         o.attempts,
                         now if o.attempted_at is None else o.attempted_at,
                         o.state.value,
-                        o.reply_code,
-                        *split_reply(o.reply_code, o.reply_text),
+                        o.reply.code,
+                        o.reply.enhanced,
+                        o.text,
                         o.delivery_id,
                     )
                     for o in outcomes
@@ -414,7 +431,7 @@ class Spool:
 
     async def deliveries(self, message_id: str) -> list[DeliveryRow]:
         rows = await self._run(self._query, _DELIVERIES, (message_id,))
-        return [DeliveryRow(r, State(s), a, n, c, t) for r, s, a, n, c, t in rows]
+        return [_delivery_row(*r) for r in rows]
 
     # Queue inspection
 
@@ -465,7 +482,7 @@ class Spool:
         if row is None:
             return None
         attempts = [
-            AttemptRow(r, n, at, State(res), c, e, t)
+            AttemptRow(r, n, at, State(res), Reply(c or 0, e, t or ""))
             for r, n, at, res, c, e, t in self._db.execute(_ATTEMPTS, (message_id,))
         ]
         return self._message_row(*row), attempts
@@ -473,9 +490,7 @@ class Spool:
     def _message_row(
         self, id: str, key: str, sender: str, created_at: float, size: int, head: bytes
     ) -> MessageRow:
-        deliveries = tuple(
-            DeliveryRow(r, State(s), a, n, c, t) for r, s, a, n, c, t in self._db.execute(_DELIVERIES, (id,))
-        )
+        deliveries = tuple(_delivery_row(*r) for r in self._db.execute(_DELIVERIES, (id,)))
         return MessageRow(id, key, sender, created_at, size, head, deliveries)
 
     def _tx(self, sql: str, rows: list[tuple[object, ...]]) -> None:
@@ -484,6 +499,19 @@ class Spool:
 
     def _query(self, sql: str, params: tuple[object, ...]) -> list[Any]:
         return self._db.execute(sql, params).fetchall()
+
+
+def _delivery_row(
+    recipient: str,
+    state: str,
+    attempts: int,
+    next_at: float,
+    code: int | None,
+    enhanced: str | None,
+    text: str | None,
+) -> DeliveryRow:
+    reply = None if code is None else Reply(code, enhanced or "", text or "")
+    return DeliveryRow(recipient, State(state), attempts, next_at, reply)
 
 
 def _counts(rows: list[Any]) -> dict[str, Counts]:
@@ -514,6 +542,8 @@ def _connect(path: Path) -> sqlite3.Connection:
         with db:
             db.executescript(_SCHEMA)
         with db:
+            _migrate(db)
+        with db:
             # Whatever was in flight when the node stopped goes back to the queue.
             db.execute(_RELEASE_ALL, (time.time(),))
     except BaseException:
@@ -522,21 +552,29 @@ def _connect(path: Path) -> sqlite3.Connection:
     return db
 
 
-_ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring a spool file from an older node up to date (in the caller's transaction).
+
+    Deliveries once kept the reply's text whole: they get an enhanced code column, and each
+    row's text is split into enhanced code and the rest, as the reply was parsed."""
+    db.execute("BEGIN IMMEDIATE")  # DDL included: the column and its rows appear together
+    columns = {name for _, name, *_ in db.execute("PRAGMA table_info(deliveries)")}
+    if "enhanced_code" in columns:
+        return
+    db.execute("ALTER TABLE deliveries ADD COLUMN enhanced_code TEXT")
+    rows = db.execute("SELECT id, reply_code, reply_text FROM deliveries WHERE reply_text IS NOT NULL")
+    split = [(r.enhanced, r.text, i) for i, code, text in rows for r in [Reply.parse(code or 0, text)]]
+    db.executemany("UPDATE deliveries SET enhanced_code = ?, reply_text = ? WHERE id = ?", split)
 
 
-def split_reply(code: int | None, text: str | None) -> tuple[str, str | None]:
-    """``(enhanced status code, rest of the text)`` of an SMTP reply, per RFC 3463: the code
-    leads the text and its class matches the reply's first digit. ``""`` when there is none.
-    A failure with no reply at all (``code`` 0: connection lost, DNS) carries the node's own
-    enhanced code, e.g. "4.4.2 connection lost", which is kept the same way."""
-    m = _ENHANCED.match(text or "")
-    if m is None or (code and str(code)[0] != m.group(1)):
-        return "", text
-    return ".".join(m.groups()), (text or "")[m.end() :]
+# A policy's SQLite form: its protobuf, serialized.
 
 
-def _policy(blob: bytes, routing_key: str) -> Policy:
+def _policy_blob(policy: Policy) -> bytes:
+    return policy.to_proto().SerializeToString()
+
+
+def _policy_from_blob(blob: bytes, routing_key: str) -> Policy:
     proto = pipeline_pb2.PipelinePolicy()
     proto.ParseFromString(blob)
     return Policy.from_proto(proto, routing_key)
@@ -575,8 +613,8 @@ WHERE d.routing_key = ? AND d.state IN ('queued', 'deferred') AND d.next_attempt
 ORDER BY picked.due, picked.first, d.id
 """
 _RECORD = """
-UPDATE deliveries SET state = ?, attempts = ?, next_attempt_at = ?, reply_code = ?, reply_text = ?,
-    updated_at = ? WHERE id = ?
+UPDATE deliveries SET state = ?, attempts = ?, next_attempt_at = ?, reply_code = ?, enhanced_code = ?,
+    reply_text = ?, updated_at = ? WHERE id = ?
 """
 _RELEASE = (
     "UPDATE deliveries SET state = 'queued', updated_at = ? WHERE routing_key = ? AND state = 'inflight'"
@@ -611,7 +649,7 @@ ON CONFLICT (routing_key) DO UPDATE SET delivered = delivered + excluded.deliver
     bounced = bounced + excluded.bounced
 """
 _DELIVERIES = """
-SELECT recipient, state, attempts, next_attempt_at, reply_code, reply_text FROM deliveries
+SELECT recipient, state, attempts, next_attempt_at, reply_code, enhanced_code, reply_text FROM deliveries
 WHERE message_id = ? ORDER BY id
 """
 _ATTEMPT = """

@@ -26,7 +26,7 @@ from epoxi.registry.client import Consul
 from epoxi.registry.services import passing
 from epoxi.runtime.channels import channel
 from epoxi.v1 import node_pb2, node_pb2_grpc, pipeline_pb2, queue_pb2
-from tests.services.node.conftest import SOURCE_IP, email
+from tests.services.node.support import SOURCE_IP, email
 from tests.support import eventually
 
 DOMAINS = ["a.test", "b.test", "c.test"]

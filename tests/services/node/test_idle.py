@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -14,59 +13,43 @@ from devmesh.registry.app import RunningRegistry
 from devmesh.sink import Sink
 from epoxi import policy_store
 from epoxi.envelope import new_email
-from epoxi.registry.client import Consul, connect
+from epoxi.registry.client import Consul
 from epoxi.runtime.channels import channel
-from epoxi.v1 import email_pb2, node_pb2, node_pb2_grpc, router_pb2, router_pb2_grpc
-from services.node.main import RunningNode, start_node
+from epoxi.v1 import email_pb2, node_pb2, router_pb2, router_pb2_grpc
+from services.node.main import NodeConfig, RunningNode
 from services.router.main import RouterConfig, start_router
-from tests.services.node.conftest import SOURCE_IP, email, fast_policy
-from tests.services.node.test_servicer import FAST, KEY, config, start
-from tests.support import eventually
+from tests.services.node.support import (
+    FAST,
+    KEY,
+    OTHER,
+    SOURCE_IP,
+    Stub,
+    email,
+    enqueue_batch,
+    fast_policy,
+    start,
+    true_when,
+)
+from tests.support import CHECK_INTERVAL, eventually
 
-Stub = node_pb2_grpc.NodeServiceStub
-OTHER = "example.org_127_0_0_2"
 IDLE = 0.3
 
 
 @pytest.fixture
-async def consul(registry: RunningRegistry) -> AsyncIterator[Consul]:
-    c = connect(registry.address)
-    yield c
-    await c.close()
-
-
-@pytest.fixture
-async def node(tmp_path: Path, sink: Sink, registry: RunningRegistry) -> AsyncIterator[RunningNode]:
-    n = await start_node(
-        config(
-            tmp_path,
-            sink,
-            consul=registry.address,
-            check_interval=0.2,
-            pipeline_idle_timeout=IDLE,
-            retry_base=3600.0,  # deferred mail stays deferred for the whole test
-        )
+def node_config(node_config: NodeConfig, registry: RunningRegistry) -> NodeConfig:
+    """n1, registered, stopping pipelines idle for IDLE; deferred mail stays deferred (retries an hour away)."""
+    return replace(
+        node_config,
+        consul=registry.address,
+        check_interval=CHECK_INTERVAL,
+        pipeline_idle_timeout=IDLE,
+        retry_base=3600.0,
     )
-    yield n
-    await n.close()
-
-
-@pytest.fixture
-async def stub(node: RunningNode) -> AsyncIterator[Stub]:
-    async with channel(node.address) as ch:
-        yield node_pb2_grpc.NodeServiceStub(ch)
 
 
 async def registered(consul: Consul) -> set[str]:
     _, entries = await consul.health.service("epoxi-pipeline")
     return {e["Service"]["Meta"]["routing_key"] for e in entries}
-
-
-async def enqueue(stub: Stub, key: str, *emails: email_pb2.Email) -> node_pb2.EnqueueBatchResponse:
-    reply: node_pb2.EnqueueBatchResponse = await stub.EnqueueBatch(
-        node_pb2.EnqueueBatchRequest(routing_key=key, emails=emails), timeout=5
-    )
-    return reply
 
 
 async def test_an_idle_pipeline_stops_and_one_with_unfinished_mail_does_not(
@@ -76,11 +59,11 @@ async def test_an_idle_pipeline_stops_and_one_with_unfinished_mail_does_not(
     await start(stub)
     await start(stub, domain="example.org")
     assert await registered(consul) == {KEY, OTHER}
-    await enqueue(stub, KEY, email("a@example.com"))
-    await enqueue(stub, OTHER, email("later@example.org"))
+    await enqueue_batch(stub, KEY, email("a@example.com"))
+    await enqueue_batch(stub, OTHER, email("later@example.org"))
 
     async def only_deferred_left() -> bool:
-        return set(node.node.pipelines) == {OTHER} and await registered(consul) == {OTHER}
+        return set(node.supervisor.pipelines) == {OTHER} and await registered(consul) == {OTHER}
 
     await eventually(only_deferred_left)
     assert sink.recipients() == ["a@example.com"]
@@ -90,7 +73,7 @@ async def test_an_idle_pipeline_stops_and_one_with_unfinished_mail_does_not(
     assert n["Service"]["Meta"]["pipeline_count"] == "1"
 
     # Mail for the stopped pipeline starts it again, with the policy it had.
-    reply = await enqueue(stub, KEY, email("b@example.com"))
+    reply = await enqueue_batch(stub, KEY, email("b@example.com"))
     assert reply.pipeline.status == 2 and reply.pipeline.policy == FAST  # RUNNING
     await sink.wait_for(2)
     assert KEY in await registered(consul)
@@ -102,7 +85,7 @@ async def test_a_stopped_pipeline_starts_again_through_start_pipeline(
     first = await start(stub)
 
     async def gone() -> bool:
-        return await registered(consul) == set() and not node.node.pipelines
+        return await registered(consul) == set() and not node.supervisor.pipelines
 
     await eventually(gone)
     again = await start(stub)
@@ -110,12 +93,12 @@ async def test_a_stopped_pipeline_starts_again_through_start_pipeline(
         again.started
         and again.pipeline.started_at.ToNanoseconds() > first.pipeline.started_at.ToNanoseconds()
     )
-    await enqueue(stub, KEY, email("a@example.com"))
+    await enqueue_batch(stub, KEY, email("a@example.com"))
     await sink.wait_for(1)
 
 
 async def test_mail_for_a_pipeline_that_just_stopped_starts_it_again(node: RunningNode, sink: Sink) -> None:
-    n = node.node
+    n = node.supervisor
     p, _ = await n.start_pipeline("example.com", SOURCE_IP, fast_policy())
     assert await n.stop_if_idle(KEY, 0.0)
     await n.enqueue(p, [email("a@example.com")])  # the caller still holds the stopped pipeline
@@ -124,15 +107,15 @@ async def test_mail_for_a_pipeline_that_just_stopped_starts_it_again(node: Runni
 
 
 async def test_an_idle_stop_gives_up_when_mail_arrives_while_it_looks(node: RunningNode, sink: Sink) -> None:
-    n = node.node
+    n = node.supervisor
     p, _ = await n.start_pipeline("example.com", SOURCE_IP, fast_policy())
     gate = threading.Event()
     blocked = asyncio.ensure_future(n.spool._run(gate.wait))  # holds the spool's thread
     try:
         stop = asyncio.create_task(n.stop_if_idle(KEY, 0.0))
-        await eventually(_true_when(n._lock.locked))  # the stop is reading the spool (queued)
+        await eventually(true_when(n._lock.locked))  # the stop is reading the spool (queued)
         enqueue = asyncio.create_task(n.enqueue(p, [email("a@example.com")]))
-        await eventually(_true_when(lambda: n._enqueues_begun[KEY] == 1))
+        await eventually(true_when(lambda: n._enqueues_begun[KEY] == 1))
     finally:
         gate.set()
         await blocked
@@ -142,13 +125,6 @@ async def test_an_idle_stop_gives_up_when_mail_arrives_while_it_looks(node: Runn
     await sink.wait_for(1)
 
 
-def _true_when(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
-    async def probe() -> bool:
-        return check()
-
-    return probe
-
-
 async def test_a_new_router_batch_restarts_an_idle_pipeline(
     node: RunningNode, registry: RunningRegistry, consul: Consul, sink: Sink
 ) -> None:
@@ -156,7 +132,7 @@ async def test_a_new_router_batch_restarts_an_idle_pipeline(
     await policy_store.put_policy(consul, "default", FAST)
 
     async def loaded() -> bool:
-        return node.node.policies.named("default") is not None
+        return node.supervisor.policies.named("default") is not None
 
     await eventually(loaded)
     router = await start_router(
@@ -186,13 +162,13 @@ async def test_a_new_router_batch_restarts_an_idle_pipeline(
             await sink.wait_for(1)
 
             async def stopped() -> bool:
-                return not node.node.pipelines and await registered(consul) == set()
+                return not node.supervisor.pipelines and await registered(consul) == set()
 
             await eventually(stopped)
             await route("b@example.com")
             await sink.wait_for(2)
             assert KEY in await registered(consul)
-            assert node.node.pipelines[KEY].policy.name == "default"
+            assert node.supervisor.pipelines[KEY].policy.name == "default"
             assert sink.recipients() == ["a@example.com", "b@example.com"]
     finally:
         await router.close()

@@ -17,7 +17,7 @@ from epoxi.registry.client import connect
 from epoxi.runtime.channels import channel
 from epoxi.v1 import node_pb2, node_pb2_grpc
 from services.node.main import NodeConfig, parse_config
-from tests.services.node.conftest import SOURCE_IP
+from tests.services.node.support import SOURCE_IP
 
 REPO = Path(__file__).resolve().parents[3]
 

@@ -3,41 +3,27 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
+from dataclasses import replace
 
 import grpc
 import pytest
 
 from devmesh.sink import Sink
-from epoxi.runtime.channels import channel
-from epoxi.v1 import email_pb2, node_pb2, node_pb2_grpc, queue_pb2
-from services.node.main import RunningNode, start_node
-from tests.services.node.conftest import email
-from tests.services.node.test_servicer import FAST, KEY, config, start
+from epoxi.v1 import email_pb2, node_pb2, queue_pb2
+from services.node.main import NodeConfig, RunningNode
+from tests.services.node.support import FAST, KEY, OTHER, Stub, email, enqueue_batch, start
 from tests.support import eventually
 
-Stub = node_pb2_grpc.NodeServiceStub
-OTHER = "example.org_127_0_0_2"
-
 
 @pytest.fixture
-async def node(tmp_path: Path, sink: Sink) -> AsyncIterator[RunningNode]:
-    # Retries an hour away: a deferred recipient stays deferred for the whole test.
-    n = await start_node(config(tmp_path, sink, retry_base=3600.0))
-    yield n
-    await n.close()
+def node_config(node_config: NodeConfig) -> NodeConfig:
+    """n1 with retries an hour away: a deferred recipient stays deferred for the whole test."""
+    return replace(node_config, retry_base=3600.0)
 
 
-@pytest.fixture
-async def stub(node: RunningNode) -> AsyncIterator[Stub]:
-    async with channel(node.address) as ch:
-        yield node_pb2_grpc.NodeServiceStub(ch)
-
-
-async def enqueue(stub: Stub, key: str, *emails: email_pb2.Email) -> list[str]:
-    reply = await stub.EnqueueBatch(node_pb2.EnqueueBatchRequest(routing_key=key, emails=emails), timeout=5)
-    return list(reply.message_ids)
+async def message_ids(stub: Stub, key: str, *emails: email_pb2.Email) -> list[str]:
+    """EnqueueBatch; the spool IDs."""
+    return list((await enqueue_batch(stub, key, *emails)).message_ids)
 
 
 async def stats(stub: Stub, key: str = "") -> node_pb2.GetQueueStatsResponse:
@@ -47,14 +33,14 @@ async def stats(stub: Stub, key: str = "") -> node_pb2.GetQueueStatsResponse:
     return reply
 
 
-async def settled(stub: Stub) -> node_pb2.GetQueueStatsResponse:
+async def attempted(stub: Stub) -> node_pb2.GetQueueStatsResponse:
+    """Wait until nothing is queued or in flight (deferred mail waits an hour); the stats then."""
+
     async def done() -> node_pb2.GetQueueStatsResponse | None:
         s = await stats(stub)
         return s if s.totals.queued + s.totals.in_flight == 0 else None
 
-    s = await eventually(done)
-    assert s is not None
-    return s
+    return await eventually(done)
 
 
 async def test_stats_count_each_state_and_give_the_next_retry(stub: Stub, sink: Sink) -> None:
@@ -62,8 +48,8 @@ async def test_stats_count_each_state_and_give_the_next_retry(stub: Stub, sink: 
     await start(stub)
     await start(stub, domain="example.org")
     before = time.time()
-    await enqueue(stub, KEY, email("ok@example.com", "later@example.com"), email("gone@example.com"))
-    s = await settled(stub)
+    await message_ids(stub, KEY, email("ok@example.com", "later@example.com"), email("gone@example.com"))
+    s = await attempted(stub)
     [com, org] = s.pipelines
     assert (com.routing_key, com.running, org.routing_key, org.running) == (KEY, True, OTHER, True)
     assert (com.counters.delivered, com.counters.deferred, com.counters.bounced) == (1, 1, 1)
@@ -93,12 +79,12 @@ async def test_get_message_shows_every_attempt(stub: Stub, sink: Sink) -> None:
         "gone@example.com": "550 5.1.1 no such user",
     }
     await start(stub)
-    [mid] = await enqueue(
+    [mid] = await message_ids(
         stub,
         KEY,
         email("later@example.com", "gone@example.com", subject="Quarterly report", message_id="<q1@x>"),
     )
-    await settled(stub)
+    await attempted(stub)
     reply: node_pb2.GetMessageResponse = await stub.GetMessage(
         node_pb2.GetMessageRequest(message_id=mid), timeout=5
     )
@@ -177,9 +163,9 @@ async def test_list_messages_by_state_a_page_at_a_time(stub: Stub, sink: Sink) -
     sink.replies = {f"r{i}@example.com": "451 4.3.0 try later" for i in range(0, 7, 3)}
     await start(stub)
     await start(stub, domain="example.org")
-    ids = await enqueue(stub, KEY, *[email(f"r{i}@example.com") for i in range(7)])
-    [org] = await enqueue(stub, OTHER, email("x@example.org"))
-    await settled(stub)
+    ids = await message_ids(stub, KEY, *[email(f"r{i}@example.com") for i in range(7)])
+    [org] = await message_ids(stub, OTHER, email("x@example.org"))
+    await attempted(stub)
 
     listed, pages = await list_all(stub, routing_key=KEY, page_size=2)
     assert sorted(m.id for m in listed) == sorted(ids) and len(listed) == 7 and pages == 4
@@ -216,7 +202,7 @@ async def test_list_messages_rejects_bad_arguments(
 
 async def test_a_page_token_only_continues_its_own_listing(stub: Stub) -> None:
     await start(stub, policy=FAST)
-    await enqueue(stub, KEY, email("a@example.com"), email("b@example.com"))
+    await message_ids(stub, KEY, email("a@example.com"), email("b@example.com"))
     first = await stub.ListMessages(node_pb2.ListMessagesRequest(routing_key=KEY, page_size=1), timeout=5)
     assert first.next_page_token
     with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -233,7 +219,7 @@ async def test_enqueue_batch_is_one_commit(node: RunningNode, stub: Stub) -> Non
     statements: list[str] = []
     spool = node.spool
     await spool._run(spool._db.set_trace_callback, statements.append)
-    await enqueue(stub, KEY, *[email(f"r{i}@example.com", cc=[f"c{i}@example.com"]) for i in range(20)])
+    await message_ids(stub, KEY, *[email(f"r{i}@example.com", cc=[f"c{i}@example.com"]) for i in range(20)])
     await spool._run(spool._db.set_trace_callback, None)
     inserts = [s for s in statements if s.lstrip().upper().startswith("INSERT INTO MESSAGES")]
     commits = [i for i, s in enumerate(statements) if s.strip().upper() == "COMMIT"]

@@ -3,45 +3,41 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
-from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from devmesh.registry.app import RunningRegistry
 from devmesh.sink import Sink
-from epoxi.registry.client import Consul, connect
+from epoxi.registry.client import Consul
 from epoxi.registry.services import node_from_entry, passing, pipeline_from_entry
 from epoxi.runtime.channels import channel
+from epoxi.tasks import cancel_and_wait
 from epoxi.v1 import node_pb2, node_pb2_grpc
-from services.node.engine.delivery import Destinations, Host, SmtpSender
-from services.node.engine.pipeline import Retry
-from services.node.engine.spool import Spool
-from services.node.main import RunningNode, start_node
+from services.node.main import NodeConfig, RunningNode, start_node
 from services.node.registration import Registrar
-from services.node.supervisor import Node
-from tests.services.node.conftest import SOURCE_IP, email, fast_policy
-from tests.services.node.test_pipeline import _Flaky
-from tests.services.node.test_servicer import FAST, KEY, config
-from tests.support import eventually
+from tests.services.node.support import (
+    FAST,
+    KEY,
+    OTHER,
+    SOURCE_IP,
+    Flaky,
+    MakeSupervisor,
+    email,
+    fast_policy,
+    smtp_to,
+    start,
+)
+from tests.support import CHECK_INTERVAL, eventually
 
 PIPELINE_ID = f"epoxi-pipeline-n1-{KEY}"
 
 
 @pytest.fixture
-async def consul(registry: RunningRegistry) -> AsyncIterator[Consul]:
-    c = connect(registry.address)
-    yield c
-    await c.close()
-
-
-@pytest.fixture
-async def node(tmp_path: Path, sink: Sink, registry: RunningRegistry) -> AsyncIterator[RunningNode]:
-    n = await start_node(config(tmp_path, sink, consul=registry.address, check_interval=0.2))
-    yield n
-    await n.close()
+def node_config(node_config: NodeConfig, registry: RunningRegistry) -> NodeConfig:
+    """n1, registered."""
+    return replace(node_config, consul=registry.address, check_interval=CHECK_INTERVAL)
 
 
 async def health(consul: Consul, service: str) -> list[dict[str, Any]]:
@@ -56,10 +52,7 @@ def output(entry: dict[str, Any]) -> str:
 
 async def start_pipeline(node: RunningNode) -> None:
     async with channel(node.address) as ch:
-        stub = node_pb2_grpc.NodeServiceStub(ch)
-        await stub.StartPipeline(
-            node_pb2.StartPipelineRequest(domain="example.com", source_ip=SOURCE_IP, policy=FAST)
-        )
+        await start(node_pb2_grpc.NodeServiceStub(ch))
 
 
 async def test_the_node_registers_itself_with_a_passing_grpc_check(node: RunningNode, consul: Consul) -> None:
@@ -100,8 +93,9 @@ async def test_a_pipeline_appears_passing_with_its_state_and_follows_its_counts(
     [n] = await health(consul, "epoxi-node")
     assert node_from_entry(n).pipeline_count == 1
 
-    p = node.node.pipelines[KEY]
-    await node.node.enqueue(p, [email("a@example.com"), email("b@example.com")])
+    p = node.supervisor.pipeline(KEY)
+    assert p is not None
+    await node.supervisor.enqueue(p, [email("a@example.com"), email("b@example.com")])
     await sink.wait_for(2)
 
     async def counted() -> bool:
@@ -124,9 +118,9 @@ async def test_stopping_a_pipeline_deregisters_it(node: RunningNode, consul: Con
 
 
 async def test_shutting_down_deregisters_pipelines_and_the_node(
-    tmp_path: Path, sink: Sink, registry: RunningRegistry, consul: Consul
+    node_config: NodeConfig, consul: Consul
 ) -> None:
-    n = await start_node(config(tmp_path, sink, consul=registry.address, check_interval=0.2))
+    n = await start_node(node_config)
     try:
         await start_pipeline(n)
         assert len(await health(consul, "epoxi-pipeline")) == 1
@@ -161,25 +155,15 @@ async def test_a_node_the_registry_lost_is_registered_again(node: RunningNode, c
 
 
 async def test_a_crashed_pipeline_shows_critical_until_it_recovers(
-    tmp_path: Path, sink: Sink, consul: Consul
+    make_supervisor: MakeSupervisor, sink: Sink, consul: Consul
 ) -> None:
-    flaky = _Flaky(SmtpSender(Destinations({"*": Host(sink.host, sink.port)}), "n1.epoxi.test"))
-    spool = await Spool.open(tmp_path / "spool.db")
-    node = Node(
-        id="n1",
-        address="127.0.0.1:1",
-        egress_ips=[SOURCE_IP],
-        ip_pool="default",
-        spool=spool,
-        sender=flaky,
-        retry=Retry(0.01, 0.05),
-        restart_delay=0.05,
-    )
-    node.registrar = Registrar(consul, node.snapshot, interval=0.2)
-    refresher = asyncio.create_task(node.registrar.run())
+    flaky = Flaky(smtp_to(sink))
+    registrar = Registrar(consul, interval=0.2)
+    supervisor = make_supervisor(sender=flaky, hooks=[registrar], restart_delay=0.05)
+    refresher = asyncio.create_task(registrar.run(supervisor.snapshot))
     try:
-        p, _ = await node.start_pipeline("example.com", SOURCE_IP, fast_policy())
-        await node.enqueue(p, [email("a@example.com")])
+        p, _ = await supervisor.start_pipeline("example.com", SOURCE_IP, fast_policy())
+        await supervisor.enqueue(p, [email("a@example.com")])
 
         async def critical() -> str:
             [e] = await health(consul, "epoxi-pipeline")
@@ -198,24 +182,21 @@ async def test_a_crashed_pipeline_shows_critical_until_it_recovers(
 
         await eventually(recovered)
     finally:
-        refresher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await refresher
-        await node.registrar.deregister_all(node.id)  # the service lifecycle's step before the stop
-        await node.close()
-        await spool.close()
+        await cancel_and_wait(refresher)
+        await registrar.deregister_all(supervisor.id)  # the service lifecycle's step before the stop
+        await supervisor.close()
     assert await health(consul, "epoxi-pipeline") == []
 
 
 async def test_starting_a_pipeline_touches_only_that_pipeline_in_the_registry(
-    tmp_path: Path, sink: Sink, registry: RunningRegistry
+    node_config: NodeConfig,
 ) -> None:
     """A start registers the new pipeline; it does not re-send every other pipeline's TTL."""
     # A long interval, so only the starts themselves sync during the test.
-    n = await start_node(config(tmp_path, sink, consul=registry.address, check_interval=60))
+    n = await start_node(replace(node_config, check_interval=60))
     calls: list[str] = []
-    assert n.node.registrar is not None
-    agent = n.node.registrar.consul.agent
+    assert n.registrar is not None
+    agent = n.registrar.consul.agent
     for obj, name in ((agent.service, "register"), (agent.check, "ttl_pass")):
         real = getattr(obj, name)
 
@@ -226,10 +207,41 @@ async def test_starting_a_pipeline_touches_only_that_pipeline_in_the_registry(
         setattr(obj, name, counted)
     try:
         for i in range(20):
-            await n.node.start_pipeline(f"d{i}.example", SOURCE_IP, fast_policy(f"d{i}.example_127_0_0_2"))
+            await n.supervisor.start_pipeline(
+                f"d{i}.example", SOURCE_IP, fast_policy(f"d{i}.example_127_0_0_2")
+            )
         calls.clear()
-        await n.node.start_pipeline("last.example", SOURCE_IP, fast_policy("last.example_127_0_0_2"))
+        await n.supervisor.start_pipeline("last.example", SOURCE_IP, fast_policy("last.example_127_0_0_2"))
         # The new pipeline's service and its first TTL pass, and the node's new pipeline count.
         assert sorted(calls) == ["register", "register", "ttl_pass"], calls
     finally:
         await n.close()
+
+
+async def test_hook_events_wait_for_the_registry_only_while_the_registrar_runs(
+    make_supervisor: MakeSupervisor, consul: Consul
+) -> None:
+    registrar = Registrar(consul, interval=60)  # rounds come from the events alone
+    supervisor = make_supervisor(hooks=[registrar])
+    # Before ``run``: an event waits for nothing; the first round registers what runs by then.
+    await asyncio.wait_for(supervisor.start_pipeline("example.com", SOURCE_IP, fast_policy()), 5)
+    assert await health(consul, "epoxi-pipeline") == []
+    refresher = asyncio.create_task(registrar.run(supervisor.snapshot))
+    try:
+        await eventually(lambda: health(consul, "epoxi-pipeline"))
+        await supervisor.start_pipeline("example.org", SOURCE_IP, fast_policy(OTHER))
+        # The start returned once its round was done: the registry shows it already.
+        assert {e["Service"]["Meta"]["routing_key"] for e in await health(consul, "epoxi-pipeline")} == {
+            KEY,
+            OTHER,
+        }
+        await supervisor.stop_pipeline(OTHER)
+        assert [e["Service"]["Meta"]["routing_key"] for e in await health(consul, "epoxi-pipeline")] == [KEY]
+    finally:
+        await cancel_and_wait(refresher)
+    await registrar.deregister_all(supervisor.id)
+    # After leaving, nothing registers again: not an event, not a sync.
+    await asyncio.wait_for(supervisor.start_pipeline("example.org", SOURCE_IP, fast_policy(OTHER)), 5)
+    await registrar.sync(supervisor.snapshot)
+    assert await health(consul, "epoxi-pipeline") == []
+    assert await health(consul, "epoxi-node") == []

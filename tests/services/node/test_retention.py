@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import time
-from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -14,16 +14,14 @@ import pytest
 from devmesh.sink import Sink
 from epoxi.runtime.channels import channel
 from epoxi.v1 import node_pb2, node_pb2_grpc
+from services.node.engine.reply import Reply
 from services.node.engine.spool import Counts, NewMessage, Outcome, Spool, State
 from services.node.main import NodeConfig, RunningNode, parse_config, start_node
 from services.node.retention import Retention
-from tests.services.node.conftest import email
-from tests.services.node.test_servicer import KEY, config, start
+from tests.services.node.support import KEY, OTHER, Stub, email, start
 from tests.support import eventually
 
-OTHER = "example.org_127_0_0_2"
 DAY = 86400.0
-Stub = node_pb2_grpc.NodeServiceStub
 
 
 def message(*recipients: str) -> NewMessage:
@@ -38,7 +36,9 @@ async def send(spool: Spool, key: str, results: dict[str, State]) -> str:
     replies = {State.DELIVERED: (250, "2.0.0 OK"), State.DEFERRED: (451, "4.3.0 later")}
     replies[State.BOUNCED] = (550, "5.1.1 no such user")
     await spool.record(
-        Outcome(d.id, results[d.recipient], 1, time.time() + 3600, *replies[results[d.recipient]])
+        Outcome(
+            d.id, results[d.recipient], 1, time.time() + 3600, Reply.parse(*replies[results[d.recipient]])
+        )
         for d in job.deliveries
     )
     await spool.release(key)  # other due mail the claim took goes back as it was
@@ -100,7 +100,7 @@ async def test_a_message_with_a_deferred_recipient_stays_until_it_is_finished(sp
     # b is delivered on a later retry: now the message is finished, as of that outcome.
     [job] = await spool.claim(KEY, time.time() + 10 * DAY, 10)
     [b] = job.deliveries
-    await spool.record([Outcome(b.id, State.DELIVERED, 2, time.time(), 250, "2.0.0 OK")])
+    await spool.record([Outcome(b.id, State.DELIVERED, 2, time.time(), Reply.parse(250, "2.0.0 OK"))])
     assert await spool.purge(time.time() - DAY, limit=100) == 0  # b finished just now
     await age(spool, mid, 2 * DAY)
     assert await spool.purge(time.time() - DAY, limit=100) == 1
@@ -223,19 +223,6 @@ async def test_a_sweep_purges_what_finished_more_than_the_retention_ago(spool: S
         Retention(spool, retention=0, interval=600)
 
 
-@pytest.fixture
-async def node(tmp_path: Path, sink: Sink) -> AsyncIterator[RunningNode]:
-    n = await start_node(config(tmp_path, sink, retention=3600.0))
-    yield n
-    await n.close()
-
-
-@pytest.fixture
-async def stub(node: RunningNode) -> AsyncIterator[Stub]:
-    async with channel(node.address) as ch:
-        yield node_pb2_grpc.NodeServiceStub(ch)
-
-
 async def test_purged_mail_is_not_found_and_the_counters_stay(
     node: RunningNode, stub: Stub, sink: Sink
 ) -> None:
@@ -256,11 +243,11 @@ async def test_purged_mail_is_not_found_and_the_counters_stay(
     stats = await eventually(finished)
     await stub.GetMessage(node_pb2.GetMessageRequest(message_id=mid), timeout=5)
     info = (await stub.GetNodeState(node_pb2.GetNodeStateRequest(), timeout=5)).pipelines
-    line = [p.line for p in (await node.node.snapshot()).pipelines]
+    line = [p.line for p in (await node.supervisor.snapshot()).pipelines]
     assert line == ["running: 0 queued, 0 in flight, 0 deferred, 1 delivered, 1 bounced"]
 
-    assert node.retention is not None
-    assert await node.retention.sweep(now=time.time() + 2 * 3600) == 1
+    assert node.retention is not None  # a week (the default): the node purges nothing on its own here
+    assert await node.retention.sweep(now=time.time() + 7 * DAY + 3600) == 1
 
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.GetMessage(node_pb2.GetMessageRequest(message_id=mid), timeout=5)
@@ -269,11 +256,11 @@ async def test_purged_mail_is_not_found_and_the_counters_stay(
     assert await stub.GetQueueStats(node_pb2.GetQueueStatsRequest(routing_key=KEY), timeout=5) == stats
     after = (await stub.GetNodeState(node_pb2.GetNodeStateRequest(), timeout=5)).pipelines
     assert [p.counters for p in after] == [p.counters for p in info]
-    assert [p.line for p in (await node.node.snapshot()).pipelines] == line
+    assert [p.line for p in (await node.supervisor.snapshot()).pipelines] == line
 
 
-async def test_the_node_purges_on_its_own_every_interval(tmp_path: Path, sink: Sink) -> None:
-    async with await start_node(config(tmp_path, sink, retention=0.001, purge_interval=0.05)) as node:
+async def test_the_node_purges_on_its_own_every_interval(node_config: NodeConfig) -> None:
+    async with await start_node(replace(node_config, retention=0.001, purge_interval=0.05)) as node:
         async with channel(node.address) as ch:
             stub = node_pb2_grpc.NodeServiceStub(ch)
             await start(stub)
@@ -287,11 +274,11 @@ async def test_the_node_purges_on_its_own_every_interval(tmp_path: Path, sink: S
             assert await node.spool.counts(KEY) == Counts(delivered=1)
 
 
-async def test_retention_zero_keeps_mail_forever(tmp_path: Path, sink: Sink) -> None:
-    async with await start_node(config(tmp_path, sink, retention=0.0, purge_interval=0.05)) as node:
+async def test_retention_zero_keeps_mail_forever(node_config: NodeConfig) -> None:
+    async with await start_node(replace(node_config, retention=0.0, purge_interval=0.05)) as node:
         assert node.retention is None
         assert not [t for t in node._tasks if t.get_name().endswith(": retention")]
-    async with await start_node(config(tmp_path, sink)) as node:  # the default: a week
+    async with await start_node(node_config) as node:  # the default: a week
         assert node.retention is not None and node.retention.retention == 7 * DAY
         assert [t.get_name() for t in node._tasks if t.get_name().endswith(": retention")] == [
             "node n1: retention"

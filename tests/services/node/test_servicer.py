@@ -1,7 +1,6 @@
-from __future__ import annotations
+"""NodeService over real gRPC, against node n1 (``tests/conftest.py``) sending to the sink."""
 
-from collections.abc import AsyncIterator
-from pathlib import Path
+from __future__ import annotations
 
 import grpc
 import pytest
@@ -11,53 +10,9 @@ from devmesh.sink import Sink
 from epoxi.policy import Policy
 from epoxi.runtime.channels import channel
 from epoxi.v1 import email_pb2, node_pb2, node_pb2_grpc, pipeline_pb2
-from services.node.main import NodeConfig, RunningNode, start_node
-from tests.services.node.conftest import SOURCE_IP, email, fast_policy
+from services.node.main import NodeConfig, start_node
+from tests.services.node.support import FAST, KEY, SOURCE_IP, Stub, email, start, state
 from tests.support import eventually
-
-KEY = "example.com_127_0_0_2"
-FAST = fast_policy().to_proto()
-Stub = node_pb2_grpc.NodeServiceStub
-
-
-def config(tmp_path: Path, sink: Sink, **overrides: object) -> NodeConfig:
-    fields: dict[str, object] = {
-        "id": "n1",
-        "egress_ips": [SOURCE_IP, "127.0.0.3"],
-        "spool": tmp_path / "n1" / "spool.db",
-        "routes": {"*": sink.address},
-        "ehlo_name": "n1.epoxi.test",
-        "retry_base": 0.01,
-        "stop_grace": 1.0,
-        **overrides,
-    }
-    return NodeConfig(**fields)  # type: ignore[arg-type]
-
-
-@pytest.fixture
-async def node(tmp_path: Path, sink: Sink) -> AsyncIterator[RunningNode]:
-    n = await start_node(config(tmp_path, sink))
-    yield n
-    await n.close()
-
-
-@pytest.fixture
-async def stub(node: RunningNode) -> AsyncIterator[Stub]:
-    async with channel(node.address) as ch:
-        yield node_pb2_grpc.NodeServiceStub(ch)
-
-
-async def start(
-    stub: Stub, domain: str = "example.com", ip: str = SOURCE_IP, policy: pipeline_pb2.PipelinePolicy = FAST
-) -> node_pb2.StartPipelineResponse:
-    request = node_pb2.StartPipelineRequest(domain=domain, source_ip=ip, policy=policy)
-    reply: node_pb2.StartPipelineResponse = await stub.StartPipeline(request, timeout=5)
-    return reply
-
-
-async def state(stub: Stub) -> node_pb2.GetNodeStateResponse:
-    reply: node_pb2.GetNodeStateResponse = await stub.GetNodeState(node_pb2.GetNodeStateRequest(), timeout=5)
-    return reply
 
 
 async def test_start_pipeline_is_idempotent(stub: Stub) -> None:
@@ -194,10 +149,10 @@ async def test_enqueue_batch_needs_a_running_pipeline(stub: Stub) -> None:
 
 
 async def test_a_restarted_node_resumes_unfinished_pipelines_with_their_policy(
-    tmp_path: Path, sink: Sink
+    node_config: NodeConfig, sink: Sink
 ) -> None:
     slow = Policy(name="slow", batch_size=50, batch_timeout=3600.0).to_proto()
-    async with await start_node(config(tmp_path, sink)) as first, channel(first.address) as ch:
+    async with await start_node(node_config) as first, channel(first.address) as ch:
         stub = node_pb2_grpc.NodeServiceStub(ch)
         await start(stub, policy=slow)
         await stub.EnqueueBatch(
@@ -205,7 +160,7 @@ async def test_a_restarted_node_resumes_unfinished_pipelines_with_their_policy(
         )
         await start(stub, domain="example.org", policy=FAST)  # no mail: not resumed
 
-    async with await start_node(config(tmp_path, sink)) as second, channel(second.address) as ch:
+    async with await start_node(node_config) as second, channel(second.address) as ch:
         stub = node_pb2_grpc.NodeServiceStub(ch)
         [p] = (await state(stub)).pipelines
         assert p.routing_key == KEY and p.policy == slow

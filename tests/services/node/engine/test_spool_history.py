@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from services.node.engine.spool import Counts, NewMessage, Outcome, Spool, State, split_reply
+from services.node.engine.reply import Reply
+from services.node.engine.spool import Counts, NewMessage, Outcome, Spool, State
 
 KEY = "example.com_127_0_0_2"
 OTHER = "example.org_127_0_0_2"
@@ -27,8 +28,8 @@ async def test_an_outcome_and_its_attempt_are_one_transaction(spool: Spool) -> N
     await spool._run(spool._db.set_trace_callback, statements.append)
     await spool.record(
         [
-            Outcome(a.id, State.DEFERRED, 1, time.time() + 60, 451, "4.3.0 try later"),
-            Outcome(b.id, State.BOUNCED, 1, time.time(), 550, "5.1.1 no such user"),
+            Outcome(a.id, State.DEFERRED, 1, time.time() + 60, Reply.parse(451, "4.3.0 try later")),
+            Outcome(b.id, State.BOUNCED, 1, time.time(), Reply.parse(550, "5.1.1 no such user")),
         ]
     )
     await spool._run(spool._db.set_trace_callback, None)
@@ -37,7 +38,7 @@ async def test_an_outcome_and_its_attempt_are_one_transaction(spool: Spool) -> N
     assert found is not None
     _, attempts = found
     assert [
-        (x.recipient, x.attempt, x.result, x.reply_code, x.enhanced_code, x.reply_text) for x in attempts
+        (x.recipient, x.attempt, x.result, x.reply.code, x.reply.enhanced, x.reply.text) for x in attempts
     ] == [
         ("a@example.com", 1, State.DEFERRED, 451, "4.3.0", "try later"),
         ("b@example.com", 1, State.BOUNCED, 550, "5.1.1", "no such user"),
@@ -55,38 +56,20 @@ async def test_every_attempt_is_kept_in_order(spool: Spool) -> None:
         start=1,
     ):
         [job] = await spool.claim(KEY, time.time() + 3600 * n, 1)
-        await spool.record([Outcome(job.deliveries[0].id, state, n, time.time(), code, text)])
+        await spool.record([Outcome(job.deliveries[0].id, state, n, time.time(), Reply.parse(code, text))])
     found = await spool.message(mid)
     assert found is not None
     row, attempts = found
-    assert [(x.attempt, x.result, x.reply_code, x.enhanced_code, x.reply_text) for x in attempts] == [
+    assert [(x.attempt, x.result, x.reply.code, x.reply.enhanced, x.reply.text) for x in attempts] == [
         (1, State.DEFERRED, 0, "", "cannot connect: refused"),
         (2, State.DEFERRED, 421, "4.7.0", "busy"),
         (3, State.DELIVERED, 250, "2.0.0", "OK"),
     ]
     assert attempts[0].attempted_at <= attempts[1].attempted_at <= attempts[2].attempted_at
     [d] = row.deliveries
-    assert (d.state, d.attempts, d.reply_code) == (State.DELIVERED, 3, 250)
+    assert (d.state, d.attempts, d.reply) == (State.DELIVERED, 3, Reply(250, "2.0.0", "OK"))
     assert (row.id, row.routing_key, row.sender) == (mid, KEY, "ann@sender.test")
     assert row.size == len(b"Subject: hi\r\n\r\nhello\r\n") and row.head.startswith(b"Subject: hi")
-
-
-@pytest.mark.parametrize(
-    ("code", "text", "expected"),
-    [
-        (550, "5.1.1 no such user", ("5.1.1", "no such user")),
-        (451, "4.3.0", ("4.3.0", "")),
-        (250, "2.0.0 OK: queued", ("2.0.0", "OK: queued")),
-        (550, "4.1.1 wrong class", ("", "4.1.1 wrong class")),  # RFC 3463: the class must match
-        (550, "no code here", ("", "no code here")),
-        (550, "5.1.1x not a code", ("", "5.1.1x not a code")),
-        (0, "4.4.2 connection lost", ("4.4.2", "connection lost")),
-        (None, "5.1.10 null MX", ("5.1.10", "null MX")),
-        (None, None, ("", None)),
-    ],
-)
-def test_split_reply(code: int | None, text: str | None, expected: tuple[str, str | None]) -> None:
-    assert split_reply(code, text) == expected
 
 
 async def test_queue_stats_give_the_next_retry_of_deferred_mail(spool: Spool) -> None:
@@ -96,8 +79,8 @@ async def test_queue_stats_give_the_next_retry_of_deferred_mail(spool: Spool) ->
     jobs = await spool.claim(KEY, now, 2)
     await spool.record(
         [
-            Outcome(jobs[0].deliveries[0].id, State.DEFERRED, 1, now + 300, 451, "4.3.0 later"),
-            Outcome(jobs[1].deliveries[0].id, State.DEFERRED, 1, now + 100, 451, "4.3.0 later"),
+            Outcome(jobs[0].deliveries[0].id, State.DEFERRED, 1, now + 300, Reply.parse(451, "4.3.0 later")),
+            Outcome(jobs[1].deliveries[0].id, State.DEFERRED, 1, now + 100, Reply.parse(451, "4.3.0 later")),
         ]
     )
     stats = await spool.queue_stats()
@@ -112,7 +95,9 @@ async def test_listing_pages_through_messages_oldest_first(spool: Spool) -> None
     ids = [(await spool.enqueue(KEY, [message(f"r{i}@example.com")]))[0] for i in range(5)]
     await spool.enqueue(OTHER, [message("x@example.org")])
     [job] = await spool.claim(KEY, time.time(), 1)
-    await spool.record([Outcome(job.deliveries[0].id, State.DELIVERED, 1, time.time(), 250, "2.0.0 OK")])
+    await spool.record(
+        [Outcome(job.deliveries[0].id, State.DELIVERED, 1, time.time(), Reply.parse(250, "2.0.0 OK"))]
+    )
 
     seen: list[str] = []
     after = None
@@ -144,7 +129,9 @@ async def test_a_spool_from_before_attempt_history_opens_and_records(tmp_path: P
     spool = await Spool.open(path)
     try:
         [job] = await spool.claim(KEY, time.time(), 1)
-        await spool.record([Outcome(job.deliveries[0].id, State.DELIVERED, 1, time.time(), 250, "2.0.0 OK")])
+        await spool.record(
+            [Outcome(job.deliveries[0].id, State.DELIVERED, 1, time.time(), Reply.parse(250, "2.0.0 OK"))]
+        )
         found = await spool.message(mid)
         assert found is not None and [a.result for a in found[1]] == [State.DELIVERED]
     finally:
@@ -159,8 +146,8 @@ async def test_outcomes_recorded_together_keep_the_time_of_each_attempt(spool: S
     await spool._run(spool._db.set_trace_callback, statements.append)
     await spool.record(
         [
-            Outcome(a.id, State.DELIVERED, 1, 1000.0, 250, "2.0.0 OK", attempted_at=1000.0),
-            Outcome(b.id, State.DEFERRED, 1, 1060.0, 451, "4.3.0 later", attempted_at=1001.5),
+            Outcome(a.id, State.DELIVERED, 1, 1000.0, Reply.parse(250, "2.0.0 OK"), attempted_at=1000.0),
+            Outcome(b.id, State.DEFERRED, 1, 1060.0, Reply.parse(451, "4.3.0 later"), attempted_at=1001.5),
         ]
     )
     await spool._run(spool._db.set_trace_callback, None)
@@ -171,3 +158,53 @@ async def test_outcomes_recorded_together_keep_the_time_of_each_attempt(spool: S
         ("a@example.com", 1000.0),
         ("b@example.com", 1001.5),
     ]
+
+
+OLD_REPLIES = {  # recipient: (code, text), as a node before the enhanced code column kept them
+    "a@example.com": (250, "2.0.0 OK"),
+    "b@example.com": (451, "4.3.0 try later (gave up after 3 attempts)"),
+    "c@example.com": (0, "4.4.2 connection lost"),
+    "d@example.com": (550, "no code here"),
+    "e@example.com": (550, "5.1.1 5.1.1 twice"),  # split once only
+}
+
+
+@pytest.mark.parametrize("reopened", [1, 2])
+async def test_a_spool_from_before_the_enhanced_code_column_reads_as_before(
+    tmp_path: Path, reopened: int
+) -> None:
+    path = tmp_path / "spool.db"
+    spool = await Spool.open(path)
+    [mid] = await spool.enqueue(KEY, [message(*OLD_REPLIES, "f@example.com")])
+    jobs = await spool.claim(KEY, time.time(), 10)
+    await spool.record(
+        Outcome(d.id, State.DEFERRED, 1, time.time(), Reply.parse(*OLD_REPLIES[d.recipient]))
+        for j in jobs
+        for d in j.deliveries
+        if d.recipient in OLD_REPLIES
+    )
+    await spool.release(KEY)
+    await spool.close()
+    with contextlib.closing(sqlite3.connect(path)) as db, db:  # as an older node left it
+        db.execute("ALTER TABLE deliveries DROP COLUMN enhanced_code")
+        for rcpt, (code, text) in OLD_REPLIES.items():
+            db.execute(
+                "UPDATE deliveries SET reply_code = ?, reply_text = ? WHERE recipient = ?", (code, text, rcpt)
+            )
+
+    for _ in range(reopened):
+        spool = await Spool.open(path)
+        try:
+            found = await spool.message(mid)
+        finally:
+            await spool.close()
+    assert found is not None
+    replies = {d.recipient: d.reply for d in found[0].deliveries}
+    assert replies == {
+        "a@example.com": Reply(250, "2.0.0", "OK"),
+        "b@example.com": Reply(451, "4.3.0", "try later (gave up after 3 attempts)"),
+        "c@example.com": Reply(0, "4.4.2", "connection lost"),
+        "d@example.com": Reply(550, "", "no code here"),
+        "e@example.com": Reply(550, "5.1.1", "5.1.1 twice"),
+        "f@example.com": None,  # never tried
+    }

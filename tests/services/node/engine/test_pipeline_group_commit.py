@@ -10,69 +10,28 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from devmesh.sink import Sink
-from epoxi import rendering
-from epoxi.policy import Policy
-from services.node.engine.delivery import Destinations, Host, Result, SmtpConnection, SmtpSender
-from services.node.engine.dsn import Bouncer
-from services.node.engine.pipeline import Pipeline, Recorder, Retry
-from services.node.engine.spool import Counts, NewMessage, Outcome, Spool, State
-from services.node.supervisor import Node
-from tests.services.node.conftest import SOURCE_IP, email, fast_policy
+from services.node.engine.reply import Reply
+from services.node.engine.smtp import Connection, SmtpSender
+from services.node.engine.spool import Counts, Outcome, Spool, State
+from tests.services.node.support import (
+    KEY,
+    SENDER_KEY,
+    SOURCE_IP,
+    MakePipeline,
+    MakeSupervisor,
+    email,
+    fast_policy,
+    messages,
+    settled,
+    smtp_to,
+)
 from tests.support import eventually
-
-KEY = "example.com_127_0_0_2"
-SENDER_KEY = "sender.test_127_0_0_2"
-
-MakePipeline = Callable[..., Pipeline]
-
-
-def smtp(sink: Sink) -> SmtpSender:
-    return SmtpSender(Destinations({"*": Host(sink.host, sink.port)}), "node.epoxi.test", timeout=5)
-
-
-@pytest.fixture
-async def make_pipeline(spool: Spool, sink: Sink) -> AsyncIterator[MakePipeline]:
-    started: list[Pipeline] = []
-
-    def make(policy: Policy | None = None, **kwargs: Any) -> Pipeline:
-        kwargs.setdefault("sender", smtp(sink))
-        p = Pipeline(
-            routing_key=KEY,
-            domain="example.com",
-            source_ip=SOURCE_IP,
-            policy=policy or fast_policy(),
-            spool=spool,
-            retry=Retry(base=0.01, cap=0.05),
-            **kwargs,
-        )
-        p.start()
-        started.append(p)
-        return p
-
-    yield make
-    for p in started:
-        await p.stop(grace=1)
-
-
-def messages(*recipients: str) -> list[NewMessage]:
-    return [NewMessage("ann@sender.test", [r], rendering.render(email(r))) for r in recipients]
-
-
-async def settled(p: Pipeline) -> Counts:
-    async def done() -> Counts | None:
-        c = await p.counts()
-        return c if c.unfinished == 0 else None
-
-    counts = await eventually(done)
-    assert counts is not None
-    return counts
 
 
 async def commits_during(spool: Spool, statements: list[str]) -> None:
@@ -162,10 +121,10 @@ class _Stuck:
 
 
 class _StuckConnection:
-    def __init__(self, conn: SmtpConnection) -> None:
+    def __init__(self, conn: Connection) -> None:
         self.conn = conn
 
-    async def send(self, sender: str, recipients: Sequence[str], data: bytes) -> dict[str, Result]:
+    async def send(self, sender: str, recipients: Sequence[str], data: bytes) -> dict[str, Reply]:
         if any(r.startswith("stuck@") for r in recipients):
             await asyncio.Event().wait()
         return await self.conn.send(sender, recipients, data)
@@ -179,7 +138,7 @@ async def test_a_stop_past_its_grace_still_records_what_was_sent(
 ) -> None:
     stuck = make_pipeline(
         fast_policy(max_connections=1),
-        sender=_Stuck(smtp(sink)),
+        sender=_Stuck(smtp_to(sink)),
         record_group=1000,
         record_delay=3600.0,
     )
@@ -206,11 +165,11 @@ class _FailsOnce:
 
 
 class _FailsOnceConnection:
-    def __init__(self, owner: _FailsOnce, conn: SmtpConnection) -> None:
+    def __init__(self, owner: _FailsOnce, conn: Connection) -> None:
         self.owner = owner
         self.conn = conn
 
-    async def send(self, sender: str, recipients: Sequence[str], data: bytes) -> dict[str, Result]:
+    async def send(self, sender: str, recipients: Sequence[str], data: bytes) -> dict[str, Reply]:
         if not self.owner.failed and any(r.startswith("boom@") for r in recipients):
             self.owner.failed = True
             raise RuntimeError("boom")
@@ -223,7 +182,7 @@ class _FailsOnceConnection:
 async def test_a_crash_records_what_was_sent_before_releasing_the_rest(
     make_pipeline: MakePipeline, spool: Spool, sink: Sink
 ) -> None:
-    flaky = _FailsOnce(smtp(sink))
+    flaky = _FailsOnce(smtp_to(sink))
     p = make_pipeline(
         fast_policy(max_connections=1),
         sender=flaky,
@@ -240,38 +199,6 @@ async def test_a_crash_records_what_was_sent_before_releasing_the_rest(
     assert await attempts_of(spool, ids) == [1, 1, 1, 1]
 
 
-class _FailingSpool(Spool):
-    """A spool whose next ``fail`` recordings raise."""
-
-    fail = 0
-
-    async def record(self, outcomes: Iterable[Outcome]) -> None:
-        if self.fail:
-            self.fail -= 1
-            raise OSError("disk on fire")
-        await super().record(outcomes)
-
-
-async def test_a_failed_recording_is_raised_once_and_leaves_its_mail_in_flight(tmp_path: Path) -> None:
-    spool = await _FailingSpool.open(tmp_path / "spool.db")
-    try:
-        await spool.enqueue(KEY, messages("a@example.com", "b@example.com"))
-        a, b = await spool.claim(KEY, time.time(), 10)
-        recorder = Recorder(spool, group=10, delay=0.01)  # the delay starts the recording
-        spool.fail = 1
-        recorder.add([Outcome(a.deliveries[0].id, State.DELIVERED, 1, time.time(), 250, "2.0.0 OK")])
-        await asyncio.sleep(0.1)
-        with pytest.raises(OSError, match="disk on fire"):
-            recorder.add([Outcome(b.deliveries[0].id, State.DELIVERED, 1, time.time(), 250, "2.0.0 OK")])
-        assert await spool.counts(KEY) == Counts(in_flight=2)  # a goes back to the queue on release
-
-        recorder.add([Outcome(b.deliveries[0].id, State.DELIVERED, 1, time.time(), 250, "2.0.0 OK")])
-        await recorder.flush()
-        assert await spool.counts(KEY) == Counts(in_flight=1, delivered=1)
-    finally:
-        await spool.close()
-
-
 class _DsnWatchingSpool(Spool):
     """Notes, at each recording, the bounces it records and the DSNs already spooled."""
 
@@ -284,40 +211,35 @@ class _DsnWatchingSpool(Spool):
         await super().record(outcomes)
 
 
-async def test_a_bounce_is_recorded_only_after_its_dsn_is_spooled(tmp_path: Path, sink: Sink) -> None:
+@pytest.fixture
+async def dsn_watching_spool(tmp_path: Path) -> AsyncIterator[_DsnWatchingSpool]:
+    s = await _DsnWatchingSpool.open(tmp_path / "watched.db")
+    s.seen = []
+    yield s
+    await s.close()
+
+
+async def test_a_bounce_is_recorded_only_after_its_dsn_is_spooled(
+    dsn_watching_spool: _DsnWatchingSpool, make_supervisor: MakeSupervisor, sink: Sink
+) -> None:
     sink.reply_rule = lambda rcpt: "550 5.1.1 no such user" if rcpt.startswith("gone") else None
-    spool = await _DsnWatchingSpool.open(tmp_path / "spool.db")
-    spool.seen = []
-    node = Node(
-        id="n1",
-        address="127.0.0.1:1",
-        egress_ips=[SOURCE_IP],
-        ip_pool="default",
-        spool=spool,
-        sender=smtp(sink),
-        retry=Retry(0.01, 0.05),
-        stop_grace=1.0,
-    )
-    node.bouncer = Bouncer(node, "MAILER-DAEMON@n1.epoxi.test", "n1.epoxi.test", fast_policy(SENDER_KEY))
-    try:
-        p, _ = await node.start_pipeline("example.com", SOURCE_IP, fast_policy(max_connections=3))
-        rcpts = [f"{'gone' if i % 3 == 0 else 'ok'}{i}@example.com" for i in range(9)]
-        await node.enqueue(p, [email(r) for r in rcpts])
-        await sink.wait_for(6 + 3)  # six delivered, three DSNs to the sender
+    spool = dsn_watching_spool
+    supervisor = make_supervisor(spool=spool)
+    p, _ = await supervisor.start_pipeline("example.com", SOURCE_IP, fast_policy(max_connections=3))
+    rcpts = [f"{'gone' if i % 3 == 0 else 'ok'}{i}@example.com" for i in range(9)]
+    await supervisor.enqueue(p, [email(r) for r in rcpts])
+    await sink.wait_for(6 + 3)  # six delivered, three DSNs to the sender
 
-        async def all_recorded() -> bool:
-            return await spool.all_counts() == {
-                p.routing_key: Counts(delivered=6, bounced=3),
-                SENDER_KEY: Counts(delivered=3),
-            }
+    async def all_recorded() -> bool:
+        return await spool.all_counts() == {
+            p.routing_key: Counts(delivered=6, bounced=3),
+            SENDER_KEY: Counts(delivered=3),
+        }
 
-        await eventually(all_recorded)
-        bounces_recorded = 0
-        for bounces, dsns in spool.seen:
-            bounces_recorded += bounces
-            assert bounces_recorded <= dsns, spool.seen  # every bounce recorded has its DSN
-        assert bounces_recorded == 3
-        assert len(await spool.list_messages(SENDER_KEY, None, None, 100)) == 3
-    finally:
-        await node.close()
-        await spool.close()
+    await eventually(all_recorded)
+    bounces_recorded = 0
+    for bounces, dsns in spool.seen:
+        bounces_recorded += bounces
+        assert bounces_recorded <= dsns, spool.seen  # every bounce recorded has its DSN
+    assert bounces_recorded == 3
+    assert len(await spool.list_messages(SENDER_KEY, None, None, 100)) == 3

@@ -1,4 +1,4 @@
-"""The node's delivery flags, and the sender and bouncer built from them."""
+"""The node's delivery flags (``services.node.outbound``), and the sender and bouncer built from them."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 
 from devmesh.sink import Sink
-from services.node.engine.delivery import SmtpSender
+from services.node.engine.smtp import SmtpSender
 from services.node.engine.tls import TlsMode
 from services.node.main import NodeConfig, parse_config, start_node
 from services.node.outbound import DeliveryConfig
-from tests.services.node.conftest import SOURCE_IP
+from tests.services.node.support import SOURCE_IP
 
 
 def parse(argv: list[str]) -> NodeConfig:
@@ -92,17 +92,17 @@ async def test_the_node_sends_as_its_delivery_config_says(tmp_path: Path, sink: 
     )
     running = await start_node(config)
     try:
-        sender = running.node.sender
+        sender = running.supervisor.sender
         assert isinstance(sender, SmtpSender)
         assert (sender.ehlo_for(SOURCE_IP), sender.ehlo_for("127.0.0.3")) == (
             "mta2.epoxi.test",
             "n1.epoxi.test",
         )
         assert sender.max_messages_per_connection == 3
-        bouncer = running.node.bouncer
+        bouncer = running.bouncer
         assert bouncer is not None
         assert (bouncer.dsn_from, bouncer.reporting_mta) == ("MAILER-DAEMON@n1.epoxi.test", "n1.epoxi.test")
     finally:
         await running.close()
     async with await start_node(NodeConfig(id="n2", spool=tmp_path / "n2.db")) as plain:
-        assert plain.node.bouncer is None  # no --dsn-from: no DSNs
+        assert plain.bouncer is None  # no --dsn-from: no DSNs

@@ -1,106 +1,39 @@
-"""Sending mail: a small ``Sender`` interface and its SMTP implementation over aiosmtplib.
+"""Sending mail: the small ``Sender`` interface, and its real implementation, SMTP over aiosmtplib.
 
 A ``Sender`` opens ``Connection``s for a (domain, source IP) pair. A connection sends one
-message per SMTP transaction and reports a result per recipient; it connects lazily, binds the
+message per SMTP transaction and reports a ``Reply`` per recipient; it connects lazily, binds the
 source address, greets with the EHLO name of that address, upgrades with STARTTLS when offered,
 and stays open for the next message until it has carried ``max_messages_per_connection``.
 It tries the domain's hosts in order; a host it could not connect to is left alone for a while
-(``HostBackoff``). Transport failures never raise: they become temporary results, as RFC 5321
-treats them.
+(``HostBackoff``). Transport failures never raise: they become temporary replies of the node's
+own, as RFC 5321 treats them.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
-import re
 import ssl
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Protocol
 
 import aiosmtplib
 
+from services.node.engine.host_backoff import HostBackoff
 from services.node.engine.mx import Destinations, DnsUnavailable, Host, NoRoute, family_of
+from services.node.engine.reply import BAD_CONNECTION, NO_ANSWER, ROUTING_FAILURE, Reply
 from services.node.engine.tls import TlsPolicy
-
-__all__ = [
-    "Connection",
-    "Destinations",
-    "Host",
-    "HostBackoff",
-    "NoRoute",
-    "Result",
-    "Sender",
-    "SmtpConnection",
-    "SmtpSender",
-    "Status",
-]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_MAX_MESSAGES_PER_CONNECTION = 100
 
-# RFC 3463 status codes for failures with no SMTP reply.
-NO_ANSWER = "4.4.1"
-BAD_CONNECTION = "4.4.2"
-ROUTING_FAILURE = "4.4.3"
-
-_ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
-
-
-class Status(StrEnum):
-    ACCEPTED = "accepted"
-    TEMPORARY = "temporary"
-    PERMANENT = "permanent"
-
-
-@dataclass(frozen=True)
-class Result:
-    """The outcome for one recipient: ``text`` as the server sent it, ``enhanced`` parsed out of it."""
-
-    status: Status
-    code: int
-    text: str
-    enhanced: str = ""
-    host: str = ""  # the host that replied; empty when no server did
-
-    @classmethod
-    def of_reply(cls, code: int, text: str, host: str = "") -> Result:
-        enhanced = enhanced_code(code, text)
-        if 200 <= code < 300:
-            return cls(Status.ACCEPTED, code, text, enhanced, host)
-        if 500 <= code < 600:
-            return cls(Status.PERMANENT, code, text, enhanced, host)
-        return cls(Status.TEMPORARY, code, text, enhanced, host)
-
-    @classmethod
-    def transient(cls, text: str, enhanced: str = NO_ANSWER) -> Result:
-        """A failure with no SMTP reply (connection refused, timeout, lost connection, DNS failure)."""
-        return cls(Status.TEMPORARY, 0, f"{enhanced} {text}", enhanced)
-
-    @property
-    def status_code(self) -> str:
-        """The RFC 3463 status: the enhanced code, else one derived from the reply's class."""
-        if self.enhanced:
-            return self.enhanced
-        return {Status.ACCEPTED: "2.0.0", Status.TEMPORARY: "4.0.0", Status.PERMANENT: "5.0.0"}[self.status]
-
-
-def enhanced_code(code: int, text: str) -> str:
-    """The RFC 2034 enhanced status code at the start of ``text``, if its class matches ``code``'s."""
-    m = _ENHANCED.match(text)
-    if m is None or code // 100 != int(m.group(1)):
-        return ""
-    return m.group(0)
-
 
 class Connection(Protocol):
-    async def send(self, sender: str, recipients: Sequence[str], data: bytes) -> dict[str, Result]:
-        """Send ``data`` to ``recipients`` in one transaction; a result for every recipient."""
+    async def send(self, sender: str, recipients: Sequence[str], data: bytes) -> dict[str, Reply]:
+        """Send ``data`` to ``recipients`` in one transaction; a reply for every recipient."""
         ...
 
     async def close(self) -> None: ...
@@ -108,35 +41,6 @@ class Connection(Protocol):
 
 class Sender(Protocol):
     def connection(self, domain: str, source_ip: str) -> Connection: ...
-
-
-BackoffKey = tuple[str, str, int]  # (source IP, host address, port)
-
-
-@dataclass
-class HostBackoff:
-    """Hosts that just refused a connection are left alone: ``base`` seconds, doubling per failure."""
-
-    base: float = 60.0
-    cap: float = 900.0
-    clock: Callable[[], float] = time.monotonic
-    _failures: dict[BackoffKey, tuple[int, float]] = field(default_factory=dict)
-
-    def remaining(self, key: BackoffKey) -> float | None:
-        """Seconds until ``key`` may be tried again; None when it may be tried now."""
-        entry = self._failures.get(key)
-        if entry is None:
-            return None
-        left = entry[1] - self.clock()
-        return left if left > 0 else None
-
-    def failed(self, key: BackoffKey) -> None:
-        failures = self._failures.get(key, (0, 0.0))[0] + 1
-        delay = min(self.cap, self.base * 2.0 ** (failures - 1))
-        self._failures[key] = (failures, self.clock() + delay)
-
-    def succeeded(self, key: BackoffKey) -> None:
-        self._failures.pop(key, None)
 
 
 @dataclass
@@ -192,13 +96,13 @@ class SmtpConnection:
         host, port, *_ = self._smtp.transport.get_extra_info("sockname")
         return str(host), int(port)
 
-    async def send(self, sender: str, recipients: Sequence[str], data: bytes) -> dict[str, Result]:
+    async def send(self, sender: str, recipients: Sequence[str], data: bytes) -> dict[str, Reply]:
         reused = self.connected
         if not reused:
             try:
                 await self._connect()
             except NoRoute as e:
-                return dict.fromkeys(recipients, Result.of_reply(e.code, f"{e.enhanced} {e}"))
+                return dict.fromkeys(recipients, Reply(e.code, e.enhanced, str(e)))
             except DnsUnavailable as e:
                 return _transient(recipients, str(e), ROUTING_FAILURE)
             except _Unreachable as e:
@@ -215,24 +119,24 @@ class SmtpConnection:
             await self.close()  # QUIT; the next message opens a new connection
         return results
 
-    async def _transaction(self, sender: str, recipients: Sequence[str], data: bytes) -> dict[str, Result]:
+    async def _transaction(self, sender: str, recipients: Sequence[str], data: bytes) -> dict[str, Reply]:
         smtp = self._smtp
         assert smtp is not None
         host = self._host
-        results: dict[str, Result] = {}
+        results: dict[str, Reply] = {}
         try:
             try:
                 await smtp.mail(sender)
             except aiosmtplib.SMTPSenderRefused as e:
                 await self._reset()
-                return dict.fromkeys(recipients, Result.of_reply(e.code, e.message, host))
+                return dict.fromkeys(recipients, Reply.parse(e.code, e.message, host))
             for rcpt in recipients:
                 try:
                     reply = await smtp.rcpt(rcpt)
-                    results[rcpt] = Result.of_reply(reply.code, reply.message, host)
+                    results[rcpt] = Reply.parse(reply.code, reply.message, host)
                 except aiosmtplib.SMTPRecipientRefused as e:
-                    results[rcpt] = Result.of_reply(e.code, e.message, host)
-            accepted = [r for r, res in results.items() if res.status is Status.ACCEPTED]
+                    results[rcpt] = Reply.parse(e.code, e.message, host)
+            accepted = [r for r, res in results.items() if res.accepted]
             if not accepted:
                 await self._reset()
                 return results
@@ -240,8 +144,8 @@ class SmtpConnection:
                 reply = await smtp.data(data)
             except aiosmtplib.SMTPDataError as e:
                 await self._reset()
-                return results | dict.fromkeys(accepted, Result.of_reply(e.code, e.message, host))
-            return results | dict.fromkeys(accepted, Result.of_reply(reply.code, reply.message, host))
+                return results | dict.fromkeys(accepted, Reply.parse(e.code, e.message, host))
+            return results | dict.fromkeys(accepted, Reply.parse(reply.code, reply.message, host))
         except aiosmtplib.SMTPServerDisconnected:
             await self.close()
             if not results:
@@ -348,5 +252,5 @@ async def _greet(smtp: aiosmtplib.SMTP) -> None:
         await smtp.helo()
 
 
-def _transient(recipients: Sequence[str], text: str, enhanced: str) -> dict[str, Result]:
-    return dict.fromkeys(recipients, Result.transient(text, enhanced))
+def _transient(recipients: Sequence[str], text: str, enhanced: str) -> dict[str, Reply]:
+    return dict.fromkeys(recipients, Reply.local(text, enhanced))

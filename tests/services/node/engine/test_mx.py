@@ -16,9 +16,10 @@ import dns.rdatatype
 import pytest
 
 from devmesh.sink import Sink
-from services.node.engine.delivery import HostBackoff, SmtpSender, Status
+from services.node.engine.host_backoff import HostBackoff
 from services.node.engine.mx import Cache, Destinations, DnsUnavailable, Host, NoRoute, Resolver, resolver_for
-from tests.services.node.conftest import SOURCE_IP
+from services.node.engine.smtp import SmtpSender
+from tests.services.node.support import SOURCE_IP
 from tests.support import eventually
 
 DATA = b"From: ann@sender.test\r\nTo: bob@example.test\r\nSubject: hi\r\n\r\nhello\r\n"
@@ -242,14 +243,14 @@ async def test_a_domain_without_mail_bounces_at_once(server: Dnsmasq) -> None:
         conn = sender.connection(domain, SOURCE_IP)
         result = (await conn.send("ann@sender.test", [f"a@{domain}"], DATA))[f"a@{domain}"]
         await conn.close()
-        assert (result.status, result.code, result.enhanced) == (Status.PERMANENT, code, enhanced)
+        assert (result.permanent, result.code, result.enhanced) == (True, code, enhanced)
 
 
 async def test_a_dns_failure_defers(server: Dnsmasq) -> None:
     conn = sender_via(server, lifetime=0.3).connection("broken.test", SOURCE_IP)
     result = (await conn.send("ann@sender.test", ["a@broken.test"], DATA))["a@broken.test"]
     await conn.close()
-    assert (result.status, result.code, result.enhanced) == (Status.TEMPORARY, 0, "4.4.3")
+    assert (result.temporary, result.code, result.enhanced) == (True, 0, "4.4.3")
 
 
 class HangUp:
@@ -283,7 +284,7 @@ async def test_mail_falls_back_to_the_next_mx_and_leaves_the_failed_one_alone(
         conn = sender.connection("example.test", SOURCE_IP)
         for rcpt in ("a@example.test", "b@example.test", "c@example.test"):
             result = (await conn.send("ann@sender.test", [rcpt], DATA))[rcpt]
-            assert (result.status, result.host) == (Status.ACCEPTED, "mx-b.example.test")
+            assert (result.accepted, result.host) == (True, "mx-b.example.test")
         await conn.close()
     finally:
         dead.close()
@@ -309,7 +310,7 @@ async def test_when_every_host_failed_recently_nothing_is_dialled(server: Dnsmas
         for s in servers:
             s.close()
             await s.wait_closed()
-    assert (first.status, first.enhanced) == (Status.TEMPORARY, "4.4.1")
-    assert (again.status, again.enhanced) == (Status.TEMPORARY, "4.4.1")
+    assert (first.temporary, first.code, first.enhanced) == (True, 0, "4.4.1")
+    assert (again.temporary, again.code, again.enhanced) == (True, 0, "4.4.1")
     assert "failed recently" in again.text
     assert hang_up.accepted == 3  # each MX once

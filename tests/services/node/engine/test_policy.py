@@ -3,88 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
-from typing import Any
 
 import pytest
 
 from devmesh.sink import Sink
-from epoxi.policy import Policy
-from services.node.engine.delivery import Destinations, Host, SmtpSender
-from services.node.engine.pipeline import Pipeline, Retry
-from services.node.engine.spool import Counts, Job, Spool, State
-from tests.services.node.conftest import SOURCE_IP, fast_policy
-from tests.services.node.test_pipeline import enqueue
+from services.node.engine.spool import Counts, State
+from tests.services.node.support import MakePipeline, RecordingSpool, enqueue, fast_policy, settled
 from tests.support import eventually
 
-KEY = "example.com_127_0_0_2"
-MakePipeline = Callable[..., Pipeline]
-
-
-class RecordingSpool(Spool):
-    """The real spool, remembering which messages each claim took (a pipeline's batches)."""
-
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
-        self.batches: list[list[str]] = []
-
-    async def claim(self, routing_key: str, now: float, limit: int) -> list[Job]:
-        jobs = await super().claim(routing_key, now, limit)
-        if jobs:
-            self.batches.append([j.message_id for j in jobs])
-        return jobs
-
 
 @pytest.fixture
-async def spool(tmp_path: Path) -> AsyncIterator[RecordingSpool]:
-    s = await RecordingSpool.open(tmp_path / "spool.db")
-    assert isinstance(s, RecordingSpool)
-    yield s
-    await s.close()
-
-
-@pytest.fixture
-async def make_pipeline(spool: RecordingSpool, sink: Sink) -> AsyncIterator[MakePipeline]:
-    started: list[Pipeline] = []
-
-    def make(policy: Policy, max_messages_per_connection: int = 100) -> Pipeline:
-        sender = SmtpSender(
-            Destinations({"*": Host(sink.host, sink.port)}),
-            "node.epoxi.test",
-            timeout=5,
-            max_messages_per_connection=max_messages_per_connection,
-        )
-        p = Pipeline(
-            routing_key=KEY,
-            domain="example.com",
-            source_ip=SOURCE_IP,
-            policy=policy,
-            spool=spool,
-            sender=sender,
-            retry=Retry(base=0.01, cap=0.05),
-        )
-        p.start()
-        started.append(p)
-        return p
-
-    yield make
-    for p in started:
-        await p.stop(grace=1)
+def spool(recording_spool: RecordingSpool) -> RecordingSpool:
+    return recording_spool
 
 
 def rcpts(n: int, prefix: str = "r") -> list[str]:
     return [f"{prefix}{i}@example.com" for i in range(n)]
-
-
-async def settled(p: Pipeline) -> Counts:
-    async def done() -> Counts | None:
-        c = await p.counts()
-        return c if c.unfinished == 0 else None
-
-    counts = await eventually(done)
-    assert counts is not None
-    return counts
 
 
 # max_connections, and reuse
@@ -118,7 +52,7 @@ async def test_batches_hold_at_most_batch_size_messages(
     p = make_pipeline(fast_policy(batch_size=2, batch_timeout=0.05))
     ids = await enqueue(p, *rcpts(5))
     assert await settled(p) == Counts(delivered=5)
-    assert spool.batches == [ids[0:2], ids[2:4], ids[4:5]]
+    assert spool.batch_ids() == [ids[0:2], ids[2:4], ids[4:5]]
 
 
 async def test_a_full_batch_goes_at_once_and_a_partial_one_waits(
@@ -127,10 +61,10 @@ async def test_a_full_batch_goes_at_once_and_a_partial_one_waits(
     p = make_pipeline(fast_policy(batch_size=3, batch_timeout=3600.0))
     first = await enqueue(p, "a@example.com", "b@example.com")
     await asyncio.sleep(0.2)
-    assert (spool.batches, sink.received) == ([], [])  # two of three: waiting for the batch to fill
+    assert (spool.batch_ids(), sink.received) == ([], [])  # two of three: waiting for the batch to fill
     last = await enqueue(p, "c@example.com")
     assert await settled(p) == Counts(delivered=3)
-    assert spool.batches == [first + last]
+    assert spool.batch_ids() == [first + last]
 
 
 async def test_what_arrives_within_the_batch_timeout_goes_together(
@@ -141,7 +75,7 @@ async def test_what_arrives_within_the_batch_timeout_goes_together(
     await asyncio.sleep(0.1)
     second = await enqueue(p, "b@example.com")
     assert await settled(p) == Counts(delivered=2)
-    assert spool.batches == [first + second]  # one partial batch, sent when the timeout ran out
+    assert spool.batch_ids() == [first + second]  # one partial batch, sent when the timeout ran out
 
 
 # allowed_messages per message_interval
@@ -174,7 +108,8 @@ async def test_a_4xx_is_retried_max_retries_times(
     [mid] = await enqueue(p, "later@example.com")
     assert await settled(p) == Counts(bounced=1)
     [row] = await p.spool.deliveries(mid)
-    assert (row.state, row.attempts, row.reply_code) == (State.BOUNCED, max_retries + 1, 451)
+    assert row.reply is not None
+    assert (row.state, row.attempts, row.reply.code) == (State.BOUNCED, max_retries + 1, 451)
 
 
 # apply_policy
@@ -186,10 +121,10 @@ async def test_a_waiting_batch_follows_a_new_batch_size(
     p = make_pipeline(fast_policy(batch_size=10, batch_timeout=3600.0))
     ids = await enqueue(p, "a@example.com", "b@example.com")
     await asyncio.sleep(0.1)
-    assert spool.batches == []
+    assert spool.batch_ids() == []
     p.apply_policy(fast_policy(batch_size=2, batch_timeout=3600.0))
     assert await settled(p) == Counts(delivered=2)
-    assert spool.batches == [ids]
+    assert spool.batch_ids() == [ids]
 
 
 async def test_a_new_rate_limit_applies_to_waiting_mail(make_pipeline: MakePipeline, sink: Sink) -> None:

@@ -8,7 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[4]
 
 # Runs in a child process; each marker is a failing stat() that shows up in the trace.
 CHILD = """

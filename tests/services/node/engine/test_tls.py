@@ -15,9 +15,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from devmesh.sink import Sink
-from services.node.engine.delivery import Destinations, Host, SmtpSender, Status
+from services.node.engine.mx import Destinations, Host
+from services.node.engine.reply import Reply
+from services.node.engine.smtp import SmtpSender
 from services.node.engine.tls import TlsMode, TlsPolicy
-from tests.services.node.conftest import SOURCE_IP
+from tests.services.node.support import SOURCE_IP
 
 DATA = b"From: ann@sender.test\r\nTo: bob@example.com\r\nSubject: hi\r\n\r\nhello\r\n"
 
@@ -68,21 +70,21 @@ async def tls_sink(certificate: tuple[Path, Path]) -> AsyncIterator[Sink]:
     await s.stop()
 
 
-async def send(sink: Sink, tls: TlsPolicy) -> tuple[Status, str, bool]:
+async def send(sink: Sink, tls: TlsPolicy) -> tuple[Reply, bool]:
     sender = SmtpSender(
         Destinations({"*": Host(sink.host, sink.port)}), "node.epoxi.test", timeout=5, tls=tls
     )
     conn = sender.connection("example.com", SOURCE_IP)
     try:
         result = (await conn.send("ann@sender.test", ["bob@example.com"], DATA))["bob@example.com"]
-        return result.status, result.text, conn.tls
+        return result, conn.tls
     finally:
         await conn.close()
 
 
 async def test_starttls_is_used_when_offered(tls_sink: Sink) -> None:
-    status, _, tls = await send(tls_sink, TlsPolicy())
-    assert (status, tls) == (Status.ACCEPTED, True)
+    reply, tls = await send(tls_sink, TlsPolicy())
+    assert (reply.accepted, tls) == (True, True)
     [received] = tls_sink.received
     assert received.tls  # the sink saw the message inside TLS
     assert received.helo == "node.epoxi.test"  # greeted again after the handshake
@@ -90,14 +92,14 @@ async def test_starttls_is_used_when_offered(tls_sink: Sink) -> None:
 
 
 async def test_a_server_without_starttls_gets_plaintext(sink: Sink) -> None:
-    status, _, tls = await send(sink, TlsPolicy())
-    assert (status, tls) == (Status.ACCEPTED, False)
+    reply, tls = await send(sink, TlsPolicy())
+    assert (reply.accepted, tls) == (True, False)
     assert [r.tls for r in sink.received] == [False]
 
 
 async def test_tls_off_stays_plaintext(tls_sink: Sink) -> None:
-    status, _, tls = await send(tls_sink, TlsPolicy(TlsMode.OFF))
-    assert (status, tls) == (Status.ACCEPTED, False)
+    reply, tls = await send(tls_sink, TlsPolicy(TlsMode.OFF))
+    assert (reply.accepted, tls) == (True, False)
     assert [r.tls for r in tls_sink.received] == [False]
 
 
@@ -105,18 +107,18 @@ async def test_a_failed_handshake_is_retried_once_without_tls() -> None:
     # A server context without a certificate: STARTTLS is offered, every handshake fails.
     broken = await Sink(host="127.0.0.1", tls_context=ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)).start()
     try:
-        status, _, tls = await send(broken, TlsPolicy())
+        reply, tls = await send(broken, TlsPolicy())
     finally:
         await broken.stop()
-    assert (status, tls) == (Status.ACCEPTED, False)
+    assert (reply.accepted, tls) == (True, False)
     assert [r.tls for r in broken.received] == [False]
     assert broken.sessions == 2  # the failed TLS session, then the plaintext one
 
 
 async def test_required_tls_never_falls_back_to_plaintext(sink: Sink) -> None:
-    status, text, _ = await send(sink, TlsPolicy(TlsMode.REQUIRED))
-    assert status is Status.TEMPORARY
-    assert "does not offer STARTTLS" in text
+    reply, _ = await send(sink, TlsPolicy(TlsMode.REQUIRED))
+    assert reply.temporary
+    assert "does not offer STARTTLS" in reply.text
     assert sink.received == []
 
 
@@ -124,11 +126,11 @@ async def test_verified_tls_checks_the_certificate(
     tls_sink: Sink, certificate: tuple[Path, Path], tmp_path: Path
 ) -> None:
     certfile, _ = certificate
-    status, _, tls = await send(tls_sink, TlsPolicy(TlsMode.VERIFY, str(certfile)))
-    assert (status, tls) == (Status.ACCEPTED, True)
+    reply, tls = await send(tls_sink, TlsPolicy(TlsMode.VERIFY, str(certfile)))
+    assert (reply.accepted, tls) == (True, True)
 
     other, _ = make_certificate(tmp_path, ("other.epoxi.test",), ())
-    status, text, _ = await send(tls_sink, TlsPolicy(TlsMode.VERIFY, str(other)))
-    assert status is Status.TEMPORARY
-    assert "CERTIFICATE_VERIFY_FAILED" in text
+    reply, _ = await send(tls_sink, TlsPolicy(TlsMode.VERIFY, str(other)))
+    assert reply.temporary
+    assert "CERTIFICATE_VERIFY_FAILED" in reply.text
     assert len(tls_sink.received) == 1  # nothing went in plaintext

@@ -1,3 +1,5 @@
+"""The spool: durable batches, claims, outcomes and counts."""
+
 from __future__ import annotations
 
 import sqlite3
@@ -5,6 +7,7 @@ import time
 from pathlib import Path
 
 from epoxi.policy import Policy
+from services.node.engine.reply import Reply
 from services.node.engine.spool import Counts, NewMessage, Outcome, Spool, State
 
 KEY = "example.com_127_0_0_2"
@@ -76,7 +79,7 @@ async def test_claim_takes_due_mail_oldest_first_up_to_the_limit(spool: Spool) -
     [job] = await spool.claim(KEY, now, 1)
     assert job.message_id == first[0]
     d = job.deliveries[0]
-    await spool.record([Outcome(d.id, State.DEFERRED, 1, now + 3600, 451, "4.3.0 try later")])
+    await spool.record([Outcome(d.id, State.DEFERRED, 1, now + 3600, Reply.parse(451, "4.3.0 try later"))])
     assert await spool.counts(KEY) == Counts(queued=2, deferred=1)
 
     due = await spool.due(KEY, time.time())
@@ -92,14 +95,14 @@ async def test_outcomes_are_recorded_with_the_reply(spool: Spool) -> None:
     a, b = job.deliveries
     await spool.record(
         [
-            Outcome(a.id, State.DELIVERED, 1, time.time(), 250, "2.0.0 OK"),
-            Outcome(b.id, State.BOUNCED, 1, time.time(), 550, "5.1.1 no such user"),
+            Outcome(a.id, State.DELIVERED, 1, time.time(), Reply.parse(250, "2.0.0 OK")),
+            Outcome(b.id, State.BOUNCED, 1, time.time(), Reply.parse(550, "5.1.1 no such user")),
         ]
     )
     rows = await spool.deliveries(mid)
-    assert [(r.recipient, r.state, r.reply_code, r.reply_text) for r in rows] == [
-        ("a@example.com", State.DELIVERED, 250, "2.0.0 OK"),
-        ("b@example.com", State.BOUNCED, 550, "5.1.1 no such user"),
+    assert [(r.recipient, r.state, r.reply) for r in rows] == [
+        ("a@example.com", State.DELIVERED, Reply(250, "2.0.0", "OK")),
+        ("b@example.com", State.BOUNCED, Reply(550, "5.1.1", "no such user")),
     ]
     assert await spool.counts(KEY) == Counts(delivered=1, bounced=1)
     assert await spool.unfinished_keys() == set()

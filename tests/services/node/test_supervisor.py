@@ -1,0 +1,125 @@
+"""The pipeline supervisor on its own: mail that hooks spool (DSNs), and resuming every routing key
+with unfinished mail."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from devmesh.sink import Sink
+from epoxi.policy_store import PolicyTable
+from services.node.engine.hooks import PipelineHooks
+from services.node.engine.pipeline import Pipeline
+from services.node.engine.spool import Counts, Spool
+from tests.services.node.support import (
+    KEY,
+    SENDER_KEY,
+    SOURCE_IP,
+    MakeSupervisor,
+    fast_policy,
+    messages,
+    true_when,
+)
+from tests.support import eventually
+
+
+async def test_mail_spooled_for_a_key_that_never_ran_is_resumed(
+    make_supervisor: MakeSupervisor, spool: Spool, sink: Sink
+) -> None:
+    # A DSN spooled just before a crash, its pipeline never started: no pipelines row.
+    [mid] = await spool.enqueue(SENDER_KEY, messages("ann@sender.test"))
+    assert await spool.pipeline(SENDER_KEY) is None
+    supervisor = make_supervisor()
+    [p] = await supervisor.resume()
+    assert (p.routing_key, p.domain, p.source_ip, p.policy.name) == (
+        SENDER_KEY,
+        "sender.test",
+        SOURCE_IP,
+        "default",
+    )
+    await sink.wait_for(1)
+    assert sink.recipients() == ["ann@sender.test"]
+    saved = await spool.pipeline(SENDER_KEY)  # a later restart resumes it like any other
+    assert saved is not None and saved.policy == p.policy
+
+    async def delivered() -> bool:
+        return await p.counts() == Counts(delivered=1)
+
+    await eventually(delivered)
+    found = await spool.message(mid)
+    assert found is not None
+
+
+async def test_mail_spooled_by_a_hook_starts_or_wakes_its_pipeline(
+    make_supervisor: MakeSupervisor, spool: Spool, sink: Sink
+) -> None:
+    supervisor = make_supervisor()
+    await supervisor.start_pipeline("example.com", SOURCE_IP, fast_policy(batch_timeout=3600.0))
+    await spool.enqueue(SENDER_KEY, messages("ann@sender.test"))
+    supervisor.spooled.put_nowait(SENDER_KEY)  # not running: started
+
+    async def started() -> Pipeline | None:
+        return supervisor.pipeline(SENDER_KEY)
+
+    await eventually(started)
+    await sink.wait_for(1)
+    await spool.enqueue(SENDER_KEY, messages("ann@sender.test"))
+    supervisor.spooled.put_nowait(SENDER_KEY)  # running, waiting for mail: woken
+    await sink.wait_for(2)
+    assert sink.recipients() == ["ann@sender.test"] * 2
+    assert supervisor.routing_keys() == [KEY, SENDER_KEY]
+
+
+async def test_an_idle_stop_gives_up_when_a_hook_spools_mail_while_it_looks(
+    make_supervisor: MakeSupervisor, spool: Spool, sink: Sink
+) -> None:
+    supervisor = make_supervisor()
+    await supervisor.start_pipeline("example.com", SOURCE_IP, fast_policy())
+    p, _ = await supervisor.start_pipeline("sender.test", SOURCE_IP, fast_policy(SENDER_KEY))
+    gate = threading.Event()
+    blocked = asyncio.ensure_future(spool._run(gate.wait))  # holds the spool's thread
+    try:
+        stop = asyncio.create_task(supervisor.stop_if_idle(SENDER_KEY, 0.0))
+        await eventually(true_when(supervisor._lock.locked))  # the stop is reading the spool (queued)
+        supervisor.spooled.put_nowait(SENDER_KEY)  # its mail is in the spool by now
+
+        async def seen() -> bool:
+            return supervisor._enqueues_begun[SENDER_KEY] == 1
+
+        await eventually(seen)
+    finally:
+        gate.set()
+        await blocked
+    assert await stop is False
+    assert supervisor.pipeline(SENDER_KEY) is p
+
+
+class Events(PipelineHooks):
+    def __init__(self, name: str, seen: list[str]) -> None:
+        self.name = name
+        self.seen = seen
+
+    async def pipeline_started(self, pipeline: Pipeline) -> None:
+        self.seen.append(f"{self.name} started {pipeline.routing_key}")
+
+    async def pipeline_stopped(self, pipeline: Pipeline) -> None:
+        self.seen.append(f"{self.name} stopped {pipeline.routing_key}")
+
+    async def policy_changed(self, pipeline: Pipeline) -> None:
+        self.seen.append(f"{self.name} policy {pipeline.policy.name}")
+
+
+async def test_the_supervisor_tells_each_hook_in_order(make_supervisor: MakeSupervisor) -> None:
+    seen: list[str] = []
+    supervisor = make_supervisor(dsn=False, hooks=[Events("a", seen), Events("b", seen)])
+    await supervisor.start_pipeline("example.com", SOURCE_IP, fast_policy())
+    await supervisor.apply_policies(PolicyTable({"bulk": fast_policy("bulk")}, {KEY: "bulk"}))
+    await supervisor.stop_pipeline(KEY)
+    assert seen == [
+        f"a started {KEY}",
+        f"b started {KEY}",
+        "a policy bulk",
+        "b policy bulk",
+        f"a stopped {KEY}",
+        f"b stopped {KEY}",
+    ]
