@@ -28,6 +28,11 @@ def valid_email(sender: str = "Ann <ann@example.com>", **fields: Any) -> email_p
     return new_email(sender, **{"to": ["bob@example.org"], "subject": "Hi", "text": "hello", **fields})
 
 
+def stored_policy(**fields: Any) -> pipeline_pb2.PipelinePolicy:
+    """A policy to store in KV, with a 20 ms batch timeout so tests never wait on the default."""
+    return pipeline_pb2.PipelinePolicy(batch_timeout=duration_pb2.Duration(nanos=20_000_000), **fields)
+
+
 async def eventually(
     check: Callable[[], Awaitable[T | None]], seconds: float = 30.0, step: float = 0.02
 ) -> T:
