@@ -1,9 +1,10 @@
-"""Background tasks: the one way to stop them."""
+"""Background tasks: the one way to repeat one, and the one way to stop them."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 log = logging.getLogger(__name__)
 
@@ -23,3 +24,14 @@ async def cancel_and_wait(*tasks: asyncio.Task[object] | None) -> None:
     for t in running:
         if not t.cancelled() and (error := t.exception()) is not None:
             log.error("task %s ended with an error", t.get_name(), exc_info=error)
+
+
+async def every(seconds: float, work: Callable[[], Awaitable[object]], what: str) -> None:
+    """Await ``work()`` every ``seconds``, the first time one interval from now, until cancelled.
+    A round that fails is logged with ``what`` and the next one runs on time."""
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            await work()
+        except Exception:
+            log.exception("%s failed", what)

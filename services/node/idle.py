@@ -7,9 +7,9 @@ for its routing key comes; mail sent straight to the node restarts it too
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
+from epoxi.tasks import every
 from services.node.supervisor import PipelineSupervisor
 
 log = logging.getLogger(__name__)
@@ -26,12 +26,7 @@ class IdleReaper:
         self.interval = min(MAX_INTERVAL, max(MIN_INTERVAL, timeout / 4))
 
     async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                await self.sweep()
-            except Exception:
-                log.exception("stopping idle pipelines failed")
+        await every(self.interval, self.sweep, "stopping idle pipelines")
 
     async def sweep(self) -> list[str]:
         """Stop the pipelines idle for long enough now; their routing keys."""

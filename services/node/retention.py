@@ -8,10 +8,10 @@ always stays, and the delivered and bounced counters keep counting what was purg
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
+from epoxi.tasks import every
 from services.node.engine.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -30,12 +30,7 @@ class Retention:
         self.limit = limit
 
     async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                await self.sweep()
-            except Exception:
-                log.exception("purging finished mail failed")
+        await every(self.interval, self.sweep, "purging finished mail")
 
     async def sweep(self, now: float | None = None) -> int:
         """Purge the mail finished more than ``retention`` seconds before ``now`` (default: the

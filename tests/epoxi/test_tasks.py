@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from epoxi.tasks import cancel_and_wait
+from epoxi.tasks import cancel_and_wait, every
 
 
 async def test_cancel_and_wait_ends_every_task() -> None:
@@ -56,3 +56,22 @@ async def test_the_callers_own_cancellation_propagates() -> None:
         await stopper
     release.set()
     await asyncio.wait([inner])
+
+
+async def test_every_repeats_and_outlives_a_failed_round(caplog: pytest.LogCaptureFixture) -> None:
+    rounds: list[int] = []
+    done = asyncio.Event()
+
+    async def work() -> None:
+        rounds.append(len(rounds))
+        if len(rounds) == 2:
+            raise RuntimeError("round two fails")
+        if len(rounds) == 4:
+            done.set()
+
+    with caplog.at_level(logging.ERROR, "epoxi.tasks"):
+        task = asyncio.create_task(every(0.001, work, "sweeping"))
+        await asyncio.wait_for(done.wait(), 10)
+        await cancel_and_wait(task)
+    assert rounds[:4] == [0, 1, 2, 3]
+    assert "sweeping failed" in caplog.text and "round two fails" in caplog.text

@@ -1,16 +1,21 @@
 """The monitor in front of the real parts it reads: the dev registry (in process) and nodes
-started with the top-level ``nodes`` fixture; ``monitor_stub`` dials the monitor."""
+started with the top-level ``nodes`` fixture; ``monitor_stub`` dials the monitor, ``http`` a
+gateway in front of it."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import grpc
 import pytest
 
 from devmesh.registry.app import RunningRegistry
 from epoxi.v1 import monitor_pb2_grpc
+from gateway import main as gateway_main
+from gateway.app import start_gateway
+from gateway.upstream import StaticUpstream
 from services.monitor.main import MonitorConfig, RunningMonitor, start_monitor
 from tests.services.monitor.support import equals
 from tests.support import Nodes, eventually, passing_nodes
@@ -29,6 +34,17 @@ async def monitor(registry: RunningRegistry) -> AsyncIterator[RunningMonitor]:
 async def monitor_stub(monitor: RunningMonitor) -> AsyncIterator[monitor_pb2_grpc.MonitorServiceStub]:
     async with grpc.aio.insecure_channel(monitor.address) as channel:
         yield monitor_pb2_grpc.MonitorServiceStub(channel)
+
+
+@pytest.fixture
+async def http(monitor: RunningMonitor) -> AsyncIterator[aiohttp.ClientSession]:
+    """An HTTP client of a gateway in front of the monitor."""
+    gateway = await start_gateway("127.0.0.1:0", gateway_main.SERVICES, StaticUpstream(monitor.address))
+    try:
+        async with aiohttp.ClientSession(base_url=f"http://{gateway.address}") as session:
+            yield session
+    finally:
+        await gateway.close()
 
 
 @pytest.fixture

@@ -12,11 +12,7 @@ import pytest
 from devmesh.sink import Sink
 from epoxi.v1 import email_pb2, monitor_pb2_grpc, node_pb2, pipeline_pb2
 from epoxi.v1 import monitor_pb2 as m
-from gateway import main as gateway_main
-from gateway.app import start_gateway
-from gateway.upstream import StaticUpstream
 from services.monitor import cluster as plan
-from services.monitor.main import RunningMonitor
 from tests.services.monitor.support import equals
 from tests.support import Nodes, eventually, passing_nodes
 
@@ -280,16 +276,6 @@ async def test_rebalance_dry_run_plans_and_a_real_run_moves(lopsided: Nodes, mon
 
 
 # --- HTTP ---
-
-
-@pytest.fixture
-async def http(monitor: RunningMonitor) -> AsyncIterator[aiohttp.ClientSession]:
-    gateway = await start_gateway("127.0.0.1:0", gateway_main.SERVICES, StaticUpstream(monitor.address))
-    try:
-        async with aiohttp.ClientSession(base_url=f"http://{gateway.address}") as session:
-            yield session
-    finally:
-        await gateway.close()
 
 
 async def test_http_post_and_delete_admin_pipelines(

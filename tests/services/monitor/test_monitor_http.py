@@ -3,29 +3,16 @@
 from __future__ import annotations
 
 import signal
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-import pytest
 
 from devmesh.registry.app import RunningRegistry
 from devmesh.supervisor import spawn
 from gateway import main as gateway_main
-from gateway.app import Gateway, start_gateway
-from gateway.upstream import StaticUpstream
+from gateway.app import Gateway
 from services.monitor.main import RunningMonitor
 from tests.support import Nodes, eventually
-
-
-@pytest.fixture
-async def http(monitor: RunningMonitor) -> AsyncIterator[aiohttp.ClientSession]:
-    gateway = await start_gateway("127.0.0.1:0", gateway_main.SERVICES, StaticUpstream(monitor.address))
-    try:
-        async with aiohttp.ClientSession(base_url=f"http://{gateway.address}") as session:
-            yield session
-    finally:
-        await gateway.close()
 
 
 async def get(http: aiohttp.ClientSession, path: str, status: int = 200) -> Any:

@@ -12,7 +12,6 @@ import pytest
 
 from devmesh.registry.app import serve
 from devmesh.sink import Sink
-from epoxi import durations
 from epoxi.registry.client import connect
 from epoxi.runtime.channels import channel
 from epoxi.v1 import node_pb2, node_pb2_grpc
@@ -43,19 +42,6 @@ def test_flags_fall_back_to_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
     assert c.spool_path == Path("var/env-node/spool.db")
     flags = parse(["--id", "n9", "--egress-ip", "10.0.0.1", "--route", "a.test=h:25"])
     assert (flags.id, list(flags.egress_ips), dict(flags.routes)) == ("n9", ["10.0.0.1"], {"a.test": "h:25"})
-
-
-def test_durations() -> None:
-    assert [durations.seconds(t) for t in ("5s", "500ms", "2m", "1h30m", "1.5", "0.25s")] == [
-        5.0,
-        0.5,
-        120.0,
-        5400.0,
-        1.5,
-        0.25,
-    ]
-    with pytest.raises(ValueError):
-        durations.seconds("5 seconds")
 
 
 async def read_until(
