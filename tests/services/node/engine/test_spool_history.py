@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from services.node.engine.reply import Reply
-from services.node.engine.spool import Counts, NewMessage, Outcome, Spool, State
+from services.node.engine.spool import Counts, Delivery, NewMessage, Outcome, Spool, State
 
 KEY = "example.com_127_0_0_2"
 OTHER = "example.org_127_0_0_2"
@@ -20,20 +21,29 @@ def message(*recipients: str, subject: str = "hi") -> NewMessage:
     return NewMessage("ann@sender.test", recipients, f"Subject: {subject}\r\n\r\nhello\r\n".encode())
 
 
-async def test_an_outcome_and_its_attempt_are_one_transaction(spool: Spool) -> None:
+async def record_two_in_one_commit(
+    spool: Spool, outcomes: Callable[[Delivery, Delivery], list[Outcome]]
+) -> str:
+    """Spool one message to two recipients, claim it, and record ``outcomes(a, b)`` in one call;
+    check that call was one commit, and return the message's ID."""
     [mid] = await spool.enqueue(KEY, [message("a@example.com", "b@example.com")])
     [job] = await spool.claim(KEY, time.time(), 10)
-    a, b = job.deliveries
     statements: list[str] = []
     await spool._run(spool._db.set_trace_callback, statements.append)
-    await spool.record(
-        [
-            Outcome(a.id, State.DEFERRED, 1, time.time() + 60, Reply.parse(451, "4.3.0 try later")),
-            Outcome(b.id, State.BOUNCED, 1, time.time(), Reply.parse(550, "5.1.1 no such user")),
-        ]
-    )
+    await spool.record(outcomes(*job.deliveries))
     await spool._run(spool._db.set_trace_callback, None)
     assert sum(s.strip().upper().startswith("COMMIT") for s in statements) == 1
+    return mid
+
+
+async def test_an_outcome_and_its_attempt_are_one_transaction(spool: Spool) -> None:
+    mid = await record_two_in_one_commit(
+        spool,
+        lambda a, b: [
+            Outcome(a.id, State.DEFERRED, 1, time.time() + 60, Reply.parse(451, "4.3.0 try later")),
+            Outcome(b.id, State.BOUNCED, 1, time.time(), Reply.parse(550, "5.1.1 no such user")),
+        ],
+    )
     found = await spool.message(mid)
     assert found is not None
     _, attempts = found
@@ -139,19 +149,13 @@ async def test_a_spool_from_before_attempt_history_opens_and_records(tmp_path: P
 
 
 async def test_outcomes_recorded_together_keep_the_time_of_each_attempt(spool: Spool) -> None:
-    [mid] = await spool.enqueue(KEY, [message("a@example.com", "b@example.com")])
-    [job] = await spool.claim(KEY, time.time(), 10)
-    a, b = job.deliveries
-    statements: list[str] = []
-    await spool._run(spool._db.set_trace_callback, statements.append)
-    await spool.record(
-        [
+    mid = await record_two_in_one_commit(
+        spool,
+        lambda a, b: [
             Outcome(a.id, State.DELIVERED, 1, 1000.0, Reply.parse(250, "2.0.0 OK"), attempted_at=1000.0),
             Outcome(b.id, State.DEFERRED, 1, 1060.0, Reply.parse(451, "4.3.0 later"), attempted_at=1001.5),
-        ]
+        ],
     )
-    await spool._run(spool._db.set_trace_callback, None)
-    assert sum(s.strip().upper().startswith("COMMIT") for s in statements) == 1
     found = await spool.message(mid)
     assert found is not None
     assert [(x.recipient, x.attempted_at) for x in found[1]] == [
