@@ -1,8 +1,8 @@
 """One lifecycle for every service: start in one order, stop in one order, also after a failed start.
 
-Start: the service opens what it needs (``open``, ``closing``), then ``serve`` starts its
-server and turns health SERVING, then ``register`` puts it in the registry, then ``run``
-starts its background tasks. Stop (``close``), always in this order, whatever got started:
+Start: the service opens what it needs (``open``, ``closing``), ``listen`` binds its server
+(so its ``address`` is known to whatever it builds next), ``serve`` starts the server and turns
+health SERVING, ``register`` puts it in the registry, and ``run`` starts its background tasks. Stop (``close``), always in this order, whatever got started:
 
 1. health NOT_SERVING, so health checks and clients turn away at once;
 2. background tasks cancelled (nothing re-registers the service behind our back);
@@ -29,7 +29,7 @@ from typing import Any, Protocol, Self, TypeVar
 import grpc
 
 from epoxi.registry.client import RegistryError
-from epoxi.runtime.server import GrpcServer, Register, start_grpc_server
+from epoxi.runtime.server import GrpcServer, Register, bind_grpc_server
 from epoxi.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -97,17 +97,26 @@ class Service:
         """Await ``callback()`` at step 5 of ``close`` (before what was opened earlier)."""
         self._opened.push_async_callback(callback)
 
-    async def serve(
+    def listen(
         self,
         listen: str,
-        register: Iterable[Register],
         advertise: str | None = None,
         interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
     ) -> GrpcServer:
-        """Serve gRPC on ``listen`` with health and reflection, and turn health SERVING."""
-        server = await start_grpc_server(listen, register, interceptors)
-        await self.attach(server, advertise or advertised_address(listen, server.port))
+        """Bind a gRPC server to ``listen``: from now on ``address`` is where others reach it
+        (``advertise``, else the bound address, a wildcard host written as the FQDN)."""
+        server = bind_grpc_server(listen, interceptors)
+        self.server = server
+        self.address = advertise or advertised_address(listen, server.port)
         return server
+
+    async def serve(self, register: Iterable[Register]) -> None:
+        """Start the server ``listen`` bound with these servicers, and turn health SERVING."""
+        server = self.server
+        if not isinstance(server, GrpcServer):
+            raise RuntimeError(f"{self.name}: serve() needs listen() first")
+        await server.start(register)
+        await server.serving()
 
     async def attach(self, server: Server, address: str) -> None:
         """Take a started ``server`` that others reach at ``address``, and turn its health SERVING."""

@@ -1,4 +1,9 @@
-"""A grpc.aio server with the health and reflection services every Epoxi service serves."""
+"""A grpc.aio server with the health and reflection services every Epoxi service serves.
+
+A server is bound first (``bind_grpc_server``: its port, and so its address, are known) and
+started second (``GrpcServer.start`` with the servicers), so whatever the servicers need to know
+about their own address can be built before them. Health stays NOT_SERVING until ``serving()``.
+"""
 
 from __future__ import annotations
 
@@ -15,12 +20,25 @@ Register = tuple[Callable[[grpc.aio.Server], None], str]
 
 @dataclass
 class GrpcServer:
-    """A started server; ``port`` is the bound port. Health stays NOT_SERVING until ``serving()``."""
+    """A bound server; ``port`` is the bound port."""
 
     server: grpc.aio.Server
     health: health.aio.HealthServicer
     port: int
     service_names: list[str] = field(default_factory=list)
+
+    async def start(self, register: Iterable[Register]) -> None:
+        """Add the servicers, health and reflection, and start serving."""
+        for add, name in register:
+            add(self.server)
+            self.service_names.append(name)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+        )
+        for name in ["", *self.service_names]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.start()
 
     async def serving(self) -> None:
         for name in ["", *self.service_names]:
@@ -33,24 +51,21 @@ class GrpcServer:
         await self.server.stop(grace)
 
 
+def bind_grpc_server(address: str, interceptors: Iterable[grpc.aio.ServerInterceptor] = ()) -> GrpcServer:
+    """A server bound to ``address`` (``host:0`` picks a free port), not yet started."""
+    server = grpc.aio.server(interceptors=list(interceptors))
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    return GrpcServer(server, health.aio.HealthServicer(), port)
+
+
 async def start_grpc_server(
     address: str,
     register: Iterable[Register],
     interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
 ) -> GrpcServer:
-    """Start a server on ``address`` (``host:0`` picks a free port) with health and reflection."""
-    server = grpc.aio.server(interceptors=list(interceptors))
-    health_servicer = health.aio.HealthServicer()
-    names = []
-    for add, name in register:
-        add(server)
-        names.append(name)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    for name in ["", *names]:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    port = server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"cannot listen on {address}")
-    await server.start()
-    return GrpcServer(server, health_servicer, port, names)
+    """Bind to ``address`` and start serving ``register``'s servicers with health and reflection."""
+    server = bind_grpc_server(address, interceptors)
+    await server.start(register)
+    return server

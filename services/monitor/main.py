@@ -65,10 +65,9 @@ async def start_monitor(config: MonitorConfig) -> RunningMonitor:
         consul = monitor.closing(client.connect(config.consul))
         channels = monitor.closing(Channels())
         servicer = MonitorService(consul, channels, config.node_timeout, config.admin_timeout)
-        server = await monitor.serve(
-            config.listen,
-            [(lambda s: monitor_pb2_grpc.add_MonitorServiceServicer_to_server(servicer, s), SERVICE_NAME)],
-            config.advertise,
+        server = monitor.listen(config.listen, config.advertise)
+        await monitor.serve(
+            [(lambda s: monitor_pb2_grpc.add_MonitorServiceServicer_to_server(servicer, s), SERVICE_NAME)]
         )
         monitor.id = config.id or f"monitor-{socket.gethostname()}-{server.port}"
         await monitor.register_service(

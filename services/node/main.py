@@ -1,9 +1,9 @@
 """Wiring for the node: its settings, the gRPC server, the spool, SMTP delivery and the registry.
 
 ``start_node`` builds each part whole, in dependency order: the spool, the registry client, the
-sender, the bouncer and the registrar (the supervisor's hooks), the policy feed (read once), then
-the ``PipelineSupervisor`` with all of them, then its servicer and server. Only the node's
-address comes later (``serving_at``): the server binds its port as it starts.
+sender, the bouncer and the registrar (the supervisor's hooks), the policy feed (read once), the
+bound server (so the node's address is known), the ``PipelineSupervisor`` with all of them, then
+its servicer, and the server starts.
 
 In-process use (tests, tools)::
 
@@ -224,8 +224,10 @@ async def start_node(config: NodeConfig) -> RunningNode:
                 feed = running.policy_feed = PolicyFeed(consul, wait)
                 if await feed.load():
                     policies = feed.table
+        running.listen(config.listen, config.advertise)
         supervisor = running.supervisor = PipelineSupervisor(
             id=config.id,
+            address=running.address,
             egress_ips=config.egress_ips,
             ip_pool=config.ip_pool,
             spool=spool,
@@ -241,11 +243,8 @@ async def start_node(config: NodeConfig) -> RunningNode:
         running.on_close(supervisor.close)
         servicer = NodeService(supervisor)
         await running.serve(
-            config.listen,
-            [(lambda s: node_pb2_grpc.add_NodeServiceServicer_to_server(servicer, s), SERVICE_NAME)],
-            config.advertise,
+            [(lambda s: node_pb2_grpc.add_NodeServiceServicer_to_server(servicer, s), SERVICE_NAME)]
         )
-        supervisor.serving_at(running.address)
         if registrar is not None:
             await running.register(
                 f"node {supervisor.id} and its pipelines",

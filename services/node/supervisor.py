@@ -59,6 +59,7 @@ class PipelineSupervisor:
         self,
         *,
         id: str,
+        address: str,
         egress_ips: Sequence[str],
         ip_pool: str,
         spool: Spool,
@@ -72,8 +73,7 @@ class PipelineSupervisor:
         stop_grace: float = 5.0,
     ) -> None:
         self.id = id
-        # Where others dial the node: known once its server listens (``serving_at``).
-        self.address = ""
+        self.address = address  # where others dial the node
         self.egress_ips = [str(ipaddress.ip_address(ip)) for ip in egress_ips]
         self.ip_pool = ip_pool
         self.spool = spool
@@ -97,10 +97,6 @@ class PipelineSupervisor:
         self._lock = asyncio.Lock()
         self._draining: asyncio.Task[None] | None = None
         self._closed = False
-
-    def serving_at(self, address: str) -> None:
-        """The node's server listens now, and others reach it at ``address``."""
-        self.address = address
 
     def owns(self, ip: str) -> bool:
         try:

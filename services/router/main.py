@@ -64,10 +64,9 @@ async def start_router(config: RouterConfig) -> RunningRouter:
         router.channels = router.closing(Channels())
         router.view = router.closing(ClusterView(consul).start())
         servicer = RouterServicer(router.view, router.channels, max_batch=config.max_batch)
+        router.listen(config.listen, config.advertise)
         await router.serve(
-            config.listen,
-            [(lambda s: router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, s), SERVICE_NAME)],
-            config.advertise,
+            [(lambda s: router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, s), SERVICE_NAME)]
         )
         await router.register_service(
             consul,

@@ -12,7 +12,9 @@ import logging
 import socket
 from collections.abc import AsyncIterator
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from epoxi.registry.client import Consul, RegistryError, connect
 from epoxi.runtime.lifecycle import Service, advertised_address
@@ -202,3 +204,27 @@ def test_a_wildcard_listen_address_advertises_the_hosts_name(host: str) -> None:
 )
 def test_a_specific_listen_address_is_advertised_as_it_is(listen: str, advertised: str) -> None:
     assert advertised_address(listen, 4242) == advertised
+
+
+async def test_listen_knows_the_address_before_the_server_starts() -> None:
+    service = Service("bound")
+    async with service.starting():
+        server = service.listen("127.0.0.1:0")
+        assert service.address == f"127.0.0.1:{server.port}"  # known before any servicer exists
+        await service.serve([])
+    async with grpc.aio.insecure_channel(service.address) as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    await service.close()
+
+
+async def test_a_start_that_fails_after_listen_releases_the_port() -> None:
+    service = Service("half-started")
+    with pytest.raises(RuntimeError, match="before serving"):
+        async with service.starting():
+            port = service.listen("127.0.0.1:0").port
+            raise RuntimeError("before serving")
+    again = Service("again")
+    async with again.starting():
+        again.listen(f"127.0.0.1:{port}")  # free again: the half-started server was stopped
+    await again.close()

@@ -102,6 +102,7 @@ async def make_supervisor(spool: Spool, sink: Sink) -> AsyncIterator[MakeSupervi
         kwargs.setdefault("policies", PolicyTable({"default": fast_policy("default")}))
         s = PipelineSupervisor(
             id="n1",
+            address="127.0.0.1:1",
             egress_ips=[SOURCE_IP],
             ip_pool="default",
             spool=spool,
@@ -112,7 +113,6 @@ async def make_supervisor(spool: Spool, sink: Sink) -> AsyncIterator[MakeSupervi
             stop_grace=1.0,
             **kwargs,
         )
-        s.serving_at("127.0.0.1:1")
         made.append(s)
         return s
 
