@@ -17,7 +17,7 @@ from aiohttp import web
 
 from devmesh.registry.blocking import parse_query_options
 from devmesh.registry.checks import CheckRunner
-from devmesh.registry.codec import DecodeError, ListOf, MapOf, Struct, decode_body
+from devmesh.registry.codec import ListOf, MapOf, Struct
 from devmesh.registry.state import (
     CONSUL_VERSION,
     CRITICAL,
@@ -30,7 +30,7 @@ from devmesh.registry.state import (
     Store,
 )
 from devmesh.registry.views import agent_service, health_check
-from devmesh.registry.web import Handler, HTTPError, bad_request, json_response, param
+from devmesh.registry.web import Handler, HTTPError, bad_request, json_response, param, read_body
 from epoxi import durations
 
 CHECK_TYPE = Struct(
@@ -248,10 +248,7 @@ class AgentEndpoints:
     # --- services -------------------------------------------------------------------------------
 
     async def register_service(self, request: web.Request) -> web.StreamResponse:
-        try:
-            args = decode_body(await request.read(), SERVICE_DEFINITION)
-        except DecodeError as exc:
-            raise bad_request(f"Request decode failed: {exc}") from None
+        args = await read_body(request, SERVICE_DEFINITION)
         name = args.get("Name", "")
         if not name:
             raise bad_request("Missing service name")
@@ -410,10 +407,7 @@ class AgentEndpoints:
         )
 
     async def check_update(self, request: web.Request) -> web.StreamResponse:
-        try:
-            update = decode_body(await request.read(), CHECK_UPDATE)
-        except DecodeError as exc:
-            raise bad_request(f"Request decode failed: {exc}") from None
+        update = await read_body(request, CHECK_UPDATE)
         status = update.get("Status", "")
         if status not in STATUSES:
             raise bad_request(f"Invalid check status: '{status}'")

@@ -11,10 +11,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
-from devmesh.registry.codec import render_json
+from devmesh.registry.codec import DecodeError, Struct, decode_body, render_json
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,14 @@ class HTTPError(Exception):
 
 def bad_request(reason: str) -> HTTPError:
     return HTTPError(400, reason)
+
+
+async def read_body(request: web.Request, struct: Struct) -> dict[str, Any]:
+    """The request's JSON body decoded as Go would decode ``struct``; 400 with Consul's text if not."""
+    try:
+        return decode_body(await request.read(), struct)
+    except DecodeError as exc:
+        raise bad_request(f"Request decode failed: {exc}") from None
 
 
 def text_response(status: int, body: str, headers: dict[str, str] | None = None) -> web.Response:
