@@ -49,7 +49,6 @@ from services.node.supervisor import PipelineSupervisor
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = node_pb2.DESCRIPTOR.services_by_name["NodeService"].full_name
-ENV_PREFIX = "EPOXI_NODE_"
 
 
 def parse_ip(text: str) -> str:
@@ -100,7 +99,7 @@ class NodeConfig:
     )
     spool: str | Path | None = setting(None, shown="var/<id>/spool.db", help="the spool's SQLite file")
     listen: str = setting("127.0.0.1:0", help="host:port to serve gRPC on (port 0: any)")
-    advertise: str | None = setting(None, help="the address others dial (default: from --listen)")
+    advertise: str | None = setting(None, shown="from --listen", help="the address others dial")
     ip_pool: str = setting("default", help="the IP pool the egress IPs belong to")
     # Domain (or "*") -> "host:port"; other domains go to their MX hosts on port 25.
     routes: Mapping[str, str] = setting(
@@ -115,7 +114,10 @@ class NodeConfig:
     ehlo_name: str = setting(default_factory=socket.getfqdn, shown="the host's FQDN", help="the EHLO name")
     # Registry address; None runs the node without a registry.
     consul: str | None = setting(
-        None, env=("EPOXI_NODE_CONSUL", "CONSUL_HTTP_ADDR"), help="registry HTTP address (default: none)"
+        None,
+        env=("EPOXI_NODE_CONSUL", "CONSUL_HTTP_ADDR"),
+        shown="none: the node runs without a registry",
+        help="registry HTTP address",
     )
     check_interval: float = setting(
         5.0,

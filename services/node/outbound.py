@@ -59,7 +59,7 @@ def positive_int(text: str) -> int:
 @dataclass(frozen=True)
 class DeliveryConfig:
     dns: str | None = setting(
-        None, parse=parse_dns, metavar="IP:PORT", help="DNS server (default: the system's)"
+        None, parse=parse_dns, metavar="IP:PORT", shown="the system's", help="DNS server"
     )
     ehlo_names: Mapping[str, str] = setting(
         default_factory=dict,
@@ -68,7 +68,7 @@ class DeliveryConfig:
         repeated=True,
         collect=dict,
         metavar="IP=NAME",
-        help="the EHLO name when sending from IP (default --ehlo-name)",
+        help="the EHLO name when sending from IP, where it is not --ehlo-name",
     )
     max_messages_per_connection: int = setting(
         DEFAULT_MAX_MESSAGES_PER_CONNECTION,
@@ -90,7 +90,8 @@ class DeliveryConfig:
     dsn_from: str | None = setting(
         None,
         parse=parse_address,
-        help="send bounce reports (DSNs) from this address, e.g. MAILER-DAEMON@node.example (default: none)",
+        shown="none: no DSNs",
+        help="send bounce reports (DSNs) from this address, e.g. MAILER-DAEMON@node.example",
     )
 
 
