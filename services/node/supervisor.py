@@ -13,6 +13,13 @@ unfinished mail, so a DSN spooled just before a crash is sent after it too.
 A pipeline stopped for being idle comes back when mail arrives for it (``pipeline_for_mail``).
 Stopping one is safe against a concurrent ``enqueue``: the stop happens only if no enqueue
 began since the spool was seen empty, and an enqueue that finds its pipeline gone restarts it.
+An enqueue's commit and its wake-up run in a task of their own, so a caller cancelled mid-commit
+never leaves committed mail asleep.
+
+Per-key state lives as long as the key's pipeline runs, and a while after: ``forget_idle``
+drops what the supervisor knows of a stopped key with no recent mail. The spool still holds the
+key's pipeline record, so new mail for it starts it again all the same; only a key stopped on
+request (``stop_pipeline``) waits for an explicit start.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import replace
 
 from google.protobuf import timestamp_pb2
 
@@ -87,13 +95,18 @@ class PipelineSupervisor:
         self.restart_delay = restart_delay
         self.stop_grace = stop_grace
         self.pipelines: dict[str, Pipeline] = {}
-        # Pipelines stopped for being idle: new mail for them starts them again.
+        # Pipelines stopped for being idle: new mail for them starts them again (``forget_idle``
+        # drops them; the spool's record serves then).
         self.idle_stopped: dict[str, PipelineRecord] = {}
+        # Pipelines stopped on request, until started again: new mail does not start them.
+        self.stopped: set[str] = set()
         # Per routing key: when mail last arrived or was seen unfinished (time.monotonic()),
         # how many enqueues began, and how many are under way.
         self.last_active: dict[str, float] = {}
         self._enqueues_begun: Counter[str] = Counter()
         self._enqueuing: Counter[str] = Counter()
+        # Commits under way (``enqueue_rendered``), each with its wake-up; awaited by ``close``.
+        self._commits: set[asyncio.Task[list[str]]] = set()
         self._lock = asyncio.Lock()
         self._draining: asyncio.Task[None] | None = None
         self._closed = False
@@ -146,6 +159,7 @@ class PipelineSupervisor:
             )
             self.pipelines[key] = p
             self.idle_stopped.pop(key, None)
+            self.stopped.discard(key)
             self.last_active[key] = time.monotonic()
             p.start()
             if self._draining is None and not self._closed:
@@ -166,6 +180,8 @@ class PipelineSupervisor:
             p = self.pipelines.pop(key, None)
             if p is None:
                 return None
+            self.stopped.add(key)
+            self._forget(key)
             await p.stop(self.stop_grace)
         log.info("pipeline %s stopped", key)
         await self.hooks.pipeline_stopped(p)
@@ -197,17 +213,47 @@ class PipelineSupervisor:
         return True
 
     async def pipeline_for_mail(self, key: str) -> Pipeline | None:
-        """The running pipeline for ``key``, started again if it stopped for being idle."""
+        """The running pipeline for ``key``, started again if it stopped for being idle: with the
+        policy it had, or, once forgotten (or run before the node restarted), as ``resume`` would
+        from the spool's record. None for a key never run, or stopped on request."""
         p = self.pipelines.get(key)
         if p is not None:
             return p
         rec = self.idle_stopped.get(key)
+        if rec is None and key not in self.stopped:
+            saved = await self.spool.pipeline(key)
+            if saved is not None and self.owns(saved.source_ip) and key not in self.stopped:
+                rec = replace(saved, policy=self.policies.for_running_pipeline(key, saved.policy))
         if rec is None:
-            return None
+            return self.pipelines.get(key)
         p, started = await self.start_pipeline(rec.domain, rec.source_ip, rec.policy)
         if started:
             log.info("pipeline %s started again for new mail", key)
         return p
+
+    def forget_idle(self, idle_for: float) -> list[str]:
+        """Drop the per-key state of routing keys with no running pipeline, no enqueue under way
+        and no mail for ``idle_for`` seconds; their keys."""
+        now = time.monotonic()
+        keys = self.last_active.keys() | self.idle_stopped.keys() | self._enqueues_begun.keys()
+        forgotten = [
+            key
+            for key in keys
+            if key not in self.pipelines
+            and not self._enqueuing[key]
+            and now - self.last_active.get(key, now - idle_for) >= idle_for
+        ]
+        for key in forgotten:
+            self.idle_stopped.pop(key, None)
+            self._forget(key)
+        return sorted(forgotten)
+
+    def _forget(self, key: str) -> None:
+        """Drop ``key``'s activity and enqueue counts, unless an enqueue for it is under way."""
+        if self._enqueuing[key]:
+            return
+        self.last_active.pop(key, None)
+        self._enqueues_begun.pop(key, None)
 
     async def resume(self) -> list[Pipeline]:
         """Start a pipeline for each routing key with unfinished mail in the spool: with the policy
@@ -270,13 +316,31 @@ class PipelineSupervisor:
         # No await between the check above and this: stop_if_idle sees the enqueue.
         self._enqueues_begun[key] += 1
         self._enqueuing[key] += 1
+        # The commit and the wake-up run as one task of their own: a caller cancelled meanwhile
+        # (a client's deadline or cancel) stops waiting for them, not them.
+        commit = asyncio.create_task(self._commit(p, messages), name=f"node {self.id}: enqueue for {key}")
+        self._commits.add(commit)
+        commit.add_done_callback(self._committed)
+        return await asyncio.shield(commit)
+
+    async def _commit(self, p: Pipeline, messages: Sequence[NewMessage]) -> list[str]:
+        """Spool ``messages`` and wake ``p``; ``enqueue_rendered`` counted it as under way."""
+        key = p.routing_key
         try:
             ids = await self.spool.enqueue(key, messages)
         finally:
             self._enqueuing[key] -= 1
+            if not self._enqueuing[key]:
+                del self._enqueuing[key]
             self.last_active[key] = time.monotonic()
         p.wake()
         return ids
+
+    def _committed(self, commit: asyncio.Task[list[str]]) -> None:
+        self._commits.discard(commit)
+        # Retrieved here too: when the caller was cancelled, nobody else looks.
+        if not commit.cancelled() and (error := commit.exception()) is not None:
+            log.warning("%s failed: %s", commit.get_name(), error)
 
     async def _take_spooled(self) -> None:
         """Drain ``spooled`` until closed: each key's mail is in the spool already."""
@@ -366,6 +430,8 @@ class PipelineSupervisor:
         self._closed = True
         draining, self._draining = self._draining, None
         await cancel_and_wait(draining)
+        # Mail being committed is spooled before the pipelines stop (their callers may be gone).
+        await asyncio.gather(*self._commits, return_exceptions=True)
         async with self._lock:
             pipelines, self.pipelines = list(self.pipelines.values()), {}
             await asyncio.gather(*(p.stop(self.stop_grace) for p in pipelines))

@@ -1,7 +1,8 @@
 """Where mail for a domain goes: route overrides, else MX records, else the domain's address (RFC 5321 5.1).
 
 Lookups go through dnspython's async resolver and a per-node cache that keeps each answer for its
-TTL (negative answers for the SOA minimum, RFC 2308). A domain that does not exist or publishes a
+TTL (negative answers for the SOA minimum, RFC 2308), and at most ``max_entries`` answers: the
+least recently used goes first, as in dnspython's ``LRUCache``. A domain that does not exist or publishes a
 null MX (RFC 7505) has ``NoRoute``, a permanent failure; a server failure or timeout is
 ``DnsUnavailable``, a temporary one.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -27,6 +29,8 @@ import dns.resolver
 
 SMTP_PORT = 25
 MAX_TTL = 86400.0
+# Answers a node's cache holds at most: (name, type) pairs, each a few hundred bytes.
+CACHE_ENTRIES = 10_000
 
 
 @dataclass(frozen=True)
@@ -66,24 +70,42 @@ class Lookup:
 
 @dataclass
 class Cache:
-    """Answers by (name, type) until their TTL runs out."""
+    """Answers by (name, type) until their TTL runs out; at most ``max_entries`` of them, the least
+    recently used dropped first (dnspython's ``LRUCache`` semantics)."""
 
     clock: Callable[[], float] = time.monotonic
-    _entries: dict[tuple[str, dns.rdatatype.RdataType], tuple[float, Lookup]] = field(default_factory=dict)
+    max_entries: int = CACHE_ENTRIES
+    _entries: OrderedDict[tuple[str, dns.rdatatype.RdataType], tuple[float, Lookup]] = field(
+        default_factory=OrderedDict
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_entries < 1:
+            raise ValueError(f"max_entries is {self.max_entries}: a cache holds at least one answer")
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
     def get(self, name: str, rdtype: dns.rdatatype.RdataType) -> Lookup | None:
-        entry = self._entries.get((name, rdtype))
+        key = (name, rdtype)
+        entry = self._entries.get(key)
         if entry is None:
             return None
         expires, lookup = entry
         if self.clock() >= expires:
-            del self._entries[(name, rdtype)]
+            del self._entries[key]
             return None
+        self._entries.move_to_end(key)
         return lookup
 
     def put(self, name: str, rdtype: dns.rdatatype.RdataType, lookup: Lookup, ttl: float) -> None:
-        if ttl > 0:
-            self._entries[(name, rdtype)] = (self.clock() + min(ttl, MAX_TTL), lookup)
+        if ttl <= 0:
+            return
+        key = (name, rdtype)
+        self._entries[key] = (self.clock() + min(ttl, MAX_TTL), lookup)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
 
 
 class Resolver:

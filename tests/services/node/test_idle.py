@@ -79,6 +79,25 @@ async def test_an_idle_pipeline_stops_and_one_with_unfinished_mail_does_not(
     assert KEY in await registered(consul)
 
 
+async def test_the_reaper_forgets_a_stopped_key_and_mail_for_it_still_starts_it(
+    node: RunningNode, stub: Stub, sink: Sink
+) -> None:
+    n = node.supervisor
+    await start(stub)
+    await enqueue_batch(stub, KEY, email("a@example.com"))
+    await sink.wait_for(1)
+
+    def forgotten() -> bool:
+        maps = (n.pipelines, n.idle_stopped, n.last_active, n._enqueues_begun, n._enqueuing)
+        return not any(KEY in m for m in maps)
+
+    await eventually(true_when(forgotten))  # stopped after IDLE, forgotten 2 * IDLE later
+    reply = await enqueue_batch(stub, KEY, email("b@example.com"))
+    assert reply.pipeline.status == 2 and reply.pipeline.policy == FAST  # RUNNING, as it was
+    await sink.wait_for(2)
+    assert sink.recipients() == ["a@example.com", "b@example.com"]
+
+
 async def test_a_stopped_pipeline_starts_again_through_start_pipeline(
     node: RunningNode, stub: Stub, consul: Consul, sink: Sink
 ) -> None:

@@ -5,19 +5,24 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Container
 
 from devmesh.sink import Sink
 from epoxi.policy_store import PolicyTable
 from services.node.engine.hooks import PipelineHooks
 from services.node.engine.pipeline import Pipeline
 from services.node.engine.spool import Counts, Spool
+from services.node.idle import IdleReaper
+from services.node.supervisor import PipelineSupervisor
 from tests.services.node.support import (
     KEY,
+    OTHER,
     SENDER_KEY,
     SOURCE_IP,
     MakeSupervisor,
     fast_policy,
     messages,
+    settled,
     true_when,
 )
 from tests.support import eventually
@@ -123,3 +128,66 @@ async def test_the_supervisor_tells_each_hook_in_order(make_supervisor: MakeSupe
         f"a stopped {KEY}",
         f"b stopped {KEY}",
     ]
+
+
+def per_key_state(supervisor: PipelineSupervisor, key: str) -> list[str]:
+    """The supervisor's maps that still hold ``key``."""
+    maps: dict[str, Container[str]] = {
+        "pipelines": supervisor.pipelines,
+        "idle_stopped": supervisor.idle_stopped,
+        "last_active": supervisor.last_active,
+        "enqueues_begun": supervisor._enqueues_begun,
+        "enqueuing": supervisor._enqueuing,
+    }
+    return [name for name, m in maps.items() if key in m]
+
+
+async def test_a_key_idle_long_enough_is_forgotten_and_new_mail_still_starts_it(
+    make_supervisor: MakeSupervisor, spool: Spool, sink: Sink
+) -> None:
+    supervisor = make_supervisor()
+    p, _ = await supervisor.start_pipeline("example.com", SOURCE_IP, fast_policy(batch_size=7))
+    await supervisor.enqueue_rendered(p, messages("a@example.com"))
+    await sink.wait_for(1)
+    assert await settled(p) == Counts(delivered=1)
+    reaper = IdleReaper(supervisor, 0.0, forget_after=0.0)
+    assert await reaper.sweep() == [KEY]  # stopped, and then forgotten
+    assert per_key_state(supervisor, KEY) == []
+    again = await supervisor.pipeline_for_mail(KEY)  # from the spool's record
+    assert again is not None and again is not p and again.policy == p.policy
+    await supervisor.enqueue_rendered(again, messages("b@example.com"))
+    await sink.wait_for(2)
+    assert sink.recipients() == ["a@example.com", "b@example.com"]
+    assert await settled(again) == Counts(delivered=2)
+
+
+async def test_only_keys_stopped_and_quiet_for_long_enough_are_forgotten(
+    make_supervisor: MakeSupervisor, sink: Sink
+) -> None:
+    supervisor = make_supervisor()
+    await supervisor.start_pipeline("example.com", SOURCE_IP, fast_policy())
+    p, _ = await supervisor.start_pipeline("example.org", SOURCE_IP, fast_policy(OTHER))
+    await supervisor.enqueue_rendered(p, messages("a@example.org"))
+    await sink.wait_for(1)
+    await settled(p)
+    assert await supervisor.stop_if_idle(OTHER, 0.0)
+    assert supervisor.forget_idle(3600.0) == []  # it had mail a moment ago
+    assert OTHER in supervisor.idle_stopped
+    assert supervisor.forget_idle(0.0) == [OTHER]  # KEY runs: kept
+    assert per_key_state(supervisor, KEY) == ["pipelines", "last_active"]
+    assert per_key_state(supervisor, OTHER) == []
+
+
+async def test_a_key_stopped_on_request_keeps_no_state_and_waits_for_a_start(
+    make_supervisor: MakeSupervisor, sink: Sink
+) -> None:
+    supervisor = make_supervisor()
+    p, _ = await supervisor.start_pipeline("example.com", SOURCE_IP, fast_policy())
+    await supervisor.enqueue_rendered(p, messages("a@example.com"))
+    await sink.wait_for(1)
+    await supervisor.stop_pipeline(KEY)
+    assert per_key_state(supervisor, KEY) == []
+    assert await supervisor.pipeline_for_mail(KEY) is None  # mail does not undo the stop
+    again, started = await supervisor.start_pipeline("example.com", SOURCE_IP, fast_policy())
+    assert started and KEY not in supervisor.stopped
+    assert await supervisor.pipeline_for_mail(KEY) is again

@@ -34,3 +34,28 @@ def test_a_success_forgets_the_failures() -> None:
     assert backoff.remaining(KEY) is None
     backoff.failed(KEY)
     assert backoff.remaining(KEY) == 10.0  # from the base again
+
+
+def test_hosts_whose_backoff_ran_out_long_ago_are_forgotten() -> None:
+    now = [0.0]
+    backoff = HostBackoff(base=10, cap=40, clock=lambda: now[0])
+    for i in range(1000):
+        backoff.failed(("127.0.0.2", f"192.0.2.{i}", 25))
+        now[0] += 1.0  # a thousand hosts failing, one a second
+    # Only hosts that failed in the last 2 * cap seconds may be remembered, however many failed.
+    assert len(backoff) <= 2 * 40 + 64
+    backoff.failed(KEY)
+    now[0] += 10 + 40  # KEY's rest ran out, and then cap seconds more: a new failure starts afresh
+    backoff.failed(KEY)
+    assert backoff.remaining(KEY) == 10.0
+
+
+def test_a_host_failing_again_soon_after_its_rest_waits_longer() -> None:
+    now = [0.0]
+    backoff = HostBackoff(base=10, cap=40, clock=lambda: now[0])
+    backoff.failed(KEY)
+    now[0] = 10.0 + 39.0  # rested, tried again within cap seconds of its rest ending
+    backoff.failed(KEY)
+    assert backoff.remaining(KEY) == 20.0
+    now[0] += 20.0 + 40.0
+    assert backoff.remaining(KEY) is None and len(backoff) == 0  # forgotten when looked at, too

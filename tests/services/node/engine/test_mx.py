@@ -17,7 +17,17 @@ import pytest
 
 from devmesh.sink import Sink
 from services.node.engine.host_backoff import HostBackoff
-from services.node.engine.mx import Cache, Destinations, DnsUnavailable, Host, NoRoute, Resolver, resolver_for
+from services.node.engine.mx import (
+    Cache,
+    Destinations,
+    DnsUnavailable,
+    Host,
+    Kind,
+    Lookup,
+    NoRoute,
+    Resolver,
+    resolver_for,
+)
 from services.node.engine.smtp import SmtpSender
 from tests.services.node.support import SOURCE_IP
 from tests.support import eventually
@@ -206,6 +216,35 @@ async def test_answers_are_cached_for_their_ttl(server: Dnsmasq) -> None:
     now[0] += 2  # the TTL has run out
     assert await d.hosts("example.test") == first
     await server.logged("example.test", "MX", 2)
+
+
+def test_the_cache_never_holds_more_than_its_size() -> None:
+    now = [0.0]
+    cache = Cache(clock=lambda: now[0], max_entries=100)
+    found = Lookup(Kind.RECORDS)
+    for i in range(1000):
+        cache.put(f"host{i}.test.", dns.rdatatype.A, found, TTL)
+        assert len(cache) <= 100
+    assert cache.get("host0.test.", dns.rdatatype.A) is None  # the oldest went first
+    assert cache.get("host999.test.", dns.rdatatype.A) is found
+    now[0] += TTL  # the TTL still holds inside the bound
+    assert cache.get("host999.test.", dns.rdatatype.A) is None
+    with pytest.raises(ValueError):
+        Cache(max_entries=0)
+
+
+async def test_the_least_recently_used_answer_leaves_a_full_cache(server: Dnsmasq) -> None:
+    d = Destinations(resolver=Resolver(server.resolver(), cache=Cache(max_entries=2)))
+    a, b, c = (Host(f"mx-{x}.example.test", resolve=True) for x in "abc")
+    assert await d.addresses(a) == ["127.0.0.5"]
+    assert await d.addresses(b) == ["127.0.0.6"]
+    assert await d.addresses(a) == ["127.0.0.5"]  # a used last: b is the one to go
+    assert await d.addresses(c) == ["127.0.0.7"]
+    assert len(d.resolver.cache) == 2
+    assert await d.addresses(a) == ["127.0.0.5"]  # still cached
+    assert await d.addresses(b) == ["127.0.0.6"]  # asked again
+    await server.logged("mx-b.example.test", "A", 2)
+    assert server.queries("mx-a.example.test", "A") == 1
 
 
 async def test_a_route_override_wins_over_dns(server: Dnsmasq) -> None:
