@@ -1,4 +1,4 @@
-"""The agent endpoints: services, checks, TTL updates, self, members and status.
+"""The agent endpoints: services, checks, TTL updates, maintenance, self, members and status.
 
 Validation order and texts follow ``agent/agent_endpoint.go``, ``agent/acl.go`` (404s for unknown
 IDs), ``agent/structs/check_type.go`` (``Validate``) and ``Agent.addServiceInternal`` (check IDs
@@ -18,6 +18,7 @@ from aiohttp import web
 from devmesh.registry.blocking import parse_query_options
 from devmesh.registry.checks import CheckRunner
 from devmesh.registry.codec import ListOf, MapOf, Struct
+from devmesh.registry.filtering import refuse_filter
 from devmesh.registry.state import (
     CONSUL_VERSION,
     CRITICAL,
@@ -30,7 +31,15 @@ from devmesh.registry.state import (
     Store,
 )
 from devmesh.registry.views import agent_service, health_check
-from devmesh.registry.web import Handler, HTTPError, bad_request, json_response, param, read_body
+from devmesh.registry.web import (
+    Handler,
+    HTTPError,
+    bad_request,
+    json_response,
+    param,
+    parse_bool,
+    read_body,
+)
 from epoxi import durations
 
 CHECK_TYPE = Struct(
@@ -82,6 +91,34 @@ CHECK_TYPE = Struct(
         ("ServiceID", "str"),
         ("service_id", "str"),
     ),
+)
+
+# ``structs.CheckDefinition`` (``/v1/agent/check/register``): ID rather than CheckID, a ServiceID,
+# then CheckType's fields; its UnmarshalJSON takes the same snake_case aliases.
+CHECK_DEFINITION = Struct(
+    "CheckDefinition",
+    (
+        ("ID", "str"),
+        ("Name", "str"),
+        ("Notes", "str"),
+        ("ServiceID", "str"),
+        ("Token", "str"),
+        ("Status", "str"),
+        *(
+            (name, kind)
+            for name, kind in CHECK_TYPE.fields
+            if name not in ("CheckID", "Name", "Status", "Notes", "ServiceID")
+        ),
+    ),
+)
+
+SERVICE_MAINT_PREFIX = "_service_maintenance:"
+NODE_MAINT_CHECK_ID = "_node_maintenance"
+DEFAULT_NODE_MAINT_REASON = (
+    "Maintenance mode is enabled for this node, but no reason was provided. This is a default message."
+)
+DEFAULT_SERVICE_MAINT_REASON = (
+    "Maintenance mode is enabled for this service, but no reason was provided. This is a default message."
 )
 
 _SERVICE_ADDRESS = Struct("ServiceAddress", (("Address", "str"), ("Port", "int")))
@@ -236,6 +273,35 @@ def _tagged_addresses(args: dict[str, Any], address: str, port: int) -> dict[str
     return tagged
 
 
+def _scripts_disabled() -> HTTPError:
+    """``Agent.addCheck`` refuses remote script checks unless ``enable_script_checks``."""
+    return HTTPError(
+        500,
+        "Scripts are disabled on this agent from remote calls; to enable, configure "
+        "'enable_script_checks' to true",
+    )
+
+
+def _enable_param(request: web.Request) -> bool:
+    """The ``?enable`` of the maintenance endpoints: required, then ``strconv.ParseBool``."""
+    if "enable" not in request.query:
+        raise bad_request("Missing value for enable")
+    raw = request.query["enable"]
+    try:
+        return parse_bool(raw)
+    except ValueError:
+        raise bad_request(f"Invalid value for enable: {durations.go_quote(raw)}") from None
+
+
+def _unknown_service(service_id: str) -> HTTPError:
+    """``vetServiceUpdateWithAuthorizer`` (``agent/acl.go``) for a service the agent lacks."""
+    return HTTPError(
+        404,
+        f"Unknown service ID {durations.go_quote(service_id)}. "
+        "Ensure that the service ID is passed, not the service name.",
+    )
+
+
 class AgentEndpoints:
     def __init__(self, store: Store, runner: CheckRunner) -> None:
         self.store = store
@@ -272,11 +338,7 @@ class AgentEndpoints:
             if status and status not in STATUSES:
                 raise bad_request("Status for checks must 'passing', 'warning', 'critical'")
         if any(check_type_of(d) in ("script", "docker") for d in definitions):
-            raise HTTPError(
-                500,
-                "Scripts are disabled on this agent from remote calls; to enable, configure "
-                "'enable_script_checks' to true",
-            )
+            raise _scripts_disabled()
         port = args.get("Port", 0)
         service_id = args.get("ID") or name
         service = Service(
@@ -319,16 +381,23 @@ class AgentEndpoints:
         check_id = definition.get("CheckID", "")
         if not check_id:
             check_id = f"service:{service.id}" + (f":{position + 1}" if count > 1 else "")
+        name = definition.get("Name") or f"Service '{service.name}' check"
+        return self._build_check(definition, check_id, name, service)
+
+    def _build_check(
+        self, definition: dict[str, Any], check_id: str, name: str, service: Service | None
+    ) -> tuple[Check, CheckSpec]:
+        """The check and how to run it, from a (validated, alias-merged) check definition."""
         interval, timeout = definition.get("Interval", 0), definition.get("Timeout", 0)
         check = Check(
             node=self.node,
             check_id=check_id,
-            name=definition.get("Name") or f"Service '{service.name}' check",
+            name=name,
             status=definition.get("Status") or CRITICAL,
             notes=definition.get("Notes", ""),
-            service_id=service.id,
-            service_name=service.name,
-            service_tags=list(service.tags),
+            service_id=service.id if service else "",
+            service_name=service.name if service else "",
+            service_tags=list(service.tags) if service else [],
             type=check_type_of(definition),
             interval=durations.format(interval) if interval else "",
             timeout=durations.format(timeout) if timeout else "",
@@ -346,14 +415,12 @@ class AgentEndpoints:
     async def deregister_service(self, request: web.Request) -> web.StreamResponse:
         service_id = request.path.removeprefix("/v1/agent/service/deregister/")
         if service_id not in self.store.local_services:
-            raise HTTPError(
-                404,
-                f"Unknown service ID {json.dumps(service_id)}. Ensure that the service ID is passed, not the service name.",
-            )
+            raise _unknown_service(service_id)
         self.runner.remove_service(service_id)
         return web.Response(status=200)
 
     async def services(self, request: web.Request) -> web.StreamResponse:
+        refuse_filter(request)
         dc = self.store.config.datacenter
         return json_response(
             {sid: agent_service(s, dc) for sid, s in sorted(self.store.local_services.items())}
@@ -373,6 +440,7 @@ class AgentEndpoints:
     # --- checks ---------------------------------------------------------------------------------
 
     async def checks(self, request: web.Request) -> web.StreamResponse:
+        refuse_filter(request)
         return json_response(
             {cid: health_check(lc.check) for cid, lc in sorted(self.store.local_checks.items())}
         )
@@ -414,11 +482,95 @@ class AgentEndpoints:
         check_id = request.path.removeprefix("/v1/agent/check/update/")
         return self._update_ttl(check_id, status, update.get("Output", ""))
 
+    async def register_check(self, request: web.Request) -> web.StreamResponse:
+        """``AgentRegisterCheck``: decode, name, status, ``CheckType.Validate``, then the service."""
+        args = await read_body(request, CHECK_DEFINITION)
+        name = args.get("Name", "")
+        if not name:
+            raise bad_request("Missing check name")
+        status = args.get("Status", "")
+        if status and status not in STATUSES:
+            raise bad_request("Bad check status")
+        definition = _merge_aliases(args)
+        problem = validate_check(definition)
+        if problem:
+            raise bad_request(f"Invalid check: {problem}")
+        service_id = args.get("ServiceID") or args.get("service_id") or ""
+        service = None
+        if service_id:
+            service = self.store.local_services.get(service_id)
+            if service is None:
+                raise HTTPError(404, f"ServiceID {durations.go_quote(service_id)} does not exist")
+        if check_type_of(definition) in ("script", "docker"):
+            raise _scripts_disabled()
+        check, spec = self._build_check(definition, args.get("ID") or name, name, service)
+        self.runner.stop(check.check_id)
+        self.store.add_check(check, spec)
+        self.runner.start(check.check_id)
+        return web.Response(status=200)
+
     async def deregister_check(self, request: web.Request) -> web.StreamResponse:
         check_id = request.path.removeprefix("/v1/agent/check/deregister/")
         self._vet_check(check_id)
         self.runner.remove_check(check_id)
         return web.Response(status=200)
+
+    # --- maintenance (``Agent.EnableServiceMaintenance``, ``EnableNodeMaintenance``) -------------
+
+    async def service_maintenance(self, request: web.Request) -> web.StreamResponse:
+        service_id = request.path.removeprefix("/v1/agent/service/maintenance/")
+        if not service_id:
+            raise bad_request("Missing service ID")
+        enable = _enable_param(request)
+        service = self.store.local_services.get(service_id)
+        if service is None:
+            raise _unknown_service(service_id)
+        check_id = SERVICE_MAINT_PREFIX + service_id
+        if enable:
+            self._enter_maintenance(
+                check_id,
+                "Service Maintenance Mode",
+                param(request, "reason") or DEFAULT_SERVICE_MAINT_REASON,
+                service,
+            )
+        else:
+            self._leave_maintenance(check_id)
+        return web.Response(status=200)
+
+    async def node_maintenance(self, request: web.Request) -> web.StreamResponse:
+        enable = _enable_param(request)
+        if enable:
+            self._enter_maintenance(
+                NODE_MAINT_CHECK_ID,
+                "Node Maintenance Mode",
+                param(request, "reason") or DEFAULT_NODE_MAINT_REASON,
+                None,
+            )
+        else:
+            self._leave_maintenance(NODE_MAINT_CHECK_ID)
+        return web.Response(status=200)
+
+    def _enter_maintenance(self, check_id: str, name: str, reason: str, service: Service | None) -> None:
+        """A critical check that takes the service (or the whole node) out of passing answers; a
+        second enable keeps the first one's reason, as Consul does."""
+        if check_id in self.store.local_checks:
+            return
+        check = Check(
+            node=self.node,
+            check_id=check_id,
+            name=name,
+            status=CRITICAL,
+            notes=reason,
+            service_id=service.id if service else "",
+            service_name=service.name if service else "",
+            service_tags=list(service.tags) if service else [],
+            type="maintenance",
+        )
+        self.store.add_check(check, CheckSpec())
+
+    def _leave_maintenance(self, check_id: str) -> None:
+        if check_id in self.store.local_checks:
+            self.runner.remove_check(check_id)
 
     # --- self, members, status ------------------------------------------------------------------
 
@@ -512,7 +664,10 @@ class AgentEndpoints:
             ("/v1/agent/service/", ("GET",), self.service),
             ("/v1/agent/service/register", ("PUT",), self.register_service),
             ("/v1/agent/service/deregister/", ("PUT",), self.deregister_service),
+            ("/v1/agent/service/maintenance/", ("PUT",), self.service_maintenance),
+            ("/v1/agent/maintenance", ("PUT",), self.node_maintenance),
             ("/v1/agent/checks", ("GET",), self.checks),
+            ("/v1/agent/check/register", ("PUT",), self.register_check),
             ("/v1/agent/check/deregister/", ("PUT",), self.deregister_check),
             ("/v1/agent/check/pass/", ("PUT",), self.check_pass),
             ("/v1/agent/check/warn/", ("PUT",), self.check_warn),

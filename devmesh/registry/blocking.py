@@ -16,6 +16,7 @@ from typing import TypeVar
 
 from aiohttp import web
 
+from devmesh.registry.filtering import refuse_filter
 from devmesh.registry.state import Store
 from devmesh.registry.web import HTTPError, bad_request, param
 from epoxi import durations
@@ -49,10 +50,16 @@ def parse_query_options(request: web.Request, datacenter: str) -> tuple[int, int
 
 
 async def blocking_query(
-    store: Store, request: web.Request, query: Callable[[], tuple[int, T]]
+    store: Store, request: web.Request, query: Callable[[], tuple[int, T]], filtered: bool = False
 ) -> tuple[int, T]:
-    """Run ``query`` (returning ``(index, result)``) under Consul's blocking-query rules."""
+    """Run ``query`` (returning ``(index, result)``) under Consul's blocking-query rules.
+
+    ``filtered`` endpoints (every catalog and health list) take ``?filter``, which is refused
+    (``devmesh.registry.filtering``) after the query options parse, as the RPC would refuse it.
+    """
     min_index, wait = parse_query_options(request, store.config.datacenter)
+    if filtered:
+        refuse_filter(request)
     changed = store.changed
     index, result = query()
     if min_index == 0 or index > min_index:

@@ -30,7 +30,7 @@ class CatalogEndpoints:
                 name: sorted(tags) for name, tags in sorted(names.items())
             }
 
-        index, services = await blocking_query(self.store, request, query)
+        index, services = await blocking_query(self.store, request, query, filtered=True)
         return json_response(services, meta_headers(index))
 
     async def service_nodes(self, request: web.Request) -> web.StreamResponse:
@@ -45,12 +45,15 @@ class CatalogEndpoints:
             found = [service_node(s, node) for s in self.store.instances(name) if has_tags(s, tags)]
             return self.store.service_index(name, with_checks=False), found
 
-        index, nodes = await blocking_query(self.store, request, query)
+        index, nodes = await blocking_query(self.store, request, query, filtered=True)
         return json_response(nodes, meta_headers(index))
 
     async def nodes(self, request: web.Request) -> web.StreamResponse:
         index, nodes = await blocking_query(
-            self.store, request, lambda: (self.store.table_index("nodes"), [self.store.node_json()])
+            self.store,
+            request,
+            lambda: (self.store.table_index("nodes"), [self.store.node_json()]),
+            filtered=True,
         )
         return json_response(nodes, meta_headers(index))
 
@@ -69,7 +72,7 @@ class CatalogEndpoints:
             }
             return index, {"Node": self.store.node_json(), "Services": services}
 
-        index, found = await blocking_query(self.store, request, query)
+        index, found = await blocking_query(self.store, request, query, filtered=True)
         return json_response(found, meta_headers(index))
 
     async def datacenters(self, request: web.Request) -> web.StreamResponse:

@@ -62,7 +62,7 @@ class HealthEndpoints:
 
         if not name:
             self._missing_after_parse(request, "Missing service name")
-        index, nodes = await blocking_query(self.store, request, query)
+        index, nodes = await blocking_query(self.store, request, query, filtered=True)
         try:
             passing = parse_bool_param(request, "passing")
         except ValueError:
@@ -83,7 +83,7 @@ class HealthEndpoints:
             )
             return self.store.table_index("checks"), [health_check(c) for c in chosen]
 
-        index, checks = await blocking_query(self.store, request, query)
+        index, checks = await blocking_query(self.store, request, query, filtered=True)
         return json_response(checks, meta_headers(index))
 
     async def service_checks(self, request: web.Request) -> web.StreamResponse:

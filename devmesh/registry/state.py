@@ -285,7 +285,7 @@ class Store:
         if not service_changed and not changed:
             return
         tables = (["services"] if service_changed else []) + (["checks"] if changed else [])
-        names = {c.service_name for c in changed if c.service_name}
+        names = self._names_touched_by(changed)
         if service is not None and service_changed:
             names.add(service.name)
         renamed = (
@@ -309,6 +309,17 @@ class Store:
             if check.status == CRITICAL:
                 self._invalidate_sessions_of_check(check.check_id)
 
+    def _names_touched_by(self, checks: Iterable[Check]) -> set[str]:
+        """Services whose index a check change moves: its own, or every service of the node for
+        a node check (``updateAllServiceIndexesOfNode`` in ``agent/consul/state/catalog.go``)."""
+        names: set[str] = set()
+        for check in checks:
+            if check.service_name:
+                names.add(check.service_name)
+            elif not check.service_id:
+                names.update(s.name for s in self.services.values())
+        return names
+
     def _catalog_deregister(self, service_id: str) -> None:
         service = self.services.get(service_id)
         if service is None:
@@ -325,7 +336,7 @@ class Store:
         check = self.checks.get(check_id)
         if check is None:
             return
-        self._write(("checks",), (check.service_name,) if check.service_name else ())
+        self._write(("checks",), self._names_touched_by([check]))
         del self.checks[check_id]
 
     # --- agent-local state ------------------------------------------------------------------------
@@ -333,6 +344,16 @@ class Store:
     def add_service(self, service: Service, checks: list[tuple[Check, CheckSpec]]) -> None:
         """``Agent.AddService``: keep state of re-registered checks, sync the catalog."""
         self.local_services[service.id] = service
+        self._catalog_register(replace(service), self._add_local_checks(checks))
+
+    def add_check(self, check: Check, spec: CheckSpec) -> None:
+        """``Agent.AddCheck`` of one check (``/v1/agent/check/register``, maintenance mode):
+        keep the state of a re-registered check, sync the catalog."""
+        self._catalog_register(None, self._add_local_checks([(check, spec)]))
+
+    def _add_local_checks(self, checks: list[tuple[Check, CheckSpec]]) -> list[Check]:
+        """Store the agent's checks, carrying over the status and output of re-registered ones;
+        copies to sync to the catalog."""
         synced: list[Check] = []
         for check, spec in checks:
             old = self.local_checks.get(check.check_id)
@@ -345,7 +366,7 @@ class Store:
                 local.critical_since = old.critical_since
             self.local_checks[check.check_id] = local
             synced.append(replace(check))
-        self._catalog_register(replace(service), synced)
+        return synced
 
     def remove_service(self, service_id: str) -> bool:
         if self.local_services.pop(service_id, None) is None:

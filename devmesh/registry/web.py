@@ -72,18 +72,21 @@ def param(request: web.Request, name: str) -> str:
     return request.query.get(name, "")
 
 
-def parse_bool_param(request: web.Request, name: str) -> bool:
-    """``getBoolQueryParam``: absent is false, bare is true, otherwise ``strconv.ParseBool``."""
-    if name not in request.query:
-        return False
-    value = request.query[name]
-    if value == "":
-        return True
+def parse_bool(value: str) -> bool:
+    """Go's ``strconv.ParseBool``; ValueError for anything else (``""`` included)."""
     if value in ("1", "t", "T", "true", "TRUE", "True"):
         return True
     if value in ("0", "f", "F", "false", "FALSE", "False"):
         return False
     raise ValueError(value)
+
+
+def parse_bool_param(request: web.Request, name: str) -> bool:
+    """``getBoolQueryParam``: absent is false, bare is true, otherwise ``strconv.ParseBool``."""
+    if name not in request.query:
+        return False
+    value = request.query[name]
+    return True if value == "" else parse_bool(value)
 
 
 @dataclass(frozen=True)

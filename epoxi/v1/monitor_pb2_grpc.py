@@ -92,7 +92,10 @@ class MonitorServiceServicer:
     """
 
     def FindAllPipelines(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Discovery, over gRPC and through the gateway: GET /v1/pipelines (?passingOnly=true),
+        /v1/pipelines/{routing_key} (?passingOnly=true), /v1/routing-keys/{routing_key}/node and
+        /v1/pipelines:stats. A malformed routing key is INVALID_ARGUMENT (HTTP 400).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

@@ -34,6 +34,10 @@ class MonitorServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> MonitorServiceAsyncStub: ...
     FindAllPipelines: _grpc.UnaryUnaryMultiCallable[_monitor_pb2.FindAllPipelinesRequest, _monitor_pb2.FindAllPipelinesResponse]
+    """Discovery, over gRPC and through the gateway: GET /v1/pipelines (?passingOnly=true),
+    /v1/pipelines/{routing_key} (?passingOnly=true), /v1/routing-keys/{routing_key}/node and
+    /v1/pipelines:stats. A malformed routing key is INVALID_ARGUMENT (HTTP 400).
+    """
     FindPipelinesByRoutingKey: _grpc.UnaryUnaryMultiCallable[_monitor_pb2.FindPipelinesByRoutingKeyRequest, _monitor_pb2.FindPipelinesByRoutingKeyResponse]
     FindNodeForRoutingKey: _grpc.UnaryUnaryMultiCallable[_monitor_pb2.FindNodeForRoutingKeyRequest, _monitor_pb2.FindNodeForRoutingKeyResponse]
     GetPipelineStats: _grpc.UnaryUnaryMultiCallable[_monitor_pb2.GetPipelineStatsRequest, _monitor_pb2.GetPipelineStatsResponse]
@@ -57,6 +61,10 @@ class MonitorServiceAsyncStub(MonitorServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     FindAllPipelines: _aio.UnaryUnaryMultiCallable[_monitor_pb2.FindAllPipelinesRequest, _monitor_pb2.FindAllPipelinesResponse]  # type: ignore[assignment]
+    """Discovery, over gRPC and through the gateway: GET /v1/pipelines (?passingOnly=true),
+    /v1/pipelines/{routing_key} (?passingOnly=true), /v1/routing-keys/{routing_key}/node and
+    /v1/pipelines:stats. A malformed routing key is INVALID_ARGUMENT (HTTP 400).
+    """
     FindPipelinesByRoutingKey: _aio.UnaryUnaryMultiCallable[_monitor_pb2.FindPipelinesByRoutingKeyRequest, _monitor_pb2.FindPipelinesByRoutingKeyResponse]  # type: ignore[assignment]
     FindNodeForRoutingKey: _aio.UnaryUnaryMultiCallable[_monitor_pb2.FindNodeForRoutingKeyRequest, _monitor_pb2.FindNodeForRoutingKeyResponse]  # type: ignore[assignment]
     GetPipelineStats: _aio.UnaryUnaryMultiCallable[_monitor_pb2.GetPipelineStatsRequest, _monitor_pb2.GetPipelineStatsResponse]  # type: ignore[assignment]
@@ -82,7 +90,11 @@ class MonitorServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _monitor_pb2.FindAllPipelinesRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_monitor_pb2.FindAllPipelinesResponse, _abc.Awaitable[_monitor_pb2.FindAllPipelinesResponse]]: ...
+    ) -> _typing.Union[_monitor_pb2.FindAllPipelinesResponse, _abc.Awaitable[_monitor_pb2.FindAllPipelinesResponse]]:
+        """Discovery, over gRPC and through the gateway: GET /v1/pipelines (?passingOnly=true),
+        /v1/pipelines/{routing_key} (?passingOnly=true), /v1/routing-keys/{routing_key}/node and
+        /v1/pipelines:stats. A malformed routing key is INVALID_ARGUMENT (HTTP 400).
+        """
 
     @_abc_1.abstractmethod
     def FindPipelinesByRoutingKey(

@@ -52,9 +52,31 @@ def test_monitor_routes_come_from_its_annotations() -> None:
         ("GET", "/admin/pipelines", "GetClusterStats"),
         ("GET", "/admin/pipelines/health", "HealthCheckAll"),
         ("GET", "/admin/pipelines/{routing_key}", "HealthCheckRoutingKey"),
+        ("GET", "/v1/pipelines", "FindAllPipelines"),
+        ("GET", "/v1/pipelines/{routing_key}", "FindPipelinesByRoutingKey"),
+        ("GET", "/v1/pipelines:stats", "GetPipelineStats"),
+        ("GET", "/v1/routing-keys/{routing_key}/node", "FindNodeForRoutingKey"),
         ("POST", "/admin/pipelines", "StartPipelineOptimal"),
         ("POST", "/admin/pipelines:rebalance", "Rebalance"),
     ]
+
+
+def test_discovery_routes_keep_the_verb_apart_from_the_variable() -> None:
+    table = RouteTable.from_services([MONITOR])
+    assert table.match("GET", "/v1/pipelines:stats").route.method.name == "GetPipelineStats"
+    assert table.match("GET", "/v1/pipelines").route.method.name == "FindAllPipelines"
+    m = table.match("GET", "/v1/pipelines/gmail.com_192_168_1_1")
+    assert (m.route.method.name, m.params) == (
+        "FindPipelinesByRoutingKey",
+        {"routing_key": "gmail.com_192_168_1_1"},
+    )
+    m = table.match("GET", "/v1/routing-keys/gmail.com_192_168_1_1/node")
+    assert (m.route.method.name, m.params) == (
+        "FindNodeForRoutingKey",
+        {"routing_key": "gmail.com_192_168_1_1"},
+    )
+    with pytest.raises(NoRoute):
+        table.match("GET", "/v1/routing-keys/gmail.com_192_168_1_1")
 
 
 @pytest.mark.parametrize("reverse", [False, True])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import aiohttp
 import pytest
 
 from epoxi.registry.client import Consul
@@ -63,3 +64,23 @@ async def test_status_leader_and_agent_self(consul: Consul) -> None:
     assert me["Config"]["Server"] is True
     assert re.fullmatch(r"\d+\.\d+\.\d+.*", me["Config"]["Version"])
     assert me["Member"]["Name"] == me["Config"]["NodeName"]
+
+
+async def test_agent_self_config_and_status_in_consul_shapes(
+    consul: Consul, http: aiohttp.ClientSession
+) -> None:
+    async with http.get("/v1/agent/self") as response:
+        assert response.status == 200
+        config = (await response.json())["Config"]
+    assert config["Datacenter"] == "dc1"
+    assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", config["NodeID"])
+    _, [node] = await consul.catalog.nodes()
+    assert (node["Node"], node["ID"]) == (config["NodeName"], config["NodeID"])
+
+    # On a dev agent the one server is the leader and the only peer, on 127.0.0.1:8300.
+    async with http.get("/v1/status/leader") as response:
+        assert (response.status, response.content_type) == (200, "application/json")
+        assert await response.json() == "127.0.0.1:8300"
+    async with http.get("/v1/status/peers") as response:
+        assert (response.status, response.content_type) == (200, "application/json")
+        assert await response.json() == ["127.0.0.1:8300"]

@@ -24,7 +24,13 @@ from tests.support import Nodes, eventually, passing_nodes
 @pytest.fixture
 async def monitor(registry: RunningRegistry) -> AsyncIterator[RunningMonitor]:
     m = await start_monitor(
-        MonitorConfig(consul=registry.address, id="monitor-test", check_interval=0.2, node_timeout=1.0)
+        MonitorConfig(
+            listen="127.0.0.1:0",
+            consul=registry.address,
+            id="monitor-test",
+            check_interval=0.2,
+            node_timeout=1.0,
+        )
     )
     yield m
     await m.close()
