@@ -1,16 +1,33 @@
-"""Whether an Email can be accepted: every reason it cannot, each naming the field."""
+"""Whether an Email can be accepted: every reason it cannot, each naming the field.
+
+An email's size is its encoded ``Email`` message (``ByteSize()``): what gRPC carries on every
+hop; one without a Message-ID is counted with ``MESSAGE_ID_ALLOWANCE`` bytes for the one the
+router adds, so what passes here passes on the node too. Its limit is one setting, ``max_email_bytes`` (``max_email_bytes_setting``), which the
+router and the node both declare; it also sizes their gRPC messages (``epoxi.runtime.limits``).
+"""
 
 from __future__ import annotations
 
+import argparse
 import re
+from typing import Any
 
 from epoxi.address import address_problem
 from epoxi.envelope import recipients
 from epoxi.routing import is_ip
+from epoxi.settings import setting
 from epoxi.v1 import email_pb2
 
-MAX_MESSAGE_BYTES = 25 * 1024 * 1024
+MAX_EMAIL_BYTES = 25 * 1024 * 1024
 MAX_RECIPIENTS = 1000
+# A generated Message-ID (rendering.new_message_id: about 40 characters and the sender's domain),
+# with its field's tag and length.
+MESSAGE_ID_ALLOWANCE = 320
+# Every service reads this variable too, after its own (EPOXI_ROUTER_..., EPOXI_NODE_...).
+MAX_EMAIL_BYTES_ENV = "EPOXI_MAX_EMAIL_BYTES"
+
+_UNITS = {"": 1, "b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b|b)?\s*$", re.IGNORECASE)
 
 HEADER_NAME = re.compile(r"^[!-9;-~]+$")
 # Set from the email's own fields; the renderer writes them.
@@ -19,8 +36,43 @@ RESERVED_HEADERS = frozenset(
 )
 
 
-def validate(e: email_pb2.Email, where: str = "email") -> list[str]:
-    """Every reason ``e`` cannot be accepted, each naming the field."""
+def parse_size(text: str) -> int:
+    """A positive byte count: ``26214400``, ``25MiB``, ``512KiB`` (``KB``, ``MB``, ``GB``: the same)."""
+    m = _SIZE.match(text)
+    if m is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (bytes, or a number with KiB, MiB or GiB)")
+    unit = (m.group(2) or "").lower()
+    n = int(m.group(1)) * _UNITS[unit if unit in ("", "b") else unit[0] + "ib"]
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive size")
+    return n
+
+
+def format_size(n: int) -> str:
+    """``n`` bytes, with the largest binary unit that divides it (``25 MiB``), else in bytes."""
+    for unit, factor in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n % factor == 0:
+            return f"{n // factor} {unit}"
+    return f"{n} bytes"
+
+
+def max_email_bytes_setting(env_prefix: str) -> Any:
+    """The ``max_email_bytes`` setting, declared once for every service that takes emails: the
+    largest email accepted, checked by ``validate`` and sizing the gRPC messages of the hop."""
+    return setting(
+        MAX_EMAIL_BYTES,
+        parse=parse_size,
+        env=(f"{env_prefix}MAX_EMAIL_BYTES", MAX_EMAIL_BYTES_ENV),
+        shown=format_size(MAX_EMAIL_BYTES).replace(" ", ""),
+        metavar="SIZE",
+        help="the largest email accepted (its encoded size; bytes, or KiB, MiB, GiB); "
+        "the same on every router and node",
+    )
+
+
+def validate(e: email_pb2.Email, where: str = "email", max_bytes: int = MAX_EMAIL_BYTES) -> list[str]:
+    """Every reason ``e`` cannot be accepted, each naming the field; ``max_bytes`` is the
+    ``max_email_bytes`` setting."""
     problems: list[str] = []
     sender = getattr(e, "from")
     if not sender:
@@ -53,9 +105,12 @@ def validate(e: email_pb2.Email, where: str = "email") -> list[str]:
             problems.append(f"{where}.attachments[{i}].filename is required and must be one line")
     if e.delivery.ip and not is_ip(e.delivery.ip):
         problems.append(f"{where}.delivery.ip {e.delivery.ip!r} is not an IP address")
-    size = e.ByteSize()
-    if size > MAX_MESSAGE_BYTES:
-        problems.append(f"{where} is {size} bytes; the limit is {MAX_MESSAGE_BYTES}")
+    size = e.ByteSize() + (0 if e.message_id else MESSAGE_ID_ALLOWANCE)
+    if size > max_bytes:
+        problems.append(
+            f"{where} is {size} bytes; the limit is {max_bytes} bytes ({format_size(max_bytes)}, "
+            "the max_email_bytes setting)"
+        )
     return problems
 
 

@@ -7,6 +7,8 @@ import json
 
 import grpc
 
+from epoxi.runtime.limits import grpc_options, message_limit
+
 RPC_TIMEOUT = 10.0
 
 # Retry only what never reached a handler; everything else is the caller's decision.
@@ -28,29 +30,29 @@ _SERVICE_CONFIG = json.dumps(
 )
 
 
-def channel(target: str) -> grpc.aio.Channel:
-    """A channel to ``target`` that retries UNAVAILABLE."""
-    return grpc.aio.insecure_channel(
-        target,
-        options=[
-            ("grpc.service_config", _SERVICE_CONFIG),
-            ("grpc.enable_retries", 1),
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-            ("grpc.max_send_message_length", 64 * 1024 * 1024),
-        ],
-    )
+def channel(target: str, max_message_bytes: int | None = None) -> grpc.aio.Channel:
+    """A channel to ``target`` that retries UNAVAILABLE, and sends and receives messages up to
+    ``max_message_bytes`` (default: ``limits.message_limit()`` of the default email limit)."""
+    limit = message_limit() if max_message_bytes is None else max_message_bytes
+    options: list[tuple[str, str | int]] = [
+        ("grpc.service_config", _SERVICE_CONFIG),
+        ("grpc.enable_retries", 1),
+        *grpc_options(limit),
+    ]
+    return grpc.aio.insecure_channel(target, options=options)
 
 
 class Channels:
     """Caches one channel per target for the life of a service."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_message_bytes: int | None = None) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._max_message_bytes = max_message_bytes
 
     def get(self, target: str) -> grpc.aio.Channel:
         ch = self._channels.get(target)
         if ch is None:
-            ch = self._channels[target] = channel(target)
+            ch = self._channels[target] = channel(target, self._max_message_bytes)
         return ch
 
     async def close(self) -> None:

@@ -102,10 +102,12 @@ class Service:
         listen: str,
         advertise: str | None = None,
         interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+        max_message_bytes: int | None = None,
     ) -> GrpcServer:
         """Bind a gRPC server to ``listen``: from now on ``address`` is where others reach it
-        (``advertise``, else the bound address, a wildcard host written as the FQDN)."""
-        server = bind_grpc_server(listen, interceptors)
+        (``advertise``, else the bound address, a wildcard host written as the FQDN). It takes
+        messages up to ``max_message_bytes`` (``epoxi.runtime.limits``)."""
+        server = bind_grpc_server(listen, interceptors, max_message_bytes)
         self.server = server
         self.address = advertise or advertised_address(listen, server.port)
         return server

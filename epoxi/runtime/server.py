@@ -14,6 +14,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from epoxi.runtime.limits import grpc_options, message_limit
+
 # An ``add_XServicer_to_server``-style callable, and the full name of the service it adds.
 Register = tuple[Callable[[grpc.aio.Server], None], str]
 
@@ -51,9 +53,16 @@ class GrpcServer:
         await self.server.stop(grace)
 
 
-def bind_grpc_server(address: str, interceptors: Iterable[grpc.aio.ServerInterceptor] = ()) -> GrpcServer:
-    """A server bound to ``address`` (``host:0`` picks a free port), not yet started."""
-    server = grpc.aio.server(interceptors=list(interceptors))
+def bind_grpc_server(
+    address: str,
+    interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+    max_message_bytes: int | None = None,
+) -> GrpcServer:
+    """A server bound to ``address`` (``host:0`` picks a free port), not yet started, that takes
+    messages up to ``max_message_bytes`` (default: ``limits.message_limit()`` of the default
+    email limit)."""
+    limit = message_limit() if max_message_bytes is None else max_message_bytes
+    server = grpc.aio.server(interceptors=list(interceptors), options=grpc_options(limit))
     port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot listen on {address}")
@@ -64,8 +73,9 @@ async def start_grpc_server(
     address: str,
     register: Iterable[Register],
     interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+    max_message_bytes: int | None = None,
 ) -> GrpcServer:
     """Bind to ``address`` and start serving ``register``'s servicers with health and reflection."""
-    server = bind_grpc_server(address, interceptors)
+    server = bind_grpc_server(address, interceptors, max_message_bytes)
     await server.start(register)
     return server

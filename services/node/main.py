@@ -26,11 +26,12 @@ from pathlib import Path
 
 import dns.asyncresolver
 
-from epoxi import durations, settings
+from epoxi import durations, settings, validation
 from epoxi.policy_store import PolicyTable
 from epoxi.registry import client
 from epoxi.registry.services import split_address
 from epoxi.runtime.lifecycle import Service, serve_main
+from epoxi.runtime.limits import message_limit
 from epoxi.settings import group, program, setting
 from epoxi.v1 import node_pb2, node_pb2_grpc
 from services.node import outbound
@@ -167,6 +168,8 @@ class NodeConfig:
         help="how long deliveries under way may take at shutdown",
     )
     smtp_timeout: float = setting(60.0, parse=positive_duration, shown="60s", help="SMTP command timeout")
+    # The one size limit (epoxi.validation); it also sizes the gRPC messages (epoxi.runtime.limits).
+    max_email_bytes: int = validation.max_email_bytes_setting("EPOXI_NODE_")
     resolver: dns.asyncresolver.Resolver | None = field(default=None)
     # DNS server, EHLO names, TLS, connection reuse, host backoff and DSNs (services.node.outbound).
     delivery: outbound.DeliveryConfig = group(outbound.DeliveryConfig)
@@ -226,7 +229,9 @@ async def start_node(config: NodeConfig) -> RunningNode:
                 feed = running.policy_feed = PolicyFeed(consul, wait)
                 if await feed.load():
                     policies = feed.table
-        running.listen(config.listen, config.advertise)
+        running.listen(
+            config.listen, config.advertise, max_message_bytes=message_limit(config.max_email_bytes)
+        )
         supervisor = running.supervisor = PipelineSupervisor(
             id=config.id,
             address=running.address,
@@ -243,7 +248,7 @@ async def start_node(config: NodeConfig) -> RunningNode:
             stop_grace=config.stop_grace,
         )
         running.on_close(supervisor.close)
-        servicer = NodeService(supervisor)
+        servicer = NodeService(supervisor, max_email_bytes=config.max_email_bytes)
         await running.serve(
             [(lambda s: node_pb2_grpc.add_NodeServiceServicer_to_server(servicer, s), SERVICE_NAME)]
         )

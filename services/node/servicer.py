@@ -20,8 +20,11 @@ _INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 
 class NodeService(node_pb2_grpc.NodeServiceServicer):
-    def __init__(self, supervisor: PipelineSupervisor) -> None:
+    def __init__(
+        self, supervisor: PipelineSupervisor, max_email_bytes: int = validation.MAX_EMAIL_BYTES
+    ) -> None:
         self.supervisor = supervisor
+        self.max_email_bytes = max_email_bytes
 
     async def StartPipeline(
         self, request: node_pb2.StartPipelineRequest, context: grpc.aio.ServicerContext
@@ -90,7 +93,11 @@ class NodeService(node_pb2_grpc.NodeServiceServicer):
     ) -> node_pb2.EnqueueBatchResponse:
         if not request.emails:
             await abort(context, _INVALID, "emails is empty: send at least one email")
-        problems = [p for i, e in enumerate(request.emails) for p in validation.validate(e, f"emails[{i}]")]
+        problems = [
+            p
+            for i, e in enumerate(request.emails)
+            for p in validation.validate(e, f"emails[{i}]", self.max_email_bytes)
+        ]
         if problems:
             await abort(context, _INVALID, summary(problems))
         p = await self.supervisor.pipeline_for_mail(request.routing_key)

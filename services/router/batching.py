@@ -1,4 +1,9 @@
-"""Turn a RouteEmails request into batches, one routing key each."""
+"""Turn a RouteEmails request into batches, one routing key each, each small enough to send.
+
+A batch holds at most ``max_batch`` emails and at most ``max_batch_bytes`` of them encoded
+(``epoxi.runtime.limits.batch_bytes``: what one EnqueueBatch may carry besides its own fields).
+Every valid email is below that, so each fits in a batch of its own at least.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from dataclasses import dataclass, field
 from epoxi import rendering
 from epoxi.envelope import domains
 from epoxi.routing import routing_key
+from epoxi.runtime import limits
 from epoxi.v1 import email_pb2
 
 DEFAULT_POOL = "default"
@@ -20,6 +26,8 @@ class Batch:
     domain: str
     source_ip: str
     emails: list[email_pb2.Email] = field(default_factory=list)
+    # The emails' encoded size inside a request: each with its field's tag and length.
+    size: int = 0
 
 
 @dataclass
@@ -43,9 +51,14 @@ def choose_ip(e: email_pb2.Email, default_pool: str, pools: dict[str, list[str]]
 
 
 def plan(
-    emails: Sequence[email_pb2.Email], default_pool: str, pools: dict[str, list[str]], max_batch: int
+    emails: Sequence[email_pb2.Email],
+    default_pool: str,
+    pools: dict[str, list[str]],
+    max_batch: int,
+    max_batch_bytes: int = limits.batch_bytes(),
 ) -> tuple[list[Batch], list[Unroutable]]:
-    """Batches of at most ``max_batch`` emails per routing key, in first-seen order.
+    """Batches of at most ``max_batch`` emails and ``max_batch_bytes`` per routing key, in
+    first-seen order.
 
     An email with recipients in several domains goes into one batch per domain; it keeps one
     Message-ID across them (generated here when the caller gave none).
@@ -60,13 +73,19 @@ def plan(
         if not ip:
             unroutable.setdefault(reason, Unroutable(reason)).emails.append(e)
             continue
+        size = limits.encoded_size(e)
         for domain in domains(e):
             key = routing_key(domain, ip)
             batch = open_batches.get(key)
-            if batch is None or len(batch.emails) >= max_batch:
+            if (
+                batch is None
+                or len(batch.emails) >= max_batch
+                or (batch.emails and batch.size + size > max_batch_bytes)
+            ):
                 batch = open_batches[key] = Batch(key, domain, ip)
                 batches.append(batch)
             batch.emails.append(e)
+            batch.size += size
     return batches, list(unroutable.values())
 
 

@@ -19,6 +19,8 @@ class ClusterSnapshot:
     nodes: dict[str, node_pb2.NodeInfo] = field(default_factory=dict)
     pipelines: dict[str, list[pipeline_pb2.PipelineInfo]] = field(default_factory=dict)
     pools: dict[str, list[str]] = field(default_factory=dict)
+    # Passing pipelines per node ID: the registered half of epoxi.placement's metric.
+    pipeline_counts: dict[str, int] = field(default_factory=dict)
 
 
 def build_snapshot(
@@ -26,16 +28,20 @@ def build_snapshot(
 ) -> ClusterSnapshot:
     nodes = {n.id: n for n in map(services.node_from_entry, filter(services.passing, node_entries))}
     pipelines: dict[str, list[pipeline_pb2.PipelineInfo]] = defaultdict(list)
+    counts: dict[str, int] = defaultdict(int)
     for entry in filter(services.passing, pipeline_entries):
         p = services.pipeline_from_entry(entry)
         if p.node in nodes:
             pipelines[p.routing_key].append(p)
+            counts[p.node] += 1
     for candidates in pipelines.values():
         candidates.sort(key=lambda p: (nodes[p.node].load, p.node))
     pools: dict[str, set[str]] = defaultdict(set)
     for n in nodes.values():
         pools[n.ip_pool].update(n.egress_ips)
-    return ClusterSnapshot(nodes, dict(pipelines), {pool: sorted(ips) for pool, ips in pools.items()})
+    return ClusterSnapshot(
+        nodes, dict(pipelines), {pool: sorted(ips) for pool, ips in pools.items()}, dict(counts)
+    )
 
 
 class ClusterView:

@@ -13,10 +13,11 @@ import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from epoxi import durations, settings
+from epoxi import durations, settings, validation
 from epoxi.registry import client, services
 from epoxi.runtime.channels import Channels
 from epoxi.runtime.lifecycle import Service, serve_main
+from epoxi.runtime.limits import message_limit
 from epoxi.settings import program, setting
 from epoxi.v1 import router_pb2, router_pb2_grpc
 from services.router.discovery import ClusterView
@@ -43,6 +44,8 @@ class RouterConfig:
         help="registry HTTP address",
     )
     max_batch: int = setting(500, parse=int, help="most emails per batch handed to a node")
+    # The one size limit (epoxi.validation); it also sizes the gRPC messages (epoxi.runtime.limits).
+    max_email_bytes: int = validation.max_email_bytes_setting("EPOXI_ROUTER_")
     check_interval: float = setting(
         5.0, parse=durations.seconds, shown="5s", help="how often the registry probes the router's health"
     )
@@ -61,10 +64,16 @@ async def start_router(config: RouterConfig) -> RunningRouter:
     router = RunningRouter("router", config.stop_grace)
     async with router.starting():
         consul = router.closing(client.connect(config.consul))
-        router.channels = router.closing(Channels())
+        max_message_bytes = message_limit(config.max_email_bytes)
+        router.channels = router.closing(Channels(max_message_bytes))
         router.view = router.closing(ClusterView(consul).start())
-        servicer = RouterServicer(router.view, router.channels, max_batch=config.max_batch)
-        router.listen(config.listen, config.advertise)
+        servicer = RouterServicer(
+            router.view,
+            router.channels,
+            max_batch=config.max_batch,
+            max_email_bytes=config.max_email_bytes,
+        )
+        router.listen(config.listen, config.advertise, max_message_bytes=max_message_bytes)
         await router.serve(
             [(lambda s: router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, s), SERVICE_NAME)]
         )

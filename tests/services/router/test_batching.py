@@ -1,7 +1,8 @@
 from __future__ import annotations
 
 from epoxi.envelope import new_email
-from epoxi.v1 import email_pb2
+from epoxi.runtime import limits
+from epoxi.v1 import email_pb2, node_pb2
 from services.router.batching import choose_ip, plan
 
 POOLS = {"default": ["127.0.0.2", "127.0.0.4"], "bulk": ["127.0.0.9"]}
@@ -46,6 +47,29 @@ def test_batches_are_split_at_max_batch():
     batches, _ = plan(emails, "", POOLS, max_batch=2)
     assert [len(b.emails) for b in batches] == [2, 2, 1]
     assert {b.routing_key for b in batches} == {"gmail.com_127_0_0_2"}
+
+
+def test_batches_are_split_so_that_no_request_exceeds_max_batch_bytes():
+    emails = [
+        new_email(
+            "a@example.com",
+            to=[f"u{i}@gmail.com"],
+            message_id=f"<m{i}@example.com>",
+            attachments=[email_pb2.Attachment(filename="a", content=b"x" * 1000)],
+            delivery=email_pb2.Delivery(ip="127.0.0.2"),
+        )
+        for i in range(7)
+    ]
+    size = limits.encoded_size(emails[0])
+    batches, _ = plan(emails, "", POOLS, max_batch=100, max_batch_bytes=3 * size)
+    assert [len(b.emails) for b in batches] == [3, 3, 1]
+    assert [b.size for b in batches] == [3 * size, 3 * size, size]
+    for b in batches:
+        request = node_pb2.EnqueueBatchRequest(routing_key=b.routing_key, emails=b.emails)
+        assert request.ByteSize() <= 3 * size + limits.ENVELOPE_BYTES
+    # An email larger than the budget still goes, alone.
+    batches, _ = plan(emails[:2], "", POOLS, max_batch=100, max_batch_bytes=10)
+    assert [len(b.emails) for b in batches] == [1, 1]
 
 
 def test_pool_choice_is_stable_per_domain_and_stays_in_the_pool():
