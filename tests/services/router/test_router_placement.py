@@ -4,18 +4,15 @@ with real nodes, the dev registry and the SMTP sink."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import AsyncIterator
-
-import pytest
 
 from devmesh.registry.app import RunningRegistry
 from devmesh.sink import Sink
 from epoxi.envelope import new_email
 from epoxi.registry import services
 from epoxi.registry.client import Consul
-from epoxi.runtime.channels import channel
-from epoxi.v1 import email_pb2, router_pb2, router_pb2_grpc
-from services.router.main import RouterConfig, RunningRouter, start_router
+from epoxi.v1 import email_pb2
+from services.router.main import RunningRouter
+from tests.services.router.support import route
 from tests.support import Nodes, eventually, passing_nodes
 
 
@@ -23,21 +20,6 @@ def email(domain: str, ip: str) -> email_pb2.Email:
     return new_email(
         "a@sender.test", to=[f"u@{domain}"], subject="s", text="t", delivery=email_pb2.Delivery(ip=ip)
     )
-
-
-@pytest.fixture
-async def router(registry: RunningRegistry) -> AsyncIterator[RunningRouter]:
-    r = await start_router(RouterConfig(listen="127.0.0.1:0", consul=registry.address, check_interval=1.0))
-    yield r
-    await r.close()
-
-
-async def route(router: RunningRouter, *emails: email_pb2.Email) -> router_pb2.RouteEmailsResponse:
-    async with channel(router.address) as ch:
-        reply: router_pb2.RouteEmailsResponse = await router_pb2_grpc.RouterServiceStub(ch).RouteEmails(
-            router_pb2.RouteEmailsRequest(emails=emails), timeout=30
-        )
-        return reply
 
 
 async def registered_pipelines(consul: Consul) -> Counter[str]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import Awaitable
 
 import grpc
 import pytest
@@ -11,10 +11,10 @@ from devmesh.registry.app import RunningRegistry
 from devmesh.sink import Sink
 from epoxi.envelope import new_email
 from epoxi.registry.client import Consul
-from epoxi.runtime.channels import channel
-from epoxi.v1 import email_pb2, router_pb2, router_pb2_grpc
+from epoxi.v1 import email_pb2
 from services.node.main import RunningNode
 from services.router.main import RouterConfig, RunningRouter, start_router
+from tests.services.router.support import route
 from tests.support import Nodes, eventually, passing_nodes
 
 
@@ -31,21 +31,6 @@ async def start_nodes(nodes: Nodes, consul: Consul, owners: dict[str, list[str]]
 
 async def contains_all(ids: Awaitable[set[str]], wanted: set[str]) -> bool:
     return await ids >= wanted
-
-
-@pytest.fixture
-async def router(registry: RunningRegistry) -> AsyncIterator[RunningRouter]:
-    r = await start_router(RouterConfig(listen="127.0.0.1:0", consul=registry.address, check_interval=1.0))
-    yield r
-    await r.close()
-
-
-async def route(router: RunningRouter, *emails: email_pb2.Email) -> router_pb2.RouteEmailsResponse:
-    async with channel(router.address) as ch:
-        reply: router_pb2.RouteEmailsResponse = await router_pb2_grpc.RouterServiceStub(ch).RouteEmails(
-            router_pb2.RouteEmailsRequest(emails=emails), timeout=20
-        )
-        return reply
 
 
 async def test_routing_uses_the_cache_and_falls_back_when_a_node_fails(
