@@ -525,30 +525,36 @@ class AgentEndpoints:
         service = self.store.local_services.get(service_id)
         if service is None:
             raise _unknown_service(service_id)
-        check_id = SERVICE_MAINT_PREFIX + service_id
-        if enable:
-            self._enter_maintenance(
-                check_id,
-                "Service Maintenance Mode",
-                param(request, "reason") or DEFAULT_SERVICE_MAINT_REASON,
-                service,
-            )
-        else:
-            self._leave_maintenance(check_id)
+        self._set_maintenance(
+            request,
+            enable,
+            SERVICE_MAINT_PREFIX + service_id,
+            "Service Maintenance Mode",
+            DEFAULT_SERVICE_MAINT_REASON,
+            service,
+        )
         return web.Response(status=200)
 
     async def node_maintenance(self, request: web.Request) -> web.StreamResponse:
         enable = _enable_param(request)
-        if enable:
-            self._enter_maintenance(
-                NODE_MAINT_CHECK_ID,
-                "Node Maintenance Mode",
-                param(request, "reason") or DEFAULT_NODE_MAINT_REASON,
-                None,
-            )
-        else:
-            self._leave_maintenance(NODE_MAINT_CHECK_ID)
+        self._set_maintenance(
+            request, enable, NODE_MAINT_CHECK_ID, "Node Maintenance Mode", DEFAULT_NODE_MAINT_REASON, None
+        )
         return web.Response(status=200)
+
+    def _set_maintenance(
+        self,
+        request: web.Request,
+        enable: bool,
+        check_id: str,
+        name: str,
+        default_reason: str,
+        service: Service | None,
+    ) -> None:
+        if enable:
+            self._enter_maintenance(check_id, name, param(request, "reason") or default_reason, service)
+        else:
+            self._leave_maintenance(check_id)
 
     def _enter_maintenance(self, check_id: str, name: str, reason: str, service: Service | None) -> None:
         """A critical check that takes the service (or the whole node) out of passing answers; a
