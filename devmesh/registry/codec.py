@@ -3,7 +3,9 @@
 Consul decodes request bodies with Go's ``encoding/json`` and ``DisallowUnknownFields``
 (``lib/json.go``): keys match struct fields exactly or case-insensitively, an unknown key is
 rejected with ``json: unknown field "X"``, and ``null`` leaves a field at its zero value.
-Durations follow Go's ``time.ParseDuration`` and ``time.Duration.String``.
+Durations follow Go's ``time.ParseDuration`` and ``time.Duration.String``. A struct with its own
+``UnmarshalJSON`` that calls plain ``json.Unmarshal`` (``structs.Session``) ignores unknown keys
+instead: decode it with ``allow_unknown=True``.
 """
 
 from __future__ import annotations
@@ -76,21 +78,21 @@ def _mismatch(value: object, kind: Kind, where: str) -> DecodeError:
     )
 
 
-def _decode(value: object, kind: Kind, where: str) -> Any:
+def _decode(value: object, kind: Kind, where: str, allow_unknown: bool) -> Any:
     if value is None:
         return None
     if isinstance(kind, Struct):
         if not isinstance(value, dict):
             raise _mismatch(value, kind, where)
-        return decode_struct(value, kind)
+        return decode_struct(value, kind, allow_unknown)
     if isinstance(kind, ListOf):
         if not isinstance(value, list):
             raise _mismatch(value, kind, where)
-        return [_decode(item, kind.item, where) for item in value]
+        return [_decode(item, kind.item, where, allow_unknown) for item in value]
     if isinstance(kind, MapOf):
         if not isinstance(value, dict):
             raise _mismatch(value, kind, where)
-        return {str(key): _decode(item, kind.value, where) for key, item in value.items()}
+        return {str(key): _decode(item, kind.value, where, allow_unknown) for key, item in value.items()}
     if kind == "any":
         return value
     if kind == "duration":
@@ -124,15 +126,17 @@ def _field_for(key: str, struct: Struct) -> tuple[str, Kind] | None:
     return None
 
 
-def decode_struct(value: dict[str, object], struct: Struct) -> dict[str, Any]:
+def decode_struct(value: dict[str, object], struct: Struct, allow_unknown: bool = False) -> dict[str, Any]:
     """Decode one JSON object into ``{FieldName: value}``, the way Go fills a struct."""
     out: dict[str, Any] = {}
     for key, item in value.items():
         field = _field_for(key, struct)
         if field is None:
+            if allow_unknown:
+                continue
             raise DecodeError(f"json: unknown field {durations.go_quote(key)}")
         name, kind = field
-        decoded = _decode(item, kind, f"{struct.go_name}.{name}")
+        decoded = _decode(item, kind, f"{struct.go_name}.{name}", allow_unknown)
         if decoded is not None or isinstance(kind, ListOf | MapOf):
             out[name] = decoded  # null empties a slice or map, and leaves other fields alone
     return out
@@ -145,7 +149,7 @@ def _syntax_error(raw: str, exc: json.JSONDecodeError) -> DecodeError:
     return DecodeError(f"invalid character {char!r} looking for beginning of value")
 
 
-def decode_body(raw: bytes, struct: Struct) -> dict[str, Any]:
+def decode_body(raw: bytes, struct: Struct, allow_unknown: bool = False) -> dict[str, Any]:
     """Decode a request body like Consul's ``decodeBody`` (one JSON value; trailing data ignored)."""
     text = raw.decode("utf-8", errors="replace")
     stripped = text.lstrip()
@@ -161,7 +165,7 @@ def decode_body(raw: bytes, struct: Struct) -> dict[str, Any]:
         raise DecodeError(
             f"json: cannot unmarshal {_json_type(value)} into Go value of type structs.{struct.go_name}"
         )
-    return decode_struct(value, struct)
+    return decode_struct(value, struct, allow_unknown)
 
 
 # --- response rendering -----------------------------------------------------------------------

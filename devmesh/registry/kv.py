@@ -4,7 +4,8 @@
   key names, ``?raw`` for the bare value); nothing found is ``404`` with an empty body.
 * ``PUT`` answers ``true``/``false``: ``?cas=0`` creates only, ``?cas=N`` needs ModifyIndex N,
   ``?acquire=<session>`` locks (refused during a lock-delay), ``?release=<session>`` unlocks.
-  A plain ``PUT`` keeps the lock holder but, as in Consul, resets ``LockIndex`` to 0.
+  A plain ``PUT`` keeps the lock holder but, as in Consul, resets ``LockIndex`` to 0. An unknown or
+  empty session is ``500 raft apply failed: invalid session "<id>"`` / ``missing session``.
 * ``DELETE`` answers ``true``; ``?cas=N`` answers whether it deleted (a missing key counts).
 * The index of one key is its ModifyIndex, or the KV table's when it is missing; of a prefix,
   the highest ModifyIndex or tombstone under it. Deleted keys leave tombstones so that index
@@ -125,7 +126,7 @@ class KVEndpoints:
             if "release" in request.query:
                 return json_response(self.store.kv_unlock(key, value, flags, param(request, "release")))
         except StoreError as exc:
-            raise HTTPError(500, str(exc)) from None
+            raise HTTPError(500, f"raft apply failed: {exc}") from None  # KVS.Apply wraps FSM errors
         if cas is not None:
             return json_response(self.store.kv_cas(key, value, flags, cas))
         self.store.kv_set(key, value, flags)

@@ -1,10 +1,14 @@
 """The session endpoints and TTL timers (``agent/session_endpoint.go``, ``agent/consul/session_*.go``).
 
 A session is created for this node with the ``serfHealth`` check, a 15s lock-delay and the
-``release`` behaviour unless the body says otherwise. A TTL must lie within
+``release`` behaviour unless the body says otherwise. The body is decoded by
+``Session.UnmarshalJSON``, which ignores unknown keys. A TTL must lie within
 [``session_ttl_min``, 24h]; the session is invalidated when it has not been renewed for
-**twice** its TTL (``structs.SessionTTLMultiplier``), which releases or deletes the keys it holds
-and arms their lock-delay.
+**twice** its TTL (``structs.SessionTTLMultiplier``), or when a check it names turns critical or
+is deregistered, which releases or deletes the keys it holds and arms their lock-delay.
+
+Errors of the Raft apply (unknown node, missing or critical check) come back from
+``Session.Apply`` as ``apply failed: <state store error>``.
 """
 
 from __future__ import annotations
@@ -44,15 +48,28 @@ SESSION = Struct(
 )
 
 
-def lock_delay_of(value: Any) -> int | None:
-    """``Session.UnmarshalJSON``: a duration string or nanoseconds; below 1000 means seconds."""
+def lock_delay_of(value: Any) -> int:
+    """``Session.UnmarshalJSON`` for a non-null ``LockDelay``: a duration string or nanoseconds
+    (truncated), any other JSON value 0; a result below 1000 (ns) is taken as seconds."""
     if isinstance(value, str):
         delay = durations.parse(value)
     elif isinstance(value, int | float) and not isinstance(value, bool):
         delay = int(value)
     else:
-        return None
+        delay = 0
     return delay * durations.SECOND if delay < LOCK_DELAY_MIN_THRESHOLD else delay
+
+
+def check_ids_of(ids: list[str | None] | None) -> list[str] | None:
+    """``[]string`` as Go fills it: a ``null`` element is ``""``."""
+    return None if ids is None else [i or "" for i in ids]
+
+
+def service_checks_of(checks: list[dict[str, Any] | None] | None) -> list[dict[str, Any]] | None:
+    """``[]structs.ServiceCheck`` as Go fills it: both fields, zero values for absent keys."""
+    if checks is None:
+        return None
+    return [{"ID": (c or {}).get("ID") or "", "Namespace": (c or {}).get("Namespace") or ""} for c in checks]
 
 
 def ttl_of(ttl: str) -> int:
@@ -106,23 +123,21 @@ class SessionEndpoints:
         body = await request.read()
         if body:
             try:
-                args = decode_body(body, SESSION)
-                delay = lock_delay_of(args["LockDelay"]) if "LockDelay" in args else None
+                args = decode_body(body, SESSION, allow_unknown=True)
+                if "LockDelay" in args:
+                    entry.lock_delay = lock_delay_of(args["LockDelay"])
             except (DecodeError, ValueError) as exc:
                 raise bad_request(f"Request decode failed: {exc}") from None
             entry.name = args.get("Name", entry.name)
             entry.node = args.get("Node", entry.node)
             entry.behavior = args.get("Behavior", entry.behavior)
             entry.ttl = args.get("TTL", entry.ttl)
-            if delay is not None:
-                entry.lock_delay = delay
-            for field, attribute in (
-                ("NodeChecks", "node_checks"),
-                ("ServiceChecks", "service_checks"),
-                ("Checks", "checks"),
-            ):
-                if field in args:
-                    setattr(entry, attribute, args[field])
+            if "NodeChecks" in args:
+                entry.node_checks = check_ids_of(args["NodeChecks"])
+            if "ServiceChecks" in args:
+                entry.service_checks = service_checks_of(args["ServiceChecks"])
+            if "Checks" in args:
+                entry.checks = check_ids_of(args["Checks"])
         # fixupEmptySessionChecks
         if not entry.checks:
             entry.node_checks = []
@@ -130,6 +145,8 @@ class SessionEndpoints:
             entry.checks = None
         elif not entry.node_checks:
             entry.checks = None
+        if entry.node == "":
+            raise HTTPError(500, "Must provide Node")
         if entry.behavior == "":
             entry.behavior = "release"
         if entry.behavior not in ("release", "delete"):
@@ -150,7 +167,7 @@ class SessionEndpoints:
         try:
             self.store.session_create(entry)
         except StoreError as exc:
-            raise HTTPError(500, str(exc)) from None
+            raise HTTPError(500, f"apply failed: {exc}") from None
         self.timers.reset(entry.id, ttl_of(entry.ttl))
         return json_response({"ID": entry.id})
 

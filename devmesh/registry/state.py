@@ -31,6 +31,7 @@ STATUSES = (PASSING, WARNING, CRITICAL)
 
 SERF_CHECK_ID = "serfHealth"
 CONSUL_VERSION = "1.21.0"
+MAX_LOCK_DELAY = 60 * durations.SECOND  # structs.MaxLockDelay: the longest lock-delay applied
 
 
 def _duration(default: int, help: str) -> Any:
@@ -159,10 +160,15 @@ class Session:
     modify_index: int = 0
 
     def check_ids(self) -> list[str]:
-        ids = list(self.node_checks or [])
+        """``Session.CheckIDs``: the deprecated ``Checks``, then ``NodeChecks``, then ``ServiceChecks``."""
+        ids = list(self.checks or [])
+        ids += list(self.node_checks or [])
         ids += [str(check.get("ID", "")) for check in self.service_checks or []]
-        ids += list(self.checks or [])
         return ids
+
+    def names_check(self, check_id: str) -> bool:
+        """Whether the session is tied to this check (the ``session_checks`` index folds case)."""
+        return check_id.lower() in (named.lower() for named in self.check_ids())
 
 
 class StoreError(Exception):
@@ -326,11 +332,14 @@ class Store:
             return
         index = self._write(("services", "checks"), (service.name,))
         del self.services[service_id]
-        for check_id in [c.check_id for c in self.checks.values() if c.service_id == service_id]:
+        doomed = [c.check_id for c in self.checks.values() if c.service_id == service_id]
+        for check_id in doomed:
             del self.checks[check_id]
         if not self.instances(service.name):
             self.extinction_index = index
             self.service_indexes.pop(service.name.lower(), None)
+        for check_id in doomed:
+            self._invalidate_sessions_of_check(check_id)
 
     def _catalog_deregister_check(self, check_id: str) -> None:
         check = self.checks.get(check_id)
@@ -338,6 +347,7 @@ class Store:
             return
         self._write(("checks",), self._names_touched_by([check]))
         del self.checks[check_id]
+        self._invalidate_sessions_of_check(check_id)
 
     # --- agent-local state ------------------------------------------------------------------------
 
@@ -530,11 +540,20 @@ class Store:
 
     # --- sessions (``agent/consul/state/session.go``) ---------------------------------------------
 
+    def _catalog_check(self, check_id: str) -> Check | None:
+        """A check of our node by ID, as the catalog's ``checks`` index finds it (case folded)."""
+        check = self.checks.get(check_id)
+        if check is None:
+            check = next((c for c in self.checks.values() if c.check_id.lower() == check_id.lower()), None)
+        return check
+
     def session_create(self, session: Session) -> None:
-        if session.node != self.config.node_name:
+        """``sessionCreateTxn``: the node must exist and every check it names exist and not be
+        critical (``validateSessionChecksTxn``), in ``Session.CheckIDs`` order."""
+        if session.node.lower() != self.config.node_name.lower():
             raise StoreError("Missing node registration")
         for check_id in session.check_ids():
-            check = self.checks.get(check_id)
+            check = self._catalog_check(check_id)
             if check is None:
                 raise StoreError(f"Missing check '{check_id}' registration")
             if check.status == CRITICAL:
@@ -544,7 +563,8 @@ class Store:
         self.sessions[session.id] = session
 
     def session_destroy(self, session_id: str) -> None:
-        """``deleteSessionTxn``: drop the session, release or delete its keys, arm their lock-delay."""
+        """``deleteSessionTxn``: drop the session, release or delete its keys, arm their lock-delay
+        (the session's, at most ``MAX_LOCK_DELAY``). An explicit ``?release`` arms none."""
         session = self.sessions.get(session_id)
         if session is None:
             self._write()
@@ -555,7 +575,8 @@ class Store:
             tables += ["kvs", "tombstones"] if session.behavior == "delete" else ["kvs"]
         index = self._write(tables)
         del self.sessions[session_id]
-        expires = time.monotonic() + session.lock_delay / durations.SECOND
+        delay = min(session.lock_delay, MAX_LOCK_DELAY)
+        expires = time.monotonic() + delay / durations.SECOND
         for key in held:
             if session.behavior == "delete":
                 self._kv_delete_locked(key, index)
@@ -563,11 +584,13 @@ class Store:
                 entry = self.kv[key]
                 entry.session = ""
                 entry.modify_index = index
-            if session.lock_delay > 0:
+            if delay > 0:
                 self.lock_delays[key] = expires
         for callback in self.on_session_destroyed:
             callback(session_id)
 
     def _invalidate_sessions_of_check(self, check_id: str) -> None:
-        for session in [s for s in self.sessions.values() if check_id in s.check_ids()]:
+        """``checkSessionsTxn``: a check that turns critical or is deleted ends the sessions tied
+        to it (``ensureCheckTxn``, ``deleteCheckTxn``)."""
+        for session in [s for s in self.sessions.values() if s.names_check(check_id)]:
             self.session_destroy(session.id)

@@ -52,12 +52,15 @@ def prefix() -> str:
 
 @pytest.fixture(autouse=True)
 async def clean_up(consul: Consul, prefix: str) -> AsyncIterator[None]:
-    """After each test, remove the services, keys and sessions named with its ``prefix``
-    (``consul`` is the top-level fixture, a client for the ``registry_addr`` above)."""
+    """After each test, remove the services, node checks, keys and sessions named with its
+    ``prefix`` (``consul`` is the top-level fixture, a client for the ``registry_addr`` above)."""
     yield
     for service_id in await consul.agent.services():
         if service_id.startswith(prefix):
             await consul.agent.service.deregister(service_id)
+    for check_id in await consul.agent.checks():
+        if check_id.startswith(prefix):
+            await consul.agent.check.deregister(check_id)
     await consul.kv.delete(prefix, recurse=True)
     _, sessions = await consul.session.list()
     for session in sessions:

@@ -119,7 +119,7 @@ async def test_kv_errors(http: aiohttp.ClientSession, prefix: str) -> None:
     unknown = str(uuid.uuid4())
     assert await call(http, "PUT", f"/v1/kv/{prefix}/k", params={"acquire": unknown}) == (
         500,
-        f'invalid session "{unknown}"',
+        f'raft apply failed: invalid session "{unknown}"',
     )
 
 

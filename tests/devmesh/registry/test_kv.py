@@ -9,6 +9,7 @@ import aiohttp
 import pytest
 
 from epoxi.registry.client import Consul
+from tests.devmesh.registry.support import call
 
 pytestmark = pytest.mark.consul
 
@@ -89,6 +90,77 @@ async def test_acquire_and_release(consul: Consul, prefix: str) -> None:
 
     assert await consul.kv.put(key, "leader-2", acquire=second) is True
     assert (await consul.kv.get(key))[1]["LockIndex"] == 2
+
+
+async def test_lock_contention(consul: Consul, http: aiohttp.ClientSession, prefix: str) -> None:
+    key = f"{prefix}/contended"
+    first = await consul.session.create(name=f"{prefix}-1")
+    second = await consul.session.create(name=f"{prefix}-2")
+
+    won = await asyncio.gather(
+        consul.kv.put(key, "by-first", acquire=first), consul.kv.put(key, "by-second", acquire=second)
+    )
+    assert sorted(won) == [False, True]
+    holder, other = (first, second) if won[0] else (second, first)
+    _, held = await consul.kv.get(key)
+    assert (held["Session"], held["LockIndex"], held["Flags"]) == (holder, 1, 0)
+    assert held["Value"] == (b"by-first" if holder == first else b"by-second")
+
+    # The holder acquiring again succeeds and writes value and flags; LockIndex stays.
+    assert await consul.kv.put(key, "again", acquire=holder, flags=7) is True
+    _, again = await consul.kv.get(key)
+    assert (again["Session"], again["LockIndex"], again["Flags"], again["Value"]) == (holder, 1, 7, b"again")
+    assert again["ModifyIndex"] > held["ModifyIndex"]
+    assert await consul.kv.put(key, "again", acquire=holder, flags=7) is True
+    assert (await consul.kv.get(key))[1] == again  # an unchanged entry keeps its ModifyIndex
+
+    # The other session can neither take nor release it, and changes nothing.
+    assert await consul.kv.put(key, "mine", acquire=other) is False
+    assert await consul.kv.put(key, "mine", release=other) is False
+    assert (await consul.kv.get(key))[1] == again
+    # ?cas does not combine with ?acquire (nor ?release): 400 before anything is applied.
+    assert await call(http, "PUT", f"/v1/kv/{key}", params={"acquire": other, "cas": "0"}) == (
+        400,
+        f"Conflicting flags: acquire={other}&cas=0\n",
+    )
+    assert (await consul.kv.get(key))[1] == again
+
+    # A release writes the body and flags (0 when absent) and keeps LockIndex; the next lock bumps it.
+    assert await consul.kv.put(key, "bye", release=holder) is True
+    _, released = await consul.kv.get(key)
+    assert (released["LockIndex"], released["Flags"], released["Value"], "Session" in released) == (
+        1,
+        0,
+        b"bye",
+        False,
+    )
+    assert await consul.kv.put(key, "mine", release=holder) is False  # nothing left to release
+    assert await consul.kv.put(key, "mine", acquire=other) is True
+    _, taken = await consul.kv.get(key)
+    assert (taken["Session"], taken["LockIndex"], taken["Value"]) == (other, 2, b"mine")
+
+
+async def test_lock_errors(consul: Consul, http: aiohttp.ClientSession, prefix: str) -> None:
+    key = f"{prefix}/lock"
+    destroyed = await consul.session.create(name=prefix)
+    await consul.session.destroy(destroyed)
+
+    # kvsLockTxn's errors come back from KVS.Apply wrapped as "raft apply failed: ...".
+    assert await call(http, "PUT", f"/v1/kv/{key}", params={"acquire": destroyed}) == (
+        500,
+        f'raft apply failed: invalid session "{destroyed}"',
+    )
+    assert await call(http, "PUT", f"/v1/kv/{key}", params={"acquire": ""}) == (
+        500,
+        "raft apply failed: missing session",
+    )
+    assert await call(http, "PUT", f"/v1/kv/{key}", params={"release": ""}) == (
+        500,
+        "raft apply failed: missing session",
+    )
+    # Unlocking needs no live session: an unknown one simply does not hold the key.
+    assert await consul.kv.put(key, "x", release=destroyed) is False
+    assert (await consul.kv.get(key))[1] is None
 
 
 async def test_recurse_keys_separator_and_delete_tree(consul: Consul, prefix: str) -> None:
