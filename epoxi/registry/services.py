@@ -48,6 +48,9 @@ def node_registration(node: node_pb2.NodeInfo, check_interval: str, deregister_a
         },
         "check": {
             "Name": "node gRPC health",
+            # The node registers itself, so it is up: passing from the start, which its registry
+            # session (epoxi.registry.ownership) needs.
+            "Status": "passing",
             "GRPC": node.address,
             "Interval": check_interval,
             "Timeout": check_interval,

@@ -31,11 +31,13 @@ class _PipelineMoveStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Pip
     PIPELINE_MOVE_STATE_PLANNED: _PipelineMoveState.ValueType  # 1
     """Dry run: not attempted."""
     PIPELINE_MOVE_STATE_MOVED: _PipelineMoveState.ValueType  # 2
-    """Started on to_node, then stopped on from_node."""
+    """Stopped on from_node, and its queued mail is in to_node's spool."""
     PIPELINE_MOVE_STATE_START_FAILED: _PipelineMoveState.ValueType  # 3
-    """Start on to_node failed; nothing changed."""
+    """to_node did not take the key: the pipeline and its mail stay on from_node (or went to the
+    node that owns the key now; see error_message).
+    """
     PIPELINE_MOVE_STATE_STOP_FAILED: _PipelineMoveState.ValueType  # 4
-    """Started on to_node, but stopping on from_node failed: it now runs on both."""
+    """The stop call on from_node failed: the pipeline may still run there."""
 
 class PipelineMoveState(_PipelineMoveState, metaclass=_PipelineMoveStateEnumTypeWrapper): ...
 
@@ -43,11 +45,13 @@ PIPELINE_MOVE_STATE_UNSPECIFIED: PipelineMoveState.ValueType  # 0
 PIPELINE_MOVE_STATE_PLANNED: PipelineMoveState.ValueType  # 1
 """Dry run: not attempted."""
 PIPELINE_MOVE_STATE_MOVED: PipelineMoveState.ValueType  # 2
-"""Started on to_node, then stopped on from_node."""
+"""Stopped on from_node, and its queued mail is in to_node's spool."""
 PIPELINE_MOVE_STATE_START_FAILED: PipelineMoveState.ValueType  # 3
-"""Start on to_node failed; nothing changed."""
+"""to_node did not take the key: the pipeline and its mail stay on from_node (or went to the
+node that owns the key now; see error_message).
+"""
 PIPELINE_MOVE_STATE_STOP_FAILED: PipelineMoveState.ValueType  # 4
-"""Started on to_node, but stopping on from_node failed: it now runs on both."""
+"""The stop call on from_node failed: the pipeline may still run there."""
 Global___PipelineMoveState: _TypeAlias = PipelineMoveState  # noqa: Y015
 
 @_typing.final
@@ -629,12 +633,21 @@ class NodeStopOutcome(_message.Message):
     PIPELINE_FIELD_NUMBER: _builtins.int
     ERROR_CODE_FIELD_NUMBER: _builtins.int
     ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
+    MESSAGES_HANDED_OFF_FIELD_NUMBER: _builtins.int
+    HANDED_TO_NODE_FIELD_NUMBER: _builtins.int
+    MESSAGES_KEPT_FIELD_NUMBER: _builtins.int
+    KEPT_REASON_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     address: _builtins.str
     stopped: _builtins.bool
     error_code: _builtins.str
     """gRPC status code name (e.g. "UNAVAILABLE") and message of the node's error, when not stopped."""
     error_message: _builtins.str
+    messages_handed_off: _builtins.int
+    """Where the node's queued mail went (NodeService.StopPipelineResponse)."""
+    handed_to_node: _builtins.str
+    messages_kept: _builtins.int
+    kept_reason: _builtins.str
     @_builtins.property
     def pipeline(self) -> _pipeline_pb2.PipelineInfo:
         """The stopped pipeline, when stopped."""
@@ -648,10 +661,14 @@ class NodeStopOutcome(_message.Message):
         pipeline: _pipeline_pb2.PipelineInfo | None = ...,
         error_code: _builtins.str = ...,
         error_message: _builtins.str = ...,
+        messages_handed_off: _builtins.int = ...,
+        handed_to_node: _builtins.str = ...,
+        messages_kept: _builtins.int = ...,
+        kept_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["pipeline", b"pipeline"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "error_code", b"error_code", "error_message", b"error_message", "node", b"node", "pipeline", b"pipeline", "stopped", b"stopped"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "error_code", b"error_code", "error_message", b"error_message", "handed_to_node", b"handed_to_node", "kept_reason", b"kept_reason", "messages_handed_off", b"messages_handed_off", "messages_kept", b"messages_kept", "node", b"node", "pipeline", b"pipeline", "stopped", b"stopped"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -710,7 +727,7 @@ class RebalanceResponse(_message.Message):
 
     @_builtins.property
     def skipped(self) -> _containers.RepeatedCompositeFieldContainer[Global___SkippedPipeline]:
-        """Pipelines that would have moved but still have unfinished mail."""
+        """Pipelines that could not move, with the reason."""
 
     @_builtins.property
     def planned_pipelines_per_node(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
@@ -742,6 +759,7 @@ class PipelineMove(_message.Message):
     PIPELINE_FIELD_NUMBER: _builtins.int
     ERROR_CODE_FIELD_NUMBER: _builtins.int
     ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
+    MESSAGES_MOVED_FIELD_NUMBER: _builtins.int
     routing_key: _builtins.str
     from_node: _builtins.str
     to_node: _builtins.str
@@ -749,6 +767,8 @@ class PipelineMove(_message.Message):
     error_code: _builtins.str
     """gRPC status code name and message of the failed call."""
     error_message: _builtins.str
+    messages_moved: _builtins.int
+    """Queued messages moved with the pipeline."""
     @_builtins.property
     def pipeline(self) -> _pipeline_pb2.PipelineInfo:
         """The pipeline on to_node once started; the source pipeline otherwise."""
@@ -763,10 +783,11 @@ class PipelineMove(_message.Message):
         pipeline: _pipeline_pb2.PipelineInfo | None = ...,
         error_code: _builtins.str = ...,
         error_message: _builtins.str = ...,
+        messages_moved: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["pipeline", b"pipeline"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_code", b"error_code", "error_message", b"error_message", "from_node", b"from_node", "pipeline", b"pipeline", "routing_key", b"routing_key", "state", b"state", "to_node", b"to_node"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_code", b"error_code", "error_message", b"error_message", "from_node", b"from_node", "messages_moved", b"messages_moved", "pipeline", b"pipeline", "routing_key", b"routing_key", "state", b"state", "to_node", b"to_node"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -146,14 +146,16 @@ class MonitorServiceServicer:
 
     def StopPipelineByRoutingKey(self, request, context):
         """Stops the routing key's pipeline on every node the registry shows running it, concurrently.
+        Each node hands its queued mail to the key's next owner (NodeService.StopPipeline).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Rebalance(self, request, context):
-        """Moves idle pipelines (no unfinished mail) from the most- to the least-loaded passing owner
-        of their source IP while the two differ by more than one pipeline.
+        """Moves pipelines, with their queued mail, from the most- to the least-loaded passing owner
+        of their source IP while the two differ by more than one pipeline. One rebalance at a
+        time cluster-wide: another one running (holding epoxi/locks/rebalance) gives ABORTED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

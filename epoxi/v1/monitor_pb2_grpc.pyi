@@ -49,10 +49,13 @@ class MonitorServiceStub:
     mail), or returns the one that node already runs. Node errors come back with their code.
     """
     StopPipelineByRoutingKey: _grpc.UnaryUnaryMultiCallable[_monitor_pb2.StopPipelineByRoutingKeyRequest, _monitor_pb2.StopPipelineByRoutingKeyResponse]
-    """Stops the routing key's pipeline on every node the registry shows running it, concurrently."""
+    """Stops the routing key's pipeline on every node the registry shows running it, concurrently.
+    Each node hands its queued mail to the key's next owner (NodeService.StopPipeline).
+    """
     Rebalance: _grpc.UnaryUnaryMultiCallable[_monitor_pb2.RebalanceRequest, _monitor_pb2.RebalanceResponse]
-    """Moves idle pipelines (no unfinished mail) from the most- to the least-loaded passing owner
-    of their source IP while the two differ by more than one pipeline.
+    """Moves pipelines, with their queued mail, from the most- to the least-loaded passing owner
+    of their source IP while the two differ by more than one pipeline. One rebalance at a
+    time cluster-wide: another one running (holding epoxi/locks/rebalance) gives ABORTED.
     """
 
 @_typing.type_check_only
@@ -76,10 +79,13 @@ class MonitorServiceAsyncStub(MonitorServiceStub):
     mail), or returns the one that node already runs. Node errors come back with their code.
     """
     StopPipelineByRoutingKey: _aio.UnaryUnaryMultiCallable[_monitor_pb2.StopPipelineByRoutingKeyRequest, _monitor_pb2.StopPipelineByRoutingKeyResponse]  # type: ignore[assignment]
-    """Stops the routing key's pipeline on every node the registry shows running it, concurrently."""
+    """Stops the routing key's pipeline on every node the registry shows running it, concurrently.
+    Each node hands its queued mail to the key's next owner (NodeService.StopPipeline).
+    """
     Rebalance: _aio.UnaryUnaryMultiCallable[_monitor_pb2.RebalanceRequest, _monitor_pb2.RebalanceResponse]  # type: ignore[assignment]
-    """Moves idle pipelines (no unfinished mail) from the most- to the least-loaded passing owner
-    of their source IP while the two differ by more than one pipeline.
+    """Moves pipelines, with their queued mail, from the most- to the least-loaded passing owner
+    of their source IP while the two differ by more than one pipeline. One rebalance at a
+    time cluster-wide: another one running (holding epoxi/locks/rebalance) gives ABORTED.
     """
 
 class MonitorServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -154,7 +160,9 @@ class MonitorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _monitor_pb2.StopPipelineByRoutingKeyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_monitor_pb2.StopPipelineByRoutingKeyResponse, _abc.Awaitable[_monitor_pb2.StopPipelineByRoutingKeyResponse]]:
-        """Stops the routing key's pipeline on every node the registry shows running it, concurrently."""
+        """Stops the routing key's pipeline on every node the registry shows running it, concurrently.
+        Each node hands its queued mail to the key's next owner (NodeService.StopPipeline).
+        """
 
     @_abc_1.abstractmethod
     def Rebalance(
@@ -162,8 +170,9 @@ class MonitorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _monitor_pb2.RebalanceRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_monitor_pb2.RebalanceResponse, _abc.Awaitable[_monitor_pb2.RebalanceResponse]]:
-        """Moves idle pipelines (no unfinished mail) from the most- to the least-loaded passing owner
-        of their source IP while the two differ by more than one pipeline.
+        """Moves pipelines, with their queued mail, from the most- to the least-loaded passing owner
+        of their source IP while the two differ by more than one pipeline. One rebalance at a
+        time cluster-wide: another one running (holding epoxi/locks/rebalance) gives ABORTED.
         """
 
 def add_MonitorServiceServicer_to_server(servicer: MonitorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

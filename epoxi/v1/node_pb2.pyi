@@ -9,6 +9,7 @@ from epoxi.v1 import pipeline_pb2 as _pipeline_pb2
 from epoxi.v1 import queue_pb2 as _queue_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
@@ -125,15 +126,22 @@ class StopPipelineRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ROUTING_KEY_FIELD_NUMBER: _builtins.int
+    HAND_TO_NODE_FIELD_NUMBER: _builtins.int
     routing_key: _builtins.str
+    hand_to_node: _builtins.str
+    """Node to hand the queued mail to. Empty: the least-loaded other passing node that owns the
+    source IP; when there is none, the mail stays here for the key's next pipeline, started at
+    once.
+    """
     def __init__(
         self,
         *,
         routing_key: _builtins.str = ...,
+        hand_to_node: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["routing_key", b"routing_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hand_to_node", b"hand_to_node", "routing_key", b"routing_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -144,16 +152,30 @@ class StopPipelineResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PIPELINE_FIELD_NUMBER: _builtins.int
+    MESSAGES_HANDED_OFF_FIELD_NUMBER: _builtins.int
+    HANDED_TO_NODE_FIELD_NUMBER: _builtins.int
+    MESSAGES_KEPT_FIELD_NUMBER: _builtins.int
+    KEPT_REASON_FIELD_NUMBER: _builtins.int
+    messages_handed_off: _builtins.int
+    """Messages now in the spool of handed_to_node, and deleted here."""
+    handed_to_node: _builtins.str
+    messages_kept: _builtins.int
+    """Messages still queued here, and why."""
+    kept_reason: _builtins.str
     @_builtins.property
     def pipeline(self) -> _pipeline_pb2.PipelineInfo: ...
     def __init__(
         self,
         *,
         pipeline: _pipeline_pb2.PipelineInfo | None = ...,
+        messages_handed_off: _builtins.int = ...,
+        handed_to_node: _builtins.str = ...,
+        messages_kept: _builtins.int = ...,
+        kept_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["pipeline", b"pipeline"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["pipeline", b"pipeline"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["handed_to_node", b"handed_to_node", "kept_reason", b"kept_reason", "messages_handed_off", b"messages_handed_off", "messages_kept", b"messages_kept", "pipeline", b"pipeline"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -200,7 +222,13 @@ class EnqueueBatchRequest(_message.Message):
 
     ROUTING_KEY_FIELD_NUMBER: _builtins.int
     EMAILS_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     routing_key: _builtins.str
+    idempotency_key: _builtins.str
+    """Names this batch: a node that already spooled a batch with this key answers with the same
+    message_ids and spools nothing (the router derives it from the routing key and the emails'
+    Message-IDs). Empty: no deduplication.
+    """
     @_builtins.property
     def emails(self) -> _containers.RepeatedCompositeFieldContainer[_email_pb2.Email]:
         """Each email is delivered to its recipients in the routing key's domain."""
@@ -210,10 +238,11 @@ class EnqueueBatchRequest(_message.Message):
         *,
         routing_key: _builtins.str = ...,
         emails: _abc.Iterable[_email_pb2.Email] | None = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["emails", b"emails", "routing_key", b"routing_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["emails", b"emails", "idempotency_key", b"idempotency_key", "routing_key", b"routing_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -225,9 +254,138 @@ class EnqueueBatchResponse(_message.Message):
 
     MESSAGE_IDS_FIELD_NUMBER: _builtins.int
     PIPELINE_FIELD_NUMBER: _builtins.int
+    PIPELINE_STARTED_FIELD_NUMBER: _builtins.int
+    DUPLICATE_FIELD_NUMBER: _builtins.int
+    pipeline_started: _builtins.bool
+    """The pipeline was started for this batch."""
+    duplicate: _builtins.bool
+    """The batch had been spooled before (same idempotency_key): nothing was spooled now."""
     @_builtins.property
     def message_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Spool IDs, one per email, in request order."""
+
+    @_builtins.property
+    def pipeline(self) -> _pipeline_pb2.PipelineInfo: ...
+    def __init__(
+        self,
+        *,
+        message_ids: _abc.Iterable[_builtins.str] | None = ...,
+        pipeline: _pipeline_pb2.PipelineInfo | None = ...,
+        pipeline_started: _builtins.bool = ...,
+        duplicate: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["pipeline", b"pipeline"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicate", b"duplicate", "message_ids", b"message_ids", "pipeline", b"pipeline", "pipeline_started", b"pipeline_started"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnqueueBatchResponse: _TypeAlias = EnqueueBatchResponse  # noqa: Y015
+
+@_typing.final
+class TakeMessagesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUTING_KEY_FIELD_NUMBER: _builtins.int
+    FROM_NODE_FIELD_NUMBER: _builtins.int
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    routing_key: _builtins.str
+    from_node: _builtins.str
+    """The node handing the mail over."""
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___HandedMessage]: ...
+    @_builtins.property
+    def policy(self) -> _pipeline_pb2.PipelinePolicy:
+        """The key's policy on from_node: a pipeline this call starts runs with it."""
+
+    def __init__(
+        self,
+        *,
+        routing_key: _builtins.str = ...,
+        from_node: _builtins.str = ...,
+        messages: _abc.Iterable[Global___HandedMessage] | None = ...,
+        policy: _pipeline_pb2.PipelinePolicy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_node", b"from_node", "messages", b"messages", "policy", b"policy", "routing_key", b"routing_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TakeMessagesRequest: _TypeAlias = TakeMessagesRequest  # noqa: Y015
+
+@_typing.final
+class HandedMessage(_message.Message):
+    """A spooled message as it moves between nodes: its content and what is left to deliver."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    SENDER_FIELD_NUMBER: _builtins.int
+    RECIPIENTS_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    ACCEPTED_AT_FIELD_NUMBER: _builtins.int
+    BATCH_KEY_FIELD_NUMBER: _builtins.int
+    BATCH_INDEX_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    NEXT_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Spool ID, kept on the receiving node."""
+    sender: _builtins.str
+    content: _builtins.bytes
+    """The rendered message (RFC 5322), as spooled."""
+    batch_key: _builtins.str
+    """The batch it arrived in (EnqueueBatchRequest.idempotency_key) and its index there."""
+    batch_index: _builtins.int
+    @_builtins.property
+    def recipients(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Recipients not yet delivered or bounced."""
+
+    @_builtins.property
+    def accepted_at(self) -> _timestamp_pb2.Timestamp:
+        """When the mesh first accepted it."""
+
+    @_builtins.property
+    def attempts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Delivery attempts already made, per recipient in recipients' order."""
+
+    @_builtins.property
+    def next_attempts(self) -> _containers.RepeatedCompositeFieldContainer[_timestamp_pb2.Timestamp]:
+        """When each recipient is next due, in recipients' order (deferred mail keeps its schedule)."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        sender: _builtins.str = ...,
+        recipients: _abc.Iterable[_builtins.str] | None = ...,
+        content: _builtins.bytes = ...,
+        accepted_at: _timestamp_pb2.Timestamp | None = ...,
+        batch_key: _builtins.str = ...,
+        batch_index: _builtins.int = ...,
+        attempts: _abc.Iterable[_builtins.int] | None = ...,
+        next_attempts: _abc.Iterable[_timestamp_pb2.Timestamp] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["accepted_at", b"accepted_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_at", b"accepted_at", "attempts", b"attempts", "batch_index", b"batch_index", "batch_key", b"batch_key", "content", b"content", "id", b"id", "next_attempts", b"next_attempts", "recipients", b"recipients", "sender", b"sender"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HandedMessage: _TypeAlias = HandedMessage  # noqa: Y015
+
+@_typing.final
+class TakeMessagesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_IDS_FIELD_NUMBER: _builtins.int
+    PIPELINE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def message_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Spool IDs of the messages now held here, in request order; a message this node already had
+        (same ID, or the same batch_key and batch_index) is listed under the ID it has here.
+        """
 
     @_builtins.property
     def pipeline(self) -> _pipeline_pb2.PipelineInfo: ...
@@ -243,7 +401,7 @@ class EnqueueBatchResponse(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___EnqueueBatchResponse: _TypeAlias = EnqueueBatchResponse  # noqa: Y015
+Global___TakeMessagesResponse: _TypeAlias = TakeMessagesResponse  # noqa: Y015
 
 @_typing.final
 class GetNodeStateRequest(_message.Message):

@@ -55,6 +55,11 @@ class NodeServiceStub:
                 request_serializer=epoxi_dot_v1_dot_node__pb2.EnqueueBatchRequest.SerializeToString,
                 response_deserializer=epoxi_dot_v1_dot_node__pb2.EnqueueBatchResponse.FromString,
                 _registered_method=True)
+        self.TakeMessages = channel.unary_unary(
+                '/epoxi.v1.NodeService/TakeMessages',
+                request_serializer=epoxi_dot_v1_dot_node__pb2.TakeMessagesRequest.SerializeToString,
+                response_deserializer=epoxi_dot_v1_dot_node__pb2.TakeMessagesResponse.FromString,
+                _registered_method=True)
         self.GetNodeState = channel.unary_unary(
                 '/epoxi.v1.NodeService/GetNodeState',
                 request_serializer=epoxi_dot_v1_dot_node__pb2.GetNodeStateRequest.SerializeToString,
@@ -83,13 +88,16 @@ class NodeServiceServicer:
 
     def StartPipeline(self, request, context):
         """Starts the pipeline for a recipient domain and source IP, or returns the running one.
+        FAILED_PRECONDITION when another node owns the routing key (see EnqueueBatch).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def StopPipeline(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Stops taking mail for the routing key, lets in-flight deliveries finish, and hands the
+        queued mail to the key's next owner (TakeMessages) before deleting it here.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -101,7 +109,18 @@ class NodeServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def EnqueueBatch(self, request, context):
-        """Acknowledges only after every email is durably in the spool.
+        """Acknowledges only after every email is durably in the spool. Starts the routing key's
+        pipeline when it is not running, taking the key's placement record in the registry first.
+        FAILED_PRECONDITION when another node owns the key; its trailing metadata then names the
+        owner (epoxi-owner-node, epoxi-owner-address).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TakeMessages(self, request, context):
+        """Node to node: takes over spooled mail of a routing key from another node. Acknowledges
+        only once the messages are durably in this node's spool, under their own IDs.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -156,6 +175,11 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.EnqueueBatch,
                     request_deserializer=epoxi_dot_v1_dot_node__pb2.EnqueueBatchRequest.FromString,
                     response_serializer=epoxi_dot_v1_dot_node__pb2.EnqueueBatchResponse.SerializeToString,
+            ),
+            'TakeMessages': grpc.unary_unary_rpc_method_handler(
+                    servicer.TakeMessages,
+                    request_deserializer=epoxi_dot_v1_dot_node__pb2.TakeMessagesRequest.FromString,
+                    response_serializer=epoxi_dot_v1_dot_node__pb2.TakeMessagesResponse.SerializeToString,
             ),
             'GetNodeState': grpc.unary_unary_rpc_method_handler(
                     servicer.GetNodeState,
@@ -287,6 +311,33 @@ class NodeService:
             '/epoxi.v1.NodeService/EnqueueBatch',
             epoxi_dot_v1_dot_node__pb2.EnqueueBatchRequest.SerializeToString,
             epoxi_dot_v1_dot_node__pb2.EnqueueBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TakeMessages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epoxi.v1.NodeService/TakeMessages',
+            epoxi_dot_v1_dot_node__pb2.TakeMessagesRequest.SerializeToString,
+            epoxi_dot_v1_dot_node__pb2.TakeMessagesResponse.FromString,
             options,
             channel_credentials,
             insecure,

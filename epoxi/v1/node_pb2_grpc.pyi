@@ -34,11 +34,24 @@ class NodeServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> NodeServiceAsyncStub: ...
     StartPipeline: _grpc.UnaryUnaryMultiCallable[_node_pb2.StartPipelineRequest, _node_pb2.StartPipelineResponse]
-    """Starts the pipeline for a recipient domain and source IP, or returns the running one."""
+    """Starts the pipeline for a recipient domain and source IP, or returns the running one.
+    FAILED_PRECONDITION when another node owns the routing key (see EnqueueBatch).
+    """
     StopPipeline: _grpc.UnaryUnaryMultiCallable[_node_pb2.StopPipelineRequest, _node_pb2.StopPipelineResponse]
+    """Stops taking mail for the routing key, lets in-flight deliveries finish, and hands the
+    queued mail to the key's next owner (TakeMessages) before deleting it here.
+    """
     ListPipelines: _grpc.UnaryUnaryMultiCallable[_node_pb2.ListPipelinesRequest, _node_pb2.ListPipelinesResponse]
     EnqueueBatch: _grpc.UnaryUnaryMultiCallable[_node_pb2.EnqueueBatchRequest, _node_pb2.EnqueueBatchResponse]
-    """Acknowledges only after every email is durably in the spool."""
+    """Acknowledges only after every email is durably in the spool. Starts the routing key's
+    pipeline when it is not running, taking the key's placement record in the registry first.
+    FAILED_PRECONDITION when another node owns the key; its trailing metadata then names the
+    owner (epoxi-owner-node, epoxi-owner-address).
+    """
+    TakeMessages: _grpc.UnaryUnaryMultiCallable[_node_pb2.TakeMessagesRequest, _node_pb2.TakeMessagesResponse]
+    """Node to node: takes over spooled mail of a routing key from another node. Acknowledges
+    only once the messages are durably in this node's spool, under their own IDs.
+    """
     GetNodeState: _grpc.UnaryUnaryMultiCallable[_node_pb2.GetNodeStateRequest, _node_pb2.GetNodeStateResponse]
     GetQueueStats: _grpc.UnaryUnaryMultiCallable[_node_pb2.GetQueueStatsRequest, _node_pb2.GetQueueStatsResponse]
     """Per routing key counts from the spool, with the next retry of deferred mail."""
@@ -53,11 +66,24 @@ class NodeServiceAsyncStub(NodeServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     StartPipeline: _aio.UnaryUnaryMultiCallable[_node_pb2.StartPipelineRequest, _node_pb2.StartPipelineResponse]  # type: ignore[assignment]
-    """Starts the pipeline for a recipient domain and source IP, or returns the running one."""
+    """Starts the pipeline for a recipient domain and source IP, or returns the running one.
+    FAILED_PRECONDITION when another node owns the routing key (see EnqueueBatch).
+    """
     StopPipeline: _aio.UnaryUnaryMultiCallable[_node_pb2.StopPipelineRequest, _node_pb2.StopPipelineResponse]  # type: ignore[assignment]
+    """Stops taking mail for the routing key, lets in-flight deliveries finish, and hands the
+    queued mail to the key's next owner (TakeMessages) before deleting it here.
+    """
     ListPipelines: _aio.UnaryUnaryMultiCallable[_node_pb2.ListPipelinesRequest, _node_pb2.ListPipelinesResponse]  # type: ignore[assignment]
     EnqueueBatch: _aio.UnaryUnaryMultiCallable[_node_pb2.EnqueueBatchRequest, _node_pb2.EnqueueBatchResponse]  # type: ignore[assignment]
-    """Acknowledges only after every email is durably in the spool."""
+    """Acknowledges only after every email is durably in the spool. Starts the routing key's
+    pipeline when it is not running, taking the key's placement record in the registry first.
+    FAILED_PRECONDITION when another node owns the key; its trailing metadata then names the
+    owner (epoxi-owner-node, epoxi-owner-address).
+    """
+    TakeMessages: _aio.UnaryUnaryMultiCallable[_node_pb2.TakeMessagesRequest, _node_pb2.TakeMessagesResponse]  # type: ignore[assignment]
+    """Node to node: takes over spooled mail of a routing key from another node. Acknowledges
+    only once the messages are durably in this node's spool, under their own IDs.
+    """
     GetNodeState: _aio.UnaryUnaryMultiCallable[_node_pb2.GetNodeStateRequest, _node_pb2.GetNodeStateResponse]  # type: ignore[assignment]
     GetQueueStats: _aio.UnaryUnaryMultiCallable[_node_pb2.GetQueueStatsRequest, _node_pb2.GetQueueStatsResponse]  # type: ignore[assignment]
     """Per routing key counts from the spool, with the next retry of deferred mail."""
@@ -75,14 +101,19 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _node_pb2.StartPipelineRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_node_pb2.StartPipelineResponse, _abc.Awaitable[_node_pb2.StartPipelineResponse]]:
-        """Starts the pipeline for a recipient domain and source IP, or returns the running one."""
+        """Starts the pipeline for a recipient domain and source IP, or returns the running one.
+        FAILED_PRECONDITION when another node owns the routing key (see EnqueueBatch).
+        """
 
     @_abc_1.abstractmethod
     def StopPipeline(
         self,
         request: _node_pb2.StopPipelineRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_node_pb2.StopPipelineResponse, _abc.Awaitable[_node_pb2.StopPipelineResponse]]: ...
+    ) -> _typing.Union[_node_pb2.StopPipelineResponse, _abc.Awaitable[_node_pb2.StopPipelineResponse]]:
+        """Stops taking mail for the routing key, lets in-flight deliveries finish, and hands the
+        queued mail to the key's next owner (TakeMessages) before deleting it here.
+        """
 
     @_abc_1.abstractmethod
     def ListPipelines(
@@ -97,7 +128,21 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _node_pb2.EnqueueBatchRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_node_pb2.EnqueueBatchResponse, _abc.Awaitable[_node_pb2.EnqueueBatchResponse]]:
-        """Acknowledges only after every email is durably in the spool."""
+        """Acknowledges only after every email is durably in the spool. Starts the routing key's
+        pipeline when it is not running, taking the key's placement record in the registry first.
+        FAILED_PRECONDITION when another node owns the key; its trailing metadata then names the
+        owner (epoxi-owner-node, epoxi-owner-address).
+        """
+
+    @_abc_1.abstractmethod
+    def TakeMessages(
+        self,
+        request: _node_pb2.TakeMessagesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_node_pb2.TakeMessagesResponse, _abc.Awaitable[_node_pb2.TakeMessagesResponse]]:
+        """Node to node: takes over spooled mail of a routing key from another node. Acknowledges
+        only once the messages are durably in this node's spool, under their own IDs.
+        """
 
     @_abc_1.abstractmethod
     def GetNodeState(

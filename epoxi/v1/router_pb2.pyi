@@ -8,6 +8,7 @@ from epoxi.v1 import email_pb2 as _email_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -18,6 +19,35 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _BatchStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BatchStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BatchStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BATCH_STATUS_UNSPECIFIED: _BatchStatus.ValueType  # 0
+    BATCH_STATUS_ACCEPTED: _BatchStatus.ValueType  # 1
+    """Durably spooled by exactly one node."""
+    BATCH_STATUS_FAILED: _BatchStatus.ValueType  # 2
+    """Spooled nowhere: sending email_indexes again is safe."""
+    BATCH_STATUS_UNKNOWN: _BatchStatus.ValueType  # 3
+    """A node may have spooled it (its reply was lost). Sending the same emails again is safe:
+    the node recognises the batch by its idempotency_key and spools nothing twice.
+    """
+
+class BatchStatus(_BatchStatus, metaclass=_BatchStatusEnumTypeWrapper): ...
+
+BATCH_STATUS_UNSPECIFIED: BatchStatus.ValueType  # 0
+BATCH_STATUS_ACCEPTED: BatchStatus.ValueType  # 1
+"""Durably spooled by exactly one node."""
+BATCH_STATUS_FAILED: BatchStatus.ValueType  # 2
+"""Spooled nowhere: sending email_indexes again is safe."""
+BATCH_STATUS_UNKNOWN: BatchStatus.ValueType  # 3
+"""A node may have spooled it (its reply was lost). Sending the same emails again is safe:
+the node recognises the batch by its idempotency_key and spools nothing twice.
+"""
+Global___BatchStatus: _TypeAlias = BatchStatus  # noqa: Y015
 
 @_typing.final
 class RouteEmailsRequest(_message.Message):
@@ -55,15 +85,18 @@ class RouteEmailsResponse(_message.Message):
     FALLBACKS_USED_FIELD_NUMBER: _builtins.int
     ACCEPTED_RECIPIENTS_FIELD_NUMBER: _builtins.int
     BATCHES_FIELD_NUMBER: _builtins.int
+    UNKNOWN_BATCHES_FIELD_NUMBER: _builtins.int
     total_emails: _builtins.int
     total_batches: _builtins.int
     successful_batches: _builtins.int
+    """Batches by status: successful (ACCEPTED) + failed (FAILED) + unknown (UNKNOWN) = total."""
     failed_batches: _builtins.int
     new_pipelines_started: _builtins.int
     fallbacks_used: _builtins.int
     """Batches that succeeded only on a node other than the first one tried."""
     accepted_recipients: _builtins.int
     """Recipients across all batches that were accepted into a spool."""
+    unknown_batches: _builtins.int
     @_builtins.property
     def batches(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchResult]: ...
     def __init__(
@@ -77,10 +110,11 @@ class RouteEmailsResponse(_message.Message):
         fallbacks_used: _builtins.int = ...,
         accepted_recipients: _builtins.int = ...,
         batches: _abc.Iterable[Global___BatchResult] | None = ...,
+        unknown_batches: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_recipients", b"accepted_recipients", "batches", b"batches", "failed_batches", b"failed_batches", "fallbacks_used", b"fallbacks_used", "new_pipelines_started", b"new_pipelines_started", "successful_batches", b"successful_batches", "total_batches", b"total_batches", "total_emails", b"total_emails"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_recipients", b"accepted_recipients", "batches", b"batches", "failed_batches", b"failed_batches", "fallbacks_used", b"fallbacks_used", "new_pipelines_started", b"new_pipelines_started", "successful_batches", b"successful_batches", "total_batches", b"total_batches", "total_emails", b"total_emails", "unknown_batches", b"unknown_batches"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -98,6 +132,10 @@ class BatchResult(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     MESSAGE_IDS_FIELD_NUMBER: _builtins.int
     RECIPIENT_COUNT_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    EMAIL_INDEXES_FIELD_NUMBER: _builtins.int
+    EMAIL_MESSAGE_IDS_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     routing_key: _builtins.str
     email_count: _builtins.int
     ok: _builtins.bool
@@ -108,9 +146,20 @@ class BatchResult(_message.Message):
     """Why the batch failed, or what was tried before it succeeded."""
     recipient_count: _builtins.int
     """Recipients of the batch's emails within its routing key's domain."""
+    status: Global___BatchStatus.ValueType
+    idempotency_key: _builtins.str
+    """What the node deduplicates the batch by (EnqueueBatchRequest.idempotency_key)."""
     @_builtins.property
     def message_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Spool IDs assigned by the node, in batch order."""
+
+    @_builtins.property
+    def email_indexes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Indexes into RouteEmailsRequest.emails of the emails this batch holds."""
+
+    @_builtins.property
+    def email_message_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The emails' Message-IDs (given, or derived from the email when missing), in batch order."""
 
     def __init__(
         self,
@@ -123,10 +172,14 @@ class BatchResult(_message.Message):
         error: _builtins.str = ...,
         message_ids: _abc.Iterable[_builtins.str] | None = ...,
         recipient_count: _builtins.int = ...,
+        status: Global___BatchStatus.ValueType = ...,
+        email_indexes: _abc.Iterable[_builtins.int] | None = ...,
+        email_message_ids: _abc.Iterable[_builtins.str] | None = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["email_count", b"email_count", "error", b"error", "message_ids", b"message_ids", "new_pipeline", b"new_pipeline", "node", b"node", "ok", b"ok", "recipient_count", b"recipient_count", "routing_key", b"routing_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["email_count", b"email_count", "email_indexes", b"email_indexes", "email_message_ids", b"email_message_ids", "error", b"error", "idempotency_key", b"idempotency_key", "message_ids", b"message_ids", "new_pipeline", b"new_pipeline", "node", b"node", "ok", b"ok", "recipient_count", b"recipient_count", "routing_key", b"routing_key", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

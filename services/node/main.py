@@ -29,10 +29,13 @@ import dns.asyncresolver
 from epoxi import durations, settings, validation
 from epoxi.policy_store import PolicyTable
 from epoxi.registry import client
+from epoxi.registry.ownership import ConsulOwnership
 from epoxi.registry.services import split_address
+from epoxi.runtime.channels import Channels
 from epoxi.runtime.lifecycle import Service, serve_main
 from epoxi.runtime.limits import message_limit
 from epoxi.settings import group, program, setting
+from epoxi.tasks import every
 from epoxi.v1 import node_pb2, node_pb2_grpc
 from services.node import outbound
 from services.node.engine.dsn import Bouncer
@@ -40,6 +43,7 @@ from services.node.engine.hooks import PipelineHooks
 from services.node.engine.mx import Host
 from services.node.engine.retry import Retry
 from services.node.engine.spool import Spool
+from services.node.handoff import ClusterPeers
 from services.node.idle import IdleReaper
 from services.node.policy_feed import PolicyFeed
 from services.node.registration import Registrar
@@ -143,6 +147,12 @@ class NodeConfig:
         shown="5m",
         help="stop a pipeline (and leave the registry) after this long without unfinished mail; 0: never",
     )
+    idempotency_window: float = setting(
+        86400.0,
+        parse=non_negative_duration,
+        shown="24h",
+        help="how long a batch's idempotency key is remembered, so a retried batch is not spooled twice; 0: forever",
+    )
     retention: float = setting(
         7 * 86400.0,
         parse=non_negative_duration,
@@ -232,6 +242,12 @@ async def start_node(config: NodeConfig) -> RunningNode:
         running.listen(
             config.listen, config.advertise, max_message_bytes=message_limit(config.max_email_bytes)
         )
+        ownership = peers = None
+        if consul is not None:
+            ownership = ConsulOwnership(consul, config.id, running.address, f"service:{config.id}")
+            channels = Channels(message_limit(config.max_email_bytes))
+            running.on_close(channels.close)
+            peers = ClusterPeers(consul, channels, config.id)
         supervisor = running.supervisor = PipelineSupervisor(
             id=config.id,
             address=running.address,
@@ -246,6 +262,8 @@ async def start_node(config: NodeConfig) -> RunningNode:
             connection_idle_timeout=config.connection_idle_timeout,
             restart_delay=config.restart_delay,
             stop_grace=config.stop_grace,
+            ownership=ownership,
+            peers=peers,
         )
         running.on_close(supervisor.close)
         servicer = NodeService(supervisor, max_email_bytes=config.max_email_bytes)
@@ -253,13 +271,24 @@ async def start_node(config: NodeConfig) -> RunningNode:
             [(lambda s: node_pb2_grpc.add_NodeServiceServicer_to_server(servicer, s), SERVICE_NAME)]
         )
         if registrar is not None:
+
+            async def leave() -> None:
+                # Pipelines first, then the placement records, then the registry entries: no
+                # other node takes a key while this one still sends for it.
+                await supervisor.close()
+                await supervisor.ownership.close()
+                await registrar.deregister_all(supervisor.id)
+
             await running.register(
                 f"node {supervisor.id} and its pipelines",
                 lambda: registrar.sync(supervisor.snapshot),
-                lambda: registrar.deregister_all(supervisor.id),
+                leave,
             )
             # Running before the resume: each resumed pipeline is in the registry once it started.
             running.run(registrar.run(supervisor.snapshot), "registrar")
+            running.run(
+                every(config.check_interval, supervisor.reconcile, "reconciling routing keys"), "reconcile"
+            )
         resumed = await supervisor.resume()
         if resumed:
             log.info("resumed %d pipelines: %s", len(resumed), ", ".join(p.routing_key for p in resumed))
@@ -267,8 +296,10 @@ async def start_node(config: NodeConfig) -> RunningNode:
             running.run(running.policy_feed.run(supervisor.apply_policies), "policy feed")
         if config.pipeline_idle_timeout > 0:
             running.run(IdleReaper(supervisor, config.pipeline_idle_timeout).run(), "idle reaper")
-        if config.retention > 0:
-            running.retention = Retention(spool, config.retention, config.purge_interval)
+        if config.retention > 0 or config.idempotency_window > 0:
+            running.retention = Retention(
+                spool, config.retention, config.purge_interval, batch_window=config.idempotency_window
+            )
             running.run(running.retention.run(), "retention")
     return running
 

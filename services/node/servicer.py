@@ -1,7 +1,17 @@
 """NodeService: validates requests, then asks the ``PipelineSupervisor`` to act, and only it.
-Errors go through ``epoxi.runtime.status.abort``."""
+Errors go through ``epoxi.runtime.status.abort``.
+
+A routing key another node runs is FAILED_PRECONDITION with that node in the trailing metadata
+(``epoxi-owner-node``, ``epoxi-owner-address``), so a router sends the batch there. Every error
+EnqueueBatch and TakeMessages answer on purpose carries ``epoxi-refused: 1``: nothing was
+spooled, so trying elsewhere cannot double the mail. An error without it (a deadline, a lost
+connection) leaves that open.
+"""
 
 from __future__ import annotations
+
+import time
+from collections.abc import Sequence
 
 import grpc
 
@@ -9,14 +19,42 @@ from epoxi import policy, routing, validation
 from epoxi.envelope import recipients_in
 from epoxi.policy import Policy
 from epoxi.policy_store import POLICIES, PolicyError, check_name
+from epoxi.registry.ownership import ClaimError, Owner
 from epoxi.routing import routing_key
 from epoxi.runtime.status import abort, summary
 from epoxi.v1 import node_pb2, node_pb2_grpc, pipeline_pb2, queue_pb2
-from services.node import queue
+from services.node import handoff, queue
 from services.node.engine.spool import Counts
-from services.node.supervisor import PipelineSupervisor
+from services.node.supervisor import OwnedElsewhere, PipelineSupervisor
 
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT
+REFUSED = ("epoxi-refused", "1")
+
+
+def _owner_metadata(owner: Owner | None) -> Sequence[tuple[str, str]]:
+    if owner is None:
+        return ()
+    return ((handoff.OWNER_NODE, owner.node), (handoff.OWNER_ADDRESS, owner.address))
+
+
+async def _refuse(
+    context: grpc.aio.ServicerContext,
+    code: grpc.StatusCode,
+    message: str,
+    metadata: Sequence[tuple[str, str]] = (),
+) -> None:
+    """End the call with ``code``: nothing was spooled."""
+    context.set_trailing_metadata((REFUSED, *metadata))
+    await abort(context, code, message)
+
+
+async def _not_here(context: grpc.aio.ServicerContext, error: Exception) -> None:
+    """Refuse for a key this node may not run now: owned elsewhere, unclaimable, or not its IP."""
+    if isinstance(error, OwnedElsewhere):
+        await _refuse(context, grpc.StatusCode.FAILED_PRECONDITION, str(error), _owner_metadata(error.owner))
+    if isinstance(error, ClaimError):
+        await _refuse(context, grpc.StatusCode.UNAVAILABLE, str(error))
+    await _refuse(context, grpc.StatusCode.FAILED_PRECONDITION, str(error))
 
 
 class NodeService(node_pb2_grpc.NodeServiceServicer):
@@ -58,7 +96,11 @@ class NodeService(node_pb2_grpc.NodeServiceServicer):
                     grpc.StatusCode.NOT_FOUND,
                     f"no valid policy {request.policy_name!r} is stored under {POLICIES}",
                 )
-        p, started = await self.supervisor.start_pipeline(request.domain, request.source_ip, chosen)
+        try:
+            p, started = await self.supervisor.start_pipeline(request.domain, request.source_ip, chosen)
+        except (OwnedElsewhere, ClaimError) as e:
+            await _not_here(context, e)
+            raise
         return node_pb2.StartPipelineResponse(
             pipeline=await self.supervisor.pipeline_info(p), started=started
         )
@@ -66,14 +108,45 @@ class NodeService(node_pb2_grpc.NodeServiceServicer):
     async def StopPipeline(
         self, request: node_pb2.StopPipelineRequest, context: grpc.aio.ServicerContext
     ) -> node_pb2.StopPipelineResponse:
-        p = await self.supervisor.stop_pipeline(request.routing_key)
-        if p is None:
+        to = None
+        if request.hand_to_node:
+            if request.hand_to_node == self.supervisor.id:
+                await abort(context, _INVALID, f"hand_to_node {request.hand_to_node!r} is this node")
+            to = await self._peer(request.hand_to_node, request.routing_key)
+            if to is None:
+                await abort(
+                    context,
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"hand_to_node {request.hand_to_node!r} is not a passing node that sends from "
+                    f"the source IP of {request.routing_key!r}",
+                )
+        try:
+            p, handed = await self.supervisor.stop_pipeline(request.routing_key, to)
+        except OwnedElsewhere as e:
+            await abort(context, grpc.StatusCode.ABORTED, f"{e}: a stop or hand-off is under way")
+            raise
+        if p is None and not (handed.moved or handed.kept):
             await abort(
                 context,
                 grpc.StatusCode.NOT_FOUND,
                 f"no pipeline {request.routing_key!r} runs on node {self.supervisor.id}",
             )
-        return node_pb2.StopPipelineResponse(pipeline=await self.supervisor.pipeline_info(p))
+        reply = node_pb2.StopPipelineResponse(
+            messages_handed_off=handed.moved,
+            handed_to_node=handed.to,
+            messages_kept=handed.kept,
+            kept_reason=handed.reason,
+        )
+        if p is not None:
+            reply.pipeline.CopyFrom(await self.supervisor.pipeline_info(p))
+        return reply
+
+    async def _peer(self, node: str, key: str) -> Owner | None:
+        try:
+            _, source_ip = routing.split_routing_key(key)
+        except ValueError:
+            return None
+        return next((o for o in await self.supervisor.peers.candidates(source_ip) if o.node == node), None)
 
     async def ListPipelines(
         self, request: node_pb2.ListPipelinesRequest, context: grpc.aio.ServicerContext
@@ -92,31 +165,77 @@ class NodeService(node_pb2_grpc.NodeServiceServicer):
         self, request: node_pb2.EnqueueBatchRequest, context: grpc.aio.ServicerContext
     ) -> node_pb2.EnqueueBatchResponse:
         if not request.emails:
-            await abort(context, _INVALID, "emails is empty: send at least one email")
+            await _refuse(context, _INVALID, "emails is empty: send at least one email")
         problems = [
             p
             for i, e in enumerate(request.emails)
             for p in validation.validate(e, f"emails[{i}]", self.max_email_bytes)
         ]
+        try:
+            domain, _ = routing.split_routing_key(request.routing_key)
+        except ValueError as e:
+            problems.insert(0, f"routing_key: {e}")
+            domain = ""
+        if domain:
+            problems += [
+                f"emails[{i}] has no recipient in {domain}"
+                for i, e in enumerate(request.emails)
+                if not recipients_in(e, domain)
+            ]
         if problems:
-            await abort(context, _INVALID, summary(problems))
-        p = await self.supervisor.pipeline_for_mail(request.routing_key)
-        if p is None:
-            await abort(
-                context,
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"no pipeline {request.routing_key!r} runs on node {self.supervisor.id}; start it first",
-            )
-        outside = [
-            f"emails[{i}] has no recipient in {p.domain}"
-            for i, e in enumerate(request.emails)
-            if not recipients_in(e, p.domain)
-        ]
-        if outside:
-            await abort(context, _INVALID, summary(outside))
-        ids = await self.supervisor.enqueue(p, request.emails)
+            await _refuse(context, _INVALID, summary(problems))
+        try:
+            p, started = await self.supervisor.pipeline_for_mail(request.routing_key)
+            spooled = await self.supervisor.enqueue_batch(p, request.emails, request.idempotency_key)
+        except (OwnedElsewhere, ClaimError, ValueError) as e:
+            await _not_here(context, e)
+            raise
         p = self.supervisor.pipeline(p.routing_key) or p  # restarted if it stopped meanwhile
-        return node_pb2.EnqueueBatchResponse(message_ids=ids, pipeline=await self.supervisor.pipeline_info(p))
+        return node_pb2.EnqueueBatchResponse(
+            message_ids=spooled.ids,
+            pipeline=await self.supervisor.pipeline_info(p),
+            pipeline_started=started,
+            duplicate=spooled.duplicate,
+        )
+
+    async def TakeMessages(
+        self, request: node_pb2.TakeMessagesRequest, context: grpc.aio.ServicerContext
+    ) -> node_pb2.TakeMessagesResponse:
+        problems = []
+        try:
+            routing.split_routing_key(request.routing_key)
+        except ValueError as e:
+            problems.append(f"routing_key: {e}")
+        for i, m in enumerate(request.messages):
+            where = f"messages[{i}]"
+            if not m.id:
+                problems.append(f"{where}.id is empty")
+            if not m.recipients:
+                problems.append(f"{where} has no recipients")
+            if not m.content:
+                problems.append(f"{where}.content is empty")
+            if len(m.attempts) not in (0, len(m.recipients)):
+                problems.append(f"{where}.attempts must have one entry per recipient")
+            if len(m.next_attempts) not in (0, len(m.recipients)):
+                problems.append(f"{where}.next_attempts must have one entry per recipient")
+        if not request.messages:
+            problems.append("messages is empty")
+        if request.HasField("policy"):
+            problems += policy.validate(request.policy)
+        if problems:
+            await _refuse(context, _INVALID, summary(problems))
+        handed_policy = None
+        if request.HasField("policy"):
+            handed_policy = Policy.from_proto(request.policy, request.routing_key)
+        now = time.time()
+        try:
+            p, ids = await self.supervisor.receive(
+                request.routing_key, [handoff.from_proto(m, now) for m in request.messages], handed_policy
+            )
+        except (OwnedElsewhere, ClaimError, ValueError) as e:
+            await _not_here(context, e)
+            raise
+        return node_pb2.TakeMessagesResponse(message_ids=ids, pipeline=await self.supervisor.pipeline_info(p))
 
     # Queue inspection
 

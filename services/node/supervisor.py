@@ -10,6 +10,16 @@ Mail spooled by a hook (a DSN) arrives as its routing key on ``spooled``, a queu
 drains: it wakes that key's pipeline, or starts it. ``resume`` starts every routing key with
 unfinished mail, so a DSN spooled just before a crash is sent after it too.
 
+One pipeline per routing key in the cluster: a pipeline starts only once this node holds the
+key's placement record (``ownership``, ``epoxi.registry.ownership``), and a key another node
+holds raises ``OwnedElsewhere`` naming it. Stopping a pipeline (``stop_pipeline``) refuses new
+mail for the key, lets deliveries under way finish, frees the record and hands the queued mail
+to the key's next owner (``peers``, ``services.node.handoff``); with no other node able to send
+from the key's IP, the mail stays and the pipeline starts again here. ``reconcile`` (every
+registry round, and at startup as ``resume``) starts or hands off every key with unfinished
+mail and no pipeline, and gives up the keys whose record another node took while this node's
+registry session was lost.
+
 A pipeline stopped for being idle comes back when mail arrives for it (``pipeline_for_mail``).
 Stopping one is safe against a concurrent ``enqueue``: the stop happens only if no enqueue
 began since the spool was seen empty, and an enqueue that finds its pipeline gone restarts it.
@@ -18,8 +28,7 @@ never leaves committed mail asleep.
 
 Per-key state lives as long as the key's pipeline runs, and a while after: ``forget_idle``
 drops what the supervisor knows of a stopped key with no recent mail. The spool still holds the
-key's pipeline record, so new mail for it starts it again all the same; only a key stopped on
-request (``stop_pipeline``) waits for an explicit start.
+key's pipeline record, so new mail for it starts it again all the same.
 """
 
 from __future__ import annotations
@@ -29,8 +38,8 @@ import ipaddress
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
 
 from google.protobuf import timestamp_pb2
 
@@ -38,6 +47,7 @@ from epoxi import envelope, rendering
 from epoxi.envelope import recipients_in
 from epoxi.policy import Policy
 from epoxi.policy_store import PolicyTable
+from epoxi.registry.ownership import ClaimError, LocalOwnership, Owner, Ownership
 from epoxi.registry.services import pipeline_service_id
 from epoxi.routing import routing_key, split_routing_key
 from epoxi.tasks import cancel_and_wait
@@ -50,16 +60,42 @@ from services.node.engine.spool import (
     AttemptRow,
     Counts,
     Cursor,
+    Handed,
     KeyStats,
     MessageRow,
     NewMessage,
     PipelineRecord,
     Spool,
+    Spooled,
     State,
 )
+from services.node.handoff import CHUNK, HandOffError, NoPeers, OwnedBy, Peers
 from services.node.registration import NodeSnapshot, PipelineState
 
 log = logging.getLogger(__name__)
+
+# Owners a hand-off follows (each refusal naming the next) before it gives up for this round.
+MAX_HOPS = 3
+
+
+class OwnedElsewhere(Exception):
+    """Another node runs the routing key (``owner``; None while this node hands it over)."""
+
+    def __init__(self, key: str, owner: Owner | None) -> None:
+        where = f"node {owner.node} at {owner.address}" if owner else "the node it is being handed to"
+        super().__init__(f"routing key {key!r} is run by {where}")
+        self.owner = owner
+
+
+@dataclass(frozen=True)
+class HandOff:
+    """Where a routing key's queued mail went: ``moved`` messages to ``to`` (a node ID), and
+    ``kept`` still here, for ``reason``."""
+
+    moved: int = 0
+    to: str = ""
+    kept: int = 0
+    reason: str = ""
 
 
 class PipelineSupervisor:
@@ -79,6 +115,8 @@ class PipelineSupervisor:
         connection_idle_timeout: float = 0.0,
         restart_delay: float = 1.0,
         stop_grace: float = 5.0,
+        ownership: Ownership | None = None,
+        peers: Peers | None = None,
     ) -> None:
         self.id = id
         self.address = address  # where others dial the node
@@ -94,19 +132,22 @@ class PipelineSupervisor:
         self.connection_idle_timeout = connection_idle_timeout
         self.restart_delay = restart_delay
         self.stop_grace = stop_grace
+        self.ownership: Ownership = ownership or LocalOwnership(id, address)
+        self.peers: Peers = peers or NoPeers()
         self.pipelines: dict[str, Pipeline] = {}
         # Pipelines stopped for being idle: new mail for them starts them again (``forget_idle``
         # drops them; the spool's record serves then).
         self.idle_stopped: dict[str, PipelineRecord] = {}
-        # Pipelines stopped on request, until started again: new mail does not start them.
-        self.stopped: set[str] = set()
+        # Keys being stopped or handed over, with where their mail goes (once known): new mail
+        # for them is refused, naming that node.
+        self.leaving: dict[str, Owner | None] = {}
         # Per routing key: when mail last arrived or was seen unfinished (time.monotonic()),
         # how many enqueues began, and how many are under way.
         self.last_active: dict[str, float] = {}
         self._enqueues_begun: Counter[str] = Counter()
         self._enqueuing: Counter[str] = Counter()
         # Commits under way (``enqueue_rendered``), each with its wake-up; awaited by ``close``.
-        self._commits: set[asyncio.Task[list[str]]] = set()
+        self._commits: set[asyncio.Task[Spooled]] = set()
         self._lock = asyncio.Lock()
         self._draining: asyncio.Task[None] | None = None
         self._closed = False
@@ -135,10 +176,12 @@ class PipelineSupervisor:
         """The pipeline for (domain, source_ip), started now (True) or already running (False).
 
         Without ``policy`` it takes the stored policy assigned to its routing key, else the stored
-        ``default``, else the built-in defaults (``epoxi.policy_store``)."""
+        ``default``, else the built-in defaults (``epoxi.policy_store``). It starts only once this
+        node holds the key (``OwnedElsewhere``, ``ClaimError`` otherwise)."""
         domain = domain.lower()
         source_ip = str(ipaddress.ip_address(source_ip))
         key = routing_key(domain, source_ip)
+        await self._claim(key)
         async with self._lock:
             running = self.pipelines.get(key)
             if running is not None:
@@ -159,7 +202,6 @@ class PipelineSupervisor:
             )
             self.pipelines[key] = p
             self.idle_stopped.pop(key, None)
-            self.stopped.discard(key)
             self.last_active[key] = time.monotonic()
             p.start()
             if self._draining is None and not self._closed:
@@ -170,22 +212,124 @@ class PipelineSupervisor:
         await self.hooks.pipeline_started(p)
         return p, True
 
+    async def _claim(self, key: str) -> None:
+        """Hold ``key``'s placement record, or raise ``OwnedElsewhere`` / ``ClaimError``."""
+        if self._closed:
+            raise ClaimError(f"node {self.id} is shutting down")
+        if key in self.leaving:
+            raise OwnedElsewhere(key, self.leaving[key])
+        if self.ownership.holds(key):
+            return
+        holder = await self.ownership.claim(key)
+        if holder is not None:
+            raise OwnedElsewhere(key, holder)
+        if key in self.leaving:  # a stop began while the claim was under way
+            await self.ownership.release(key)
+            raise OwnedElsewhere(key, self.leaving[key])
+
     def _new_policy(self, key: str) -> Policy:
         return self.policies.for_new_pipeline(key) or Policy(name=key)
 
-    async def stop_pipeline(self, key: str) -> Pipeline | None:
-        # Under the lock: a new pipeline for the key must not start before this one let go of its mail.
-        async with self._lock:
-            self.idle_stopped.pop(key, None)
-            p = self.pipelines.pop(key, None)
-            if p is None:
-                return None
-            self.stopped.add(key)
+    async def stop_pipeline(self, key: str, hand_to: Owner | None = None) -> tuple[Pipeline | None, HandOff]:
+        """Stop ``key``'s pipeline and hand its queued mail to ``hand_to`` (default: the best
+        other node that owns the key's IP); the stopped pipeline (None when none ran) and where
+        the mail went. With nowhere to hand it, the mail stays and the pipeline starts again."""
+        if key in self.leaving:
+            raise OwnedElsewhere(key, self.leaving[key])
+        self.leaving[key] = hand_to
+        try:
+            # Mail being committed for the key is in the spool before the hand-off reads it.
+            await asyncio.gather(*self._commits_for(key), return_exceptions=True)
+            async with self._lock:
+                self.idle_stopped.pop(key, None)
+                p = self.pipelines.pop(key, None)
+                if p is not None:
+                    await p.stop(self.stop_grace)
+            if p is not None:
+                log.info("pipeline %s stopped", key)
+                await self.hooks.pipeline_stopped(p)
+            await self.ownership.release(key)
+            handed = await self.hand_off(key, hand_to)
+        finally:
+            self.leaving.pop(key, None)
             self._forget(key)
-            await p.stop(self.stop_grace)
-        log.info("pipeline %s stopped", key)
-        await self.hooks.pipeline_stopped(p)
-        return p
+        if handed.kept and not handed.to:
+            domain, source_ip = split_routing_key(key)
+            try:
+                await self.start_pipeline(domain, source_ip, p.policy if p is not None else None)
+            except (OwnedElsewhere, ClaimError) as e:
+                log.warning("pipeline %s keeps %d messages for later: %s", key, handed.kept, e)
+        return p, handed
+
+    def _commits_for(self, key: str) -> list[asyncio.Task[Spooled]]:
+        return [c for c in self._commits if c.get_name().endswith(f" {key}")]
+
+    async def hand_off(self, key: str, to: Owner | None = None) -> HandOff:
+        """Give ``key``'s queued and deferred mail (none of it in flight: no pipeline runs it here)
+        to ``to``, or to the best other node that owns the key's IP, following refusals that name
+        the key's owner; each chunk is deleted here once the receiver has it durably."""
+        counts = await self.spool.counts(key)
+        if not counts.unfinished:
+            return HandOff()
+        targets = [to] if to is not None else await self.peers.candidates(_source_ip(key))
+        if not targets:
+            reason = f"no other passing node sends from {_source_ip(key)}"
+            return HandOff(kept=counts.unfinished, reason=reason)
+        running = self.pipelines.get(key)
+        policy = running.policy if running is not None else None
+        if policy is None and (saved := await self.spool.pipeline(key)) is not None:
+            policy = saved.policy
+        target, moved, hops = targets[0], 0, 0
+        self.leaving[key] = target
+        while True:
+            chunk = await self.spool.take_queued(key, CHUNK)
+            if not chunk:
+                break
+            try:
+                await self.peers.take(target, key, chunk, policy)
+            except OwnedBy as e:
+                hops += 1
+                if hops > MAX_HOPS or e.owner == target:
+                    return await self._kept(key, target, moved, f"node {target.node} refused: {e}")
+                target = self.leaving[key] = e.owner
+                continue
+            except HandOffError as e:
+                return await self._kept(key, target, moved, str(e))
+            await self.spool.remove_handed([m.id for m in chunk])
+            moved += len(chunk)
+        log.info("handed %d messages of %s to node %s", moved, key, target.node)
+        return HandOff(moved=moved, to=target.node)
+
+    async def _kept(self, key: str, target: Owner, moved: int, reason: str) -> HandOff:
+        log.warning("handing %s to node %s stopped after %d messages: %s", key, target.node, moved, reason)
+        kept = (await self.spool.counts(key)).unfinished
+        return HandOff(moved=moved, to=target.node if moved else "", kept=kept, reason=reason)
+
+    async def receive(
+        self, key: str, messages: Sequence[Handed], policy: Policy | None = None
+    ) -> tuple[Pipeline, list[str]]:
+        """Take ``messages`` handed over by another node: claim and start ``key``'s pipeline
+        (with ``policy``, when it starts now), spool them durably, wake it."""
+        p, _ = await self.pipeline_for_mail(key, policy)
+
+        async def write(key: str) -> Spooled:
+            return Spooled(await self.spool.receive(key, messages))
+
+        spooled = await self._spool_for(p, write)
+        return self.pipelines.get(key) or p, spooled.ids
+
+    async def reconcile(self) -> None:
+        """Give up the running keys another node took (this node's session was lost meanwhile),
+        then start or hand off every key with unfinished mail and no pipeline."""
+        for key in await self.ownership.verify(list(self.pipelines)):
+            log.warning("routing key %s was taken by another node: handing its mail over", key)
+            try:
+                owner = await self.ownership.owner(key)
+            except ClaimError:
+                owner = None
+            if owner is not None and owner.node != self.id:
+                await self.stop_pipeline(key, owner)
+        await self.resume()
 
     async def stop_if_idle(self, key: str, idle_for: float) -> bool:
         """Stop ``key``'s pipeline if it has had no unfinished mail and no new mail for ``idle_for``
@@ -208,28 +352,35 @@ class PipelineSupervisor:
             del self.pipelines[key]
             self.idle_stopped[key] = PipelineRecord(key, p.domain, p.source_ip, p.policy)
             await p.stop(self.stop_grace)
+        await self.ownership.release(key)
         log.info("pipeline %s stopped: no mail for %gs", key, idle_for)
         await self.hooks.pipeline_stopped(p)
         return True
 
-    async def pipeline_for_mail(self, key: str) -> Pipeline | None:
-        """The running pipeline for ``key``, started again if it stopped for being idle: with the
-        policy it had, or, once forgotten (or run before the node restarted), as ``resume`` would
-        from the spool's record. None for a key never run, or stopped on request."""
+    async def pipeline_for_mail(self, key: str, policy: Policy | None = None) -> tuple[Pipeline, bool]:
+        """The pipeline for ``key``, and whether it started for this mail: the running one, or
+        one started again with the policy it had when it stopped for being idle, or as ``resume``
+        would from the spool's record, or new. Raises ``ValueError`` for a key this node cannot
+        send from, ``OwnedElsewhere`` / ``ClaimError`` when it may not run it. A ``policy`` given
+        is the one a pipeline started now runs with."""
         p = self.pipelines.get(key)
-        if p is not None:
-            return p
+        if p is not None and self.ownership.holds(key) and key not in self.leaving:
+            return p, False
+        domain, source_ip = split_routing_key(key)
+        if not self.owns(source_ip):
+            owned = ", ".join(self.egress_ips) or "none"
+            raise ValueError(f"node {self.id} cannot send from {source_ip}; it owns: {owned}")
         rec = self.idle_stopped.get(key)
-        if rec is None and key not in self.stopped:
-            saved = await self.spool.pipeline(key)
-            if saved is not None and self.owns(saved.source_ip) and key not in self.stopped:
-                rec = replace(saved, policy=self.policies.for_running_pipeline(key, saved.policy))
         if rec is None:
-            return self.pipelines.get(key)
-        p, started = await self.start_pipeline(rec.domain, rec.source_ip, rec.policy)
+            saved = await self.spool.pipeline(key)
+            if saved is not None:
+                rec = replace(saved, policy=self.policies.for_running_pipeline(key, saved.policy))
+        if policy is None and rec is not None:
+            policy = rec.policy
+        p, started = await self.start_pipeline(domain, source_ip, policy)
         if started:
-            log.info("pipeline %s started again for new mail", key)
-        return p
+            log.info("pipeline %s started for new mail", key)
+        return p, started
 
     def forget_idle(self, idle_for: float) -> list[str]:
         """Drop the per-key state of routing keys with no running pipeline, no enqueue under way
@@ -270,11 +421,20 @@ class PipelineSupervisor:
                     log.warning("not resuming %s: %s", key, e)
                     continue
                 rec = PipelineRecord(key, domain, source_ip, self._new_policy(key))
+            if key in self.pipelines or key in self.leaving:
+                continue
             if not self.owns(rec.source_ip):
                 log.warning("not resuming %s: this node no longer owns %s", key, rec.source_ip)
                 continue
             policy = self.policies.for_running_pipeline(key, rec.policy)
-            p, _ = await self.start_pipeline(rec.domain, rec.source_ip, policy)
+            try:
+                p, _ = await self.start_pipeline(rec.domain, rec.source_ip, policy)
+            except OwnedElsewhere as e:
+                await self.hand_off(key, e.owner)
+                continue
+            except ClaimError as e:
+                log.warning("not resuming %s yet: %s", key, e)
+                continue
             resumed.append(p)
         return resumed
 
@@ -297,6 +457,13 @@ class PipelineSupervisor:
 
     async def enqueue(self, p: Pipeline, emails: Sequence[email_pb2.Email]) -> list[str]:
         """Spool ``emails`` for ``p``'s routing key in one durable transaction; their spool IDs."""
+        return (await self.enqueue_batch(p, emails)).ids
+
+    async def enqueue_batch(
+        self, p: Pipeline, emails: Sequence[email_pb2.Email], batch_key: str = ""
+    ) -> Spooled:
+        """Like ``enqueue``; a ``batch_key`` spooled before spools nothing and answers the IDs
+        it had (``Spool.enqueue_batch``)."""
 
         def render() -> list[NewMessage]:
             return [
@@ -304,30 +471,35 @@ class PipelineSupervisor:
                 for e in emails
             ]
 
-        return await self.enqueue_rendered(p, await asyncio.to_thread(render))
+        messages = await asyncio.to_thread(render)
+        return await self._spool_for(p, lambda key: self.spool.enqueue_batch(key, messages, batch_key))
 
     async def enqueue_rendered(self, p: Pipeline, messages: Sequence[NewMessage]) -> list[str]:
         """Spool rendered ``messages`` for ``p``'s routing key, like ``enqueue``."""
+        return (await self._spool_for(p, lambda key: self.spool.enqueue_batch(key, messages))).ids
+
+    async def _spool_for(self, p: Pipeline, write: Callable[[str], Awaitable[Spooled]]) -> Spooled:
+        """Run ``write`` (a spool transaction for ``p``'s key), then wake the key's pipeline."""
         key = p.routing_key
-        while self.pipelines.get(key) is not p:
-            # It stopped for being idle meanwhile: start it again (an explicit stop also
-            # lands here, and the mail is for a pipeline the caller just used).
+        while self.pipelines.get(key) is not p or key in self.leaving:
+            # It stopped meanwhile: for being idle (start it again), or for a hand-off
+            # (``OwnedElsewhere``: the caller sends the mail to the new owner).
             p, _ = await self.start_pipeline(p.domain, p.source_ip, p.policy)
         # No await between the check above and this: stop_if_idle sees the enqueue.
         self._enqueues_begun[key] += 1
         self._enqueuing[key] += 1
         # The commit and the wake-up run as one task of their own: a caller cancelled meanwhile
         # (a client's deadline or cancel) stops waiting for them, not them.
-        commit = asyncio.create_task(self._commit(p, messages), name=f"node {self.id}: enqueue for {key}")
+        commit = asyncio.create_task(self._commit(p, write), name=f"node {self.id}: enqueue for {key}")
         self._commits.add(commit)
         commit.add_done_callback(self._committed)
         return await asyncio.shield(commit)
 
-    async def _commit(self, p: Pipeline, messages: Sequence[NewMessage]) -> list[str]:
-        """Spool ``messages`` and wake ``p``; ``enqueue_rendered`` counted it as under way."""
+    async def _commit(self, p: Pipeline, write: Callable[[str], Awaitable[Spooled]]) -> Spooled:
+        """Write and wake ``p``; ``_spool_for`` counted it as under way."""
         key = p.routing_key
         try:
-            ids = await self.spool.enqueue(key, messages)
+            ids = await write(key)
         finally:
             self._enqueuing[key] -= 1
             if not self._enqueuing[key]:
@@ -336,7 +508,7 @@ class PipelineSupervisor:
         p.wake()
         return ids
 
-    def _committed(self, commit: asyncio.Task[list[str]]) -> None:
+    def _committed(self, commit: asyncio.Task[Spooled]) -> None:
         self._commits.discard(commit)
         # Retrieved here too: when the caller was cancelled, nobody else looks.
         if not commit.cancelled() and (error := commit.exception()) is not None:
@@ -356,11 +528,16 @@ class PipelineSupervisor:
         self._enqueues_begun[key] += 1
         self.last_active[key] = time.monotonic()
         p = self.pipelines.get(key)
-        if p is not None:
+        if p is not None and key not in self.leaving:
             p.wake()
             return
         domain, source_ip = split_routing_key(key)
-        await self.start_pipeline(domain, source_ip)
+        try:
+            await self.start_pipeline(domain, source_ip)
+        except OwnedElsewhere as e:
+            await self.hand_off(key, e.owner)
+        except ClaimError as e:
+            log.warning("mail spooled for %s waits for the next reconcile: %s", key, e)
 
     # Reading
 
@@ -437,3 +614,7 @@ class PipelineSupervisor:
             await asyncio.gather(*(p.stop(self.stop_grace) for p in pipelines))
         for p in pipelines:
             await self.hooks.pipeline_stopped(p)
+
+
+def _source_ip(key: str) -> str:
+    return split_routing_key(key)[1]

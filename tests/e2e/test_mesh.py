@@ -170,9 +170,10 @@ async def test_a_batch_for_an_unowned_ip_fails_while_the_others_go_through(mesh:
     assert sink.recipients() == ["a@gmail.com"]
 
 
-async def test_stopping_a_pipeline_removes_it_from_the_registry(mesh: Mesh) -> None:
+async def test_stopping_a_pipeline_removes_it_from_the_registry(mesh: Mesh, sink: Sink) -> None:
     summary = await route(mesh, [email(["a@gmail.com"], "127.0.0.3")])
     assert summary["successful_batches"] == 1
+    await sink.wait_for(1)  # nothing queued: the stop has no mail to keep the pipeline for
     assert len(await registry_get(mesh, "/v1/health/service/epoxi-pipeline")) == 1
     code, out = await grpcurl(
         mesh.address("node1"), "epoxi.v1.NodeService/StopPipeline", {"routing_key": "gmail.com_127_0_0_3"}

@@ -98,6 +98,16 @@ CREATE INDEX IF NOT EXISTS attempts_message ON attempts (message_id, id);
 CREATE INDEX IF NOT EXISTS deliveries_finished ON deliveries (updated_at, message_id)
     WHERE state IN ('delivered', 'bounced');
 CREATE INDEX IF NOT EXISTS attempts_delivery ON attempts (delivery_id);
+-- Batches by idempotency key: what EnqueueBatch and TakeMessages deduplicate by, kept for
+-- ``forget_batches``' window whatever happens to the messages.
+CREATE TABLE IF NOT EXISTS batches (
+    batch_key TEXT NOT NULL,
+    batch_index INTEGER NOT NULL,
+    message_id TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (batch_key, batch_index)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS batches_created ON batches (created_at);
 -- Per routing key, the delivered and bounced deliveries that retention deleted.
 CREATE TABLE IF NOT EXISTS purged (
     routing_key TEXT PRIMARY KEY,
@@ -117,6 +127,37 @@ class NewMessage:
     sender: str
     recipients: Sequence[str]
     data: bytes
+
+
+@dataclass(frozen=True)
+class Spooled:
+    """A batch in the spool: its message IDs in order, and whether it was there already."""
+
+    ids: list[str]
+    duplicate: bool = False
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A recipient still to deliver, as it moves to another node."""
+
+    recipient: str
+    attempts: int
+    next_attempt_at: float
+
+
+@dataclass(frozen=True)
+class Handed:
+    """A spooled message with what is left to deliver: what ``take_queued`` reads and
+    ``receive`` stores on another node."""
+
+    id: str
+    sender: str
+    data: bytes
+    accepted_at: float
+    batch_key: str
+    batch_index: int
+    pending: tuple[Pending, ...]
 
 
 @dataclass(frozen=True)
@@ -300,15 +341,36 @@ class Spool:
 
     async def enqueue(self, routing_key: str, messages: Sequence[NewMessage]) -> list[str]:
         """Store ``messages`` in one transaction and return their spool IDs once it is durable."""
-        ids = [uuid.uuid4().hex for _ in messages]
-        await self._run(self._enqueue, routing_key, ids, messages, time.time())
-        return ids
+        return (await self.enqueue_batch(routing_key, messages)).ids
 
-    def _enqueue(self, routing_key: str, ids: list[str], messages: Sequence[NewMessage], now: float) -> None:
+    async def enqueue_batch(
+        self, routing_key: str, messages: Sequence[NewMessage], batch_key: str = ""
+    ) -> Spooled:
+        """Like ``enqueue``; a ``batch_key`` the spool knows stores nothing and answers the IDs
+        it was stored under (an ID the spool never held, e.g. still being handed over, is "")."""
+        ids = [uuid.uuid4().hex for _ in messages]
+        return await self._run(self._enqueue, routing_key, ids, messages, batch_key, time.time())
+
+    def _enqueue(
+        self, routing_key: str, ids: list[str], messages: Sequence[NewMessage], batch_key: str, now: float
+    ) -> Spooled:
         with self._db:
+            if batch_key:
+                self._db.execute("BEGIN IMMEDIATE")  # the lookup and the insert are one transaction
+                known = dict(self._db.execute(_BATCH, (batch_key,)).fetchall())
+                if known:
+                    return Spooled([known.get(i, "") for i in range(len(messages))], duplicate=True)
+                self._db.executemany(
+                    "INSERT INTO batches (batch_key, batch_index, message_id, created_at) VALUES (?, ?, ?, ?)",
+                    [(batch_key, n, i, now) for n, i in enumerate(ids)],
+                )
             self._db.executemany(
-                "INSERT INTO messages (id, routing_key, sender, data, created_at) VALUES (?, ?, ?, ?, ?)",
-                [(i, routing_key, m.sender, m.data, now) for i, m in zip(ids, messages, strict=True)],
+                "INSERT INTO messages (id, routing_key, sender, data, created_at, batch_key, batch_index)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (i, routing_key, m.sender, m.data, now, batch_key or None, n if batch_key else None)
+                    for n, (i, m) in enumerate(zip(ids, messages, strict=True))
+                ],
             )
             self._db.executemany(
                 "INSERT INTO deliveries (message_id, routing_key, recipient, state, next_attempt_at, updated_at)"
@@ -319,6 +381,103 @@ class Spool:
                     for r in dict.fromkeys(m.recipients)
                 ],
             )
+        return Spooled(ids)
+
+    # Hand-over between nodes
+
+    async def take_queued(self, routing_key: str, limit: int, after: Cursor | None = None) -> list[Handed]:
+        """Up to ``limit`` messages of ``routing_key`` with recipients queued or deferred (not in
+        flight), oldest first after ``after``, with those recipients."""
+        return await self._run(self._take_queued, routing_key, limit, after or (float("-inf"), ""))
+
+    def _take_queued(self, routing_key: str, limit: int, after: Cursor) -> list[Handed]:
+        rows = self._db.execute(_TAKE_QUEUED, (routing_key, *after, limit)).fetchall()
+        pending: dict[str, list[Pending]] = {}
+        for message_id, recipient, attempts, next_at in self._db.execute(
+            _PENDING_OF.format(",".join("?" * len(rows))), [r[0] for r in rows]
+        ):
+            pending.setdefault(message_id, []).append(Pending(recipient, attempts, next_at))
+        return [
+            Handed(i, sender, data, created, batch_key or "", batch_index or 0, tuple(pending.get(i, ())))
+            for i, sender, data, created, batch_key, batch_index in rows
+        ]
+
+    async def receive(self, routing_key: str, messages: Sequence[Handed]) -> list[str]:
+        """Store ``messages`` handed over by another node, in one transaction, under their own
+        IDs; the ID each one has here. A message held already (same ID, or its batch slot taken
+        by a retried EnqueueBatch) is not stored again."""
+        return await self._run(self._receive, routing_key, list(messages), time.time())
+
+    def _receive(self, routing_key: str, messages: list[Handed], now: float) -> list[str]:
+        ids = []
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            for m in messages:
+                if m.batch_key:
+                    row = self._db.execute(_BATCH_SLOT, (m.batch_key, m.batch_index)).fetchone()
+                    if row is not None and row[0] != m.id:
+                        ids.append(row[0])
+                        continue
+                ids.append(m.id)
+                if self._db.execute("SELECT 1 FROM messages WHERE id = ?", (m.id,)).fetchone():
+                    continue
+                self._db.execute(
+                    "INSERT INTO messages (id, routing_key, sender, data, created_at, batch_key, batch_index)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        m.id,
+                        routing_key,
+                        m.sender,
+                        m.data,
+                        m.accepted_at,
+                        m.batch_key or None,
+                        m.batch_index if m.batch_key else None,
+                    ),
+                )
+                self._db.executemany(
+                    "INSERT INTO deliveries (message_id, routing_key, recipient, state, attempts,"
+                    " next_attempt_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        (
+                            m.id,
+                            routing_key,
+                            d.recipient,
+                            "deferred" if d.attempts else "queued",
+                            d.attempts,
+                            d.next_attempt_at,
+                            now,
+                        )
+                        for d in m.pending
+                    ],
+                )
+                if m.batch_key:
+                    self._db.execute(
+                        "INSERT OR IGNORE INTO batches (batch_key, batch_index, message_id, created_at)"
+                        " VALUES (?, ?, ?, ?)",
+                        (m.batch_key, m.batch_index, m.id, now),
+                    )
+        return ids
+
+    async def remove_handed(self, message_ids: Sequence[str]) -> None:
+        """Forget the queued and deferred recipients of messages another node now holds; a
+        message left with no recipient goes too. One transaction."""
+        await self._run(self._remove_handed, [(i,) for i in message_ids])
+
+    def _remove_handed(self, ids: list[tuple[str]]) -> None:
+        with self._db:
+            self._db.executemany(_DELETE_PENDING_ATTEMPTS, ids)
+            self._db.executemany(
+                "DELETE FROM deliveries WHERE message_id = ? AND state IN ('queued', 'deferred')", ids
+            )
+            self._db.executemany(_DELETE_IF_EMPTY, ids)
+
+    async def forget_batches(self, before: float) -> int:
+        """Forget the idempotency keys of batches spooled before ``before`` (epoch seconds)."""
+        return await self._run(self._forget_batches, before)
+
+    def _forget_batches(self, before: float) -> int:
+        with self._db:
+            return self._db.execute("DELETE FROM batches WHERE created_at < ?", (before,)).rowcount
 
     async def due(self, routing_key: str, now: float) -> Due:
         return await self._run(self._due, routing_key, now)
@@ -558,6 +717,10 @@ def _migrate(db: sqlite3.Connection) -> None:
     Deliveries once kept the reply's text whole: they get an enhanced code column, and each
     row's text is split into enhanced code and the rest, as the reply was parsed."""
     db.execute("BEGIN IMMEDIATE")  # DDL included: the column and its rows appear together
+    message_columns = {name for _, name, *_ in db.execute("PRAGMA table_info(messages)")}
+    if "batch_key" not in message_columns:
+        db.execute("ALTER TABLE messages ADD COLUMN batch_key TEXT")
+        db.execute("ALTER TABLE messages ADD COLUMN batch_index INTEGER")
     columns = {name for _, name, *_ in db.execute("PRAGMA table_info(deliveries)")}
     if "enhanced_code" in columns:
         return
@@ -586,6 +749,25 @@ ON CONFLICT (routing_key) DO UPDATE SET domain = excluded.domain, source_ip = ex
     policy = excluded.policy
 """
 _PIPELINE = "SELECT routing_key, domain, source_ip, policy FROM pipelines WHERE routing_key = ?"
+_BATCH = "SELECT batch_index, message_id FROM batches WHERE batch_key = ?"
+_BATCH_SLOT = "SELECT message_id FROM batches WHERE batch_key = ? AND batch_index = ?"
+_TAKE_QUEUED = """
+SELECT m.id, m.sender, m.data, m.created_at, m.batch_key, m.batch_index FROM messages m
+WHERE m.routing_key = ? AND (m.created_at, m.id) > (?, ?) AND EXISTS (
+    SELECT 1 FROM deliveries d WHERE d.message_id = m.id AND d.state IN ('queued', 'deferred'))
+ORDER BY m.created_at, m.id LIMIT ?
+"""
+_PENDING_OF = """
+SELECT message_id, recipient, attempts, next_attempt_at FROM deliveries
+WHERE message_id IN ({}) AND state IN ('queued', 'deferred') ORDER BY id
+"""
+_DELETE_PENDING_ATTEMPTS = """
+DELETE FROM attempts WHERE delivery_id IN (
+    SELECT id FROM deliveries WHERE message_id = ? AND state IN ('queued', 'deferred'))
+"""
+_DELETE_IF_EMPTY = """
+DELETE FROM messages WHERE id = ?1 AND NOT EXISTS (SELECT 1 FROM deliveries WHERE message_id = ?1)
+"""
 _UNFINISHED_KEYS = """
 SELECT DISTINCT routing_key FROM deliveries WHERE state IN ('queued', 'inflight', 'deferred')
 """

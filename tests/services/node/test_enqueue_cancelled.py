@@ -15,7 +15,7 @@ import pytest
 from devmesh.sink import Sink
 from epoxi.runtime.channels import channel
 from epoxi.v1 import node_pb2, node_pb2_grpc
-from services.node.engine.spool import Counts, Due, NewMessage, Spool
+from services.node.engine.spool import Counts, Due, NewMessage, Spool, Spooled
 from services.node.servicer import NodeService
 from services.node.supervisor import PipelineSupervisor
 from tests.services.node.support import (
@@ -41,10 +41,12 @@ class SlowCommitSpool(Spool):
         self.finish = threading.Event()
         self.nothing_due = 0
 
-    def _enqueue(self, routing_key: str, ids: list[str], messages: Sequence[NewMessage], now: float) -> None:
+    def _enqueue(
+        self, routing_key: str, ids: list[str], messages: Sequence[NewMessage], batch_key: str, now: float
+    ) -> Spooled:
         self.committing.set()
         self.finish.wait(10)
-        super()._enqueue(routing_key, ids, messages, now)
+        return super()._enqueue(routing_key, ids, messages, batch_key, now)
 
     async def due(self, routing_key: str, now: float) -> Due:
         due = await super().due(routing_key, now)

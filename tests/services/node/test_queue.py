@@ -59,9 +59,12 @@ async def test_stats_count_each_state_and_give_the_next_retry(stub: Stub, sink: 
 
     [only] = (await stats(stub, KEY)).pipelines
     assert only == com
-    await stub.StopPipeline(node_pb2.StopPipelineRequest(routing_key=KEY), timeout=5)
-    [stopped] = (await stats(stub, KEY)).pipelines  # its mail is still in the spool
-    assert not stopped.running and stopped.counters == com.counters
+    stop = await stub.StopPipeline(node_pb2.StopPipelineRequest(routing_key=KEY), timeout=5)
+    # No other node sends from its IP: the deferred mail stays, and the pipeline runs again for it.
+    assert (stop.messages_kept, stop.messages_handed_off, stop.handed_to_node) == (1, 0, "")
+    assert stop.kept_reason == "no other passing node sends from 127.0.0.2"
+    [stopped] = (await stats(stub, KEY)).pipelines
+    assert stopped.running and stopped.counters == com.counters
 
 
 async def test_stats_of_an_unknown_routing_key_are_not_found(stub: Stub) -> None:

@@ -220,7 +220,9 @@ async def test_a_sweep_purges_what_finished_more_than_the_retention_ago(spool: S
     assert await retention.sweep(now=time.time() + 3 * DAY) == 1
     assert await spool.message(recent) is None
     with pytest.raises(ValueError):
-        Retention(spool, retention=0, interval=600)
+        Retention(spool, retention=-1, interval=600)
+    with pytest.raises(ValueError):
+        Retention(spool, retention=DAY, interval=0)
 
 
 async def test_purged_mail_is_not_found_and_the_counters_stay(
@@ -275,9 +277,15 @@ async def test_the_node_purges_on_its_own_every_interval(node_config: NodeConfig
 
 
 async def test_retention_zero_keeps_mail_forever(node_config: NodeConfig) -> None:
-    async with await start_node(replace(node_config, retention=0.0, purge_interval=0.05)) as node:
+    async with await start_node(
+        replace(node_config, retention=0.0, idempotency_window=0.0, purge_interval=0.05)
+    ) as node:
         assert node.retention is None
         assert not [t for t in node._tasks if t.get_name().endswith(": retention")]
+    async with await start_node(replace(node_config, retention=0.0)) as node:
+        # Still sweeping the idempotency keys, never the mail.
+        assert node.retention is not None and node.retention.retention == 0.0
+        assert await node.retention.sweep(now=time.time() + 365 * DAY) == 0
     async with await start_node(node_config) as node:  # the default: a week
         assert node.retention is not None and node.retention.retention == 7 * DAY
         assert [t.get_name() for t in node._tasks if t.get_name().endswith(": retention")] == [

@@ -139,13 +139,39 @@ async def test_enqueue_batch_rejects_bad_emails_and_spools_nothing(
     assert s.node.load == 0 and s.pipelines[0].counters == pipeline_pb2.PipelineCounters()
 
 
-async def test_enqueue_batch_needs_a_running_pipeline(stub: Stub) -> None:
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await stub.EnqueueBatch(
-            node_pb2.EnqueueBatchRequest(routing_key=KEY, emails=[email("a@example.com")]), timeout=5
-        )
-    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert KEY in (err.value.details() or "")
+async def test_enqueue_batch_starts_the_pipeline_itself(stub: Stub, sink: Sink) -> None:
+    request = node_pb2.EnqueueBatchRequest(routing_key=KEY, emails=[email("a@example.com")])
+    first = await stub.EnqueueBatch(request, timeout=5)
+    assert first.pipeline_started and first.pipeline.routing_key == KEY and not first.duplicate
+    second = await stub.EnqueueBatch(request, timeout=5)
+    assert not second.pipeline_started and second.message_ids != first.message_ids
+    await sink.wait_for(2)
+
+
+async def test_enqueue_batch_with_a_known_idempotency_key_spools_nothing(stub: Stub, sink: Sink) -> None:
+    emails = [email("a@example.com"), email("b@example.com")]
+    request = node_pb2.EnqueueBatchRequest(routing_key=KEY, emails=emails, idempotency_key="batch-1")
+    first = await stub.EnqueueBatch(request, timeout=5)
+    again = await stub.EnqueueBatch(request, timeout=5)
+    assert (again.message_ids, again.duplicate, first.duplicate) == (first.message_ids, True, False)
+    await sink.wait_for(2)
+    stats = await stub.GetQueueStats(node_pb2.GetQueueStatsRequest(routing_key=KEY), timeout=5)
+    assert stats.totals.delivered == 2 and len(sink.received) == 2
+
+
+async def test_enqueue_batch_refusals_say_nothing_was_spooled(stub: Stub) -> None:
+    cases = [
+        ("example.com_10_9_9_9", grpc.StatusCode.FAILED_PRECONDITION, "cannot send from 10.9.9.9"),
+        ("not-a-key", grpc.StatusCode.INVALID_ARGUMENT, "routing_key: routing key 'not-a-key'"),
+        ("example.org_127_0_0_2", grpc.StatusCode.INVALID_ARGUMENT, "has no recipient in example.org"),
+    ]
+    for key, code, text in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.EnqueueBatch(
+                node_pb2.EnqueueBatchRequest(routing_key=key, emails=[email("a@example.com")]), timeout=5
+            )
+        assert err.value.code() == code and text in (err.value.details() or ""), key
+        assert ("epoxi-refused", "1") in tuple(err.value.trailing_metadata() or ())
 
 
 async def test_a_restarted_node_resumes_unfinished_pipelines_with_their_policy(
@@ -166,7 +192,8 @@ async def test_a_restarted_node_resumes_unfinished_pipelines_with_their_policy(
         assert p.routing_key == KEY and p.policy == slow
         assert p.counters.queued == 1 and sink.received == []  # still waiting for its batch to fill
 
-        await stub.StopPipeline(node_pb2.StopPipelineRequest(routing_key=KEY), timeout=5)
-        await start(stub, policy=FAST)
-        await sink.wait_for(1)
-        assert sink.recipients() == ["a@example.com"]
+        # The only node for its IP: a stop keeps the mail, and the pipeline runs on with its policy.
+        stop = await stub.StopPipeline(node_pb2.StopPipelineRequest(routing_key=KEY), timeout=5)
+        assert (stop.messages_kept, stop.handed_to_node) == (1, "")
+        [p] = (await state(stub)).pipelines
+        assert p.policy == slow and p.counters.queued == 1

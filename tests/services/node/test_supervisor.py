@@ -13,7 +13,7 @@ from services.node.engine.hooks import PipelineHooks
 from services.node.engine.pipeline import Pipeline
 from services.node.engine.spool import Counts, Spool
 from services.node.idle import IdleReaper
-from services.node.supervisor import PipelineSupervisor
+from services.node.supervisor import HandOff, PipelineSupervisor
 from tests.services.node.support import (
     KEY,
     OTHER,
@@ -153,8 +153,8 @@ async def test_a_key_idle_long_enough_is_forgotten_and_new_mail_still_starts_it(
     reaper = IdleReaper(supervisor, 0.0, forget_after=0.0)
     assert await reaper.sweep() == [KEY]  # stopped, and then forgotten
     assert per_key_state(supervisor, KEY) == []
-    again = await supervisor.pipeline_for_mail(KEY)  # from the spool's record
-    assert again is not None and again is not p and again.policy == p.policy
+    again, started = await supervisor.pipeline_for_mail(KEY)  # from the spool's record
+    assert started and again is not p and again.policy == p.policy
     await supervisor.enqueue_rendered(again, messages("b@example.com"))
     await sink.wait_for(2)
     assert sink.recipients() == ["a@example.com", "b@example.com"]
@@ -178,16 +178,17 @@ async def test_only_keys_stopped_and_quiet_for_long_enough_are_forgotten(
     assert per_key_state(supervisor, OTHER) == []
 
 
-async def test_a_key_stopped_on_request_keeps_no_state_and_waits_for_a_start(
+async def test_a_key_stopped_on_request_keeps_no_state_and_new_mail_starts_it(
     make_supervisor: MakeSupervisor, sink: Sink
 ) -> None:
     supervisor = make_supervisor()
     p, _ = await supervisor.start_pipeline("example.com", SOURCE_IP, fast_policy())
     await supervisor.enqueue_rendered(p, messages("a@example.com"))
     await sink.wait_for(1)
-    await supervisor.stop_pipeline(KEY)
+    stopped, handed = await supervisor.stop_pipeline(KEY)
+    assert stopped is p and handed == HandOff()  # nothing queued, nothing to hand over
     assert per_key_state(supervisor, KEY) == []
-    assert await supervisor.pipeline_for_mail(KEY) is None  # mail does not undo the stop
-    again, started = await supervisor.start_pipeline("example.com", SOURCE_IP, fast_policy())
-    assert started and KEY not in supervisor.stopped
-    assert await supervisor.pipeline_for_mail(KEY) is again
+    assert not supervisor.ownership.holds(KEY)
+    again, started = await supervisor.pipeline_for_mail(KEY)  # a stop does not pin the key
+    assert started and again is not p and supervisor.ownership.holds(KEY)
+    assert await supervisor.pipeline_for_mail(KEY) == (again, False)
