@@ -10,6 +10,7 @@ import email.headerregistry
 import email.policy
 import email.utils
 import functools
+import hashlib
 import random
 import re
 import time
@@ -23,9 +24,35 @@ from epoxi.validation import HEADER_NAME, RESERVED_HEADERS
 _SMTP_POLICY = email.policy.SMTP.clone(max_line_length=78)
 
 
+def _id_domain(sender: str) -> str:
+    return addr_spec(sender).rpartition("@")[2] or "epoxi.invalid"
+
+
 def new_message_id(sender: str) -> str:
-    domain = addr_spec(sender).rpartition("@")[2] or "epoxi.invalid"
-    return email.utils.make_msgid(domain=domain)
+    """A random Message-ID, for an email rendered without one."""
+    return email.utils.make_msgid(domain=_id_domain(sender))
+
+
+class DerivedMessageIds:
+    """Message-IDs derived from emails' content, for the emails of one request that have none.
+
+    The ID is ``<{hex}@{sender's domain}>``: 128 bits of the SHA-256 of the email serialized
+    (deterministically; its message_id is empty) followed by its occurrence number among the
+    identical emails seen so far (8 bytes), so the same request sent again names the same
+    messages, and two identical emails in one request still get two IDs. About as long as
+    ``new_message_id``'s, within ``validation.MESSAGE_ID_ALLOWANCE`` for any sender domain.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[bytes, int] = {}
+
+    def derive(self, e: email_pb2.Email) -> str:
+        content = hashlib.sha256(e.SerializeToString(deterministic=True))
+        identity = content.digest()  # the state goes on: digest() does not finalise it
+        occurrence = self._seen.get(identity, 0)
+        self._seen[identity] = occurrence + 1
+        content.update(occurrence.to_bytes(8, "big"))
+        return f"<{content.hexdigest()[:32]}@{_id_domain(getattr(e, 'from'))}>"
 
 
 def render(e: email_pb2.Email) -> bytes:

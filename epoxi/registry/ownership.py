@@ -43,6 +43,26 @@ class ClaimError(Exception):
     """The key cannot be claimed now (registry unreachable, or within its lock-delay)."""
 
 
+# A node's refusal, in its gRPC trailing metadata: the key's owner, and that nothing was spooled.
+OWNER_NODE = "epoxi-owner-node"
+OWNER_ADDRESS = "epoxi-owner-address"
+REFUSED = "epoxi-refused"
+
+
+def owner_metadata(owner: Owner | None) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata naming ``owner`` (nothing for None)."""
+    return () if owner is None else ((OWNER_NODE, owner.node), (OWNER_ADDRESS, owner.address))
+
+
+def owner_from_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> Owner | None:
+    """The owner a refusal's trailing metadata names, if it names one."""
+    found = dict(metadata or ())
+    node, address = found.get(OWNER_NODE), found.get(OWNER_ADDRESS)
+    if isinstance(node, str) and isinstance(address, str) and node and address:
+        return Owner(node, address)
+    return None
+
+
 def record_key(routing_key: str) -> str:
     return PREFIX + routing_key
 

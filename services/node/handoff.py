@@ -20,13 +20,11 @@ from epoxi import placement
 from epoxi.policy import Policy
 from epoxi.registry import services
 from epoxi.registry.client import Consul, RegistryError
-from epoxi.registry.ownership import Owner
+from epoxi.registry.ownership import Owner, owner_from_metadata
 from epoxi.runtime.channels import RPC_TIMEOUT, Channels
 from epoxi.v1 import node_pb2, node_pb2_grpc
 from services.node.engine.spool import Handed, Pending
 
-OWNER_NODE = "epoxi-owner-node"
-OWNER_ADDRESS = "epoxi-owner-address"
 # Messages per TakeMessages call: a few MB of typical mail, one transaction on each side.
 CHUNK = 200
 
@@ -97,20 +95,11 @@ class ClusterPeers:
         try:
             reply = await stub.TakeMessages(request, timeout=RPC_TIMEOUT)
         except grpc.aio.AioRpcError as e:
-            owner = owner_in(e)
+            owner = owner_from_metadata(e.trailing_metadata())
             if owner is not None:
                 raise OwnedBy(owner, e.details() or "") from e
             raise HandOffError(f"node {to.node}: {e.code().name}: {e.details()}") from e
         return list(reply.message_ids)
-
-
-def owner_in(error: grpc.aio.AioRpcError) -> Owner | None:
-    """The owner a refusal names in its trailing metadata, if any."""
-    found = dict(error.trailing_metadata() or ())
-    node, address = found.get(OWNER_NODE), found.get(OWNER_ADDRESS)
-    if isinstance(node, str) and isinstance(address, str) and node and address:
-        return Owner(node, address)
-    return None
 
 
 def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:

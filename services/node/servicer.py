@@ -19,6 +19,7 @@ from epoxi import policy, routing, validation
 from epoxi.envelope import recipients_in
 from epoxi.policy import Policy
 from epoxi.policy_store import POLICIES, PolicyError, check_name
+from epoxi.registry import ownership
 from epoxi.registry.ownership import ClaimError, Owner
 from epoxi.routing import routing_key
 from epoxi.runtime.status import abort, summary
@@ -28,13 +29,7 @@ from services.node.engine.spool import Counts
 from services.node.supervisor import OwnedElsewhere, PipelineSupervisor
 
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT
-REFUSED = ("epoxi-refused", "1")
-
-
-def _owner_metadata(owner: Owner | None) -> Sequence[tuple[str, str]]:
-    if owner is None:
-        return ()
-    return ((handoff.OWNER_NODE, owner.node), (handoff.OWNER_ADDRESS, owner.address))
+REFUSED = (ownership.REFUSED, "1")
 
 
 async def _refuse(
@@ -51,7 +46,9 @@ async def _refuse(
 async def _not_here(context: grpc.aio.ServicerContext, error: Exception) -> None:
     """Refuse for a key this node may not run now: owned elsewhere, unclaimable, or not its IP."""
     if isinstance(error, OwnedElsewhere):
-        await _refuse(context, grpc.StatusCode.FAILED_PRECONDITION, str(error), _owner_metadata(error.owner))
+        await _refuse(
+            context, grpc.StatusCode.FAILED_PRECONDITION, str(error), ownership.owner_metadata(error.owner)
+        )
     if isinstance(error, ClaimError):
         await _refuse(context, grpc.StatusCode.UNAVAILABLE, str(error))
     await _refuse(context, grpc.StatusCode.FAILED_PRECONDITION, str(error))

@@ -3,10 +3,17 @@
 A batch holds at most ``max_batch`` emails and at most ``max_batch_bytes`` of them encoded
 (``epoxi.runtime.limits.batch_bytes``: what one EnqueueBatch may carry besides its own fields).
 Every valid email is below that, so each fits in a batch of its own at least.
+
+Each batch knows where its emails are in the request (``indexes``) and is named by its
+``idempotency_key``: a hash of the routing key and the emails' Message-IDs in order. An email
+without a Message-ID gets one derived from its content (``epoxi.rendering.DerivedMessageIds``),
+so the same request, planned again over the same view, gives the same batches with the same
+Message-IDs and the same keys, and a node that spooled a batch recognises it when it comes again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,8 +33,18 @@ class Batch:
     domain: str
     source_ip: str
     emails: list[email_pb2.Email] = field(default_factory=list)
+    # Where each email is in the request (RouteEmailsRequest.emails), in batch order.
+    indexes: list[int] = field(default_factory=list)
     # The emails' encoded size inside a request: each with its field's tag and length.
     size: int = 0
+
+    @property
+    def message_ids(self) -> list[str]:
+        return [e.message_id for e in self.emails]
+
+    @property
+    def idempotency_key(self) -> str:
+        return idempotency_key(self.routing_key, self.message_ids)
 
 
 @dataclass
@@ -36,6 +53,22 @@ class Unroutable:
 
     reason: str
     emails: list[email_pb2.Email] = field(default_factory=list)
+    indexes: list[int] = field(default_factory=list)
+
+    @property
+    def message_ids(self) -> list[str]:
+        return [e.message_id for e in self.emails]
+
+
+def idempotency_key(key: str, message_ids: Sequence[str]) -> str:
+    """SHA-256 (hex) of the routing key and the Message-IDs in order, each length-prefixed so
+    that no two lists run together into the same bytes."""
+    h = hashlib.sha256()
+    for part in (key, *message_ids):
+        data = part.encode()
+        h.update(len(data).to_bytes(4, "big"))
+        h.update(data)
+    return h.hexdigest()
 
 
 def choose_ip(e: email_pb2.Email, default_pool: str, pools: dict[str, list[str]]) -> tuple[str, str]:
@@ -58,20 +91,23 @@ def plan(
     max_batch_bytes: int = limits.batch_bytes(),
 ) -> tuple[list[Batch], list[Unroutable]]:
     """Batches of at most ``max_batch`` emails and ``max_batch_bytes`` per routing key, in
-    first-seen order.
+    first-seen order, and the emails that have no source IP, by reason.
 
-    An email with recipients in several domains goes into one batch per domain; it keeps one
-    Message-ID across them (generated here when the caller gave none).
+    An email with recipients in several domains goes into one batch per domain, under one
+    Message-ID (derived here when the caller gave none), and with its one request index in each.
     """
     open_batches: dict[str, Batch] = {}
     batches: list[Batch] = []
     unroutable: dict[str, Unroutable] = {}
-    for e in emails:
+    derived = rendering.DerivedMessageIds()
+    for index, e in enumerate(emails):
         if not e.message_id:
-            e = _with_message_id(e)
+            e = _with_message_id(e, derived.derive(e))
         ip, reason = choose_ip(e, default_pool, pools)
         if not ip:
-            unroutable.setdefault(reason, Unroutable(reason)).emails.append(e)
+            u = unroutable.setdefault(reason, Unroutable(reason))
+            u.emails.append(e)
+            u.indexes.append(index)
             continue
         size = limits.encoded_size(e)
         for domain in domains(e):
@@ -85,12 +121,13 @@ def plan(
                 batch = open_batches[key] = Batch(key, domain, ip)
                 batches.append(batch)
             batch.emails.append(e)
+            batch.indexes.append(index)
             batch.size += size
     return batches, list(unroutable.values())
 
 
-def _with_message_id(e: email_pb2.Email) -> email_pb2.Email:
+def _with_message_id(e: email_pb2.Email, message_id: str) -> email_pb2.Email:
     copy = email_pb2.Email()
     copy.CopyFrom(e)
-    copy.message_id = rendering.new_message_id(getattr(e, "from"))
+    copy.message_id = message_id
     return copy

@@ -1,4 +1,5 @@
-"""Wiring for the router: its settings, the gRPC server, registry watches and self-registration.
+"""Wiring for the router: its settings, the gRPC server, the registry watch of the nodes, the
+owner cache, and self-registration.
 
 In-process use (tests, tools)::
 
@@ -9,6 +10,7 @@ In-process use (tests, tools)::
 
 from __future__ import annotations
 
+import argparse
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,10 +23,18 @@ from epoxi.runtime.limits import message_limit
 from epoxi.settings import program, setting
 from epoxi.v1 import router_pb2, router_pb2_grpc
 from services.router.discovery import ClusterView
+from services.router.owners import DEFAULT_MAX_ENTRIES, OwnerCache, Owners
 from services.router.servicer import RouterServicer
 
 SERVICE = "epoxi-router"
 SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name
+
+
+def _positive_int(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return n
 
 
 @program("epoxi router", "Route emails to node pipelines.", env_prefix="EPOXI_ROUTER_")
@@ -44,6 +54,12 @@ class RouterConfig:
         help="registry HTTP address",
     )
     max_batch: int = setting(500, parse=int, help="most emails per batch handed to a node")
+    owner_cache_size: int = setting(
+        DEFAULT_MAX_ENTRIES,
+        parse=_positive_int,
+        shown="100000",
+        help="most routing keys whose owning node the router remembers (least recently used go first)",
+    )
     # The one size limit (epoxi.validation); it also sizes the gRPC messages (epoxi.runtime.limits).
     max_email_bytes: int = validation.max_email_bytes_setting("EPOXI_ROUTER_")
     check_interval: float = setting(
@@ -57,19 +73,21 @@ class RouterConfig:
 class RunningRouter(Service):
     view: ClusterView
     channels: Channels
+    servicer: RouterServicer
 
 
 async def start_router(config: RouterConfig) -> RunningRouter:
-    """Watch the registry, serve RouterService, register as ``epoxi-router``."""
+    """Watch the registry's nodes, serve RouterService, register as ``epoxi-router``."""
     router = RunningRouter("router", config.stop_grace)
     async with router.starting():
         consul = router.closing(client.connect(config.consul))
         max_message_bytes = message_limit(config.max_email_bytes)
         router.channels = router.closing(Channels(max_message_bytes))
         router.view = router.closing(ClusterView(consul).start())
-        servicer = RouterServicer(
+        servicer = router.servicer = RouterServicer(
             router.view,
             router.channels,
+            Owners(consul, OwnerCache(config.owner_cache_size)),
             max_batch=config.max_batch,
             max_email_bytes=config.max_email_bytes,
         )

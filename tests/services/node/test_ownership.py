@@ -74,7 +74,9 @@ async def test_many_nodes_placing_many_keys_at_once_give_each_key_one_pipeline(
     async def place(id: str, key: str) -> str | None:
         domain = key.split("_")[0]
         try:
-            reply = await nodes.stub(id).EnqueueBatch(batch(f"x@{domain}", key=key), timeout=10)
+            reply: node_pb2.EnqueueBatchResponse = await nodes.stub(id).EnqueueBatch(
+                batch(f"x@{domain}", key=key), timeout=10
+            )
         except grpc.aio.AioRpcError as e:
             assert e.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAVAILABLE), e
             return None
@@ -103,7 +105,9 @@ async def test_a_stop_hands_queued_and_deferred_mail_to_a_peer(nodes: Nodes, sin
     first = await nodes.stub("n1").EnqueueBatch(batch("later@example.com", "now@example.com"), timeout=5)
 
     async def deferred() -> bool:
-        stats = await nodes.stub("n1").GetQueueStats(node_pb2.GetQueueStatsRequest(routing_key=KEY))
+        stats: node_pb2.GetQueueStatsResponse = await nodes.stub("n1").GetQueueStats(
+            node_pb2.GetQueueStatsRequest(routing_key=KEY)
+        )
         return stats.totals.deferred == 1 and stats.totals.delivered == 1
 
     await eventually(deferred)
@@ -143,7 +147,9 @@ async def test_a_node_back_after_its_key_moved_hands_its_mail_to_the_owner(nodes
     await nodes.start("n1", SOURCE_IP)  # resumes: the key is n2's, so the mail goes there
 
     async def handed() -> bool:
-        stats = await nodes.stub("n1").GetQueueStats(node_pb2.GetQueueStatsRequest())
+        stats: node_pb2.GetQueueStatsResponse = await nodes.stub("n1").GetQueueStats(
+            node_pb2.GetQueueStatsRequest()
+        )
         return stats.totals.queued + stats.totals.in_flight + stats.totals.deferred == 0
 
     await eventually(handed)
@@ -190,5 +196,9 @@ async def test_take_messages_refuses_bad_input(nodes: Nodes) -> None:
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     details = err.value.details() or ""
-    for text in ("routing_key: routing key 'nope'", "messages[0].id is empty", "messages[0] has no recipients"):
+    for text in (
+        "routing_key: routing key 'nope'",
+        "messages[0].id is empty",
+        "messages[0] has no recipients",
+    ):
         assert text in details

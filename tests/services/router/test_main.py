@@ -65,23 +65,20 @@ async def test_a_failed_registration_closes_the_routers_clients(caplog: pytest.L
 
 
 class SlowNode(node_pb2_grpc.NodeServiceServicer):
-    """A node that starts pipelines at once and holds each EnqueueBatch until released."""
+    """A node that holds each EnqueueBatch until released (then starts the key's pipeline)."""
 
     def __init__(self) -> None:
         self.enqueuing = asyncio.Event()
         self.release = asyncio.Event()
-
-    async def StartPipeline(
-        self, request: node_pb2.StartPipelineRequest, context: grpc.aio.ServicerContext
-    ) -> node_pb2.StartPipelineResponse:
-        return node_pb2.StartPipelineResponse(started=True)
 
     async def EnqueueBatch(
         self, request: node_pb2.EnqueueBatchRequest, context: grpc.aio.ServicerContext
     ) -> node_pb2.EnqueueBatchResponse:
         self.enqueuing.set()
         await self.release.wait()
-        return node_pb2.EnqueueBatchResponse(message_ids=[f"m{i}" for i in range(len(request.emails))])
+        return node_pb2.EnqueueBatchResponse(
+            message_ids=[f"m{i}" for i in range(len(request.emails))], pipeline_started=True
+        )
 
 
 @pytest.fixture
@@ -163,3 +160,12 @@ async def test_the_router_leaves_the_registry_before_its_server_stops(
 
 async def no_router(consul: Consul) -> bool:
     return not await router_entries(consul)
+
+
+def test_the_owner_cache_bound_is_a_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert settings.parse(RouterConfig, []).owner_cache_size == 100_000
+    assert settings.parse(RouterConfig, ["--owner-cache-size", "10"]).owner_cache_size == 10
+    monkeypatch.setenv("EPOXI_ROUTER_OWNER_CACHE_SIZE", "20")
+    assert settings.parse(RouterConfig, []).owner_cache_size == 20
+    with pytest.raises(SystemExit):
+        settings.parse(RouterConfig, ["--owner-cache-size", "0"])

@@ -1,4 +1,5 @@
-"""The router over real gRPC, in front of real nodes, a real dev registry and a real SMTP sink."""
+"""The router over real gRPC with a real dev registry: in front of a real node and the SMTP sink,
+and of test nodes that answer as the node contract says (tests/services/router/nodes.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from epoxi.registry.client import Consul
 from epoxi.v1 import email_pb2
 from services.node.main import RunningNode
 from services.router.main import RouterConfig, RunningRouter, start_router
-from tests.services.router.support import route
+from tests.services.router.nodes import ContractNodes
+from tests.services.router.support import route, sees
 from tests.support import Nodes, eventually, passing_nodes
 
 
@@ -33,44 +35,53 @@ async def contains_all(ids: Awaitable[set[str]], wanted: set[str]) -> bool:
     return await ids >= wanted
 
 
-async def test_routing_uses_the_cache_and_falls_back_when_a_node_fails(
+async def test_a_real_node_takes_a_new_key_and_delivers_it(
     registry: RunningRegistry, sink: Sink, router: RunningRouter, nodes: Nodes, consul: Consul
 ) -> None:
-    a, _ = await start_nodes(nodes, consul, {"a": ["127.0.0.2"], "b": ["127.0.0.2"]})
+    # A real node starts the key's pipeline itself when the batch reaches it.
+    await start_nodes(nodes, consul, {"a": ["127.0.0.2"]})
+    await sees(router, "a")
+    reply = await route(router, email("x@example.com", "127.0.0.2"))
+    [batch] = reply.batches
+    assert (batch.ok, batch.node, batch.new_pipeline, batch.error) == (True, "a", True, ""), reply
+    [received] = await sink.wait_for(1)
+    assert (received.peer, received.rcpt_tos) == ("127.0.0.2", ["x@example.com"])
+    assert received.message()["Message-ID"] == batch.email_message_ids[0]
+
+
+async def test_with_the_registry_gone_a_known_key_is_still_routed_from_the_cache(
+    registry: RunningRegistry, router: RunningRouter, contract_nodes: ContractNodes
+) -> None:
+    await contract_nodes.start("a", "127.0.0.2")
+    b = await contract_nodes.start("b", "127.0.0.2")
+    await contract_nodes.all_passing()
+    await sees(router, "a", "b")
     first = await route(router, email("x@example.com", "127.0.0.2"))
-    [batch] = first.batches
-    assert batch.ok and batch.node == "a" and batch.new_pipeline  # tie on load: lowest ID
-    await sink.wait_for(1)
+    assert [(x.node, x.new_pipeline) for x in first.batches] == [("a", True)]
+    reads = router.servicer.owners.registry_reads
 
-    # With the registry gone the router still routes from its cache: no round trip per batch.
-    # Node a is unreachable but still passing in that cache, so the router must fall back.
+    # No registry round trip per batch: the view and the owner cache answer.
     await registry.close()
-    assert a.server is not None
-    await a.server.stop(0)
     second = await route(router, email("y@example.com", "127.0.0.2"))
-    [batch] = second.batches
-    assert batch.ok and batch.node == "b", second
-    assert batch.new_pipeline
-    assert "node a: UNAVAILABLE" in batch.error
-    assert (second.successful_batches, second.fallbacks_used, second.new_pipelines_started) == (1, 1, 1)
-    await sink.wait_for(2)
-    assert [(m.peer, m.rcpt_tos) for m in sink.received] == [
-        ("127.0.0.2", ["x@example.com"]),
-        ("127.0.0.2", ["y@example.com"]),
-    ]
+    assert [(x.ok, x.node, x.error) for x in second.batches] == [(True, "a", "")]
+    assert router.servicer.owners.registry_reads == reads and b.calls == []
 
 
-async def test_batches_of_one_key_stay_on_one_pipeline_and_are_split(
-    registry: RunningRegistry, sink: Sink, nodes: Nodes, consul: Consul
+async def test_batches_of_one_key_stay_on_one_node_in_order_and_are_split(
+    registry: RunningRegistry, contract_nodes: ContractNodes
 ) -> None:
     router = await start_router(RouterConfig(listen="127.0.0.1:0", consul=registry.address, max_batch=2))
-    await start_nodes(nodes, consul, {"n": ["127.0.0.3"]})
+    n = await contract_nodes.start("n", "127.0.0.3")
+    await contract_nodes.all_passing()
     try:
+        await sees(router, "n")
         reply = await route(router, *(email(f"u{i}@example.net", "127.0.0.3") for i in range(5)))
+        assert [list(b.email_indexes) for b in reply.batches] == [[0, 1], [2, 3], [4]]
         assert [len(b.message_ids) for b in reply.batches] == [2, 2, 1]
         assert {b.node for b in reply.batches} == {"n"}
         assert reply.new_pipelines_started == 1 and reply.accepted_recipients == 5
-        await sink.wait_for(5)
+        # In order: each batch after the first went to the owner the first one made.
+        assert [c.idempotency_key for c in n.calls] == [b.idempotency_key for b in reply.batches]
     finally:
         await router.close()
 
