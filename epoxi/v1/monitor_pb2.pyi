@@ -29,9 +29,11 @@ class _PipelineMoveStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Pip
     DESCRIPTOR: _descriptor.EnumDescriptor
     PIPELINE_MOVE_STATE_UNSPECIFIED: _PipelineMoveState.ValueType  # 0
     PIPELINE_MOVE_STATE_PLANNED: _PipelineMoveState.ValueType  # 1
-    """Dry run: not attempted."""
+    """Not attempted: a dry run, or a real run that ended at an earlier move that did not end MOVED."""
     PIPELINE_MOVE_STATE_MOVED: _PipelineMoveState.ValueType  # 2
-    """Stopped on from_node, and its queued mail is in to_node's spool."""
+    """Stopped on from_node, its queued mail (messages_moved) is in to_node's spool, and to_node
+    runs the pipeline (started with from_node's policy when nothing was queued).
+    """
     PIPELINE_MOVE_STATE_START_FAILED: _PipelineMoveState.ValueType  # 3
     """to_node did not take the key: the pipeline and its mail stay on from_node (or went to the
     node that owns the key now; see error_message).
@@ -43,9 +45,11 @@ class PipelineMoveState(_PipelineMoveState, metaclass=_PipelineMoveStateEnumType
 
 PIPELINE_MOVE_STATE_UNSPECIFIED: PipelineMoveState.ValueType  # 0
 PIPELINE_MOVE_STATE_PLANNED: PipelineMoveState.ValueType  # 1
-"""Dry run: not attempted."""
+"""Not attempted: a dry run, or a real run that ended at an earlier move that did not end MOVED."""
 PIPELINE_MOVE_STATE_MOVED: PipelineMoveState.ValueType  # 2
-"""Stopped on from_node, and its queued mail is in to_node's spool."""
+"""Stopped on from_node, its queued mail (messages_moved) is in to_node's spool, and to_node
+runs the pipeline (started with from_node's policy when nothing was queued).
+"""
 PIPELINE_MOVE_STATE_START_FAILED: PipelineMoveState.ValueType  # 3
 """to_node did not take the key: the pipeline and its mail stay on from_node (or went to the
 node that owns the key now; see error_message).
@@ -607,7 +611,9 @@ class StopPipelineByRoutingKeyResponse(_message.Message):
     """Nodes on which the pipeline stopped."""
     @_builtins.property
     def outcomes(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeStopOutcome]:
-        """One per node the registry showed running the pipeline, sorted by node."""
+        """One per node asked (those the registry showed running the pipeline, and the holder of its
+        placement record), sorted by node.
+        """
 
     def __init__(
         self,
@@ -765,10 +771,12 @@ class PipelineMove(_message.Message):
     to_node: _builtins.str
     state: Global___PipelineMoveState.ValueType
     error_code: _builtins.str
-    """gRPC status code name and message of the failed call."""
+    """gRPC status code name and message of the failed call; for START_FAILED without a failed
+    call, error_message says where the mail is (the node's kept_reason).
+    """
     error_message: _builtins.str
     messages_moved: _builtins.int
-    """Queued messages moved with the pipeline."""
+    """Queued messages moved with the pipeline (StopPipelineResponse.messages_handed_off)."""
     @_builtins.property
     def pipeline(self) -> _pipeline_pb2.PipelineInfo:
         """The pipeline on to_node once started; the source pipeline otherwise."""
@@ -801,7 +809,9 @@ class SkippedPipeline(_message.Message):
     TO_NODE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     to_node: _builtins.str
+    """Empty when no node could take it."""
     reason: _builtins.str
+    """e.g. "no other passing node sends from 192.0.2.1"."""
     @_builtins.property
     def pipeline(self) -> _pipeline_pb2.PipelineInfo: ...
     def __init__(

@@ -145,8 +145,11 @@ class MonitorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StopPipelineByRoutingKey(self, request, context):
-        """Stops the routing key's pipeline on every node the registry shows running it, concurrently.
-        Each node hands its queued mail to the key's next owner (NodeService.StopPipeline).
+        """Stops the routing key's pipeline on every node the registry shows running it, and on the
+        node holding its placement record if that is another one, concurrently. Each node drains
+        and hands its queued mail to the best other passing owner of the source IP, or keeps it and
+        starts the pipeline again when there is none (NodeService.StopPipeline); each outcome says
+        where the mail went.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -154,8 +157,10 @@ class MonitorServiceServicer:
 
     def Rebalance(self, request, context):
         """Moves pipelines, with their queued mail, from the most- to the least-loaded passing owner
-        of their source IP while the two differ by more than one pipeline. One rebalance at a
-        time cluster-wide: another one running (holding epoxi/locks/rebalance) gives ABORTED.
+        of their source IP while the two differ by more than one pipeline: for each move,
+        NodeService.StopPipeline on from_node with hand_to_node = to_node. One rebalance at a
+        time cluster-wide: a real run holds epoxi/locks/rebalance (a session of the monitor), and
+        while another holds it the call is ABORTED, naming the holder. A dry run takes no lock.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -49,13 +49,18 @@ class MonitorServiceStub:
     mail), or returns the one that node already runs. Node errors come back with their code.
     """
     StopPipelineByRoutingKey: _grpc.UnaryUnaryMultiCallable[_monitor_pb2.StopPipelineByRoutingKeyRequest, _monitor_pb2.StopPipelineByRoutingKeyResponse]
-    """Stops the routing key's pipeline on every node the registry shows running it, concurrently.
-    Each node hands its queued mail to the key's next owner (NodeService.StopPipeline).
+    """Stops the routing key's pipeline on every node the registry shows running it, and on the
+    node holding its placement record if that is another one, concurrently. Each node drains
+    and hands its queued mail to the best other passing owner of the source IP, or keeps it and
+    starts the pipeline again when there is none (NodeService.StopPipeline); each outcome says
+    where the mail went.
     """
     Rebalance: _grpc.UnaryUnaryMultiCallable[_monitor_pb2.RebalanceRequest, _monitor_pb2.RebalanceResponse]
     """Moves pipelines, with their queued mail, from the most- to the least-loaded passing owner
-    of their source IP while the two differ by more than one pipeline. One rebalance at a
-    time cluster-wide: another one running (holding epoxi/locks/rebalance) gives ABORTED.
+    of their source IP while the two differ by more than one pipeline: for each move,
+    NodeService.StopPipeline on from_node with hand_to_node = to_node. One rebalance at a
+    time cluster-wide: a real run holds epoxi/locks/rebalance (a session of the monitor), and
+    while another holds it the call is ABORTED, naming the holder. A dry run takes no lock.
     """
 
 @_typing.type_check_only
@@ -79,13 +84,18 @@ class MonitorServiceAsyncStub(MonitorServiceStub):
     mail), or returns the one that node already runs. Node errors come back with their code.
     """
     StopPipelineByRoutingKey: _aio.UnaryUnaryMultiCallable[_monitor_pb2.StopPipelineByRoutingKeyRequest, _monitor_pb2.StopPipelineByRoutingKeyResponse]  # type: ignore[assignment]
-    """Stops the routing key's pipeline on every node the registry shows running it, concurrently.
-    Each node hands its queued mail to the key's next owner (NodeService.StopPipeline).
+    """Stops the routing key's pipeline on every node the registry shows running it, and on the
+    node holding its placement record if that is another one, concurrently. Each node drains
+    and hands its queued mail to the best other passing owner of the source IP, or keeps it and
+    starts the pipeline again when there is none (NodeService.StopPipeline); each outcome says
+    where the mail went.
     """
     Rebalance: _aio.UnaryUnaryMultiCallable[_monitor_pb2.RebalanceRequest, _monitor_pb2.RebalanceResponse]  # type: ignore[assignment]
     """Moves pipelines, with their queued mail, from the most- to the least-loaded passing owner
-    of their source IP while the two differ by more than one pipeline. One rebalance at a
-    time cluster-wide: another one running (holding epoxi/locks/rebalance) gives ABORTED.
+    of their source IP while the two differ by more than one pipeline: for each move,
+    NodeService.StopPipeline on from_node with hand_to_node = to_node. One rebalance at a
+    time cluster-wide: a real run holds epoxi/locks/rebalance (a session of the monitor), and
+    while another holds it the call is ABORTED, naming the holder. A dry run takes no lock.
     """
 
 class MonitorServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -160,8 +170,11 @@ class MonitorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _monitor_pb2.StopPipelineByRoutingKeyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_monitor_pb2.StopPipelineByRoutingKeyResponse, _abc.Awaitable[_monitor_pb2.StopPipelineByRoutingKeyResponse]]:
-        """Stops the routing key's pipeline on every node the registry shows running it, concurrently.
-        Each node hands its queued mail to the key's next owner (NodeService.StopPipeline).
+        """Stops the routing key's pipeline on every node the registry shows running it, and on the
+        node holding its placement record if that is another one, concurrently. Each node drains
+        and hands its queued mail to the best other passing owner of the source IP, or keeps it and
+        starts the pipeline again when there is none (NodeService.StopPipeline); each outcome says
+        where the mail went.
         """
 
     @_abc_1.abstractmethod
@@ -171,8 +184,10 @@ class MonitorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_monitor_pb2.RebalanceResponse, _abc.Awaitable[_monitor_pb2.RebalanceResponse]]:
         """Moves pipelines, with their queued mail, from the most- to the least-loaded passing owner
-        of their source IP while the two differ by more than one pipeline. One rebalance at a
-        time cluster-wide: another one running (holding epoxi/locks/rebalance) gives ABORTED.
+        of their source IP while the two differ by more than one pipeline: for each move,
+        NodeService.StopPipeline on from_node with hand_to_node = to_node. One rebalance at a
+        time cluster-wide: a real run holds epoxi/locks/rebalance (a session of the monitor), and
+        while another holds it the call is ABORTED, naming the holder. A dry run takes no lock.
         """
 
 def add_MonitorServiceServicer_to_server(servicer: MonitorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

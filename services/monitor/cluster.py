@@ -99,11 +99,6 @@ def node_for_key(
     return (owner, False) if owner is not None else None
 
 
-def unfinished(p: pipeline_pb2.PipelineInfo) -> int:
-    """Messages the pipeline still has to finish: queued, in flight or deferred."""
-    return p.counters.queued + p.counters.in_flight + p.counters.deferred
-
-
 def plan_rebalance(
     states: Iterable[node_pb2.GetNodeStateResponse],
 ) -> tuple[list[monitor_pb2.PipelineMove], list[monitor_pb2.SkippedPipeline], dict[str, int]]:
@@ -111,10 +106,13 @@ def plan_rebalance(
 
     Repeatedly takes the most-loaded node (most pipelines, then ID) that has a pipeline whose
     least-loaded other owner of its source IP (fewest pipelines, then least mail, then ID; not
-    already running the key) has at least two pipelines fewer, and moves that pipeline there.
-    A pipeline with unfinished mail is skipped once (its mail would wait in the source's spool
-    until new mail arrived) and never reconsidered. Each move lowers the sum of squared counts,
-    so the loop ends. Returns (moves in order, skipped, node ID → pipeline count after the moves).
+    already running the key) has at least two pipelines fewer, and moves the pipeline with the
+    least-loaded such target there (ties: the first routing key). Queued mail does not hold a
+    pipeline back: the stop hands that mail to the target. A pipeline on a node with two or
+    more pipelines above the least-loaded one that no other node can take (none sends from its
+    IP, or each that does runs the key already) is skipped, once, with the reason. Each move
+    lowers the sum of squared counts, so the loop ends. Returns (moves in order, skipped, node
+    ID → pipeline count after the moves).
     """
     states = sorted(states, key=lambda s: s.node.id)
     nodes = {s.node.id: s.node for s in states}
@@ -126,37 +124,34 @@ def plan_rebalance(
     skipped: list[monitor_pb2.SkippedPipeline] = []
     settled: set[tuple[str, str]] = set()  # (node, routing key) skipped: not looked at again
 
-    def target_for(source: str, p: pipeline_pb2.PipelineInfo) -> str | None:
-        owners = [
-            n
-            for n in nodes
-            if n != source and p.source_ip in nodes[n].egress_ips and p.routing_key not in running[n]
-        ]
-        if not owners:
-            return None
-        best = min(owners, key=lambda n: (counts[n], nodes[n].load, n))
-        return best if counts[best] + 1 < counts[source] else None
+    def owners(source: str, p: pipeline_pb2.PipelineInfo) -> list[str]:
+        return [n for n in nodes if n != source and p.source_ip in nodes[n].egress_ips]
+
+    def why_not(source: str, p: pipeline_pb2.PipelineInfo) -> str:
+        if not owners(source, p):
+            return f"no other passing node sends from {p.source_ip}"
+        return f"every other passing node that sends from {p.source_ip} runs {p.routing_key} already"
 
     def next_move() -> tuple[str, str, pipeline_pb2.PipelineInfo] | None:
+        fewest = min(counts.values(), default=0)
         for source in sorted(counts, key=lambda n: (-counts[n], n)):
+            options = []  # (target's rank, routing key, target)
             for key in sorted(running[source]):
                 if (source, key) in settled:
                     continue
                 p = running[source][key]
-                target = target_for(source, p)
-                if target is None:
+                free = [n for n in owners(source, p) if key not in running[n]]
+                if not free:
+                    if counts[source] - fewest > 1:
+                        settled.add((source, key))
+                        skipped.append(monitor_pb2.SkippedPipeline(pipeline=p, reason=why_not(source, p)))
                     continue
-                if unfinished(p):
-                    settled.add((source, key))
-                    skipped.append(
-                        monitor_pb2.SkippedPipeline(
-                            pipeline=p,
-                            to_node=target,
-                            reason=f"{unfinished(p)} unfinished messages (queued, in flight or deferred)",
-                        )
-                    )
-                    continue
-                return source, target, p
+                target = min(free, key=lambda n: (counts[n], nodes[n].load, n))
+                if counts[target] + 1 < counts[source]:
+                    options.append(((counts[target], nodes[target].load, target), key, target))
+            if options:
+                _, key, target = min(options)
+                return source, target, running[source][key]
         return None
 
     while (move := next_move()) is not None:

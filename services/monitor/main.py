@@ -25,7 +25,11 @@ SERVICE = "epoxi-monitor"
 SERVICE_NAME = monitor_pb2.DESCRIPTOR.services_by_name["MonitorService"].full_name
 
 
-@program("epoxi monitor", "Cluster-wide pipeline discovery, stats and health.", env_prefix="EPOXI_MONITOR_")
+@program(
+    "epoxi monitor",
+    "Cluster-wide pipeline discovery, stats and health.",
+    env_prefix="EPOXI_MONITOR_",
+)
 @dataclass(frozen=True)
 class MonitorConfig:
     consul: str | None = setting(
@@ -47,7 +51,7 @@ class MonitorConfig:
         15.0,
         parse=durations.seconds,
         shown="15s",
-        help="how long to wait for a node to start or stop a pipeline",
+        help="how long to wait for a node to start or stop a pipeline (a stop drains it and hands its mail over)",
     )
     stop_grace: float = setting(
         5.0, parse=durations.seconds, shown="5s", help="how long calls under way may take at shutdown"
@@ -64,12 +68,14 @@ async def start_monitor(config: MonitorConfig) -> RunningMonitor:
     async with monitor.starting():
         consul = monitor.closing(client.connect(config.consul))
         channels = monitor.closing(Channels())
-        servicer = MonitorService(consul, channels, config.node_timeout, config.admin_timeout)
         server = monitor.listen(config.listen, config.advertise)
+        monitor.id = config.id or f"monitor-{socket.gethostname()}-{server.port}"
+        servicer = MonitorService(
+            consul, channels, config.node_timeout, config.admin_timeout, monitor.id, monitor.address
+        )
         await monitor.serve(
             [(lambda s: monitor_pb2_grpc.add_MonitorServiceServicer_to_server(servicer, s), SERVICE_NAME)]
         )
-        monitor.id = config.id or f"monitor-{socket.gethostname()}-{server.port}"
         await monitor.register_service(
             consul,
             services.grpc_service_registration(

@@ -3,7 +3,11 @@
 Pipeline counts and health come from ``/v1/health/service/<name>``; message counters come from
 each passing node's live ``NodeService.GetNodeState``, asked concurrently with a timeout.
 The admin actions (start, stop, rebalance) call the nodes' ``NodeService`` and pass a node's
-error on with its code; the planning they need is pure, in ``services.monitor.cluster``.
+error on with its code; the planning they need is pure, in ``services.monitor.cluster``. A stop
+goes to every node the registry shows running the key and to the holder of its placement record
+(``epoxi.registry.ownership``); the node drains and hands the queued mail over, and its answer
+says where the mail went. A rebalance moves each pipeline by one such stop, with the target named
+(``hand_to_node``), under the cluster-wide lock of ``services.monitor.lock``.
 """
 
 from __future__ import annotations
@@ -18,12 +22,13 @@ import grpc
 from epoxi import routing
 from epoxi.registry import services
 from epoxi.registry.client import RegistryError
+from epoxi.registry.ownership import Owner, owner_of
 from epoxi.routing import routing_key, split_routing_key
 from epoxi.runtime import status
 from epoxi.runtime.channels import Channels
 from epoxi.runtime.status import abort
-from epoxi.v1 import monitor_pb2, monitor_pb2_grpc, node_pb2, node_pb2_grpc, pipeline_pb2
-from services.monitor import cluster
+from epoxi.v1 import monitor_pb2, monitor_pb2_grpc, node_pb2, node_pb2_grpc
+from services.monitor import cluster, lock
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +40,13 @@ class MonitorService(monitor_pb2_grpc.MonitorServiceServicer):
         channels: Channels,
         node_timeout: float = 2.0,
         admin_timeout: float = 15.0,
+        name: str = "monitor",
+        address: str = "",
     ) -> None:
         self.consul = consul
+        # Who this monitor is, in the rebalance lock's value.
+        self.name = name
+        self.address = address
         self.channels = channels
         self.node_timeout = node_timeout
         # Seconds for a node's StartPipeline or StopPipeline (a stop drains the pipeline first).
@@ -120,12 +130,13 @@ class MonitorService(monitor_pb2_grpc.MonitorServiceServicer):
         self, request: monitor_pb2.StopPipelineByRoutingKeyRequest, context: grpc.aio.ServicerContext
     ) -> monitor_pb2.StopPipelineByRoutingKeyResponse:
         key, _ = await self._key(context, request.routing_key)
-        found = {
-            p.node: p for p in map(services.pipeline_from_entry, await self._pipelines_for(context, key))
-        }
+        entries, owner = await asyncio.gather(self._pipelines_for(context, key), self._owner(context, key))
+        found = {p.node: p.address for p in map(services.pipeline_from_entry, entries)}
+        if owner is not None:
+            found.setdefault(owner.node, owner.address)
         if not found:
             await abort(context, grpc.StatusCode.NOT_FOUND, f"no pipeline has routing key {key}")
-        outcomes = await asyncio.gather(*(self._stop_on(found[n]) for n in sorted(found)))
+        outcomes = await asyncio.gather(*(self._stop_on(n, found[n], key) for n in sorted(found)))
         stopped = sum(o.stopped for o in outcomes)
         if not stopped and all(o.error_code == grpc.StatusCode.NOT_FOUND.name for o in outcomes):
             await abort(context, grpc.StatusCode.NOT_FOUND, f"no node runs a pipeline for routing key {key}")
@@ -134,44 +145,76 @@ class MonitorService(monitor_pb2_grpc.MonitorServiceServicer):
     async def Rebalance(
         self, request: monitor_pb2.RebalanceRequest, context: grpc.aio.ServicerContext
     ) -> monitor_pb2.RebalanceResponse:
+        if request.dry_run:
+            planned, _ = await self._plan(context)
+            return planned
+        try:
+            async with lock.held(self.consul, lock.REBALANCE, self.name, self.address) as held:
+                # Planned under the lock: no other rebalance moves pipelines meanwhile.
+                response, addresses = await self._plan(context)
+                for move in response.moves:
+                    if held.lost:
+                        log.warning("rebalance: %s was lost; the later moves stay planned", lock.REBALANCE)
+                        break
+                    await self._move(move, addresses)
+                    if move.state != monitor_pb2.PIPELINE_MOVE_STATE_MOVED:
+                        break  # later moves assumed this one; leave them planned
+                return response
+        except lock.LockHeld as e:
+            await abort(context, grpc.StatusCode.ABORTED, f"another rebalance is under way: {e}")
+        except RegistryError as e:
+            await abort(context, grpc.StatusCode.UNAVAILABLE, f"cannot take {lock.REBALANCE}: {e}")
+
+    async def _plan(
+        self, context: grpc.aio.ServicerContext
+    ) -> tuple[monitor_pb2.RebalanceResponse, dict[str, str]]:
+        """The moves that even out the passing nodes' pipeline counts (all PLANNED), and the
+        nodes' addresses."""
         nodes = [
             services.node_from_entry(e)
             for e in await self._health(context, services.NODE_SERVICE, passing=True)
         ]
         answers = await asyncio.gather(*(self._node_state(n) for n in nodes))
         states = [s for n, s in zip(nodes, answers, strict=True) if s is not None and s.node.id == n.id]
-        addresses = {n.id: n.address for n in nodes}
         moves, skipped, counts = cluster.plan_rebalance(states)
-        if not request.dry_run:
-            for move in moves:
-                await self._move(move, addresses)
-                if move.state != monitor_pb2.PIPELINE_MOVE_STATE_MOVED:
-                    break  # later moves assumed this one; leave them planned
-        return monitor_pb2.RebalanceResponse(moves=moves, skipped=skipped, planned_pipelines_per_node=counts)
+        response = monitor_pb2.RebalanceResponse(
+            moves=moves, skipped=skipped, planned_pipelines_per_node=counts
+        )
+        return response, {n.id: n.address for n in nodes}
 
     async def _move(self, move: monitor_pb2.PipelineMove, addresses: dict[str, str]) -> None:
-        """Start ``move``'s pipeline on its target with the same policy, then stop it on its source."""
+        """Stop ``move``'s pipeline on from_node, handing its queued mail to to_node, then make
+        sure to_node runs it (started with the source's policy when nothing was queued)."""
         p = move.pipeline
+        outcome = await self._stop_on(
+            move.from_node, addresses[move.from_node], move.routing_key, hand_to=move.to_node
+        )
+        if not outcome.stopped:
+            move.state = monitor_pb2.PIPELINE_MOVE_STATE_STOP_FAILED
+            move.error_code, move.error_message = outcome.error_code, outcome.error_message
+            return
+        handed = outcome.messages_handed_off > 0 and outcome.handed_to_node == move.to_node
+        if not handed and (outcome.messages_handed_off or outcome.messages_kept):
+            # The mail stayed on from_node (which runs the key again) or went to another node.
+            move.state = monitor_pb2.PIPELINE_MOVE_STATE_START_FAILED
+            move.error_message = outcome.kept_reason or where_mail_went(outcome)
+            return
+        move.state = monitor_pb2.PIPELINE_MOVE_STATE_MOVED
+        move.messages_moved = outcome.messages_handed_off
+        if outcome.messages_kept:  # handed in part: the rest waits on from_node for its next round
+            move.error_message = where_mail_went(outcome)
         target = node_pb2.NodeInfo(id=move.to_node, address=addresses[move.to_node])
         try:
+            # With mail handed over to_node runs the key already, and this answers its pipeline.
             started = await self._start(
                 target, node_pb2.StartPipelineRequest(domain=p.domain, source_ip=p.source_ip, policy=p.policy)
             )
         except grpc.aio.AioRpcError as e:
-            move.state = monitor_pb2.PIPELINE_MOVE_STATE_START_FAILED
+            if not handed:  # nothing queued, and to_node did not take the key
+                move.state = monitor_pb2.PIPELINE_MOVE_STATE_START_FAILED
             move.error_code, move.error_message = e.code().name, str(e.details())
             return
         move.pipeline.CopyFrom(started.pipeline)
-        outcome = await self._stop_on(
-            pipeline_pb2.PipelineInfo(
-                routing_key=p.routing_key, node=move.from_node, address=addresses[move.from_node]
-            )
-        )
-        if outcome.stopped:
-            move.state = monitor_pb2.PIPELINE_MOVE_STATE_MOVED
-        else:
-            move.state = monitor_pb2.PIPELINE_MOVE_STATE_STOP_FAILED
-            move.error_code, move.error_message = outcome.error_code, outcome.error_message
 
     async def _start(
         self, node: node_pb2.NodeInfo, request: node_pb2.StartPipelineRequest
@@ -188,28 +231,31 @@ class MonitorService(monitor_pb2_grpc.MonitorServiceServicer):
         )
         return response
 
-    async def _stop_on(self, p: pipeline_pb2.PipelineInfo) -> monitor_pb2.NodeStopOutcome:
-        """Stop ``p`` on its node; the outcome carries the node's error instead of raising it."""
-        outcome = monitor_pb2.NodeStopOutcome(node=p.node, address=p.address)
-        stub = node_pb2_grpc.NodeServiceStub(self.channels.get(p.address))
+    async def _stop_on(
+        self, node: str, address: str, key: str, hand_to: str = ""
+    ) -> monitor_pb2.NodeStopOutcome:
+        """Stop ``key`` on ``node`` (its queued mail to ``hand_to``, else where the node picks);
+        the outcome carries where the mail went, or the node's error instead of raising it."""
+        outcome = monitor_pb2.NodeStopOutcome(node=node, address=address)
+        stub = node_pb2_grpc.NodeServiceStub(self.channels.get(address))
         try:
             response: node_pb2.StopPipelineResponse = await stub.StopPipeline(
-                node_pb2.StopPipelineRequest(routing_key=p.routing_key), timeout=self.admin_timeout
+                node_pb2.StopPipelineRequest(routing_key=key, hand_to_node=hand_to),
+                timeout=self.admin_timeout,
             )
         except grpc.aio.AioRpcError as e:
             log.warning(
-                "node %s at %s: StopPipeline %s failed: %s %s",
-                p.node,
-                p.address,
-                p.routing_key,
-                e.code().name,
-                e.details(),
+                "node %s at %s: StopPipeline %s failed: %s %s", node, address, key, e.code().name, e.details()
             )
             outcome.error_code, outcome.error_message = e.code().name, str(e.details())
             return outcome
-        log.info("pipeline %s stopped on node %s", p.routing_key, p.node)
         outcome.stopped = True
         outcome.pipeline.CopyFrom(response.pipeline)
+        outcome.messages_handed_off = response.messages_handed_off
+        outcome.handed_to_node = response.handed_to_node
+        outcome.messages_kept = response.messages_kept
+        outcome.kept_reason = response.kept_reason
+        log.info("pipeline %s stopped on node %s: %s", key, node, where_mail_went(outcome))
         return outcome
 
     async def _cluster(
@@ -263,6 +309,16 @@ class MonitorService(monitor_pb2_grpc.MonitorServiceServicer):
             )
         return found
 
+    async def _owner(self, context: grpc.aio.ServicerContext, key: str) -> Owner | None:
+        """The node holding ``key``'s placement record; UNAVAILABLE when the registry does not answer."""
+        try:
+            return await owner_of(self.consul, key)
+        except RegistryError as e:
+            log.warning("registry query for the owner of %s failed: %s", key, e)
+            await abort(
+                context, grpc.StatusCode.UNAVAILABLE, f"cannot read the owner of {key} from the registry: {e}"
+            )
+
     async def _key(self, context: grpc.aio.ServicerContext, key: str) -> tuple[str, str]:
         """The canonical routing key and its source IP; INVALID_ARGUMENT when malformed."""
         try:
@@ -286,3 +342,14 @@ class MonitorService(monitor_pb2_grpc.MonitorServiceServicer):
             log.warning("registry query for %s failed: %s", service, e)
             await abort(context, grpc.StatusCode.UNAVAILABLE, f"cannot read {service} from the registry: {e}")
         return list(entries or [])
+
+
+def where_mail_went(o: monitor_pb2.NodeStopOutcome) -> str:
+    """Where a stop's queued mail went, in words: "3 messages handed to node n2", "2 messages kept
+    on node n1: <reason>", both, or "no queued mail"."""
+    parts = []
+    if o.messages_handed_off:
+        parts.append(f"{o.messages_handed_off} messages handed to node {o.handed_to_node}")
+    if o.messages_kept:
+        parts.append(f"{o.messages_kept} messages kept on node {o.node}: {o.kept_reason}")
+    return "; ".join(parts) or "no queued mail"

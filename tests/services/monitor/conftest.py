@@ -12,13 +12,14 @@ import grpc
 import pytest
 
 from devmesh.registry.app import RunningRegistry
+from epoxi import policy_store
 from epoxi.v1 import monitor_pb2_grpc
 from gateway import main as gateway_main
 from gateway.app import start_gateway
 from gateway.upstream import StaticUpstream
 from services.monitor.main import MonitorConfig, RunningMonitor, start_monitor
 from tests.services.monitor.support import equals
-from tests.support import Nodes, eventually, passing_nodes
+from tests.support import Nodes, eventually, passing_nodes, stored_policy
 
 
 @pytest.fixture
@@ -63,3 +64,10 @@ async def cluster(nodes: Nodes, consul: Any) -> AsyncIterator[Nodes]:
     await nodes.start_pipeline("node2", "gmail.com", "127.0.0.4")
     await eventually(lambda: equals(passing_nodes(consul), {"node1", "node2"}))
     yield nodes
+
+
+@pytest.fixture
+async def default_policy(consul: Any) -> None:
+    """A stored "default" policy for the pipelines nodes start by themselves (for new mail, or
+    for mail handed to them): batches without waiting, and retries enough to outlast a ``Hold``."""
+    await policy_store.put_policy(consul, policy_store.DEFAULT_POLICY, stored_policy(max_retries=10_000))

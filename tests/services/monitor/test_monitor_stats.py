@@ -10,29 +10,13 @@ import pytest
 from devmesh.registry.app import serve
 from devmesh.sink import Sink
 from epoxi.registry import services
-from epoxi.v1 import email_pb2, monitor_pb2_grpc, node_pb2, pipeline_pb2
+from epoxi.v1 import email_pb2, monitor_pb2_grpc, node_pb2
 from epoxi.v1 import monitor_pb2 as m
 from services.monitor.main import MonitorConfig, start_monitor
+from tests.services.monitor.support import register_pipeline
 from tests.support import Nodes, eventually
 
 Stub = monitor_pb2_grpc.MonitorServiceStub
-
-
-async def register_pipeline(
-    consul: Any, node: str, domain: str, ip: str, address: str = "127.0.0.1:1"
-) -> str:
-    """A pipeline as a node registers it, but with no node refreshing its TTL check; its check ID."""
-    key = f"{domain}_{ip.replace('.', '_')}"
-    info = pipeline_pb2.PipelineInfo(
-        name=services.pipeline_service_id(node, key),
-        routing_key=key,
-        node=node,
-        address=address,
-        domain=domain,
-        source_ip=ip,
-    )
-    await consul.agent.service.register(**services.pipeline_registration(info, "1m", "1m"))
-    return services.pipeline_check_id(info.name)
 
 
 async def test_pipeline_stats_count_from_the_registry_and_sum_live_counters(
