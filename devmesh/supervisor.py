@@ -131,6 +131,8 @@ class Mesh:
     gateway_addr: str = "127.0.0.1:0"
     sink_addr: str = "127.0.0.1:0"
     check_interval: str = "1s"
+    # Routers beyond the first, named router2, router3, ...
+    extra_routers: int = 0
     echo: Callable[[str, str], None] | None = None
     processes: dict[str, Process] = field(default_factory=dict)
 
@@ -154,7 +156,8 @@ class Mesh:
         await asyncio.gather(*(self.start_node(n) for n in self.nodes))
         await self.wait_passing(services.NODE_SERVICE, {n.id for n in self.nodes})
         await asyncio.gather(
-            self._spawn("router", ["services.router", "--listen", self.router_addr, *self._common()]),
+            self.start_router("router", self.router_addr),
+            *(self.start_router(f"router{i + 2}") for i in range(self.extra_routers)),
             self._spawn(
                 "monitor", ["services.monitor", "--listen", self.monitor_addr, "--consul", self.consul]
             ),
@@ -200,6 +203,9 @@ class Mesh:
         (self.data_dir / spec.id).mkdir(parents=True, exist_ok=True)
         return await self._spawn(spec.id, args)
 
+    async def start_router(self, name: str = "router", listen: str = "127.0.0.1:0") -> Process:
+        return await self._spawn(name, ["services.router", "--listen", listen, *self._common()])
+
     async def _spawn(self, name: str, args: list[str]) -> Process:
         p = await spawn(name, args, self.echo)
         self.processes[name] = p
@@ -213,7 +219,8 @@ class Mesh:
 
     async def stop(self) -> None:
         # Front to back, so nothing routes to a service that is already gone.
-        order = ["gateway", "router", "monitor", *[n.id for n in self.nodes], "sink", "registry"]
+        routers = [name for name in self.processes if name.startswith("router")]
+        order = ["gateway", *routers, "monitor", *[n.id for n in self.nodes], "sink", "registry"]
         for name in order:
             if name in self.processes:
                 await self.stop_process(name)
