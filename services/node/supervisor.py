@@ -268,6 +268,14 @@ class PipelineSupervisor:
         """Give ``key``'s queued and deferred mail (none of it in flight: no pipeline runs it here)
         to ``to``, or to the best other node that owns the key's IP, following refusals that name
         the key's owner; each chunk is deleted here once the receiver has it durably."""
+        leaving = key in self.leaving
+        try:
+            return await self._hand_off(key, to)
+        finally:
+            if not leaving:  # a stop keeps refusing mail for the key until it is done
+                self.leaving.pop(key, None)
+
+    async def _hand_off(self, key: str, to: Owner | None) -> HandOff:
         counts = await self.spool.counts(key)
         if not counts.unfinished:
             return HandOff()

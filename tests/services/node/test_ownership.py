@@ -14,8 +14,9 @@ from google.protobuf import duration_pb2
 
 from devmesh.sink import Sink
 from epoxi.registry.client import Consul
-from epoxi.registry.ownership import record_key
+from epoxi.registry.ownership import ConsulOwnership, record_key
 from epoxi.v1 import node_pb2, pipeline_pb2
+from services.node.registration import NODE_REFRESH_ROUNDS
 from tests.support import SOURCE_IP, Nodes, eventually, valid_email
 
 KEY = f"example.com_{SOURCE_IP.replace('.', '_')}"
@@ -202,3 +203,43 @@ async def test_take_messages_refuses_bad_input(nodes: Nodes) -> None:
         "messages[0] has no recipients",
     ):
         assert text in details
+
+
+async def test_after_handing_a_key_over_a_node_can_take_it_again(nodes: Nodes, sink: Sink) -> None:
+    slow = pipeline_pb2.PipelinePolicy(batch_size=100, batch_timeout=duration_pb2.Duration(seconds=3600))
+    n1 = await nodes.start("n1", SOURCE_IP)
+    n2 = await nodes.start("n2", SOURCE_IP)
+    await nodes.stub("n1").StartPipeline(
+        node_pb2.StartPipelineRequest(domain="example.com", source_ip=SOURCE_IP, policy=slow), timeout=5
+    )
+    await nodes.stub("n1").EnqueueBatch(batch("held@example.com"), timeout=5)
+    await n1.close()
+    del nodes.running["n1"]
+    await nodes.stub("n2").EnqueueBatch(batch("new@example.com"), timeout=5)
+    await nodes.start("n1", SOURCE_IP)  # hands its mail to n2 on resume
+    await sink.wait_for(2)
+    await n2.close()  # n2 lets go of the key
+    del nodes.running["n2"]
+    reply = await nodes.stub("n1").EnqueueBatch(batch("back@example.com"), timeout=5)
+    assert reply.pipeline.node == "n1" and reply.pipeline_started
+    assert reply.pipeline.policy.batch_size == 100  # the policy the key last ran with here
+    stats = await nodes.stub("n1").GetQueueStats(node_pb2.GetQueueStatsRequest(routing_key=KEY), timeout=5)
+    assert stats.totals.queued == 1
+
+
+async def test_a_nodes_session_outlives_its_periodic_registrations(nodes: Nodes, consul: Consul) -> None:
+    node = await nodes.start("n1", SOURCE_IP)
+    await nodes.stub("n1").EnqueueBatch(batch("a@example.com"), timeout=5)
+    ownership = node.supervisor.ownership
+    assert isinstance(ownership, ConsulOwnership) and ownership.session is not None
+    session = ownership.session
+    rounds = node.registrar._rounds if node.registrar else 0
+
+    async def refreshed() -> bool:  # the registrar registers the node again every 12 rounds
+        return node.registrar is not None and node.registrar._rounds >= rounds + 2 * NODE_REFRESH_ROUNDS
+
+    await eventually(refreshed)
+    _, found = await consul.session.info(session)
+    assert found is not None and found["ID"] == session
+    held = await record(consul)
+    assert held is not None and held[0] == session
