@@ -290,12 +290,19 @@ class MonitorService(monitor_pb2_grpc.MonitorServiceServicer):
     async def _node_for_key(
         self, context: grpc.aio.ServicerContext, key: str, source_ip: str
     ) -> tuple[node_pb2.NodeInfo, bool]:
-        """The passing node running ``key``, else the best passing owner of ``source_ip`` (and
-        whether it runs the key); NOT_FOUND when no passing node owns the IP."""
-        node_entries, pipeline_entries = await asyncio.gather(
+        """The passing node holding ``key``'s placement record, else the passing node the registry
+        shows running it, else the best passing owner of ``source_ip`` (and whether it runs the
+        key); NOT_FOUND when no passing node owns the IP."""
+        node_entries, pipeline_entries, owner = await asyncio.gather(
             self._health(context, services.NODE_SERVICE, passing=True),
             self._pipelines_for(context, key, passing=True),
+            self._owner(context, key),
         )
+        if owner is not None:
+            for entry in node_entries:
+                holder = services.node_from_entry(entry)
+                if holder.id == owner.node:
+                    return holder, True
         found = cluster.node_for_key(
             map(services.node_from_entry, node_entries),
             map(services.pipeline_from_entry, pipeline_entries),
