@@ -3,6 +3,7 @@ watch of every pipeline.
 
     .venv/bin/python -m benchmarks.router_view                    # 10,000 keys, 3 nodes, about 4 minutes
     .venv/bin/python -m benchmarks.router_view --keys 2000 --json var/router_view.json
+    .venv/bin/python -m benchmarks.router_view --only decision   # (a) alone
 
 In-process: the development registry (``devmesh.registry.app.serve``) runs on its own thread and
 event loop, so the router side's CPU is the main thread's (``time.thread_time``). The registry
@@ -196,8 +197,9 @@ async def _bounded(calls: Iterable[Callable[[], Awaitable[object]]], limit: int)
     await asyncio.gather(*(one(c) for c in calls))
 
 
-async def populate(consul: Any, keys: int, nodes: int) -> None:
-    """Nodes, their sessions, the keys' placement records, and the keys as pipeline services."""
+async def populate(consul: Any, keys: int, nodes: int, pipelines: bool = True) -> None:
+    """Nodes, their sessions, the keys' placement records, and (``pipelines``) the keys as
+    pipeline services."""
     per_node = [len(range(j, keys, nodes)) for j in range(nodes)]
     for j in range(nodes):
         await consul.agent.service.register(**node_registration(j, per_node[j]))
@@ -212,7 +214,8 @@ async def populate(consul: Any, keys: int, nodes: int) -> None:
         return lambda: consul.kv.put(record_key(routing_key(domain, ip)), value, acquire=sessions[j])
 
     await _bounded((claim(i) for i in range(keys)), 64)
-    await _bounded((register_pipeline(consul, i, nodes) for i in range(keys)), 64)
+    if pipelines:
+        await _bounded((register_pipeline(consul, i, nodes) for i in range(keys)), 64)
 
 
 def register_pipeline(consul: Any, i: int, nodes: int) -> Callable[[], Awaitable[None]]:
@@ -552,6 +555,8 @@ def cache_bytes_per_key(keys: int, nodes: int) -> float:
 async def run(args: argparse.Namespace, registry: RegistryThread) -> Result:
     r = Result(args.keys, args.nodes, machine=_utils.machine())
     designs = [("new", 0), ("new", args.keys), ("old", args.keys)]
+    if args.only == "decision":
+        return await measure_all(args, registry, [], r)
     children = [await RssChild(d, k).start(registry.address, args.nodes) for d, k in designs]
     try:
         return await measure_all(args, registry, children, r)
@@ -565,11 +570,14 @@ async def measure_all(
 ) -> Result:
     start = time.perf_counter()
     print(f"registering {args.nodes} nodes, {args.keys:,} placement records and pipelines ...", flush=True)
-    await registry.run(populate(registry.consul, args.keys, args.nodes))
+    only_decision = args.only == "decision"
+    await registry.run(populate(registry.consul, args.keys, args.nodes, pipelines=not only_decision))
     r.setup_seconds = time.perf_counter() - start
     print(f"  done in {r.setup_seconds:.1f}s", flush=True)
     print("(a) routing decision per email ...", flush=True)
     await decision_costs(registry, args.keys, args.nodes, args.rounds, r)
+    if only_decision:
+        return r
     print("(b) change cost ...", flush=True)
     await change_costs(registry, args.keys, args.nodes, args.changes, r)
     print("(c) peak RSS ...", flush=True)
@@ -589,6 +597,10 @@ def report(r: Result) -> str:
             [["known keys", "µs/email"]] + [[k, f"{v:.1f}"] for k, v in r.decision_us_per_email.items()]
         ),
         f"ratio {keys[-1]} / {keys[0]}: {r.decision_ratio:.2f}",
+    ]
+    if not r.change:  # --only decision
+        return "\n".join(lines)
+    lines += [
         "",
         f"(b) one pipeline registering while {r.keys:,} exist (median)",
         _utils.table(
@@ -634,6 +646,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=5, help="rounds of (a); the best counts")
     parser.add_argument("--changes", type=int, default=3, help="changes measured per design in (b)")
+    parser.add_argument(
+        "--only", choices=["decision"], help="measure (a) alone (no pipeline services, no children)"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--rss-child", metavar="REGISTRY", help=argparse.SUPPRESS)
     parser.add_argument("--design", default="new", help=argparse.SUPPRESS)

@@ -34,4 +34,7 @@ def recipients_in(email: email_pb2.Email, domain: str) -> list[str]:
 
 def domains(email: email_pb2.Email) -> list[str]:
     """Recipient domains of ``email`` in first-seen order."""
+    to = email.to
+    if len(to) == 1 and not email.cc and not email.bcc:
+        return [domain_of(to[0])]  # the common case, without the list and dict of the general one
     return list(dict.fromkeys(domain_of(r) for r in recipients(email)))

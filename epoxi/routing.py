@@ -6,8 +6,13 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 
 from epoxi.address import address_problem
+
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+# Dotted-quad IPv4 without leading zeros: what ipaddress.ip_address accepts as IPv4.
+_PLAIN_IPV4 = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}\Z")
 
 
 def routing_key(domain: str, ip: str) -> str:
@@ -28,6 +33,8 @@ def split_routing_key(key: str) -> tuple[str, str]:
 
 
 def is_ip(value: str) -> bool:
+    if _PLAIN_IPV4.match(value):
+        return True  # the common case, without ipaddress's objects
     try:
         ipaddress.ip_address(value)
     except ValueError:

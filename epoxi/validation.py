@@ -13,7 +13,6 @@ import re
 from typing import Any
 
 from epoxi.address import address_problem
-from epoxi.envelope import recipients
 from epoxi.routing import is_ip
 from epoxi.settings import setting
 from epoxi.v1 import email_pb2
@@ -73,39 +72,51 @@ def max_email_bytes_setting(env_prefix: str) -> Any:
 def validate(e: email_pb2.Email, where: str = "email", max_bytes: int = MAX_EMAIL_BYTES) -> list[str]:
     """Every reason ``e`` cannot be accepted, each naming the field; ``max_bytes`` is the
     ``max_email_bytes`` setting."""
+    # Each field read once: every read of a protobuf field builds a Python object.
     problems: list[str] = []
     sender = getattr(e, "from")
     if not sender:
         problems.append(f"{where}.from is required")
     elif (p := address_problem(sender)) is not None:
         problems.append(f"{where}.from {sender!r} {p}")
-    rcpts = recipients(e)
-    if not rcpts:
+    to, cc, bcc = e.to, e.cc, e.bcc
+    count = len(to) + len(cc) + len(bcc)
+    if not count:
         problems.append(f"{where} has no recipients (to, cc and bcc are empty)")
-    if len(rcpts) > MAX_RECIPIENTS:
-        problems.append(f"{where} has {len(rcpts)} recipients; at most {MAX_RECIPIENTS} are allowed")
-    for field in ("to", "cc", "bcc"):
-        for i, r in enumerate(getattr(e, field)):
+    if count > MAX_RECIPIENTS:
+        problems.append(f"{where} has {count} recipients; at most {MAX_RECIPIENTS} are allowed")
+    for field, values in (("to", to), ("cc", cc), ("bcc", bcc)):
+        for i, r in enumerate(values):
             if (p := address_problem(r)) is not None:
                 problems.append(f"{where}.{field}[{i}] {r!r} {p}")
-    if e.reply_to and (p := address_problem(e.reply_to)) is not None:
-        problems.append(f"{where}.reply_to {e.reply_to!r} {p}")
-    for field in ("subject", "message_id"):
-        if _has_crlf(getattr(e, field)):
-            problems.append(f"{where}.{field} contains CR or LF")
-    for i, h in enumerate(e.headers):
-        if not HEADER_NAME.match(h.name):
-            problems.append(f"{where}.headers[{i}].name {h.name!r} is not a valid header field name")
-        elif h.name.lower() in RESERVED_HEADERS:
-            problems.append(f"{where}.headers[{i}].name {h.name!r} is set from the email's own fields")
-        if _has_crlf(h.value):
-            problems.append(f"{where}.headers[{i}] ({h.name}) value contains CR or LF")
-    for i, a in enumerate(e.attachments):
-        if not a.filename or _has_crlf(a.filename):
-            problems.append(f"{where}.attachments[{i}].filename is required and must be one line")
-    if e.delivery.ip and not is_ip(e.delivery.ip):
-        problems.append(f"{where}.delivery.ip {e.delivery.ip!r} is not an IP address")
-    size = e.ByteSize() + (0 if e.message_id else MESSAGE_ID_ALLOWANCE)
+    reply_to = e.reply_to
+    if reply_to and (p := address_problem(reply_to)) is not None:
+        problems.append(f"{where}.reply_to {reply_to!r} {p}")
+    message_id = e.message_id
+    if _has_crlf(e.subject):
+        problems.append(f"{where}.subject contains CR or LF")
+    if _has_crlf(message_id):
+        problems.append(f"{where}.message_id contains CR or LF")
+    headers = e.headers
+    if headers:
+        for i, h in enumerate(headers):
+            name, value = h.name, h.value
+            if not HEADER_NAME.match(name):
+                problems.append(f"{where}.headers[{i}].name {name!r} is not a valid header field name")
+            elif name.lower() in RESERVED_HEADERS:
+                problems.append(f"{where}.headers[{i}].name {name!r} is set from the email's own fields")
+            if _has_crlf(value):
+                problems.append(f"{where}.headers[{i}] ({name}) value contains CR or LF")
+    attachments = e.attachments
+    if attachments:
+        for i, a in enumerate(attachments):
+            filename = a.filename
+            if not filename or _has_crlf(filename):
+                problems.append(f"{where}.attachments[{i}].filename is required and must be one line")
+    ip = e.delivery.ip
+    if ip and not is_ip(ip):
+        problems.append(f"{where}.delivery.ip {ip!r} is not an IP address")
+    size = e.ByteSize() + (0 if message_id else MESSAGE_ID_ALLOWANCE)
     if size > max_bytes:
         problems.append(
             f"{where} is {size} bytes; the limit is {max_bytes} bytes ({format_size(max_bytes)}, "

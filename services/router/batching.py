@@ -73,9 +73,10 @@ def idempotency_key(key: str, message_ids: Sequence[str]) -> str:
 
 def choose_ip(e: email_pb2.Email, default_pool: str, pools: dict[str, list[str]]) -> tuple[str, str]:
     """The source IP for ``e`` and, when there is none, why. Pool picks are stable per domain."""
-    if e.delivery.ip:
-        return e.delivery.ip, ""
-    pool = e.delivery.ip_pool or default_pool or DEFAULT_POOL
+    delivery = e.delivery
+    if delivery.ip:
+        return delivery.ip, ""
+    pool = delivery.ip_pool or default_pool or DEFAULT_POOL
     ips = pools.get(pool)
     if not ips:
         return "", f"no passing node sends from ip pool {pool!r}"

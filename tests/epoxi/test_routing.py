@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
 
 from epoxi import placement
 from epoxi.envelope import domains, new_email, recipients_in
-from epoxi.routing import routing_key, split_routing_key
+from epoxi.routing import _PLAIN_IPV4, is_ip, routing_key, split_routing_key
 from epoxi.v1 import node_pb2
 
 
@@ -44,3 +46,36 @@ def test_placement_prefers_fewest_pipelines_then_least_load_among_owners():
     ]
     assert [n.id for n in placement.candidates(nodes, "10.0.0.1")] == ["idle", "loaded", "busy"]
     assert placement.best_node(nodes, "10.0.0.9") is None
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "127.0.0.2",
+        "0.0.0.0",
+        "255.255.255.255",
+        "256.1.1.1",
+        "1.2.3",
+        "1.2.3.4.5",
+        "01.2.3.4",
+        "1.2.3.04",
+        "1.2.3.4\n",
+        " 1.2.3.4",
+        "1.2.3.4 ",
+        "::1",
+        "2001:db8::1",
+        "::ffff:1.2.3.4",
+        "",
+        "a.b.c.d",
+        "1..2.3",
+        "199.249.250.251",
+    ],
+)
+def test_the_ipv4_shortcut_agrees_with_ipaddress(value):
+    try:
+        ipaddress.ip_address(value)
+        expected = True
+    except ValueError:
+        expected = False
+    assert is_ip(value) is expected
+    assert (_PLAIN_IPV4.match(value) is not None) <= expected
