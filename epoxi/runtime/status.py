@@ -1,4 +1,4 @@
-"""How a servicer refuses a call: one abort, and one summary of many problems."""
+"""How a servicer refuses a call: one abort, with one bounded summary of many problems."""
 
 from __future__ import annotations
 
@@ -7,15 +7,42 @@ from typing import NoReturn
 import grpc
 
 MAX_PROBLEMS_REPORTED = 20
+# The status message travels percent-encoded in the grpc-message trailer, and a peer refuses
+# metadata over 8 KiB (grpc.max_metadata_size) with RESOURCE_EXHAUSTED instead of the status.
+MAX_MESSAGE_BYTES = 4096
+
+
+def encoded_size(message: str) -> int:
+    """Bytes ``message`` takes in grpc-message: UTF-8, with "%" and bytes outside 0x20-0x7E as "%XX"."""
+    data = message.encode("utf-8", "surrogatepass")
+    return len(data) + 2 * sum(1 for b in data if b < 0x20 or b > 0x7E or b == 0x25)
+
+
+def bounded(message: str, limit: int = MAX_MESSAGE_BYTES) -> str:
+    """``message``, cut so that it takes at most ``limit`` bytes in grpc-message, ending with how
+    many characters were cut."""
+    if encoded_size(message) <= limit:
+        return message
+    # Leave room for the note; a character takes at most 12 bytes encoded.
+    room = limit - 48
+    kept, used = [], 0
+    for ch in message:
+        used += encoded_size(ch)
+        if used > room:
+            break
+        kept.append(ch)
+    return "".join(kept) + f"... ({len(message) - len(kept)} more characters)"
 
 
 async def abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
-    """End the call with ``code`` and ``message``; never returns."""
-    await context.abort(code, message)
+    """End the call with ``code`` and ``message`` (bounded); never returns."""
+    await context.abort(code, bounded(message))
     raise AssertionError("context.abort returned")  # it always raises
 
 
 def summary(problems: list[str]) -> str:
-    """The first ``MAX_PROBLEMS_REPORTED`` problems, "; "-joined, and how many more there were."""
+    """The first ``MAX_PROBLEMS_REPORTED`` problems, "; "-joined, and how many more there were;
+    bounded by ``MAX_MESSAGE_BYTES``."""
     more = len(problems) - MAX_PROBLEMS_REPORTED
-    return "; ".join(problems[:MAX_PROBLEMS_REPORTED]) + (f"; and {more} more" if more > 0 else "")
+    text = "; ".join(problems[:MAX_PROBLEMS_REPORTED]) + (f"; and {more} more" if more > 0 else "")
+    return bounded(text)
