@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-from typing import NoReturn
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, NoReturn, TypeVar
 
 import grpc
+
+R = TypeVar("R")
+# Refusals that say something is wrong on our side, logged where they end a call.
+_SERVER_TROUBLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL})
 
 MAX_PROBLEMS_REPORTED = 20
 # The status message travels percent-encoded in the grpc-message trailer, and a peer refuses
@@ -38,6 +45,38 @@ async def abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, messag
     """End the call with ``code`` and ``message`` (bounded); never returns."""
     await context.abort(code, bounded(message))
     raise AssertionError("context.abort returned")  # it always raises
+
+
+class Refusal(Exception):
+    """Raised by a servicer's helpers to refuse the call; ``refusals`` turns it into one abort.
+
+    Helpers that run concurrently (``asyncio.gather``) must not abort themselves: a second
+    ``context.abort`` on the same call raises ``UsageError: Abort already called``.
+    """
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def refusals(
+    method: Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]],
+) -> Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]:
+    """A servicer method whose ``Refusal`` ends the call with its code and message, once."""
+
+    @functools.wraps(method)
+    async def refusing(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
+        try:
+            return await method(self, request, context)
+        except Refusal as r:
+            if r.code in _SERVER_TROUBLE:
+                logging.getLogger(method.__module__).warning(
+                    "%s: %s %s", method.__qualname__, r.code.name, r.message
+                )
+            await abort(context, r.code, r.message)
+
+    return refusing
 
 
 def summary(problems: list[str]) -> str:

@@ -8,6 +8,9 @@ goes to every node the registry shows running the key and to the holder of its p
 (``epoxi.registry.ownership``); the node drains and hands the queued mail over, and its answer
 says where the mail went. A rebalance moves each pipeline by one such stop, with the target named
 (``hand_to_node``), under the cluster-wide lock of ``services.monitor.lock``.
+
+A call that cannot reach the registry ends in one UNAVAILABLE naming the query that failed,
+however many queries it had under way (``epoxi.runtime.status.refusals``).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from epoxi.registry.ownership import Owner, owner_of
 from epoxi.routing import routing_key, split_routing_key
 from epoxi.runtime import status
 from epoxi.runtime.channels import Channels
-from epoxi.runtime.status import abort
+from epoxi.runtime.status import Refusal, abort, refusals
 from epoxi.v1 import monitor_pb2, monitor_pb2_grpc, node_pb2, node_pb2_grpc
 from services.monitor import cluster, lock
 
@@ -52,22 +55,25 @@ class MonitorService(monitor_pb2_grpc.MonitorServiceServicer):
         # Seconds for a node's StartPipeline or StopPipeline (a stop drains the pipeline first).
         self.admin_timeout = admin_timeout
 
+    @refusals
     async def FindAllPipelines(
         self, request: monitor_pb2.FindAllPipelinesRequest, context: grpc.aio.ServicerContext
     ) -> monitor_pb2.FindAllPipelinesResponse:
-        entries = await self._health(context, services.PIPELINE_SERVICE, passing=request.passing_only)
+        entries = await self._health(services.PIPELINE_SERVICE, passing=request.passing_only)
         response = monitor_pb2.FindAllPipelinesResponse()
         for p in cluster.pipelines_in_order(entries):
             response.nodes[p.node].pipelines.append(p)
         return response
 
+    @refusals
     async def FindPipelinesByRoutingKey(
         self, request: monitor_pb2.FindPipelinesByRoutingKeyRequest, context: grpc.aio.ServicerContext
     ) -> monitor_pb2.FindPipelinesByRoutingKeyResponse:
         key, _ = await self._key(context, request.routing_key)
-        entries = await self._pipelines_for(context, key, passing=request.passing_only)
+        entries = await self._pipelines_for(key, passing=request.passing_only)
         return monitor_pb2.FindPipelinesByRoutingKeyResponse(pipelines=cluster.pipelines_in_order(entries))
 
+    @refusals
     async def FindNodeForRoutingKey(
         self, request: monitor_pb2.FindNodeForRoutingKeyRequest, context: grpc.aio.ServicerContext
     ) -> monitor_pb2.FindNodeForRoutingKeyResponse:
@@ -75,34 +81,39 @@ class MonitorService(monitor_pb2_grpc.MonitorServiceServicer):
         node, has_pipeline = await self._node_for_key(context, key, source_ip)
         return monitor_pb2.FindNodeForRoutingKeyResponse(node=node, has_pipeline=has_pipeline)
 
+    @refusals
     async def GetPipelineStats(
         self, request: monitor_pb2.GetPipelineStatsRequest, context: grpc.aio.ServicerContext
     ) -> monitor_pb2.GetPipelineStatsResponse:
-        stats, _, _ = await self._cluster(context)
+        stats, _, _ = await self._cluster()
         return monitor_pb2.GetPipelineStatsResponse(stats=stats)
 
+    @refusals
     async def GetClusterStats(
         self, request: monitor_pb2.GetClusterStatsRequest, context: grpc.aio.ServicerContext
     ) -> monitor_pb2.GetClusterStatsResponse:
-        stats, summary, nodes = await self._cluster(context)
+        stats, summary, nodes = await self._cluster()
         return monitor_pb2.GetClusterStatsResponse(pipeline_stats=stats, health_summary=summary, nodes=nodes)
 
+    @refusals
     async def HealthCheckAll(
         self, request: monitor_pb2.HealthCheckAllRequest, context: grpc.aio.ServicerContext
     ) -> monitor_pb2.HealthCheckAllResponse:
-        results, summary = cluster.health_results(await self._health(context, services.PIPELINE_SERVICE))
+        results, summary = cluster.health_results(await self._health(services.PIPELINE_SERVICE))
         return monitor_pb2.HealthCheckAllResponse(results=results, summary=summary)
 
+    @refusals
     async def HealthCheckRoutingKey(
         self, request: monitor_pb2.HealthCheckRoutingKeyRequest, context: grpc.aio.ServicerContext
     ) -> monitor_pb2.HealthCheckRoutingKeyResponse:
         key, _ = await self._key(context, request.routing_key)
-        entries = await self._pipelines_for(context, key)
+        entries = await self._pipelines_for(key)
         if not entries:
             await abort(context, grpc.StatusCode.NOT_FOUND, f"no pipeline has routing key {key}")
         results, summary = cluster.health_results(entries)
         return monitor_pb2.HealthCheckRoutingKeyResponse(results=results, summary=summary)
 
+    @refusals
     async def StartPipelineOptimal(
         self, request: monitor_pb2.StartPipelineOptimalRequest, context: grpc.aio.ServicerContext
     ) -> monitor_pb2.StartPipelineOptimalResponse:
@@ -126,11 +137,12 @@ class MonitorService(monitor_pb2_grpc.MonitorServiceServicer):
             pipeline=started.pipeline, node=node, started=started.started
         )
 
+    @refusals
     async def StopPipelineByRoutingKey(
         self, request: monitor_pb2.StopPipelineByRoutingKeyRequest, context: grpc.aio.ServicerContext
     ) -> monitor_pb2.StopPipelineByRoutingKeyResponse:
         key, _ = await self._key(context, request.routing_key)
-        entries, owner = await asyncio.gather(self._pipelines_for(context, key), self._owner(context, key))
+        entries, owner = await asyncio.gather(self._pipelines_for(key), self._owner(key))
         found = {p.node: p.address for p in map(services.pipeline_from_entry, entries)}
         if owner is not None:
             found.setdefault(owner.node, owner.address)
@@ -142,16 +154,17 @@ class MonitorService(monitor_pb2_grpc.MonitorServiceServicer):
             await abort(context, grpc.StatusCode.NOT_FOUND, f"no node runs a pipeline for routing key {key}")
         return monitor_pb2.StopPipelineByRoutingKeyResponse(stopped_count=stopped, outcomes=outcomes)
 
+    @refusals
     async def Rebalance(
         self, request: monitor_pb2.RebalanceRequest, context: grpc.aio.ServicerContext
     ) -> monitor_pb2.RebalanceResponse:
         if request.dry_run:
-            planned, _ = await self._plan(context)
+            planned, _ = await self._plan()
             return planned
         try:
             async with lock.held(self.consul, lock.REBALANCE, self.name, self.address) as held:
                 # Planned under the lock: no other rebalance moves pipelines meanwhile.
-                response, addresses = await self._plan(context)
+                response, addresses = await self._plan()
                 for move in response.moves:
                     if held.lost:
                         log.warning("rebalance: %s was lost; the later moves stay planned", lock.REBALANCE)
@@ -165,15 +178,10 @@ class MonitorService(monitor_pb2_grpc.MonitorServiceServicer):
         except RegistryError as e:
             await abort(context, grpc.StatusCode.UNAVAILABLE, f"cannot take {lock.REBALANCE}: {e}")
 
-    async def _plan(
-        self, context: grpc.aio.ServicerContext
-    ) -> tuple[monitor_pb2.RebalanceResponse, dict[str, str]]:
+    async def _plan(self) -> tuple[monitor_pb2.RebalanceResponse, dict[str, str]]:
         """The moves that even out the passing nodes' pipeline counts (all PLANNED), and the
         nodes' addresses."""
-        nodes = [
-            services.node_from_entry(e)
-            for e in await self._health(context, services.NODE_SERVICE, passing=True)
-        ]
+        nodes = [services.node_from_entry(e) for e in await self._health(services.NODE_SERVICE, passing=True)]
         answers = await asyncio.gather(*(self._node_state(n) for n in nodes))
         states = [s for n, s in zip(nodes, answers, strict=True) if s is not None and s.node.id == n.id]
         moves, skipped, counts = cluster.plan_rebalance(states)
@@ -259,10 +267,10 @@ class MonitorService(monitor_pb2_grpc.MonitorServiceServicer):
         return outcome
 
     async def _cluster(
-        self, context: grpc.aio.ServicerContext
+        self,
     ) -> tuple[monitor_pb2.PipelineStats, monitor_pb2.HealthSummary, list[node_pb2.NodeInfo]]:
         node_entries, pipeline_entries = await asyncio.gather(
-            self._health(context, services.NODE_SERVICE), self._health(context, services.PIPELINE_SERVICE)
+            self._health(services.NODE_SERVICE), self._health(services.PIPELINE_SERVICE)
         )
         nodes = [services.node_from_entry(e) for e in node_entries]
         passing = [n for n, e in zip(nodes, node_entries, strict=True) if services.passing(e)]
@@ -294,9 +302,9 @@ class MonitorService(monitor_pb2_grpc.MonitorServiceServicer):
         shows running it, else the best passing owner of ``source_ip`` (and whether it runs the
         key); NOT_FOUND when no passing node owns the IP."""
         node_entries, pipeline_entries, owner = await asyncio.gather(
-            self._health(context, services.NODE_SERVICE, passing=True),
-            self._pipelines_for(context, key, passing=True),
-            self._owner(context, key),
+            self._health(services.NODE_SERVICE, passing=True),
+            self._pipelines_for(key, passing=True),
+            self._owner(key),
         )
         if owner is not None:
             for entry in node_entries:
@@ -316,15 +324,14 @@ class MonitorService(monitor_pb2_grpc.MonitorServiceServicer):
             )
         return found
 
-    async def _owner(self, context: grpc.aio.ServicerContext, key: str) -> Owner | None:
+    async def _owner(self, key: str) -> Owner | None:
         """The node holding ``key``'s placement record; UNAVAILABLE when the registry does not answer."""
         try:
             return await owner_of(self.consul, key)
         except RegistryError as e:
-            log.warning("registry query for the owner of %s failed: %s", key, e)
-            await abort(
-                context, grpc.StatusCode.UNAVAILABLE, f"cannot read the owner of {key} from the registry: {e}"
-            )
+            raise Refusal(
+                grpc.StatusCode.UNAVAILABLE, f"cannot read the owner of {key} from the registry: {e}"
+            ) from e
 
     async def _key(self, context: grpc.aio.ServicerContext, key: str) -> tuple[str, str]:
         """The canonical routing key and its source IP; INVALID_ARGUMENT when malformed."""
@@ -334,20 +341,17 @@ class MonitorService(monitor_pb2_grpc.MonitorServiceServicer):
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return routing_key(domain, ip), ip
 
-    async def _pipelines_for(
-        self, context: grpc.aio.ServicerContext, key: str, passing: bool = False
-    ) -> list[services.Entry]:
-        entries = await self._health(context, services.PIPELINE_SERVICE, passing=passing, tag=key)
+    async def _pipelines_for(self, key: str, passing: bool = False) -> list[services.Entry]:
+        entries = await self._health(services.PIPELINE_SERVICE, passing=passing, tag=key)
         return [e for e in entries if (e["Service"].get("Meta") or {}).get("routing_key") == key]
 
     async def _health(
-        self, context: grpc.aio.ServicerContext, service: str, passing: bool = False, tag: str | None = None
+        self, service: str, passing: bool = False, tag: str | None = None
     ) -> list[services.Entry]:
         try:
             _, entries = await self.consul.health.service(service, passing=passing, tag=tag)
         except RegistryError as e:
-            log.warning("registry query for %s failed: %s", service, e)
-            await abort(context, grpc.StatusCode.UNAVAILABLE, f"cannot read {service} from the registry: {e}")
+            raise Refusal(grpc.StatusCode.UNAVAILABLE, f"cannot read {service} from the registry: {e}") from e
         return list(entries or [])
 
 

@@ -156,3 +156,33 @@ async def test_registry_down_is_unavailable() -> None:
         assert "cannot read epoxi-pipeline from the registry" in (e.value.details() or "")
     finally:
         await monitor.close()
+
+
+@pytest.mark.parametrize(
+    ("call", "request_"),
+    [
+        ("GetClusterStats", m.GetClusterStatsRequest()),
+        ("GetPipelineStats", m.GetPipelineStatsRequest()),
+        ("StopPipelineByRoutingKey", m.StopPipelineByRoutingKeyRequest(routing_key="gmail.com_127_0_0_2")),
+        ("FindNodeForRoutingKey", m.FindNodeForRoutingKeyRequest(routing_key="gmail.com_127_0_0_2")),
+        ("Rebalance", m.RebalanceRequest(dry_run=True)),
+    ],
+)
+async def test_registry_down_is_one_unavailable_per_call(
+    call: str, request_: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # These calls ask the registry several things at once; each failed query used to abort the
+    # call again, and the second abort logged "Abort already called".
+    registry = await serve("127.0.0.1", 0)
+    monitor = await start_monitor(MonitorConfig(consul=registry.address, id="monitor-down"))
+    try:
+        await registry.close()
+        async with grpc.aio.insecure_channel(monitor.address) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await getattr(Stub(channel), call)(request_, timeout=5)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "from the registry" in (e.value.details() or "")
+    finally:
+        await monitor.close()
+    assert not [r for r in caplog.records if r.exc_info or "Abort already called" in r.getMessage()]
+    assert len([r for r in caplog.records if r.name.startswith("services.monitor")]) == 1
