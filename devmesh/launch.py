@@ -6,11 +6,14 @@ import argparse
 import asyncio
 import json
 import os
+import signal
+import uuid
 from pathlib import Path
 
 from google.protobuf import json_format
 
-from devmesh.supervisor import Mesh
+from devmesh.supervisor import Mesh, StartFailed
+from devmesh.watchdog import Backoff, Died, Event, Watchdog
 from epoxi import envelope
 from epoxi.runtime.channels import channel
 from epoxi.runtime.lifecycle import configure_logging, run_until_signalled
@@ -27,6 +30,9 @@ DEMO_RECIPIENTS = [
 
 
 def demo_emails() -> list[email_pb2.Email]:
+    # A Message-ID of this run's own: without one the router derives it from the content, and a
+    # node that kept its spool from an earlier run would take the demo for a batch it already has.
+    run = uuid.uuid4().hex[:12]
     return [
         envelope.new_email(
             "Epoxi Demo <demo@epoxi.dev>",
@@ -35,8 +41,9 @@ def demo_emails() -> list[email_pb2.Email]:
             text="Routed by Epoxi mesh: router -> node pipeline -> SMTP.",
             html="<p>Routed by <b>Epoxi mesh</b>.</p>",
             delivery=email_pb2.Delivery(ip=ip),
+            message_id=f"<demo-{run}-{i}@epoxi.dev>",
         )
-        for rcpt, ip in DEMO_RECIPIENTS
+        for i, (rcpt, ip) in enumerate(DEMO_RECIPIENTS)
     ]
 
 
@@ -58,9 +65,14 @@ def _echo(name: str, line: str) -> None:
     print(f"{name:>8} | {line}", flush=True)
 
 
+def _report(event: Event) -> None:
+    print(event.describe(), flush=True)
+
+
 async def run(args: argparse.Namespace, stop: asyncio.Event) -> int:
+    data_dir = Path(args.data_dir)
     mesh = Mesh(
-        data_dir=Path(args.data_dir),
+        data_dir=data_dir,
         consul=args.consul,
         registry_addr=args.registry,
         router_addr=args.router,
@@ -68,13 +80,23 @@ async def run(args: argparse.Namespace, stop: asyncio.Event) -> int:
         gateway_addr=args.gateway,
         sink_addr=args.sink,
         echo=_echo if args.verbose else None,
+        log_dir=data_dir / "logs",
+        own_process_group=True,
     )
-    await mesh.start()
+    print(f"Starting Epoxi mesh; each service logs to {data_dir / 'logs'}/<service>.log", flush=True)
+    try:
+        await mesh.start()
+    except StartFailed as failed:
+        log = mesh.log_path(failed.process.name)
+        _report(Died.of(failed.process, failed.reason, log, "the mesh cannot start without it; stopped it"))
+        return 1
+    watchdog = Watchdog(mesh, _report, Backoff(give_up_after=args.give_up_after)).start()
     try:
         print("\nEpoxi mesh is up:")
         for name, p in mesh.processes.items():
-            print(f"  {name:<9} {p.address}")
-        print(f"  data      {args.data_dir} (spools; delivered mail in {Path(args.data_dir) / 'sink'})")
+            print(f"  {name:<9} {p.address:<22} pid {p.pid}")
+        print(f"  data      {data_dir} (spools; delivered mail in {data_dir / 'sink'})")
+        print(f"  logs      {data_dir / 'logs'}/<service>.log (the previous run's: <service>.log.1)")
         if not args.no_demo:
             summary = await send_demo(mesh)
             print("\nDemo batch routed:")
@@ -99,6 +121,7 @@ async def run(args: argparse.Namespace, stop: asyncio.Event) -> int:
         await stop.wait()
         return 0
     finally:
+        await watchdog.stop()
         await mesh.stop()
 
 
@@ -114,6 +137,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sink", default="127.0.0.1:2525", help="mail sink SMTP address")
     parser.add_argument("--no-demo", action="store_true", help="do not send the demo batch")
     parser.add_argument("--exit-after-demo", action="store_true", help="stop once the demo is delivered")
+    parser.add_argument(
+        "--give-up-after",
+        type=int,
+        default=Backoff.give_up_after,
+        metavar="N",
+        help="stop restarting a service after N quick deaths in a row (default: %(default)s)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="show every service's log")
 
 
@@ -128,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
 
     async def dev_main(stop: asyncio.Event) -> None:
         nonlocal code
+        # The services are in their own process group, so a closed terminal hangs up only this
+        # process: it stops them.
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, stop.set)
         code = await run(args, stop)
 
     asyncio.run(run_until_signalled(dev_main))

@@ -10,10 +10,12 @@ It counts the SMTP sessions it served (``sessions``) and the most open at once (
 from __future__ import annotations
 
 import asyncio
+import datetime
 import email.parser
 import email.policy
 import ssl
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +101,12 @@ class _Session(SMTP):
         super().connection_lost(error)
 
 
+def mail_file_name() -> str:
+    """``20250102T030405.678901Z-<12 hex digits>.eml``: sorted by arrival, unique by the random part."""
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    return f"{now}-{uuid.uuid4().hex[:12]}.eml"
+
+
 @dataclass
 class Sink:
     host: str = "127.0.0.1"
@@ -122,12 +130,20 @@ class Sink:
             return self.replies[rcpt]
         return self.reply_rule(rcpt) if self.reply_rule else None
 
-    def save(self, r: Received) -> None:
+    def save(self, r: Received) -> Path:
+        """Write ``r`` to a new file of ``maildir``, named by when it arrived: it never replaces
+        one, whichever sink (this run's, an earlier run's, another at once) wrote it."""
         assert self.maildir is not None
         self.maildir.mkdir(parents=True, exist_ok=True)
-        name = f"{len(self.received):06d}.eml"
         header = f"X-Epoxi-Peer: {r.peer}\r\nX-Epoxi-Envelope-To: {', '.join(r.rcpt_tos)}\r\n".encode()
-        (self.maildir / name).write_bytes(header + r.data)
+        while True:
+            path = self.maildir / mail_file_name()
+            try:
+                with path.open("xb") as f:
+                    f.write(header + r.data)
+                return path
+            except FileExistsError:
+                continue
 
     async def start(self) -> Sink:
         loop = asyncio.get_running_loop()
@@ -175,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="epoxi sink", description="Accept and keep mail, like a test inbox."
     )
     parser.add_argument("--listen", default="127.0.0.1:2525", help="host:port (port 0 picks one)")
-    parser.add_argument("--maildir", type=Path, help="write each message here as NNNNNN.eml")
+    parser.add_argument(
+        "--maildir", type=Path, help="write each message here, as <arrival time>-<random>.eml"
+    )
     args = parser.parse_args(argv)
     host, _, port = args.listen.rpartition(":")
 

@@ -1,7 +1,9 @@
 """Start the whole mesh on one machine, each service its own process.
 
 Used by ``epoxi dev`` and by the end-to-end tests. Every service prints one line
-``... listening on <address>`` when it is ready; that is how the addresses are learnt.
+``... listening on <address>`` when it is ready; that is how the addresses are learnt. With
+``log_dir`` each service's output also goes to ``<log_dir>/<service>.log`` (``devmesh.logs``).
+``restart`` starts a service again after it died; ``devmesh.watchdog`` decides when.
 """
 
 from __future__ import annotations
@@ -10,16 +12,22 @@ import asyncio
 import contextlib
 import os
 import re
+import shlex
 import signal
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from devmesh.logs import ServiceLog, ServiceLogs, describe_exit
 from epoxi.registry import client, services
 
 _READY = re.compile(r"listening on (\S+)\s*$")
 STARTUP_TIMEOUT = 30.0
+# Longer output lines are dropped (with a note) rather than stopping the reading of the output.
+MAX_LINE = 1 << 20
+_LISTEN_FLAGS = ("--listen", "--http-addr")
 
 
 @dataclass
@@ -39,10 +47,23 @@ DEFAULT_NODES = [
 class Process:
     name: str
     proc: asyncio.subprocess.Process
-    address: str
+    address: str = ""
     lines: list[str] = field(default_factory=list)
     line_added: asyncio.Event = field(default_factory=asyncio.Event)
+    log: ServiceLog | None = None
+    started_at: float = field(default_factory=time.monotonic)
+    # Set by stop(): the exit that follows was asked for.
+    stopping: bool = False
     _pump: asyncio.Task[None] | None = None
+    # The address from the ready line; None when the output ended without one.
+    _ready: asyncio.Future[str | None] = field(default_factory=asyncio.Future)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def tail(self, count: int) -> list[str]:
+        return [line.rstrip("\n") for line in self.lines[-count:]]
 
     async def wait_for_lines(self, prefix: str, count: int) -> list[str]:
         """Wait until ``count`` output lines start with ``prefix``; returns them."""
@@ -53,7 +74,15 @@ class Process:
                 return found
             await self.line_added.wait()
 
+    async def exited(self) -> int:
+        """Wait until the process has exited and its output is read; its return code."""
+        if self._pump is not None:
+            # Shielded: a waiter that is cancelled must not stop the reading of the output.
+            await asyncio.shield(self._pump)
+        return await self.proc.wait()
+
     async def stop(self, sig: int = signal.SIGTERM, grace: float = 10.0) -> int:
+        self.stopping = True
         if self.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(sig)
@@ -68,13 +97,29 @@ class Process:
         return self.proc.returncode if self.proc.returncode is not None else -1
 
 
+class StartFailed(RuntimeError):
+    """A service that exited, or was stopped, before it was ready."""
+
+    def __init__(self, process: Process, reason: str) -> None:
+        self.process = process
+        self.reason = reason
+        code = process.proc.returncode
+        how = f" ({describe_exit(code)})" if code is not None else ""
+        super().__init__(f"{process.name} {reason}{how}:\n" + "".join(process.lines))
+
+
 async def spawn(
     name: str,
     args: list[str],
     echo: Callable[[str, str], None] | None = None,
     env: dict[str, str] | None = None,
+    log: ServiceLog | None = None,
+    own_process_group: bool = False,
 ) -> Process:
-    """Run ``python -m <args>`` and wait for its ready line."""
+    """Run ``python -m <args>`` and wait for its ready line; its output also goes to ``log``.
+
+    In ``own_process_group``, a Ctrl-C at the terminal reaches only the caller, which then
+    stops the service when it chooses to."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -82,39 +127,61 @@ async def spawn(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        limit=MAX_LINE,
+        process_group=0 if own_process_group else None,
     )
-    assert proc.stdout is not None
-    lines: list[str] = []
+    p = Process(name, proc, log=log)
+    if log is not None:
+        log.mark(f"{name} started, pid {proc.pid}: python -m {shlex.join(args)}")
+    p._pump = asyncio.create_task(_pump(p, echo))
     try:
         async with asyncio.timeout(STARTUP_TIMEOUT):
-            while True:
-                raw = await proc.stdout.readline()
-                if not raw:
-                    raise RuntimeError(f"{name} exited before it was ready:\n" + "".join(lines))
-                line = raw.decode(errors="replace")
-                lines.append(line)
-                if echo:
-                    echo(name, line.rstrip())
-                if m := _READY.search(line):
-                    break
+            address = await asyncio.shield(p._ready)
+    except TimeoutError:
+        await p.stop(signal.SIGKILL)
+        raise StartFailed(p, f"was not ready within {STARTUP_TIMEOUT:g} s") from None
     except BaseException:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await p.stop(signal.SIGKILL)
         raise
-    p = Process(name, proc, m.group(1), lines)
-    p._pump = asyncio.create_task(_pump(p, echo))
+    if address is None:
+        raise StartFailed(p, "exited before it was ready")
+    p.address = address
     return p
 
 
 async def _pump(p: Process, echo: Callable[[str, str], None] | None) -> None:
     assert p.proc.stdout is not None
-    async for raw in p.proc.stdout:
+    while True:
+        try:
+            raw = await p.proc.stdout.readline()
+        except ValueError:
+            raw = f"[supervisor: a line over {MAX_LINE} bytes was dropped]\n".encode()
+        if not raw:
+            break
         line = raw.decode(errors="replace")
         p.lines.append(line)
         p.line_added.set()
+        if p.log is not None:
+            p.log.write(line)
         if echo:
             echo(p.name, line.rstrip())
+        if not p._ready.done() and (m := _READY.search(line)):
+            p._ready.set_result(m.group(1))
+    code = await p.proc.wait()
+    if not p._ready.done():
+        p._ready.set_result(None)
+    if p.log is not None:
+        how = "stopped" if p.stopping else "died"
+        p.log.mark(f"{p.name} (pid {p.pid}) {how}: {describe_exit(code)}")
+
+
+def _listening_at(args: list[str], address: str) -> list[str]:
+    """``args`` with the listen address replaced by ``address`` (where the service was bound)."""
+    out = list(args)
+    for i, arg in enumerate(out[:-1]):
+        if arg in _LISTEN_FLAGS:
+            out[i + 1] = address.removeprefix("http://")
+    return out
 
 
 @dataclass
@@ -134,9 +201,18 @@ class Mesh:
     # Routers beyond the first, named router2, router3, ...
     extra_routers: int = 0
     echo: Callable[[str, str], None] | None = None
+    # Each service's output also in <log_dir>/<service>.log.
+    log_dir: Path | None = None
+    # Services in their own process group: a Ctrl-C at the terminal reaches only this process.
+    own_process_group: bool = False
     processes: dict[str, Process] = field(default_factory=dict)
+    # How to start each service but the nodes again: as before, at the address it had.
+    _restart_args: dict[str, list[str]] = field(default_factory=dict)
+    _logs: ServiceLogs | None = None
 
     async def start(self) -> Mesh:
+        if self.log_dir is not None:
+            self._logs = ServiceLogs(self.log_dir)
         try:
             await self._start()
         except BaseException:
@@ -177,6 +253,10 @@ class Mesh:
 
     async def wait_passing(self, service: str, ids: set[str]) -> None:
         """Block until the registry shows every one of ``ids`` passing (their first check has run)."""
+        await self._wait_registry(service, lambda entries: ids <= {e["Service"]["ID"] for e in entries})
+
+    async def _wait_registry(self, service: str, done: Callable[[list[services.Entry]], bool]) -> None:
+        """Block until ``done`` holds for the registry's passing entries of ``service``."""
         consul = client.connect(self.consul)
         try:
             async with asyncio.timeout(STARTUP_TIMEOUT):
@@ -185,7 +265,7 @@ class Mesh:
                     index, entries = await consul.health.service(
                         service, passing=True, index=index, wait="5s"
                     )
-                    if ids <= {e["Service"]["ID"] for e in entries}:
+                    if done(entries):
                         return
         finally:
             await consul.close()
@@ -206,13 +286,39 @@ class Mesh:
     async def start_router(self, name: str = "router", listen: str = "127.0.0.1:0") -> Process:
         return await self._spawn(name, ["services.router", "--listen", listen, *self._common()])
 
+    async def restart(self, name: str) -> Process:
+        """Start ``name`` again and wait until it is ready: a node until the registry shows it
+        passing at its new address (it may have any), any other service at the address it had,
+        the one its clients know."""
+        spec = next((n for n in self.nodes if n.id == name), None)
+        if spec is None:
+            return await self._spawn(name, self._restart_args[name])
+        p = await self.start_node(spec)
+        try:
+            await self._wait_registry(
+                services.NODE_SERVICE,
+                lambda entries: any(
+                    (info := services.node_from_entry(e)).id == name and info.address == p.address
+                    for e in entries
+                ),
+            )
+        except TimeoutError:
+            await p.stop(signal.SIGKILL)
+            raise StartFailed(p, f"was not passing its health check within {STARTUP_TIMEOUT:g} s") from None
+        return p
+
     async def _spawn(self, name: str, args: list[str]) -> Process:
-        p = await spawn(name, args, self.echo)
+        log = self._logs.get(name) if self._logs is not None else None
+        p = await spawn(name, args, self.echo, log=log, own_process_group=self.own_process_group)
         self.processes[name] = p
+        self._restart_args[name] = _listening_at(args, p.address)
         return p
 
     def address(self, name: str) -> str:
         return self.processes[name].address
+
+    def log_path(self, name: str) -> Path | None:
+        return self._logs.path(name) if self._logs is not None else None
 
     async def stop_process(self, name: str, sig: int = signal.SIGTERM) -> int:
         return await self.processes.pop(name).stop(sig)
@@ -221,6 +327,10 @@ class Mesh:
         # Front to back, so nothing routes to a service that is already gone.
         routers = [name for name in self.processes if name.startswith("router")]
         order = ["gateway", *routers, "monitor", *[n.id for n in self.nodes], "sink", "registry"]
-        for name in order:
-            if name in self.processes:
-                await self.stop_process(name)
+        try:
+            for name in order:
+                if name in self.processes:
+                    await self.stop_process(name)
+        finally:
+            if self._logs is not None:
+                self._logs.close()

@@ -61,8 +61,9 @@ def generate(out_root: Path) -> None:
         f"--grpc_python_out={out_root}",
         f"--plugin=protoc-gen-mypy={bindir / 'protoc-gen-mypy'}",
         f"--plugin=protoc-gen-mypy_grpc={bindir / 'protoc-gen-mypy_grpc'}",
-        f"--mypy_out={out_root}",
-        f"--mypy_grpc_out={out_root}",
+        # quiet: no "Writing mypy to ..." line per file on stderr.
+        f"--mypy_out=quiet:{out_root}",
+        f"--mypy_grpc_out=quiet:{out_root}",
         *sources,
     ]
     if protoc.main(args) != 0:

@@ -1,4 +1,5 @@
-"""`epoxi dev` — the README's first command — routes and delivers its demo batch."""
+"""`epoxi dev` — the README's first command — routes and delivers its demo batch, keeps each
+service's log in a file, and keeps the mail of earlier runs."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from pathlib import Path
 
 from devmesh.launch import DEMO_RECIPIENTS
 
+SERVICES = ("registry", "sink", "node1", "node2", "router", "monitor", "gateway")
 
-async def test_epoxi_dev_delivers_the_demo_batch(tmp_path: Path) -> None:
+
+async def run_dev(data: Path) -> str:
     ports = [f"--{name}=127.0.0.1:0" for name in ("registry", "router", "monitor", "gateway", "sink")]
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -18,7 +21,7 @@ async def test_epoxi_dev_delivers_the_demo_batch(tmp_path: Path) -> None:
         "dev",
         "--exit-after-demo",
         "--data-dir",
-        str(tmp_path),
+        str(data),
         *ports,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
@@ -26,6 +29,11 @@ async def test_epoxi_dev_delivers_the_demo_batch(tmp_path: Path) -> None:
     out, _ = await asyncio.wait_for(proc.communicate(), 120)
     text = out.decode()
     assert proc.returncode == 0, text
+    return text
+
+
+async def test_epoxi_dev_delivers_the_demo_batch(tmp_path: Path) -> None:
+    text = await run_dev(tmp_path)
     received = [line.split() for line in text.splitlines() if line.strip().startswith("received from")]
     # "received from <peer> for <rcpt> (...)"
     peers = {words[4]: words[2] for words in received}
@@ -34,3 +42,21 @@ async def test_epoxi_dev_delivers_the_demo_batch(tmp_path: Path) -> None:
         if ip:
             assert peers[rcpt] == ip
     assert len(list((tmp_path / "sink").glob("*.eml"))) == len(DEMO_RECIPIENTS)
+
+
+async def test_a_second_run_keeps_the_first_runs_mail_and_logs(tmp_path: Path) -> None:
+    await run_dev(tmp_path)
+    first_mail = set((tmp_path / "sink").glob("*.eml"))
+    text = await run_dev(tmp_path)
+
+    assert first_mail < set((tmp_path / "sink").glob("*.eml"))
+    assert len(list((tmp_path / "sink").glob("*.eml"))) == 2 * len(DEMO_RECIPIENTS)
+    logs = tmp_path / "logs"
+    assert f"each service logs to {logs}/<service>.log" in text
+    for name in SERVICES:
+        # This run's log, and the previous run's, each from its start to its stop.
+        for log in (logs / f"{name}.log", logs / f"{name}.log.1"):
+            lines = log.read_text().splitlines()
+            assert f"epoxi dev: {name} started, pid" in lines[0], log
+            assert f"{name} listening on" in "\n".join(lines), log
+            assert lines[-1].endswith("stopped: exit code 0 ---"), log
