@@ -1,4 +1,13 @@
-"""The aiohttp application: one catch-all handler that matches, transcodes and calls over gRPC."""
+"""The aiohttp application: one catch-all handler that matches, transcodes and calls over gRPC.
+
+Every answer of the gateway's own is a ``google.rpc.Status`` JSON body: 404 for no route, 405
+(with ``Allow``) for another method, 400 for a request that cannot become the request message,
+413 for a body over ``max_request_bytes``, 503 with no upstream. An exception the gateway did
+not foresee is its own bug: it is logged and answered 500 INTERNAL, never left to aiohttp.
+Requests that are not valid HTTP (a malformed request line, a header line over 8 KiB) are
+answered by aiohttp's parser with a plain 400 before they reach the application, as Go's
+net/http answers them for grpc-gateway.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +20,7 @@ from google.protobuf import descriptor, message
 
 from epoxi.runtime.channels import RPC_TIMEOUT
 from epoxi.runtime.lifecycle import Service
+from gateway import incoming
 from gateway.errors import GatewayError, rpc_error_response, status_response
 from gateway.routes import MethodNotAllowed, NoRoute, RouteTable
 from gateway.transcode import BadRequest, build_request, response_json
@@ -18,22 +28,29 @@ from gateway.upstream import NoUpstream, Upstream
 
 log = logging.getLogger(__name__)
 
-# Headers passed on as gRPC metadata, as grpc-gateway does: Authorization, and Grpc-Metadata-<key>.
-_METADATA_PREFIX = "grpc-metadata-"
+# aiohttp's own default; admin requests are far smaller (see docs/operations.md).
+MAX_REQUEST_BYTES = 1024 * 1024
 
 
-def create_app(routes: RouteTable, upstream: Upstream, rpc_timeout: float = RPC_TIMEOUT) -> web.Application:
+def create_app(
+    routes: RouteTable,
+    upstream: Upstream,
+    rpc_timeout: float = RPC_TIMEOUT,
+    max_request_bytes: int = MAX_REQUEST_BYTES,
+) -> web.Application:
     async def handle(request: web.Request) -> web.StreamResponse:
         try:
-            return await _handle(request, routes, upstream, rpc_timeout)
+            return await _handle(request, routes, upstream, rpc_timeout, max_request_bytes)
         except GatewayError as e:
-            return status_response(e.code, e.message, e.http)
+            return e.response()
         except Exception:
             log.exception("%s %s failed in the gateway", request.method, request.rel_url)
             return status_response(grpc.StatusCode.INTERNAL, "internal gateway error")
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handle)
+    app = web.Application(client_max_size=max_request_bytes)
+    # [\s\S]: a path may hold a newline (%0A), which ".*" would leave to aiohttp's own 404.
+    # [\s\S]: a path may hold a newline (%0A), which ".*" would leave to aiohttp's own 404.
+    app.router.add_route("*", r"/{tail:[\s\S]*}", handle)
     return app
 
 
@@ -42,8 +59,10 @@ async def _handle(
     routes: RouteTable,
     upstream: Upstream,
     rpc_timeout: float,
+    max_request_bytes: int,
 ) -> web.StreamResponse:
     path = request.rel_url.raw_path
+    incoming.check_path(path)
     try:
         match = routes.match(request.method, path)
     except NoRoute:
@@ -51,24 +70,29 @@ async def _handle(
     except MethodNotAllowed as e:
         allowed = ", ".join(e.allowed)
         raise GatewayError(
-            grpc.StatusCode.UNIMPLEMENTED, f"{request.method} is not allowed on {path}; use {allowed}", 405
+            grpc.StatusCode.UNIMPLEMENTED,
+            f"{request.method} is not allowed on {path}; use {allowed}",
+            405,
+            {"Allow": allowed},
         ) from None
+    route = match.route
+    body = await incoming.body(request, max_request_bytes) if route.body else b""
     try:
-        rpc_request = build_request(match, request.rel_url.query.items(), await request.read())
+        rpc_request = build_request(match, incoming.query(request), body)
     except BadRequest as e:
         raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+    metadata = incoming.metadata(request)
     try:
         channel = await upstream.channel()
     except NoUpstream as e:
         raise GatewayError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
-    route = match.route
     call = channel.unary_unary(
         route.rpc,
         request_serializer=_serialize,
         response_deserializer=route.response_class.FromString,
     )
     try:
-        response = await call(rpc_request, timeout=rpc_timeout, metadata=_metadata(request))
+        response = await call(rpc_request, timeout=rpc_timeout, metadata=metadata)
     except grpc.aio.AioRpcError as e:
         if e.code() == grpc.StatusCode.UNAVAILABLE:
             upstream.unavailable()
@@ -79,17 +103,6 @@ async def _handle(
 
 def _serialize(msg: message.Message) -> bytes:
     return msg.SerializeToString()
-
-
-def _metadata(request: web.Request) -> list[tuple[str, str]]:
-    md = []
-    for name, value in request.headers.items():
-        key = name.lower()
-        if key == "authorization":
-            md.append((key, value))
-        elif key.startswith(_METADATA_PREFIX) and len(key) > len(_METADATA_PREFIX):
-            md.append((key.removeprefix(_METADATA_PREFIX), value))
-    return md
 
 
 class HttpServer:
@@ -120,16 +133,20 @@ async def start_gateway(
     upstream: Upstream,
     rpc_timeout: float = RPC_TIMEOUT,
     stop_grace: float = 5.0,
+    max_request_bytes: int = MAX_REQUEST_BYTES,
 ) -> Gateway:
     """Serve the annotated methods of ``services`` on ``listen`` (``host:0`` picks a free port).
 
-    The gateway owns ``upstream`` and closes it.
+    The gateway owns ``upstream`` and closes it. A request body over ``max_request_bytes`` is
+    refused with 413.
     """
     gateway = Gateway("gateway", stop_grace)
     async with gateway.starting():
         gateway.upstream = gateway.closing(upstream)
         routes = RouteTable.from_services(services)
-        runner = web.AppRunner(create_app(routes, upstream, rpc_timeout), shutdown_timeout=stop_grace)
+        runner = web.AppRunner(
+            create_app(routes, upstream, rpc_timeout, max_request_bytes), shutdown_timeout=stop_grace
+        )
         await runner.setup()
         server = HttpServer(runner)
         host, _, port = listen.rpartition(":")

@@ -48,21 +48,43 @@ def code_number(code: grpc.StatusCode) -> int:
 class GatewayError(Exception):
     """An error the gateway itself answers with, before or instead of calling the service."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, http: int | None = None) -> None:
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        http: int | None = None,
+        headers: dict[str, str] | None = None,
+        close: bool = False,
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.http = http if http is not None else http_status(code)
+        self.headers = headers
+        # The connection cannot carry another request (its body could not be read): say so.
+        self.close = close
+
+    def response(self) -> web.Response:
+        response = status_response(self.code, self.message, self.http, headers=self.headers)
+        if self.close:
+            response.force_close()
+        return response
 
 
 def status_response(
-    code: grpc.StatusCode, message: str, http: int | None = None, status: status_pb2.Status | None = None
+    code: grpc.StatusCode,
+    message: str,
+    http: int | None = None,
+    status: status_pb2.Status | None = None,
+    headers: dict[str, str] | None = None,
 ) -> web.Response:
     """A JSON ``google.rpc.Status`` response; ``status`` (from the call's trailers) supplies details."""
     body = status_pb2.Status(code=code_number(code), message=message)
     if status is not None:
         body.details.extend(status.details)
-    return web.json_response(_status_json(body), status=http if http is not None else http_status(code))
+    return web.json_response(
+        _status_json(body), status=http if http is not None else http_status(code), headers=headers
+    )
 
 
 def _status_json(status: status_pb2.Status) -> dict[str, Any]:

@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from epoxi import durations, settings
+from epoxi import durations, settings, validation
 from epoxi.registry import client
 from epoxi.runtime.channels import RPC_TIMEOUT
 from epoxi.runtime.lifecycle import serve_main
 from epoxi.settings import program, setting
 from epoxi.v1 import monitor_pb2
-from gateway.app import Gateway, start_gateway
+from gateway.app import MAX_REQUEST_BYTES, Gateway, start_gateway
 from gateway.upstream import RegistryUpstream, StaticUpstream, Upstream
 
 MONITOR_SERVICE = "epoxi-monitor"
@@ -38,6 +38,13 @@ class GatewayConfig:
     stop_grace: float = setting(
         5.0, parse=durations.seconds, shown="5s", help="how long requests under way may take at shutdown"
     )
+    max_request_bytes: int = setting(
+        MAX_REQUEST_BYTES,
+        parse=validation.parse_size,
+        shown=validation.format_size(MAX_REQUEST_BYTES).replace(" ", ""),
+        metavar="SIZE",
+        help="the largest request body accepted (bytes, or KiB, MiB, GiB); a larger one is refused with 413",
+    )
 
 
 async def start(config: GatewayConfig) -> Gateway:
@@ -46,7 +53,9 @@ async def start(config: GatewayConfig) -> Gateway:
         upstream = StaticUpstream(config.monitor)
     else:
         upstream = RegistryUpstream(client.connect(config.consul), MONITOR_SERVICE, owns_client=True)
-    return await start_gateway(config.listen, SERVICES, upstream, config.timeout, config.stop_grace)
+    return await start_gateway(
+        config.listen, SERVICES, upstream, config.timeout, config.stop_grace, config.max_request_bytes
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

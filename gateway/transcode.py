@@ -1,18 +1,19 @@
 """HTTP request → request message, response message → JSON, as grpc-gateway transcodes them.
 
-The body fills the whole request (``body: "*"``) or one top-level field (``body: "field"``); path
-bindings then set their fields; query parameters set the fields neither binds, by proto or
+The body (a JSON document as ``gateway.body`` accepts it; only an object fills a message) fills
+the whole request (``body: "*"``) or one top-level field (``body: "field"``); path bindings then
+set their fields; query parameters set the fields neither binds, by proto or
 lowerCamelCase name, dotted for nested fields, repeated for repeated fields.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from typing import Any, cast
 
 from google.protobuf import descriptor, json_format, message
 
+from gateway import body as json_body
 from gateway.routes import Match, resolve_field
 
 FD = descriptor.FieldDescriptor
@@ -64,20 +65,55 @@ def _parse_body(request: message.Message, body_field: str, body: bytes) -> None:
     if not body.strip():
         return
     try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BadRequest(f"request body is not valid JSON: {e}") from e
+        data = json_body.parse(body)
+    except json_body.InvalidJSON as e:
+        raise BadRequest(str(e)) from None
+    request_type = _descriptor(request)
+    target = request_type if body_field == "*" else request_type.fields_by_name[body_field]
+    if _takes_object(target) and not isinstance(data, dict):
+        raise BadRequest(f"request body must be a JSON object ({_type_name(target)}), not {_json_kind(data)}")
     try:
-        if body_field == "*":
-            json_format.ParseDict(data, request)
-        else:
-            json_format.ParseDict({body_field: data}, request)
+        json_format.ParseDict(
+            data if body_field == "*" else {body_field: data},
+            request,
+            max_recursion_depth=json_body.MAX_DEPTH + 1,  # + 1: the wrapping field just above
+        )
     except (json_format.ParseError, ValueError, TypeError) as e:
-        raise BadRequest(f"request body does not fit {_descriptor(request).full_name}: {e}") from e
+        raise BadRequest(f"request body does not fit {request_type.full_name}: {e}") from e
+
+
+def _takes_object(target: descriptor.Descriptor | descriptor.FieldDescriptor) -> bool:
+    """Whether only a JSON object can fill ``target``: a message, or a singular message field,
+    other than the well-known types with a JSON form of their own (Timestamp, Value, ...)."""
+    if isinstance(target, descriptor.FieldDescriptor):
+        if target.message_type is None or target.is_repeated:
+            return False
+        target = target.message_type
+    return not target.full_name.startswith("google.protobuf.")
+
+
+def _type_name(target: descriptor.Descriptor | descriptor.FieldDescriptor) -> str:
+    if isinstance(target, descriptor.FieldDescriptor):
+        assert target.message_type is not None  # _takes_object holds only for message fields
+        return f"{target.name}: {target.message_type.full_name}"
+    return target.full_name
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    return "a number"
 
 
 def _canonical_path(message_type: descriptor.Descriptor, key: str) -> str:
-    """``shelf.displayName`` → ``shelf.display_name``; KeyError when a name matches no field."""
+    """``shelf.displayName`` → ``shelf.display_name``; KeyError when a name matches no field,
+    BadRequest when the path goes on past a repeated or map field (its elements have no names)."""
     names: list[str] = []
     current: descriptor.Descriptor | None = message_type
     for part in key.split("."):
@@ -86,6 +122,10 @@ def _canonical_path(message_type: descriptor.Descriptor, key: str) -> str:
         field = resolve_field(current, part)
         names.append(field.name)
         current = field.message_type
+        if field.is_repeated and current is not None and len(names) < key.count(".") + 1:
+            raise BadRequest(
+                f"query parameter {key!r}: {field.name!r} is repeated; its elements cannot be named"
+            )
     return ".".join(names)
 
 

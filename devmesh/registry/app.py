@@ -1,4 +1,10 @@
-"""Assembling the dev registry: the aiohttp application and a helper that serves it."""
+"""Assembling the dev registry: the aiohttp application and a helper that serves it.
+
+Body and header limits are Go's ``net/http`` defaults, as Consul keeps them: no limit on a
+request body (only ``PUT /v1/kv`` refuses a large one, by its Content-Length), and up to
+``http.DefaultMaxHeaderBytes`` (1 MiB) for the request line and each header line, where aiohttp
+would stop at 8 KiB.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ from devmesh.registry.state import RegistryConfig, Store
 from devmesh.registry.web import Router
 
 STORE = web.AppKey("store", Store)
+MAX_HEADER_BYTES = 1 << 20  # http.DefaultMaxHeaderBytes
 
 
 def create_app(config: RegistryConfig | None = None) -> web.Application:
@@ -41,10 +48,12 @@ def create_app(config: RegistryConfig | None = None) -> web.Application:
         timers.close()
         await runner.close()
 
-    app = web.Application()
+    app = web.Application(client_max_size=0)  # 0: no limit
     app[STORE] = store
     app.cleanup_ctx.append(lifecycle)
-    app.router.add_route("*", "/{tail:.*}", router.dispatch)
+    # [\s\S]: a path may hold a newline (%0A), which ".*" would leave to aiohttp's own 404.
+    # [\s\S]: a path may hold a newline (%0A), which ".*" would leave to aiohttp's own 404.
+    app.router.add_route("*", r"/{tail:[\s\S]*}", router.dispatch)
     return app
 
 
@@ -72,7 +81,12 @@ async def serve(
     # handler_cancellation: a blocking query whose client went away stops at once, so shutdown
     # does not wait out open long polls.
     runner = web.AppRunner(
-        create_app(config), access_log=None, shutdown_timeout=1.0, handler_cancellation=True
+        create_app(config),
+        access_log=None,
+        shutdown_timeout=1.0,
+        handler_cancellation=True,
+        max_line_size=MAX_HEADER_BYTES,
+        max_field_size=MAX_HEADER_BYTES,
     )
     await runner.setup()
     site = web.TCPSite(runner, host, port)

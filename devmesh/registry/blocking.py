@@ -16,6 +16,7 @@ from typing import TypeVar
 
 from aiohttp import web
 
+from devmesh.registry.codec import go_duration
 from devmesh.registry.filtering import refuse_filter
 from devmesh.registry.state import Store
 from devmesh.registry.web import HTTPError, bad_request, param
@@ -37,7 +38,7 @@ def parse_query_options(request: web.Request, datacenter: str) -> tuple[int, int
     wait = 0
     if param(request, "wait"):
         try:
-            wait = durations.parse(param(request, "wait"))
+            wait = go_duration(param(request, "wait"))
         except ValueError:
             raise bad_request("Invalid wait time") from None
     index = 0

@@ -6,6 +6,9 @@
   ``?acquire=<session>`` locks (refused during a lock-delay), ``?release=<session>`` unlocks.
   A plain ``PUT`` keeps the lock holder but, as in Consul, resets ``LockIndex`` to 0. An unknown or
   empty session is ``500 raft apply failed: invalid session "<id>"`` / ``missing session``.
+* A ``PUT`` whose Content-Length is over ``KV_MAX_VALUE_SIZE`` (``kv_max_value_size``, 512 KiB)
+  is ``413 Request body(N bytes) too large, ...``, before the body is read; a chunked body has
+  no Content-Length (Go: -1) and is taken whole, as Consul takes it.
 * ``DELETE`` answers ``true``; ``?cas=N`` answers whether it deleted (a missing key counts).
 * The index of one key is its ModifyIndex, or the KV table's when it is missing; of a prefix,
   the highest ModifyIndex or tombstone under it. Deleted keys leave tombstones so that index
@@ -22,6 +25,7 @@ from devmesh.registry.blocking import blocking_query, parse_query_options
 from devmesh.registry.state import KVEntry, Store, StoreError
 from devmesh.registry.views import kv_entry
 from devmesh.registry.web import Handler, HTTPError, bad_request, json_response, meta_headers, param
+from epoxi import durations
 
 KV_MAX_VALUE_SIZE = 512 * 1024  # raft.SuggestedMaxDataSize
 
@@ -29,10 +33,10 @@ KV_MAX_VALUE_SIZE = 512 * 1024  # raft.SuggestedMaxDataSize
 def _parse_uint(request: web.Request, name: str) -> int:
     raw = param(request, name)
     if not raw.isascii() or not raw.isdigit():
-        raise HTTPError(500, f'strconv.ParseUint: parsing "{raw}": invalid syntax')
+        raise HTTPError(500, f"strconv.ParseUint: parsing {durations.go_quote(raw)}: invalid syntax")
     value = int(raw)
     if value >= 2**64:
-        raise HTTPError(500, f'strconv.ParseUint: parsing "{raw}": value out of range')
+        raise HTTPError(500, f"strconv.ParseUint: parsing {durations.go_quote(raw)}: value out of range")
     return value
 
 

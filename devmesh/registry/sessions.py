@@ -20,7 +20,16 @@ from typing import Any
 from aiohttp import web
 
 from devmesh.registry.blocking import blocking_query
-from devmesh.registry.codec import DecodeError, ListOf, Struct, decode_body
+from devmesh.registry.codec import (
+    DecodeError,
+    ListOf,
+    Struct,
+    decode_body,
+    float64_of,
+    go_duration,
+    go_int64,
+    wrap_int64,
+)
 from devmesh.registry.state import SERF_CHECK_ID, Session, Store, StoreError
 from devmesh.registry.views import session as session_view
 from devmesh.registry.web import Handler, HTTPError, bad_request, json_response, meta_headers
@@ -50,14 +59,15 @@ SESSION = Struct(
 
 def lock_delay_of(value: Any) -> int:
     """``Session.UnmarshalJSON`` for a non-null ``LockDelay``: a duration string or nanoseconds
-    (truncated), any other JSON value 0; a result below 1000 (ns) is taken as seconds."""
+    (a float64, truncated), any other JSON value 0; a result below 1000 (ns) is taken as seconds,
+    in int64 arithmetic."""
     if isinstance(value, str):
-        delay = durations.parse(value)
+        delay = go_duration(value)
     elif isinstance(value, int | float) and not isinstance(value, bool):
-        delay = int(value)
+        delay = go_int64(float64_of(value, "LockDelay"))
     else:
         delay = 0
-    return delay * durations.SECOND if delay < LOCK_DELAY_MIN_THRESHOLD else delay
+    return wrap_int64(delay * durations.SECOND) if delay < LOCK_DELAY_MIN_THRESHOLD else delay
 
 
 def check_ids_of(ids: list[str | None] | None) -> list[str] | None:
@@ -75,7 +85,7 @@ def service_checks_of(checks: list[dict[str, Any] | None] | None) -> list[dict[s
 def ttl_of(ttl: str) -> int:
     if ttl in ("", "0", "0s", "0m", "0h"):
         return 0
-    return durations.parse(ttl)
+    return go_duration(ttl)
 
 
 class SessionTimers:
@@ -154,7 +164,7 @@ class SessionEndpoints:
         ttl = 0
         if entry.ttl != "":
             try:
-                ttl = durations.parse(entry.ttl)
+                ttl = go_duration(entry.ttl)
             except ValueError as exc:
                 raise HTTPError(500, f"Session TTL '{entry.ttl}' invalid: {exc}") from None
             if ttl != 0 and (ttl < config.session_ttl_min or ttl > SESSION_TTL_MAX):

@@ -53,7 +53,8 @@ def message_class(name: str) -> type[message.Message]:
 
 
 class EchoServicer:
-    """Answers every method with the request it received; ``Fail`` aborts with the requested code."""
+    """Answers every method with the request it received; ``Fail`` aborts with the requested code
+    (INVALID_ARGUMENT when it names no error status)."""
 
     def __init__(self) -> None:
         self.metadata: list[tuple[str, Any]] = []
@@ -75,7 +76,14 @@ class EchoServicer:
     async def _answer(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> Any:
         self.metadata = list(context.invocation_metadata() or ())
         if method == "Fail":
-            code = next(c for c in grpc.StatusCode if c.value[0] == request.code)
+            code = next(
+                (c for c in grpc.StatusCode if c.value[0] == request.code and c is not grpc.StatusCode.OK),
+                None,
+            )
+            if code is None:
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"no error status has code {request.code}"
+                )
             if request.verbose:
                 detail = error_details_pb2.ErrorInfo(reason="ECHO_FAILED", domain="epoxi.test")
                 status = status_pb2.Status(code=request.code, message=request.name)

@@ -192,6 +192,8 @@ def test_query_parameters_fill_unbound_fields() -> None:
         ("ratio", "half", "not a number"),
         ("thing", "x", "is a message"),
         ("labels", "x", "map field"),
+        ("labels.key", "x", "'labels' is repeated"),
+        ("labels.value", "x", "'labels' is repeated"),
     ],
 )
 def test_bad_query_values_are_bad_requests(key: str, value: str, error: str) -> None:
