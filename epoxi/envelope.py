@@ -1,11 +1,17 @@
-"""The envelope of an Email: who sends it, who receives it, and in which domains."""
+"""The envelope of an Email: who sends it, who receives it, and in which domains.
+
+Envelope addresses are addr-specs with an IDN domain as its A-label (``epoxi.address``); a UTF-8
+local part stays as written, and makes the message need SMTPUTF8.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from epoxi.address import addr_spec
+from epoxi.address import domain_of, envelope_address
 from epoxi.v1 import email_pb2
+
+__all__ = ["domain_of", "domains", "new_email", "recipients", "recipients_in", "sender_address"]
 
 
 def new_email(sender: str, **fields: Any) -> email_pb2.Email:
@@ -16,24 +22,22 @@ def new_email(sender: str, **fields: Any) -> email_pb2.Email:
 
 
 def sender_address(e: email_pb2.Email) -> str:
-    return addr_spec(getattr(e, "from"))
-
-
-def domain_of(address: str) -> str:
-    """The lower-cased domain of an addr-spec or ``Name <addr-spec>`` mailbox."""
-    return address.rsplit("@", 1)[-1].rstrip(">").strip().lower()
+    """The envelope sender (MAIL FROM) of ``e``."""
+    return envelope_address(getattr(e, "from"))
 
 
 def recipients(email: email_pb2.Email) -> list[str]:
+    """The mailboxes of ``email``'s recipients as written: to, cc and bcc."""
     return [*email.to, *email.cc, *email.bcc]
 
 
 def recipients_in(email: email_pb2.Email, domain: str) -> list[str]:
-    return [r for r in recipients(email) if domain_of(r) == domain]
+    """The envelope recipients (RCPT TO) of ``email`` in ``domain`` (an A-label, lower-case)."""
+    return [envelope_address(r) for r in recipients(email) if domain_of(r) == domain]
 
 
 def domains(email: email_pb2.Email) -> list[str]:
-    """Recipient domains of ``email`` in first-seen order."""
+    """Recipient domains of ``email`` in first-seen order (A-labels, lower-case)."""
     to = email.to
     if len(to) == 1 and not email.cc and not email.bcc:
         return [domain_of(to[0])]  # the common case, without the list and dict of the general one

@@ -1,12 +1,17 @@
 """RFC 5322 rendering of an Email: written directly for the common shape, with the standard
-library's ``email`` package for the rest."""
+library's ``email`` package for the rest.
+
+What ``epoxi.validation.validate`` accepts renders, and parses back to the same fields
+(tests/epoxi/test_contract.py checks it on generated emails). Addresses are written with an IDN
+domain as its A-label, so a message stays ASCII unless an address it shows has a UTF-8 local
+part: then its header is UTF-8 (RFC 6532) and it can only be sent as SMTPUTF8.
+"""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import datetime
-import email.headerregistry
 import email.policy
 import email.utils
 import functools
@@ -17,15 +22,21 @@ import time
 from collections.abc import Sequence
 from email.message import EmailMessage
 
-from epoxi.address import addr_spec
+from epoxi import header_fields
+from epoxi.address import envelope_address, needs_smtputf8
+from epoxi.attachments import mime_type, safe_filename
+from epoxi.header_lines import address_field, text_field
 from epoxi.v1 import email_pb2
-from epoxi.validation import HEADER_NAME, RESERVED_HEADERS
 
-_SMTP_POLICY = email.policy.SMTP.clone(max_line_length=78)
+# cte_type 7bit: bodies go quoted-printable or base64, never 8bit, so a message with an ASCII
+# header needs no 8BITMIME (the node bounces 8-bit mail to a server without it: 5.6.3).
+_SMTP_POLICY = email.policy.SMTP.clone(max_line_length=78, cte_type="7bit")
+_SMTPUTF8_POLICY = _SMTP_POLICY.clone(utf8=True)
 
 
 def _id_domain(sender: str) -> str:
-    return addr_spec(sender).rpartition("@")[2] or "epoxi.invalid"
+    domain = envelope_address(sender).rpartition("@")[2]
+    return domain if domain and domain.isascii() else "epoxi.invalid"
 
 
 def new_message_id(sender: str) -> str:
@@ -67,37 +78,50 @@ def render(e: email_pb2.Email) -> bytes:
 
 
 def render_slow(e: email_pb2.Email) -> bytes:
-    """``render`` through the standard library's ``EmailMessage``: any email, 1-2 ms each."""
-    msg = EmailMessage(policy=_SMTP_POLICY)
-    msg["From"] = getattr(e, "from")
-    if e.to:
-        msg["To"] = list(e.to)
-    if e.cc:
-        msg["Cc"] = list(e.cc)
-    if e.reply_to:
-        msg["Reply-To"] = e.reply_to
-    msg["Subject"] = e.subject
-    msg["Date"] = email.utils.formatdate(localtime=False, usegmt=True)
-    msg["Message-ID"] = e.message_id or new_message_id(getattr(e, "from"))
-    for h in e.headers:
-        msg[h.name] = h.value
+    """``render`` with the standard library's ``email`` package: any email, 1-2 ms each.
+
+    The package builds the MIME body (and writes the attachments' file names, RFC 2231 where
+    they need it); the header fields are written by ``epoxi.header_lines`` (addresses, text) and
+    directly (Date, Message-ID), so the package parses none of them. The header is UTF-8 when
+    an address it shows has a UTF-8 local part, else ASCII.
+    """
+    sender: str = getattr(e, "from")
+    to, cc, reply_to, headers = e.to, e.cc, e.reply_to, e.headers
+    written = [sender, *to, *cc, reply_to, *(h.value for h in headers if _is_sender(h))]
+    utf8 = any(needs_smtputf8(m) for m in written)
+    lines = [address_field("From", [sender], utf8)]
+    for name, mailboxes in (("To", to), ("Cc", cc), ("Reply-To", [reply_to] if reply_to else [])):
+        if mailboxes:
+            lines.append(address_field(name, mailboxes, utf8))
+    lines.append(text_field("Subject", e.subject, utf8))
+    lines.append(b"Date: " + _date(int(time.time())).encode("ascii"))
+    lines.append(b"Message-ID: " + (e.message_id or new_message_id(sender)).encode("ascii"))
+    for h in headers:
+        if _is_sender(h):
+            lines.append(address_field(h.name, [h.value], utf8))
+        else:
+            lines.append(text_field(h.name, h.value, utf8))
+    body = EmailMessage(policy=_SMTPUTF8_POLICY if utf8 else _SMTP_POLICY)
     if e.text or not e.html:
-        msg.set_content(e.text)
+        body.set_content(e.text)
         if e.html:
-            msg.add_alternative(e.html, subtype="html")
+            body.add_alternative(e.html, subtype="html")
     else:
-        msg.set_content(e.html, subtype="html")
+        body.set_content(e.html, subtype="html")
     for a in e.attachments:
-        maintype, _, subtype = (a.content_type or "application/octet-stream").partition("/")
-        msg.add_attachment(
-            a.content, maintype=maintype, subtype=subtype or "octet-stream", filename=a.filename
-        )
-    return msg.as_bytes()
+        maintype, subtype = mime_type(a.content_type)
+        body.add_attachment(a.content, maintype=maintype, subtype=subtype, filename=safe_filename(a.filename))
+    # The body's own header (MIME-Version, Content-Type, Content-Transfer-Encoding) follows ours.
+    return b"\r\n".join(lines) + b"\r\n" + body.as_bytes()
 
 
-# The fast path writes the message directly, and only for input it can write without the header
-# registry: mailboxes of a plain shape, header values of printable ASCII (RFC 2047 encoding is the
-# slow path's job), no attachments, and no extra header the email package would parse or drop.
+def _is_sender(h: email_pb2.Header) -> bool:
+    return h.name.lower() == header_fields.SENDER
+
+
+# The fast path writes the message directly, and only for input it can write without encoding:
+# mailboxes of a plain ASCII shape, header values of printable ASCII (RFC 2047 encoding is the
+# slow path's job), no attachments, and no extra header but plain text ones.
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
 _DOT_ATOM = rf"{_ATEXT}+(?:\.{_ATEXT}+)*"
 _DOMAIN = r"[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
@@ -107,8 +131,6 @@ _DISPLAY_NAME = rf"(?:{_ATEXT}+(?: {_ATEXT}+)*|\"{_QTEXT}(?: {_QTEXT})*\")"
 # the group holds the domain, for a generated Message-ID.
 _PLAIN_MAILBOX = re.compile(rf"(?:{_DOT_ATOM}@({_DOMAIN})|(?:{_DISPLAY_NAME} )?<{_DOT_ATOM}@({_DOMAIN})>)")
 _PLAIN_MSG_ID = re.compile(rf"<{_DOT_ATOM}@{_DOT_ATOM}>")
-# Extra headers that EmailMessage parses as structured fields (or, for Content-*, drops).
-_STRUCTURED_HEADERS = frozenset(email.headerregistry.HeaderRegistry().registry) | RESERVED_HEADERS
 # Fold unstructured values before a space that starts a word, so no folded line is only whitespace.
 _FOLD_POINT = re.compile(r"(?= [^ ])")
 _MAX_HEADER_LINE = 78  # RFC 5322 2.1.1 SHOULD; longer only for a word that cannot be folded
@@ -122,8 +144,8 @@ def render_fast(e: email_pb2.Email) -> bytes | None:
 
     Taken when: no attachments; From, To, Cc and Reply-To are plain mailboxes (an addr-spec, with
     an optional display name of atoms or a simple quoted string); Subject and the extra headers
-    are printable ASCII and the extra headers are not ones the email package treats specially
-    (Sender, Resent-*, Content-*, ...); the Message-ID, when given, is a plain ``<id@right>``;
+    are printable ASCII and the extra headers are fields of text (not Sender, nor any that
+    validation refuses); the Message-ID, when given, is a plain ``<id@right>``;
     and every header line fits in 998 octets (78 when folding at spaces or commas allows it).
     Bodies may hold any text: 7bit when ASCII with lines of at most 998 octets, otherwise
     quoted-printable (or base64 when that is shorter).
@@ -157,8 +179,8 @@ def render_fast(e: email_pb2.Email) -> bytes | None:
     else:
         lines.append("Message-ID: " + email.utils.make_msgid(domain=from_match[1] or from_match[2]))
     for h in e.headers:
-        lower = h.name.lower()
-        if not HEADER_NAME.fullmatch(h.name) or lower in _STRUCTURED_HEADERS or lower.startswith("content-"):
+        # Only fields of plain text: not Sender, nor any validation refuses (Content-*, ...).
+        if header_fields.name_problem(h.name) is not None or h.name.lower() == header_fields.SENDER:
             return None
         header = _fold_unstructured(h.name + ": ", h.value)
         if header is None:

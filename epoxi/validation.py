@@ -1,5 +1,10 @@
 """Whether an Email can be accepted: every reason it cannot, each naming the field.
 
+What this accepts, ``epoxi.rendering.render`` renders: the rules for addresses are
+``epoxi.address``'s, for extra header fields ``epoxi.header_fields``'s, for the Message-ID
+``epoxi.message_id``'s and for attachments ``epoxi.attachments``'s. Values are quoted in
+problems cut to a bounded length (``epoxi.excerpt.shown``).
+
 An email's size is its encoded ``Email`` message (``ByteSize()``): what gRPC carries on every
 hop; one without a Message-ID is counted with ``MESSAGE_ID_ALLOWANCE`` bytes for the one the
 router adds, so what passes here passes on the node too. Its limit is one setting, ``max_email_bytes`` (``max_email_bytes_setting``), which the
@@ -10,29 +15,28 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Sequence
 from typing import Any
 
+from epoxi import attachments as attachment_rules
+from epoxi import header_fields
 from epoxi.address import address_problem
+from epoxi.excerpt import shown
+from epoxi.message_id import message_id_problem
 from epoxi.routing import is_ip
 from epoxi.settings import setting
 from epoxi.v1 import email_pb2
 
 MAX_EMAIL_BYTES = 25 * 1024 * 1024
 MAX_RECIPIENTS = 1000
-# A generated Message-ID (rendering.new_message_id: about 40 characters and the sender's domain),
-# with its field's tag and length.
+# A generated Message-ID (rendering.new_message_id, DerivedMessageIds: at most 44 characters and
+# the sender's domain as an A-label, at most 253), with its field's tag and length.
 MESSAGE_ID_ALLOWANCE = 320
 # Every service reads this variable too, after its own (EPOXI_ROUTER_..., EPOXI_NODE_...).
 MAX_EMAIL_BYTES_ENV = "EPOXI_MAX_EMAIL_BYTES"
 
 _UNITS = {"": 1, "b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b|b)?\s*$", re.IGNORECASE)
-
-HEADER_NAME = re.compile(r"^[!-9;-~]+$")
-# Set from the email's own fields; the renderer writes them.
-RESERVED_HEADERS = frozenset(
-    {"from", "to", "cc", "bcc", "reply-to", "subject", "message-id", "date", "mime-version"}
-)
 
 
 def parse_size(text: str) -> int:
@@ -78,7 +82,7 @@ def validate(e: email_pb2.Email, where: str = "email", max_bytes: int = MAX_EMAI
     if not sender:
         problems.append(f"{where}.from is required")
     elif (p := address_problem(sender)) is not None:
-        problems.append(f"{where}.from {sender!r} {p}")
+        problems.append(f"{where}.from {shown(sender)} {p}")
     to, cc, bcc = e.to, e.cc, e.bcc
     count = len(to) + len(cc) + len(bcc)
     if not count:
@@ -88,34 +92,25 @@ def validate(e: email_pb2.Email, where: str = "email", max_bytes: int = MAX_EMAI
     for field, values in (("to", to), ("cc", cc), ("bcc", bcc)):
         for i, r in enumerate(values):
             if (p := address_problem(r)) is not None:
-                problems.append(f"{where}.{field}[{i}] {r!r} {p}")
+                problems.append(f"{where}.{field}[{i}] {shown(r)} {p}")
     reply_to = e.reply_to
     if reply_to and (p := address_problem(reply_to)) is not None:
-        problems.append(f"{where}.reply_to {reply_to!r} {p}")
+        problems.append(f"{where}.reply_to {shown(reply_to)} {p}")
+    subject = e.subject
+    if subject and (p := header_fields.text_problem(subject)) is not None:
+        problems.append(f"{where}.subject {p}")
     message_id = e.message_id
-    if _has_crlf(e.subject):
-        problems.append(f"{where}.subject contains CR or LF")
-    if _has_crlf(message_id):
-        problems.append(f"{where}.message_id contains CR or LF")
+    if message_id and (p := message_id_problem(message_id)) is not None:
+        problems.append(f"{where}.message_id {shown(message_id)} {p}")
     headers = e.headers
     if headers:
-        for i, h in enumerate(headers):
-            name, value = h.name, h.value
-            if not HEADER_NAME.match(name):
-                problems.append(f"{where}.headers[{i}].name {name!r} is not a valid header field name")
-            elif name.lower() in RESERVED_HEADERS:
-                problems.append(f"{where}.headers[{i}].name {name!r} is set from the email's own fields")
-            if _has_crlf(value):
-                problems.append(f"{where}.headers[{i}] ({name}) value contains CR or LF")
+        problems += _header_problems(headers, where)
     attachments = e.attachments
     if attachments:
-        for i, a in enumerate(attachments):
-            filename = a.filename
-            if not filename or _has_crlf(filename):
-                problems.append(f"{where}.attachments[{i}].filename is required and must be one line")
+        problems += _attachment_problems(attachments, where)
     ip = e.delivery.ip
     if ip and not is_ip(ip):
-        problems.append(f"{where}.delivery.ip {ip!r} is not an IP address")
+        problems.append(f"{where}.delivery.ip {shown(ip)} is not an IP address")
     size = e.ByteSize() + (0 if message_id else MESSAGE_ID_ALLOWANCE)
     if size > max_bytes:
         problems.append(
@@ -125,5 +120,36 @@ def validate(e: email_pb2.Email, where: str = "email", max_bytes: int = MAX_EMAI
     return problems
 
 
-def _has_crlf(value: str) -> bool:
-    return "\r" in value or "\n" in value
+def _header_problems(headers: Sequence[email_pb2.Header], where: str) -> list[str]:
+    problems = []
+    senders = 0
+    for i, h in enumerate(headers):
+        name, value = h.name, h.value
+        if (p := header_fields.name_problem(name)) is not None:
+            problems.append(f"{where}.headers[{i}].name {shown(name)} {p}")
+        label = f" ({name})" if header_fields.NAME.match(name) else ""
+        if name.lower() == header_fields.SENDER:
+            senders += 1
+            if senders > 1:
+                problems.append(f"{where}.headers[{i}] is a second Sender; an email has at most one")
+            if (p := address_problem(value)) is not None:
+                problems.append(f"{where}.headers[{i}]{label} value {shown(value)} {p}")
+        elif (p := header_fields.text_problem(value)) is not None:
+            problems.append(f"{where}.headers[{i}]{label} value {p}")
+    return problems
+
+
+def _attachment_problems(attachments: Sequence[email_pb2.Attachment], where: str) -> list[str]:
+    problems = []
+    for i, a in enumerate(attachments):
+        filename, content_type = a.filename, a.content_type
+        if not filename:
+            problems.append(f"{where}.attachments[{i}].filename is required")
+        elif not attachment_rules.safe_filename(filename):
+            problems.append(
+                f"{where}.attachments[{i}].filename {shown(filename)} has no name left once directories, "
+                "control characters and surrounding spaces are dropped"
+            )
+        if content_type and (p := attachment_rules.content_type_problem(content_type)) is not None:
+            problems.append(f"{where}.attachments[{i}].content_type {shown(content_type)} {p}")
+    return problems

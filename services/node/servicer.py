@@ -5,11 +5,13 @@ A routing key another node runs is FAILED_PRECONDITION with that node in the tra
 (``epoxi-owner-node``, ``epoxi-owner-address``), so a router sends the batch there. Every error
 EnqueueBatch and TakeMessages answer on purpose carries ``epoxi-refused: 1``: nothing was
 spooled, so trying elsewhere cannot double the mail. An error without it (a deadline, a lost
-connection) leaves that open.
+connection) leaves that open. A batch with an email that fails validation, or passes it and
+still cannot be rendered, is INVALID_ARGUMENT naming each such email, and none of it is spooled.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 
@@ -26,7 +28,9 @@ from epoxi.runtime.status import abort, summary
 from epoxi.v1 import node_pb2, node_pb2_grpc, pipeline_pb2, queue_pb2
 from services.node import handoff, queue
 from services.node.engine.spool import Counts
-from services.node.supervisor import OwnedElsewhere, PipelineSupervisor
+from services.node.supervisor import OwnedElsewhere, PipelineSupervisor, Unrenderable
+
+log = logging.getLogger(__name__)
 
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT
 REFUSED = (ownership.REFUSED, "1")
@@ -184,6 +188,11 @@ class NodeService(node_pb2_grpc.NodeServiceServicer):
         try:
             p, started = await self.supervisor.pipeline_for_mail(request.routing_key)
             spooled = await self.supervisor.enqueue_batch(p, request.emails, request.idempotency_key)
+        except Unrenderable as e:
+            message = summary(e.problems)
+            log.warning("batch for %s refused: %s", request.routing_key, message)
+            await _refuse(context, _INVALID, message)
+            raise
         except (OwnedElsewhere, ClaimError, ValueError) as e:
             await _not_here(context, e)
             raise

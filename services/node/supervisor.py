@@ -45,6 +45,7 @@ from google.protobuf import timestamp_pb2
 
 from epoxi import envelope, rendering
 from epoxi.envelope import recipients_in
+from epoxi.excerpt import shown
 from epoxi.policy import Policy
 from epoxi.policy_store import PolicyTable
 from epoxi.registry.ownership import ClaimError, LocalOwnership, Owner, Ownership
@@ -85,6 +86,31 @@ class OwnedElsewhere(Exception):
         where = f"node {owner.node} at {owner.address}" if owner else "the node it is being handed to"
         super().__init__(f"routing key {key!r} is run by {where}")
         self.owner = owner
+
+
+class Unrenderable(Exception):
+    """Emails of a batch that passed validation and still cannot be rendered: ``problems`` names
+    each one (``emails[i]``) and what rendering raised."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+def _rendered(domain: str, emails: Sequence[email_pb2.Email]) -> list[NewMessage]:
+    """The spool's messages for ``emails``, to their recipients in ``domain``; raises
+    ``Unrenderable`` naming every email that rendering failed on."""
+    messages, problems = [], []
+    for i, e in enumerate(emails):
+        try:
+            data = rendering.render(e)
+        except Exception as error:  # the renderer's defect, or validation's: the email is refused
+            problems.append(f"emails[{i}] cannot be rendered ({type(error).__name__}: {shown(str(error))})")
+            continue
+        messages.append(NewMessage(envelope.sender_address(e), recipients_in(e, domain), data))
+    if problems:
+        raise Unrenderable(problems)
+    return messages
 
 
 @dataclass(frozen=True)
@@ -471,15 +497,9 @@ class PipelineSupervisor:
         self, p: Pipeline, emails: Sequence[email_pb2.Email], batch_key: str = ""
     ) -> Spooled:
         """Like ``enqueue``; a ``batch_key`` spooled before spools nothing and answers the IDs
-        it had (``Spool.enqueue_batch``)."""
-
-        def render() -> list[NewMessage]:
-            return [
-                NewMessage(envelope.sender_address(e), recipients_in(e, p.domain), rendering.render(e))
-                for e in emails
-            ]
-
-        messages = await asyncio.to_thread(render)
+        it had (``Spool.enqueue_batch``). Raises ``Unrenderable``, spooling nothing, when an
+        email cannot be rendered."""
+        messages = await asyncio.to_thread(_rendered, p.domain, emails)
         return await self._spool_for(p, lambda key: self.spool.enqueue_batch(key, messages, batch_key))
 
     async def enqueue_rendered(self, p: Pipeline, messages: Sequence[NewMessage]) -> list[str]:

@@ -16,7 +16,9 @@ Each EnqueueBatch carries the batch's ``idempotency_key`` (``services.router.bat
 each attempt ends one of these ways:
 
 - accepted: the batch is ACCEPTED there, and the node is cached as the key's owner;
-- INVALID_ARGUMENT: the batch itself is wrong, so it is FAILED and no other node is tried;
+- INVALID_ARGUMENT: the batch itself is wrong, so it is FAILED and no other node is tried. The
+  router validated every email first (a request is routed whole or not at all), so this means
+  router and node disagree (versions, settings), and the error says so;
 - FAILED_PRECONDITION naming the owner (``epoxi-owner-node``, ``epoxi-owner-address``): the
   owner is cached and tried next, when it is passing and was not tried yet;
 - an error carrying ``epoxi-refused``: the node spooled nothing; the next node is tried;
@@ -61,6 +63,14 @@ log = logging.getLogger(__name__)
 
 # How long to wait before sending a batch again to a node whose reply was lost.
 RETRY_PAUSE = 0.1
+
+# Why a node's INVALID_ARGUMENT for a batch this router validated leaves the request's other
+# batches as they went: each key's batch is its own, and validation is the contract.
+DISAGREEMENT = (
+    "this router validated the batch, so router and node disagree on what is valid (different "
+    "versions, or max_email_bytes settings); the request's other batches were routed on their own; "
+    "the node's emails[i] is the request's emails[email_indexes[i]]"
+)
 
 ACCEPTED = router_pb2.BATCH_STATUS_ACCEPTED
 FAILED = router_pb2.BATCH_STATUS_FAILED
@@ -152,9 +162,11 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             for p in validation.validate(e, f"emails[{i}]", self._max_email_bytes)
         ]
         if problems:
-            await abort(
-                context, grpc.StatusCode.INVALID_ARGUMENT, f"nothing was routed: {status.summary(problems)}"
-            )
+            # The count leads, so a message cut to fit still says it; and the prefix joins the
+            # first problem, so the message is cut once and its note counts all that was cut.
+            count = f" ({len(problems)} problems)" if len(problems) > 1 else ""
+            problems[0] = f"nothing was routed{count}: {problems[0]}"
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, status.summary(problems))
         try:
             async with asyncio.timeout(RPC_TIMEOUT):
                 await self._view.ready()
@@ -247,7 +259,9 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 )
                 await asyncio.sleep(self._retry_pause)
                 attempt = await self._send(node, request)
-            if attempt.outcome is not Outcome.ACCEPTED:
+            if attempt.outcome is Outcome.INVALID:
+                failures.append(f"node {node.id}: {attempt.error} ({DISAGREEMENT})")
+            elif attempt.outcome is not Outcome.ACCEPTED:
                 failures.append(f"node {node.id}: {attempt.error}")
             ambiguous = ambiguous or node_ambiguous
 

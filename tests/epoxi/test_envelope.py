@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from epoxi.envelope import domain_of, domains, new_email, recipients
+from epoxi.envelope import domain_of, domains, new_email, recipients, recipients_in, sender_address
 from epoxi.v1 import email_pb2
 
 
@@ -21,3 +21,24 @@ def test_domains_of_one_recipient_and_of_many_agree_with_the_general_path() -> N
         assert domains(e) == general(e)
     assert domains(cases[0]) == ["example.com"]
     assert domains(cases[1]) == ["example.com", "other.test"]
+
+
+def test_the_envelope_carries_a_labels_and_keeps_utf8_local_parts() -> None:
+    e = new_email(
+        "Jörg <jörg@Bücher.de>",
+        to=["user@bücher.de", "Ann <ann@xn--bcher-kva.de>"],
+        cc=["用户@例子.广告"],
+        bcc=["Bob <bob@example.com> "],
+    )
+    assert sender_address(e) == "jörg@xn--bcher-kva.de"
+    assert domains(e) == ["xn--bcher-kva.de", "xn--fsqu00a.xn--4rr70v", "example.com"]
+    assert domains(new_email("a@x.test", to=["user@BÜCHER.de"])) == ["xn--bcher-kva.de"]
+    assert recipients_in(e, "xn--bcher-kva.de") == ["user@xn--bcher-kva.de", "ann@xn--bcher-kva.de"]
+    assert recipients_in(e, "xn--fsqu00a.xn--4rr70v") == ["用户@xn--fsqu00a.xn--4rr70v"]
+    assert recipients_in(e, "example.com") == ["bob@example.com"]
+
+
+def test_the_domain_is_the_addr_specs_whatever_surrounds_it() -> None:
+    assert domain_of("Ann <a@Example.com> ") == domain_of("Ann < a@Example.com\t> ") == "example.com"
+    assert domain_of('"b@other.test" <a@example.com>') == "example.com"
+    assert domain_of("Zoë <a@bücher.de>") == "xn--bcher-kva.de"

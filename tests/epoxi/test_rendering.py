@@ -255,3 +255,121 @@ def test_fast_render_matches_the_email_package_on_random_mail():
     rng = random.Random(5322)
     for _ in range(150):
         assert_equivalent(_random_email(rng))
+
+
+# What the slow path writes itself: addresses from what epoxi.address reads, text folded exactly.
+
+SMTPUTF8 = BytesParser(policy=email.policy.SMTPUTF8)
+
+
+def head_of(data):
+    return data.split(b"\r\n\r\n", 1)[0]
+
+
+def raw_text(value):
+    """A value parsed from raw UTF-8, its undecodable bytes back as text."""
+    return value.encode("utf-8", "surrogateescape").decode("utf-8")
+
+
+def test_idn_addresses_are_written_by_their_a_labels_and_the_message_stays_ascii():
+    e = email_(
+        "Zoë <zoe@Bücher.de>",
+        to=["user@bücher.de", "Ann <ann@例子.广告>"],
+        headers=[header("Sender", "s@straße.de")],
+        message_id="",
+    )
+    data = rendering.render(e)
+    assert head_of(data).isascii()
+    msg = SMTPUTF8.parsebytes(data)
+    assert [a.addr_spec for a in msg["To"].addresses] == [
+        "user@xn--bcher-kva.de",
+        "ann@xn--fsqu00a.xn--4rr70v",
+    ]
+    assert msg["From"].addresses[0].display_name == "Zoë"
+    assert msg["From"].addresses[0].addr_spec == "zoe@xn--bcher-kva.de"
+    assert msg["Sender"].address.addr_spec == "s@xn--strae-oqa.de"
+    assert msg["Message-ID"].strip().endswith("@xn--bcher-kva.de>")
+
+
+def test_a_utf8_local_part_makes_the_header_utf8():
+    for e in (
+        email_("Jörg <jörg@bücher.de>", subject="Grüße"),
+        email_(headers=[header("Sender", "用户 <用户@例子.广告>")], subject="Grüße"),
+    ):
+        data = rendering.render(e)
+        head = head_of(data)
+        assert not head.isascii() and "Subject: Grüße".encode() in head  # RFC 6532: UTF-8 as it is
+        msg = SMTPUTF8.parsebytes(data)
+        name = "From" if getattr(e, "from").startswith("J") else "Sender"
+        [address] = msg[name].addresses
+        assert raw_text(address.addr_spec) in ("jörg@xn--bcher-kva.de", "用户@xn--fsqu00a.xn--4rr70v")
+
+
+def test_the_slow_path_keeps_every_address_of_a_folded_list():
+    # The email package's folder once put the comma between these two inside an encoded-word.
+    long_domain = "example.example." + "x" * 63 + ".com"
+    e = email_(cc=[f"a@{long_domain}", "=?utf-8?q?caf=C3=A9?= <b@example.com>", "日本 <c@example.com>"])
+    data = rendering.render_slow(e)
+    msg = SMTPUTF8.parsebytes(data)
+    assert not msg["Cc"].defects
+    assert [a.addr_spec for a in msg["Cc"].addresses] == [
+        f"a@{long_domain}",
+        "b@example.com",
+        "c@example.com",
+    ]
+    assert [a.display_name for a in msg["Cc"].addresses] == ["", "café", "日本"]
+    assert_wire_format(data)
+
+
+def test_the_slow_path_keeps_text_exactly():
+    # The email package's folder once dropped the space of "é ¡" after a long field name.
+    long_name = "X-" + "n" * 74
+    values = ["é ¡", "a\tb", " lead é", "é" * 600, "x" * 2000, "Grüße " * 40]
+    e = email_(subject="é\t¡", headers=[header(long_name, v) for v in values])
+    data = rendering.render_slow(e)
+    assert_wire_format(data)
+    msg = SMTPUTF8.parsebytes(data)
+    assert str(msg["Subject"]) == "é\t¡"
+    assert [str(v) for v in msg.get_all(long_name, [])] == values  # encoded-words keep even the spaces
+
+
+def test_attachment_filenames_are_sanitised():
+    names = {
+        "../../etc/passwd": "passwd",
+        "C:\\Users\\ann\\report.doc": "report.doc",
+        "\u202egpj.exe": "gpj.exe",
+        " a\r\nb.txt ": "ab.txt",
+        "résumé 日本.pdf": "résumé 日本.pdf",
+        "ü" * 300 + ".pdf": "ü" * 125 + ".pdf",
+        "x" * 300: "x" * 255,
+    }
+    e = email_(attachments=[email_pb2.Attachment(filename=n, content=b"%PDF") for n in names])
+    data = rendering.render(e)
+    assert head_of(data).isascii()
+    assert_wire_format(data)
+    msg = SMTPUTF8.parsebytes(data)
+    rendered = [p["Content-Disposition"].params["filename"] for p in msg.iter_attachments()]
+    assert rendered == list(names.values())
+    assert all(len(n.encode()) <= 255 for n in rendered)
+    assert b"filename*=utf-8''r%C3%A9sum%C3%A9" in data  # RFC 2231
+
+
+def test_a_message_with_an_ascii_header_is_all_ascii_so_it_needs_no_8bitmime() -> None:
+    # The node bounces 8-bit mail to a server without 8BITMIME (5.6.3); the slow path used to
+    # write non-ASCII text with attachments as "Content-Transfer-Encoding: 8bit".
+    e = envelope.new_email(
+        "b@example.org",
+        to=["a@example.org"],
+        subject="Grüße",
+        text="Grüße aus Köln\n" * 3,
+        html="<p>Grüße</p>",
+        attachments=[
+            email_pb2.Attachment(filename="bericht ä.txt", content_type="text/plain", content="ä".encode())
+        ],
+    )
+    data = rendering.render(e)
+    assert data.isascii()
+    parsed = BytesParser(policy=email.policy.default).parsebytes(data)
+    assert isinstance(parsed, email.message.EmailMessage)
+    body = parsed.get_body(("plain",))
+    assert body is not None and body.get_content() == "Grüße aus Köln\r\n" * 3

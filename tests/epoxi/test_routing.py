@@ -6,7 +6,7 @@ import pytest
 
 from epoxi import placement
 from epoxi.envelope import domains, new_email, recipients_in
-from epoxi.routing import _PLAIN_IPV4, is_ip, routing_key, split_routing_key
+from epoxi.routing import _PLAIN_IPV4, is_ip, routing_key, split_routing_key, target_problems
 from epoxi.v1 import node_pb2
 
 
@@ -33,7 +33,8 @@ def test_split_routing_key_rejects_malformed_keys(key):
 def test_recipients_are_grouped_by_domain_case_insensitively():
     e = new_email("a@x.org", to=["A <a@Gmail.com>", "b@yahoo.com"], cc=["c@gmail.com"], bcc=["d@YAHOO.com"])
     assert domains(e) == ["gmail.com", "yahoo.com"]
-    assert recipients_in(e, "gmail.com") == ["A <a@Gmail.com>", "c@gmail.com"]
+    # The envelope's recipients: addr-specs, as RCPT TO names them.
+    assert recipients_in(e, "gmail.com") == ["a@Gmail.com", "c@gmail.com"]
     assert recipients_in(e, "yahoo.com") == ["b@yahoo.com", "d@YAHOO.com"]
 
 
@@ -79,3 +80,21 @@ def test_the_ipv4_shortcut_agrees_with_ipaddress(value):
         expected = False
     assert is_ip(value) is expected
     assert (_PLAIN_IPV4.match(value) is not None) <= expected
+
+
+def test_an_idn_is_routed_by_its_a_label():
+    key = "xn--bcher-kva.de_127_0_0_2"
+    assert routing_key("bücher.de", "127.0.0.2") == routing_key("xn--bcher-kva.de", "127.0.0.2") == key
+    assert routing_key("BÜCHER.de", "127.0.0.2") == key
+    e = new_email("a@x.org", to=["user@bücher.de"], cc=["other@xn--bcher-kva.de"])
+    assert [routing_key(d, "127.0.0.2") for d in domains(e)] == [key]
+    assert split_routing_key("bücher.de_127_0_0_2") == ("xn--bcher-kva.de", "127.0.0.2")
+    assert target_problems("bücher.de", "127.0.0.2") == []
+
+
+def test_an_invalid_idn_names_no_pipeline():
+    assert target_problems("bü_cher.de", "127.0.0.2") == ["domain 'bü_cher.de' is not a valid domain name"]
+    with pytest.raises(ValueError, match="names an invalid internationalised domain"):
+        split_routing_key("bü-.de_127_0_0_2")
+    [problem] = target_problems("ü" * 10_000 + ".de", "127.0.0.2")
+    assert len(problem) < 200

@@ -16,8 +16,10 @@ unfinished mail.
 from __future__ import annotations
 
 import asyncio
+import email.generator
 import email.policy
 import email.utils
+import io
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -28,6 +30,7 @@ from email.mime.text import MIMEText
 from typing import TYPE_CHECKING
 
 from epoxi.routing import routing_key
+from services.node.engine.extensions import header_end
 from services.node.engine.hooks import PipelineHooks
 from services.node.engine.reply import Reply
 from services.node.engine.spool import Job, NewMessage, Outcome, Spool
@@ -52,7 +55,13 @@ def build(
 ) -> bytes:
     """The DSN for the ``bounced`` recipients (with the outcome of each one's last attempt) of the
     message ``original``, addressed to its envelope ``sender``."""
-    report = MIMEMultipart("report", report_type="delivery-status")
+    # RFC 6533: a non-ASCII address (or reply) makes the report global: UTF-8 in its header and
+    # its message/global-delivery-status part, and sent with SMTPUTF8.
+    utf8 = not sender.isascii() or any(
+        not r.isascii() or not _diagnostic(o.reply).isascii() for r, o in bounced.items()
+    )
+    kind = "global-delivery-status" if utf8 else "delivery-status"
+    report = MIMEMultipart("report", report_type=kind)
     report["From"] = f"Mail Delivery System <{dsn_from}>"
     report["To"] = sender
     report["Subject"] = SUBJECT
@@ -61,7 +70,9 @@ def build(
     report["Auto-Submitted"] = "auto-replied"  # RFC 3834
     report.attach(_part(MIMEText(_human(reporting_mta, bounced), "plain", "utf-8")))
 
-    status = _part(MIMEBase("message", "delivery-status"))
+    status = _part(MIMEBase("message", kind))
+    if utf8:
+        status["Content-Transfer-Encoding"] = "8bit"
     per_message = Message()
     per_message["Reporting-MTA"] = f"dns; {reporting_mta}"
     per_message["Arrival-Date"] = email.utils.formatdate(arrival, usegmt=True)
@@ -71,7 +82,18 @@ def build(
     headers = original_headers(original)
     charset = "us-ascii" if headers.isascii() else "utf-8"
     report.attach(_part(MIMEText(headers, "rfc822-headers", charset)))
-    return report.as_bytes(policy=email.policy.SMTP)
+    out = io.BytesIO()
+    policy = email.policy.SMTPUTF8 if utf8 else email.policy.SMTP
+    _Generator(out, mangle_from_=False, policy=policy).flatten(report)
+    return out.getvalue()
+
+
+class _Generator(email.generator.BytesGenerator):
+    """The standard generator, writing message/global-delivery-status (RFC 6533) as it writes
+    message/delivery-status: blocks of fields, here in UTF-8."""
+
+    # The generator picks a handler by content type; typeshed leaves its handlers out.
+    _handle_message_global_delivery_status = email.generator.BytesGenerator._handle_message_delivery_status  # type: ignore[attr-defined]
 
 
 def _part(part: Message) -> Message:
@@ -81,7 +103,8 @@ def _part(part: Message) -> Message:
 
 def _per_recipient(recipient: str, o: Outcome) -> Message:
     block = Message()
-    block["Final-Recipient"] = f"rfc822; {recipient}"
+    # RFC 6533 3: a non-ASCII address is of type utf-8 (and only in a global report).
+    block["Final-Recipient"] = f"{'rfc822' if recipient.isascii() else 'utf-8'}; {recipient}"
     block["Action"] = "failed"
     block["Status"] = o.reply.status_code
     if o.reply.host:
@@ -115,8 +138,7 @@ def _human(reporting_mta: str, bounced: Mapping[str, Outcome]) -> str:
 
 def original_headers(data: bytes) -> str:
     """The header section of an RFC 5322 message, as text."""
-    end = min((i for i in (data.find(b"\r\n\r\n"), data.find(b"\n\n")) if i >= 0), default=len(data))
-    return data[:end].decode("utf-8", errors="replace").replace("\r\n", "\n") + "\n"
+    return data[: header_end(data)].decode("utf-8", errors="replace").replace("\r\n", "\n") + "\n"
 
 
 class Bouncer(PipelineHooks):

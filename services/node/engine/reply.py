@@ -1,7 +1,8 @@
 """An SMTP reply, parsed once where it arrives: its code, its RFC 3463 enhanced code, its text.
 
 A failure with no server reply (no connection, a lost connection, DNS) is a reply of the node's
-own: code 0 and an enhanced code of its choosing (``Reply.local``).
+own: code 0 and an enhanced code of its choosing (``Reply.local``), whose class decides: 5.x.x
+bounces (mail the server cannot take as it is), anything else is tried again.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ class Reply:
     def parse(cls, code: int, text: str, host: str = "") -> Reply:
         """The reply ``code`` ``text``: an enhanced code leads the text when its class is the
         code's first digit (RFC 3463); a code 0 reply (the node's own) may lead with any."""
+        if not text.isascii():
+            # aiosmtplib keeps octets that are not UTF-8 as surrogates, which the spool (UTF-8)
+            # cannot store: they become U+FFFD.
+            text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         m = _ENHANCED.match(text)
         if m is None or (code and code // 100 != int(m.group(1))):
             return cls(code, "", text, host)
@@ -37,7 +42,8 @@ class Reply:
 
     @classmethod
     def local(cls, text: str, enhanced: str = NO_ANSWER) -> Reply:
-        """A failure with no SMTP reply (connection refused, timeout, lost connection, DNS failure)."""
+        """A failure with no SMTP reply (connection refused, timeout, lost connection, DNS failure),
+        or the node's own refusal (a 5.x.x ``enhanced`` code: permanent)."""
         return cls(0, enhanced, text)
 
     @property
@@ -46,12 +52,12 @@ class Reply:
 
     @property
     def permanent(self) -> bool:
-        """5xx: the recipient bounces now."""
-        return 500 <= self.code < 600
+        """5xx, or the node's own 5.x.x: the recipient bounces now."""
+        return 500 <= self.code < 600 or (self.code == 0 and self.enhanced.startswith("5."))
 
     @property
     def temporary(self) -> bool:
-        """4xx, or no reply at all: try again later."""
+        """4xx, or no reply at all (unless the node's own is 5.x.x): try again later."""
         return not (self.accepted or self.permanent)
 
     @property

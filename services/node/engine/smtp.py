@@ -6,7 +6,9 @@ source address, greets with the EHLO name of that address, upgrades with STARTTL
 and stays open for the next message until it has carried ``max_messages_per_connection``.
 It tries the domain's hosts in order; a host it could not connect to is left alone for a while
 (``HostBackoff``). Transport failures never raise: they become temporary replies of the node's
-own, as RFC 5321 treats them.
+own, as RFC 5321 treats them. What the server's extensions cannot carry (a UTF-8 address or
+header without SMTPUTF8, an 8-bit body without 8BITMIME: ``extensions``), and an address that
+cannot go on a command line, bounce with a permanent reply of the node's own.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Protocol
 
 import aiosmtplib
 
+from services.node.engine.extensions import Needs
 from services.node.engine.host_backoff import HostBackoff
 from services.node.engine.mx import Destinations, DnsUnavailable, Host, NoRoute, family_of
 from services.node.engine.reply import BAD_CONNECTION, NO_ANSWER, ROUTING_FAILURE, Reply
@@ -29,6 +32,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_MAX_MESSAGES_PER_CONNECTION = 100
+# RFC 3463: an address the node cannot put on an SMTP command line (never sent).
+BAD_SENDER = "5.1.7"
+BAD_RECIPIENT = "5.1.3"
 
 
 class Connection(Protocol):
@@ -123,37 +129,52 @@ class SmtpConnection:
         smtp = self._smtp
         assert smtp is not None
         host = self._host
+        needs = Needs.of(sender, recipients, data)
+        offers = smtp.supports_extension
+        refused: dict[str, Reply] = {}
+        for rcpt in recipients:
+            if (refusal := needs.refusal(rcpt, offers, host)) is not None:
+                refused[rcpt] = refusal
+        to = [r for r in recipients if r not in refused]
+        if not to:
+            return refused
+        options, encoding = needs.sent_with(to, offers)
         results: dict[str, Reply] = {}
         try:
             try:
-                await smtp.mail(sender)
+                await smtp.mail(sender, options=options, encoding=encoding)
             except aiosmtplib.SMTPSenderRefused as e:
                 await self._reset()
-                return dict.fromkeys(recipients, Reply.parse(e.code, e.message, host))
-            for rcpt in recipients:
+                return refused | dict.fromkeys(to, Reply.parse(e.code, e.message, host))
+            except ValueError as e:  # aiosmtplib would not put it on the command line: nothing sent
+                return refused | dict.fromkeys(to, Reply.local(f"not sent: {e}", BAD_SENDER))
+            for rcpt in to:
                 try:
-                    reply = await smtp.rcpt(rcpt)
+                    reply = await smtp.rcpt(rcpt, encoding=encoding)
                     results[rcpt] = Reply.parse(reply.code, reply.message, host)
                 except aiosmtplib.SMTPRecipientRefused as e:
                     results[rcpt] = Reply.parse(e.code, e.message, host)
+                except ValueError as e:  # as for the sender: not sent
+                    results[rcpt] = Reply.local(f"not sent: {e}", BAD_RECIPIENT)
             accepted = [r for r, res in results.items() if res.accepted]
             if not accepted:
                 await self._reset()
-                return results
+                return refused | results
             try:
                 reply = await smtp.data(data)
             except aiosmtplib.SMTPDataError as e:
                 await self._reset()
-                return results | dict.fromkeys(accepted, Reply.parse(e.code, e.message, host))
-            return results | dict.fromkeys(accepted, Reply.parse(reply.code, reply.message, host))
+                return refused | results | dict.fromkeys(accepted, Reply.parse(e.code, e.message, host))
+            return refused | results | dict.fromkeys(accepted, Reply.parse(reply.code, reply.message, host))
         except aiosmtplib.SMTPServerDisconnected:
             await self.close()
             if not results:
                 raise  # nothing was said yet: the caller may retry on a new connection
-            return _transient(recipients, f"connection to {host} lost during the transaction", BAD_CONNECTION)
+            lost = f"connection to {host} lost during the transaction"
+            return refused | _transient(to, lost, BAD_CONNECTION)
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
             await self.close()
-            return _transient(recipients, f"transaction with {host} failed: {e}", BAD_CONNECTION)
+            return refused | _transient(to, f"transaction with {host} failed: {e}", BAD_CONNECTION)
 
     async def _connect(self) -> None:
         """Connect to the first host that answers, in MX order; skip hosts that failed recently."""

@@ -10,6 +10,7 @@ import pytest
 from epoxi.registry.ownership import Owner
 from epoxi.v1 import router_pb2
 from services.router.main import RunningRouter
+from services.router.servicer import DISAGREEMENT
 from tests.services.router.nodes import ContractNode, ContractNodes, Fault, Script
 from tests.services.router.support import email, route, sees
 
@@ -90,7 +91,10 @@ async def test_an_invalid_batch_fails_and_no_other_node_is_tried(
     a.faults.append(Script(Fault.REFUSE, grpc.StatusCode.INVALID_ARGUMENT, "emails[0] is too large"))
     reply = await route(router, email("x@example.com", ip=IP))
     [batch] = reply.batches
-    assert (batch.status, batch.error) == (FAILED, "node a: INVALID_ARGUMENT: emails[0] is too large")
+    assert (batch.status, batch.error) == (
+        FAILED,
+        f"node a: INVALID_ARGUMENT: emails[0] is too large ({DISAGREEMENT})",
+    )
     assert (len(a.calls), b.calls) == (1, [])
 
 

@@ -17,6 +17,7 @@ from epoxi.registry.client import Consul
 from epoxi.runtime.channels import channel
 from epoxi.v1 import email_pb2, node_pb2, pipeline_pb2, router_pb2, router_pb2_grpc
 from services.router.main import RouterConfig, RunningRouter, start_router
+from services.router.servicer import DISAGREEMENT
 from tests.support import Nodes, eventually, passing_nodes
 
 MiB = 1024 * 1024
@@ -122,6 +123,23 @@ async def test_a_node_with_a_smaller_limit_refuses_once_and_no_other_node_is_tri
     await untouched(nodes, "b")
     stats = await nodes.stub("a").GetQueueStats(node_pb2.GetQueueStatsRequest(), timeout=5)
     assert stats.totals == pipeline_pb2.PipelineCounters()  # nothing spooled on a either
+
+
+async def test_a_node_refusing_one_key_as_invalid_leaves_the_others_and_says_why(
+    registry: RunningRegistry, sink: Sink, router: RunningRouter, nodes: Nodes, consul: Consul
+) -> None:
+    # The router validated the request whole; only a disagreement with the node (here its
+    # smaller limit) refuses a batch, and the request's other keys were routed on their own.
+    await start_nodes(nodes, consul, "a", max_email_bytes=MiB)
+    reply = await route(router, email("small@example.org", 10), email("x@example.com", 2 * MiB))
+    by_key = {b.routing_key: b for b in reply.batches}
+    refused_batch, taken = by_key["example.com_127_0_0_2"], by_key["example.org_127_0_0_2"]
+    assert (taken.ok, list(taken.email_indexes)) == (True, [0])
+    assert (refused_batch.ok, list(refused_batch.email_indexes)) == (False, [1])
+    assert refused_batch.error.startswith("node a: INVALID_ARGUMENT: emails[0] is ")
+    assert refused_batch.error.endswith(f"({DISAGREEMENT})")
+    await sink.wait_for(1)
+    assert sink.recipients() == ["small@example.org"]
 
 
 async def test_the_setting_moves_the_limit_and_the_transport_with_it(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from email.message import Message
 from email.parser import BytesParser
+from email.policy import SMTPUTF8 as smtputf8_policy
 from email.policy import default as default_policy
 from email.utils import formatdate
 from typing import Any
@@ -77,6 +78,50 @@ def test_a_dsn_reports_each_failed_recipient() -> None:
     original = parse(headers.get_content().encode())
     assert original["Subject"] == "Quarterly report"
     assert b"hello" not in data  # the header only, not the body
+
+
+def status_blocks(part: Any) -> list[str]:
+    """The blocks of a message/global-delivery-status part, as UTF-8 text."""
+    raw = part.as_bytes(policy=smtputf8_policy)
+    body = raw[raw.index(b"\r\n\r\n") + 4 :].decode("utf-8")
+    return [b for b in body.split("\r\n\r\n") if b.strip()]
+
+
+def test_a_dsn_for_a_utf8_address_is_global() -> None:
+    utf8 = "björn@example.com"
+    bounced = {
+        utf8: Outcome(1, State.BOUNCED, 1, 1.7e9, Reply.local("no SMTPUTF8 at mx", "5.6.7"), 1.7e9),
+        "bob@example.com": Outcome(
+            2, State.BOUNCED, 1, 1.7e9, Reply.parse(550, "5.1.1 no such user", "mx.example.com"), 1.7e9
+        ),
+    }
+    sender = "jörg@xn--mnchen-3ya.de"
+    data = build(
+        reporting_mta="n1.epoxi.test",
+        dsn_from="MAILER-DAEMON@n1.epoxi.test",
+        sender=sender,
+        original=f"From: {sender}\r\nTo: {utf8}\r\nSubject: Grüße\r\n\r\nhallo\r\n".encode(),
+        arrival=1.7e9 - 3600,
+        bounced=bounced,
+    )
+    assert f"\r\nTo: {sender}\r\n".encode() in data  # RFC 6532: UTF-8 as it is
+    dsn = parse(data)
+    assert (dsn.get_content_type(), dsn.get_param("report-type")) == (
+        "multipart/report",
+        "global-delivery-status",
+    )
+    human, status, headers = dsn.get_payload()
+    assert (status.get_content_type(), status["Content-Transfer-Encoding"]) == (
+        "message/global-delivery-status",
+        "8bit",
+    )
+    per_message, first, second = status_blocks(status)
+    assert per_message.startswith("Reporting-MTA: dns; n1.epoxi.test\r\n")
+    assert f"Final-Recipient: utf-8; {utf8}\r\n" in first and "Status: 5.6.7\r\n" in first
+    assert "Diagnostic-Code: X-Epoxi; 5.6.7 no SMTPUTF8 at mx" in first
+    assert "Final-Recipient: rfc822; bob@example.com\r\n" in second  # ASCII stays rfc822
+    assert f"<{utf8}>: 5.6.7 no SMTPUTF8 at mx" in human.get_content()
+    assert "Subject: Grüße" in headers.get_content()
 
 
 def test_original_headers_stop_at_the_body() -> None:

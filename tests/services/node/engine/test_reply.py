@@ -59,6 +59,21 @@ def test_which_replies_deliver_bounce_or_defer() -> None:
     }
 
 
+def test_the_nodes_own_reply_bounces_when_its_enhanced_code_is_permanent() -> None:
+    refused = Reply.local("mx does not offer SMTPUTF8", "5.6.7")
+    assert (refused.accepted, refused.permanent, refused.temporary) == (False, True, False)
+    assert refused.status_code == "5.6.7"
+    lost = Reply.local("connection lost", "4.4.2")
+    assert (lost.permanent, lost.temporary) == (False, True)
+
+
+def test_octets_that_are_not_utf8_become_replacement_characters() -> None:
+    # aiosmtplib decodes a reply with surrogateescape; the spool stores UTF-8.
+    r = Reply.parse(550, "5.1.1 Empf\udce4nger unbekannt")
+    assert (r.enhanced, r.text) == ("5.1.1", "Empf\ufffdnger unbekannt")
+    assert Reply.parse(550, "5.1.1 Empfänger").text == "Empfänger"
+
+
 def test_the_line_puts_the_enhanced_code_back_in_front() -> None:
     assert Reply.parse(550, "5.1.1   no such user").line == "5.1.1 no such user"
     assert Reply.parse(451, "4.3.0").line == "4.3.0"
