@@ -54,13 +54,15 @@ def text_field(name: str, value: str, utf8: bool) -> bytes:
     """The header field ``name: value``, folded with CRLF, without a final CRLF."""
     charset = "utf-8" if utf8 else "ascii"
     if value.isprintable() and (utf8 or value.isascii()):
-        lines = _folded_text(name + ":", value)
+        lines = folded_text(name + ":", value)
         if all(len(line.encode(charset)) <= _MAX_OCTETS for line in lines):
             return "\r\n".join(lines).encode(charset)
     return _folded_words(name + ":", _encoded_words(value)).encode("ascii")
 
 
-def _folded_text(prefix: str, value: str) -> list[str]:
+def folded_text(prefix: str, value: str) -> list[str]:
+    """``prefix`` (``"Name:"``), a space and ``value``, folded before spaces into lines of at most
+    78 octets where the words allow; a word too long keeps a line to itself."""
     if not value:
         return [prefix]
     chunks = _FOLD_POINT.split(value)

@@ -25,7 +25,7 @@ from email.message import EmailMessage
 from epoxi import header_fields
 from epoxi.address import envelope_address, needs_smtputf8
 from epoxi.attachments import mime_type, safe_filename
-from epoxi.header_lines import address_field, text_field
+from epoxi.header_lines import address_field, folded_text, text_field
 from epoxi.v1 import email_pb2
 
 # cte_type 7bit: bodies go quoted-printable or base64, never 8bit, so a message with an ASCII
@@ -131,8 +131,6 @@ _DISPLAY_NAME = rf"(?:{_ATEXT}+(?: {_ATEXT}+)*|\"{_QTEXT}(?: {_QTEXT})*\")"
 # the group holds the domain, for a generated Message-ID.
 _PLAIN_MAILBOX = re.compile(rf"(?:{_DOT_ATOM}@({_DOMAIN})|(?:{_DISPLAY_NAME} )?<{_DOT_ATOM}@({_DOMAIN})>)")
 _PLAIN_MSG_ID = re.compile(rf"<{_DOT_ATOM}@{_DOT_ATOM}>")
-# Fold unstructured values before a space that starts a word, so no folded line is only whitespace.
-_FOLD_POINT = re.compile(r"(?= [^ ])")
 _MAX_HEADER_LINE = 78  # RFC 5322 2.1.1 SHOULD; longer only for a word that cannot be folded
 _MAX_LINE = 998  # RFC 5322 2.1.1 MUST, in octets, without the CRLF
 _PLAIN = b'Content-Type: text/plain; charset="utf-8"'
@@ -236,7 +234,7 @@ def _fold_addresses(prefix: str, mailboxes: Sequence[str]) -> str | None:
 
 
 def _fold_unstructured(prefix: str, value: str) -> str | None:
-    """``prefix`` and ``value``, folded before spaces into lines of ≤ 78 where the words allow.
+    """``prefix`` (``"Name: "``) and ``value``, folded as ``header_lines.folded_text`` folds.
 
     A word too long for one line keeps a line to itself (RFC 2047 encoded-words would break it,
     and receivers do not decode them in fields such as List-Unsubscribe). None if ``value`` is
@@ -244,23 +242,10 @@ def _fold_unstructured(prefix: str, value: str) -> str | None:
     """
     if not _printable(value):
         return None
-    if not value:
-        return prefix.rstrip(" ") if len(prefix) <= _MAX_LINE else None
     line = prefix + value
     if len(line) <= _MAX_HEADER_LINE:
-        return line
-    chunks = _FOLD_POINT.split(value)
-    lines: list[str] = []
-    current = prefix + chunks[0]
-    has_word = bool(chunks[0].strip(" "))  # a fold right after "Name:" would keep the spaces
-    for chunk in chunks[1:]:
-        if has_word and len(current) + len(chunk) > _MAX_HEADER_LINE:
-            lines.append(current)
-            current = chunk
-        else:
-            current += chunk
-        has_word = True
-    lines.append(current)
+        return line if value else prefix.rstrip(" ")
+    lines = folded_text(prefix.rstrip(" "), value)
     if max(map(len, lines)) > _MAX_LINE:
         return None
     return "\r\n".join(lines)
