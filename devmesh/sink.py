@@ -81,7 +81,11 @@ class _Session(SMTP):
 
     def __init__(self, sink: Sink, handler: _Handler) -> None:
         super().__init__(
-            handler, hostname="sink.epoxi.test", ident="epoxi sink", tls_context=sink.tls_context
+            handler,
+            hostname="sink.epoxi.test",
+            ident="epoxi sink",
+            tls_context=sink.tls_context,
+            enable_SMTPUTF8=sink.smtputf8,
         )
         self._sink = sink
         self._counted = False
@@ -118,6 +122,8 @@ class Sink:
     # Awaited before the sink answers RCPT TO:<address>, e.g. to stall one recipient.
     rcpt_hook: Callable[[str], Awaitable[None]] | None = None
     tls_context: ssl.SSLContext | None = None
+    # Offered like Postfix and the big providers offer it, so UTF-8 mail reaches the sink.
+    smtputf8: bool = True
     received: list[Received] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     sessions: int = 0

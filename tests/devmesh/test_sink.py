@@ -53,3 +53,27 @@ async def test_two_sinks_at_once_share_a_maildir(tmp_path: Path) -> None:
         await second.stop()
 
     assert subjects(tmp_path) == sorted(f"message {n}" for n in range(40))
+
+
+async def test_the_sink_takes_utf8_mail(tmp_path: Path) -> None:
+    # Without SMTPUTF8 the node bounces mail to jörg@example.de (5.6.7), and `epoxi dev` showed nothing.
+    sink = await Sink(maildir=tmp_path).start()
+    try:
+        m = EmailMessage()
+        m["From"] = "a@epoxi.test"
+        m["To"] = "jörg@example.de"
+        m["Subject"] = "Grüße"
+        m.set_content("hallo")
+        async with aiosmtplib.SMTP(hostname=sink.host, port=sink.port) as smtp:
+            assert smtp.supports_extension("smtputf8")
+            await smtp.send_message(m)
+        [received] = sink.received
+        assert received.rcpt_tos == ["jörg@example.de"]
+    finally:
+        await sink.stop()
+    assert "X-Epoxi-Envelope-To: jörg@example.de" in saved_text(tmp_path)
+
+
+def saved_text(maildir: Path) -> str:
+    [saved] = maildir.glob("*.eml")
+    return saved.read_text("utf-8")
