@@ -80,8 +80,19 @@ def refusals(
 
 
 def summary(problems: list[str]) -> str:
-    """The first ``MAX_PROBLEMS_REPORTED`` problems, "; "-joined, and how many more there were;
-    bounded by ``MAX_MESSAGE_BYTES``."""
-    more = len(problems) - MAX_PROBLEMS_REPORTED
-    text = "; ".join(problems[:MAX_PROBLEMS_REPORTED]) + (f"; and {more} more" if more > 0 else "")
-    return bounded(text)
+    """The first problems, "; "-joined, and how many more there were: at most
+    ``MAX_PROBLEMS_REPORTED``, and as many whole ones as fit ``MAX_MESSAGE_BYTES`` with the count
+    (a problem alone too long for it is cut, saying how much)."""
+    room = MAX_MESSAGE_BYTES - 32  # for "; and N more"
+    shown: list[str] = []
+    used = 0
+    for p in problems[:MAX_PROBLEMS_REPORTED]:
+        size = encoded_size(p) + (2 if shown else 0)
+        if used + size > room:
+            if not shown:
+                shown.append(bounded(p, room))
+            break
+        shown.append(p)
+        used += size
+    more = len(problems) - len(shown)
+    return "; ".join(shown) + (f"; and {more} more" if more > 0 else "")

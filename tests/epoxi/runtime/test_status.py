@@ -84,9 +84,18 @@ def test_a_summary_names_the_first_problems_and_counts_the_rest() -> None:
 
 
 def test_a_summary_of_long_problems_is_bounded() -> None:
-    text = summary(["ü" * 1000] * 30)
+    text = summary(["ü" * 100] * 30)  # 600 bytes each in grpc-message
     assert encoded_size(text) <= MAX_MESSAGE_BYTES
-    assert NOTE.search(text) is not None
+    # Whole problems, then the count of the rest: the count is never what gets cut.
+    shown, _, more = text.rpartition("; and ")
+    assert shown.split("; ") == ["ü" * 100] * 6 and more == "24 more"
+
+
+def test_a_summary_cuts_a_problem_too_long_alone() -> None:
+    text = summary(["ü" * 5000, "b"])
+    assert encoded_size(text) <= MAX_MESSAGE_BYTES
+    assert text.endswith("; and 1 more")
+    assert NOTE.search(text.removesuffix("; and 1 more")) is not None
 
 
 # What a client receives: a real gRPC server aborting with status.abort.
