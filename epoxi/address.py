@@ -19,7 +19,10 @@ import idna
 # RFC 5321 limits: 64 octets local part, 255 domain; a practical dot-atom check, not full RFC 5322.
 _LOCAL = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}$")
 _LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+# RFC 5322 3.2.3 atext, and a dot-atom of it: one home for every module that matches them.
+ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+DOT_ATOM = rf"{ATEXT}+(?:\.{ATEXT}+)*"
+_ATEXT = ATEXT
 # RFC 6531 3.3: atext with UTF-8 beyond ASCII (printable: checked apart, see _utf8_local_problem).
 _UTF8_LOCAL = re.compile(rf"(?:{_ATEXT}|[^\x00-\x7f])+(?:\.(?:{_ATEXT}|[^\x00-\x7f])+)*\Z")
 _DOT_ATOM_ADDR = rf"{_ATEXT}+(?:\.{_ATEXT}+)*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"

@@ -24,9 +24,9 @@ import base64
 import re
 from collections.abc import Sequence
 
+from epoxi.address import ATEXT as _ATEXT
 from epoxi.address import display_name, envelope_address
 
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
 _ATOMS = re.compile(rf"{_ATEXT}+(?: {_ATEXT}+)*\Z")
 # RFC 6532 3.2: atext also holds UTF-8 beyond ASCII.
 _UTF8_ATEXT = rf"(?:{_ATEXT}|[^\x00-\x7f])"

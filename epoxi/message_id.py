@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import re
 
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
-_DOT_ATOM_TEXT = rf"{_ATEXT}+(?:\.{_ATEXT}+)*"
+from epoxi.address import DOT_ATOM
+
 _DTEXT = r"[!-Z^-~]"  # printable ASCII but "[", "]" and "\"
-MSG_ID = re.compile(rf"<{_DOT_ATOM_TEXT}@(?:{_DOT_ATOM_TEXT}|\[{_DTEXT}*\])>\Z")
+MSG_ID = re.compile(rf"<{DOT_ATOM}@(?:{DOT_ATOM}|\[{_DTEXT}*\])>\Z")
 # 998 octets (RFC 5322 2.1.1) less "Message-ID: ".
 MAX_MESSAGE_ID = 998 - len("Message-ID: ")
 

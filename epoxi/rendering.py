@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from email.message import EmailMessage
 
 from epoxi import header_fields
+from epoxi.address import ATEXT as _ATEXT
+from epoxi.address import DOT_ATOM as _DOT_ATOM
 from epoxi.address import envelope_address, needs_smtputf8
 from epoxi.attachments import mime_type, safe_filename
 from epoxi.header_lines import address_field, folded_text, text_field
@@ -122,8 +124,6 @@ def _is_sender(h: email_pb2.Header) -> bool:
 # The fast path writes the message directly, and only for input it can write without encoding:
 # mailboxes of a plain ASCII shape, header values of printable ASCII (RFC 2047 encoding is the
 # slow path's job), no attachments, and no extra header but plain text ones.
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
-_DOT_ATOM = rf"{_ATEXT}+(?:\.{_ATEXT}+)*"
 _DOMAIN = r"[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
 _QTEXT = r"[!#-\[\]-~]+"  # printable ASCII less '"' and '\'
 _DISPLAY_NAME = rf"(?:{_ATEXT}+(?: {_ATEXT}+)*|\"{_QTEXT}(?: {_QTEXT})*\")"
