@@ -201,6 +201,8 @@ class Mesh:
     # Routers beyond the first, named router2, router3, ...
     extra_routers: int = 0
     echo: Callable[[str, str], None] | None = None
+    # Added to every service's environment (e.g. EPOXI_TLS_*, CONSUL_HTTP_TOKEN).
+    env: dict[str, str] = field(default_factory=dict)
     # Each service's output also in <log_dir>/<service>.log.
     log_dir: Path | None = None
     # Services in their own process group: a Ctrl-C at the terminal reaches only this process.
@@ -309,7 +311,9 @@ class Mesh:
 
     async def _spawn(self, name: str, args: list[str]) -> Process:
         log = self._logs.get(name) if self._logs is not None else None
-        p = await spawn(name, args, self.echo, log=log, own_process_group=self.own_process_group)
+        p = await spawn(
+            name, args, self.echo, env=self.env, log=log, own_process_group=self.own_process_group
+        )
         self.processes[name] = p
         self._restart_args[name] = _listening_at(args, p.address)
         return p

@@ -3,7 +3,7 @@
     python scripts/genprotos.py          # regenerate epoxi/v1/, refresh protos/google/api/
     python scripts/genprotos.py --check  # exit 1 when either is out of date
 
-protos/google/api/{annotations,http}.proto are vendored from the googleapis-common-protos
+protos/google/api/{annotations,http,httpbody}.proto are vendored from the googleapis-common-protos
 wheel and committed, so buf needs no network and `buf breaking --against .git#...` finds
 them in history. --check fails when they differ from the installed wheel's copies.
 """
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
 OUT = ROOT / "epoxi" / "v1"
 VENDORED = PROTOS / "google" / "api"
-VENDORED_NAMES = ("annotations.proto", "http.proto")
+VENDORED_NAMES = ("annotations.proto", "http.proto", "httpbody.proto")
 
 
 def wheel_google_api() -> Path:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x65poxi/v1/email.proto\x12\x08\x65poxi.v1\"\x81\x02\n\x05\x45mail\x12\x0c\n\x04\x66rom\x18\x01 \x01(\t\x12\n\n\x02to\x18\x02 \x03(\t\x12\n\n\x02\x63\x63\x18\x03 \x03(\t\x12\x0b\n\x03\x62\x63\x63\x18\x04 \x03(\t\x12\x10\n\x08reply_to\x18\x05 \x01(\t\x12\x0f\n\x07subject\x18\x06 \x01(\t\x12\x0c\n\x04text\x18\x07 \x01(\t\x12\x0c\n\x04html\x18\x08 \x01(\t\x12!\n\x07headers\x18\t \x03(\x0b\x32\x10.epoxi.v1.Header\x12)\n\x0b\x61ttachments\x18\n \x03(\x0b\x32\x14.epoxi.v1.Attachment\x12\x12\n\nmessage_id\x18\x0b \x01(\t\x12$\n\x08\x64\x65livery\x18\x0c \x01(\x0b\x32\x12.epoxi.v1.Delivery\"%\n\x06Header\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"E\n\nAttachment\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x02 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\x0c\"\'\n\x08\x44\x65livery\x12\n\n\x02ip\x18\x01 \x01(\t\x12\x0f\n\x07ip_pool\x18\x02 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x65poxi/v1/email.proto\x12\x08\x65poxi.v1\"\xa4\x02\n\x05\x45mail\x12\x0c\n\x04\x66rom\x18\x01 \x01(\t\x12\n\n\x02to\x18\x02 \x03(\t\x12\n\n\x02\x63\x63\x18\x03 \x03(\t\x12\x0b\n\x03\x62\x63\x63\x18\x04 \x03(\t\x12\x10\n\x08reply_to\x18\x05 \x01(\t\x12\x0f\n\x07subject\x18\x06 \x01(\t\x12\x0c\n\x04text\x18\x07 \x01(\t\x12\x0c\n\x04html\x18\x08 \x01(\t\x12!\n\x07headers\x18\t \x03(\x0b\x32\x10.epoxi.v1.Header\x12)\n\x0b\x61ttachments\x18\n \x03(\x0b\x32\x14.epoxi.v1.Attachment\x12\x12\n\nmessage_id\x18\x0b \x01(\t\x12$\n\x08\x64\x65livery\x18\x0c \x01(\x0b\x32\x12.epoxi.v1.Delivery\x12!\n\x03raw\x18\r \x01(\x0b\x32\x14.epoxi.v1.RawMessage\"A\n\nRawMessage\x12\x11\n\tmail_from\x18\x01 \x01(\t\x12\x0f\n\x07rcpt_to\x18\x02 \x03(\t\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\x0c\"%\n\x06Header\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"E\n\nAttachment\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x02 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\x0c\"\'\n\x08\x44\x65livery\x12\n\n\x02ip\x18\x01 \x01(\t\x12\x0f\n\x07ip_pool\x18\x02 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,11 +32,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'epoxi.v1.email_pb2', _globa
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EMAIL']._serialized_start=35
-  _globals['_EMAIL']._serialized_end=292
-  _globals['_HEADER']._serialized_start=294
-  _globals['_HEADER']._serialized_end=331
-  _globals['_ATTACHMENT']._serialized_start=333
-  _globals['_ATTACHMENT']._serialized_end=402
-  _globals['_DELIVERY']._serialized_start=404
-  _globals['_DELIVERY']._serialized_end=443
+  _globals['_EMAIL']._serialized_end=327
+  _globals['_RAWMESSAGE']._serialized_start=329
+  _globals['_RAWMESSAGE']._serialized_end=394
+  _globals['_HEADER']._serialized_start=396
+  _globals['_HEADER']._serialized_end=433
+  _globals['_ATTACHMENT']._serialized_start=435
+  _globals['_ATTACHMENT']._serialized_end=504
+  _globals['_DELIVERY']._serialized_start=506
+  _globals['_DELIVERY']._serialized_end=545
 # @@protoc_insertion_point(module_scope)

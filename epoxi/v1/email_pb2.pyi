@@ -38,6 +38,7 @@ class Email(_message.Message):
     ATTACHMENTS_FIELD_NUMBER: _builtins.int
     MESSAGE_ID_FIELD_NUMBER: _builtins.int
     DELIVERY_FIELD_NUMBER: _builtins.int
+    RAW_FIELD_NUMBER: _builtins.int
     reply_to: _builtins.str
     subject: _builtins.str
     text: _builtins.str
@@ -68,6 +69,14 @@ class Email(_message.Message):
     def attachments(self) -> _containers.RepeatedCompositeFieldContainer[Global___Attachment]: ...
     @_builtins.property
     def delivery(self) -> Global___Delivery: ...
+    @_builtins.property
+    def raw(self) -> Global___RawMessage:
+        """The message as its author wrote it, relayed byte for byte (never rendered): the original
+        header fields, MIME structure and DKIM signatures survive. With raw set, only delivery and
+        message_id may be set beside it; the router takes message_id from the Message-ID header
+        field, or derives it from raw when there is none.
+        """
+
     def __init__(
         self,
         *,
@@ -82,14 +91,51 @@ class Email(_message.Message):
         attachments: _abc.Iterable[Global___Attachment] | None = ...,
         message_id: _builtins.str = ...,
         delivery: Global___Delivery | None = ...,
+        raw: Global___RawMessage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["delivery", b"delivery"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delivery", b"delivery", "raw", b"raw"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "bcc", b"bcc", "cc", b"cc", "delivery", b"delivery", "from", b"from", "headers", b"headers", "html", b"html", "message_id", b"message_id", "reply_to", b"reply_to", "subject", b"subject", "text", b"text", "to", b"to"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "bcc", b"bcc", "cc", b"cc", "delivery", b"delivery", "from", b"from", "headers", b"headers", "html", b"html", "message_id", b"message_id", "raw", b"raw", "reply_to", b"reply_to", "subject", b"subject", "text", b"text", "to", b"to"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Email: _TypeAlias = Email  # noqa: Y015
+
+@_typing.final
+class RawMessage(_message.Message):
+    """An RFC 5322 message with its SMTP envelope, as an SMTP client or an HTTP caller handed it in."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAIL_FROM_FIELD_NUMBER: _builtins.int
+    RCPT_TO_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    mail_from: _builtins.str
+    """Envelope sender (MAIL FROM), an addr-spec; empty for the null reverse-path "<>"."""
+    content: _builtins.bytes
+    """Header fields and body, lines ending in CRLF, without the SMTP dot-stuffing; at most the
+    node's message size limit.
+    """
+    @_builtins.property
+    def rcpt_to(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Envelope recipients (RCPT TO), addr-specs; the router splits them by domain like to, cc and
+        bcc. They need not appear in the header fields.
+        """
+
+    def __init__(
+        self,
+        *,
+        mail_from: _builtins.str = ...,
+        rcpt_to: _abc.Iterable[_builtins.str] | None = ...,
+        content: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "mail_from", b"mail_from", "rcpt_to", b"rcpt_to"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RawMessage: _TypeAlias = RawMessage  # noqa: Y015
 
 @_typing.final
 class Header(_message.Message):

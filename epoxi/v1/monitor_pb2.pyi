@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from epoxi.v1 import node_pb2 as _node_pb2
 from epoxi.v1 import pipeline_pb2 as _pipeline_pb2
+from epoxi.v1 import queue_pb2 as _queue_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
@@ -828,3 +829,238 @@ class SkippedPipeline(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SkippedPipeline: _TypeAlias = SkippedPipeline  # noqa: Y015
+
+@_typing.final
+class GetClusterQueueStatsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUTING_KEY_FIELD_NUMBER: _builtins.int
+    routing_key: _builtins.str
+    """Only this routing key; empty: every routing key."""
+    def __init__(
+        self,
+        *,
+        routing_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["routing_key", b"routing_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetClusterQueueStatsRequest: _TypeAlias = GetClusterQueueStatsRequest  # noqa: Y015
+
+@_typing.final
+class GetClusterQueueStatsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class NodesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> _node_pb2.GetQueueStatsResponse: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _node_pb2.GetQueueStatsResponse | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NODES_FIELD_NUMBER: _builtins.int
+    TOTALS_FIELD_NUMBER: _builtins.int
+    UNREACHABLE_NODES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def nodes(self) -> _containers.MessageMap[_builtins.str, _node_pb2.GetQueueStatsResponse]:
+        """Node ID to that node's queue stats (NodeService.GetQueueStats)."""
+
+    @_builtins.property
+    def totals(self) -> _pipeline_pb2.PipelineCounters:
+        """Sums over every node that answered."""
+
+    @_builtins.property
+    def unreachable_nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___UnreachableNode]:
+        """Nodes the registry shows passing that did not answer, with the reason."""
+
+    def __init__(
+        self,
+        *,
+        nodes: _abc.Mapping[_builtins.str, _node_pb2.GetQueueStatsResponse] | None = ...,
+        totals: _pipeline_pb2.PipelineCounters | None = ...,
+        unreachable_nodes: _abc.Iterable[Global___UnreachableNode] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["totals", b"totals"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["nodes", b"nodes", "totals", b"totals", "unreachable_nodes", b"unreachable_nodes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetClusterQueueStatsResponse: _TypeAlias = GetClusterQueueStatsResponse  # noqa: Y015
+
+@_typing.final
+class UnreachableNode(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    ERROR_CODE_FIELD_NUMBER: _builtins.int
+    ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    error_code: _builtins.str
+    """gRPC status code name and message of the failed call."""
+    error_message: _builtins.str
+    def __init__(
+        self,
+        *,
+        node: _builtins.str = ...,
+        error_code: _builtins.str = ...,
+        error_message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_code", b"error_code", "error_message", b"error_message", "node", b"node"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnreachableNode: _TypeAlias = UnreachableNode  # noqa: Y015
+
+@_typing.final
+class ListQueuedMessagesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUTING_KEY_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    routing_key: _builtins.str
+    state: _queue_pb2.DeliveryState.ValueType
+    """As NodeService.ListMessages."""
+    page_size: _builtins.int
+    """At most this many messages; 0 means 50, and more than 1000 means 1000."""
+    page_token: _builtins.str
+    """next_page_token of the previous response, with the same routing_key and state."""
+    def __init__(
+        self,
+        *,
+        routing_key: _builtins.str = ...,
+        state: _queue_pb2.DeliveryState.ValueType = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "routing_key", b"routing_key", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListQueuedMessagesRequest: _TypeAlias = ListQueuedMessagesRequest  # noqa: Y015
+
+@_typing.final
+class ListQueuedMessagesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    UNREACHABLE_NODES_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass as page_token for the next page; empty on the last page."""
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeQueuedMessage]:
+        """Oldest first, across nodes."""
+
+    @_builtins.property
+    def unreachable_nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___UnreachableNode]: ...
+    def __init__(
+        self,
+        *,
+        messages: _abc.Iterable[Global___NodeQueuedMessage] | None = ...,
+        next_page_token: _builtins.str = ...,
+        unreachable_nodes: _abc.Iterable[Global___UnreachableNode] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "next_page_token", b"next_page_token", "unreachable_nodes", b"unreachable_nodes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListQueuedMessagesResponse: _TypeAlias = ListQueuedMessagesResponse  # noqa: Y015
+
+@_typing.final
+class NodeQueuedMessage(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    """The node whose spool holds it."""
+    @_builtins.property
+    def message(self) -> _queue_pb2.QueuedMessage: ...
+    def __init__(
+        self,
+        *,
+        node: _builtins.str = ...,
+        message: _queue_pb2.QueuedMessage | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "node", b"node"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeQueuedMessage: _TypeAlias = NodeQueuedMessage  # noqa: Y015
+
+@_typing.final
+class GetQueuedMessageRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    message_id: _builtins.str
+    """Spool ID, as returned by RouteEmails (BatchResult.message_ids)."""
+    def __init__(
+        self,
+        *,
+        message_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message_id", b"message_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetQueuedMessageRequest: _TypeAlias = GetQueuedMessageRequest  # noqa: Y015
+
+@_typing.final
+class GetQueuedMessageResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    @_builtins.property
+    def message(self) -> _queue_pb2.QueuedMessage: ...
+    @_builtins.property
+    def attempts(self) -> _containers.RepeatedCompositeFieldContainer[_queue_pb2.DeliveryAttempt]:
+        """Every attempt at every recipient, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        node: _builtins.str = ...,
+        message: _queue_pb2.QueuedMessage | None = ...,
+        attempts: _abc.Iterable[_queue_pb2.DeliveryAttempt] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "message", b"message", "node", b"node"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetQueuedMessageResponse: _TypeAlias = GetQueuedMessageResponse  # noqa: Y015

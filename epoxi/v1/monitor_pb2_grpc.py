@@ -85,6 +85,21 @@ class MonitorServiceStub:
                 request_serializer=epoxi_dot_v1_dot_monitor__pb2.RebalanceRequest.SerializeToString,
                 response_deserializer=epoxi_dot_v1_dot_monitor__pb2.RebalanceResponse.FromString,
                 _registered_method=True)
+        self.GetClusterQueueStats = channel.unary_unary(
+                '/epoxi.v1.MonitorService/GetClusterQueueStats',
+                request_serializer=epoxi_dot_v1_dot_monitor__pb2.GetClusterQueueStatsRequest.SerializeToString,
+                response_deserializer=epoxi_dot_v1_dot_monitor__pb2.GetClusterQueueStatsResponse.FromString,
+                _registered_method=True)
+        self.ListQueuedMessages = channel.unary_unary(
+                '/epoxi.v1.MonitorService/ListQueuedMessages',
+                request_serializer=epoxi_dot_v1_dot_monitor__pb2.ListQueuedMessagesRequest.SerializeToString,
+                response_deserializer=epoxi_dot_v1_dot_monitor__pb2.ListQueuedMessagesResponse.FromString,
+                _registered_method=True)
+        self.GetQueuedMessage = channel.unary_unary(
+                '/epoxi.v1.MonitorService/GetQueuedMessage',
+                request_serializer=epoxi_dot_v1_dot_monitor__pb2.GetQueuedMessageRequest.SerializeToString,
+                response_deserializer=epoxi_dot_v1_dot_monitor__pb2.GetQueuedMessageResponse.FromString,
+                _registered_method=True)
 
 
 class MonitorServiceServicer:
@@ -166,6 +181,30 @@ class MonitorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetClusterQueueStats(self, request, context):
+        """Queue inspection across the cluster: the monitor asks every passing node (the registry's
+        view) concurrently and merges the answers. A node that does not answer is named in
+        unreachable_nodes; the call fails only when none answers (UNAVAILABLE).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListQueuedMessages(self, request, context):
+        """One routing key's spooled messages on every node that holds some, a page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetQueuedMessage(self, request, context):
+        """One spooled message, from whichever node holds it, with every delivery attempt.
+        NOT_FOUND when no reachable node has it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MonitorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -218,6 +257,21 @@ def add_MonitorServiceServicer_to_server(servicer, server):
                     servicer.Rebalance,
                     request_deserializer=epoxi_dot_v1_dot_monitor__pb2.RebalanceRequest.FromString,
                     response_serializer=epoxi_dot_v1_dot_monitor__pb2.RebalanceResponse.SerializeToString,
+            ),
+            'GetClusterQueueStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetClusterQueueStats,
+                    request_deserializer=epoxi_dot_v1_dot_monitor__pb2.GetClusterQueueStatsRequest.FromString,
+                    response_serializer=epoxi_dot_v1_dot_monitor__pb2.GetClusterQueueStatsResponse.SerializeToString,
+            ),
+            'ListQueuedMessages': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListQueuedMessages,
+                    request_deserializer=epoxi_dot_v1_dot_monitor__pb2.ListQueuedMessagesRequest.FromString,
+                    response_serializer=epoxi_dot_v1_dot_monitor__pb2.ListQueuedMessagesResponse.SerializeToString,
+            ),
+            'GetQueuedMessage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetQueuedMessage,
+                    request_deserializer=epoxi_dot_v1_dot_monitor__pb2.GetQueuedMessageRequest.FromString,
+                    response_serializer=epoxi_dot_v1_dot_monitor__pb2.GetQueuedMessageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -491,6 +545,87 @@ class MonitorService:
             '/epoxi.v1.MonitorService/Rebalance',
             epoxi_dot_v1_dot_monitor__pb2.RebalanceRequest.SerializeToString,
             epoxi_dot_v1_dot_monitor__pb2.RebalanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetClusterQueueStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epoxi.v1.MonitorService/GetClusterQueueStats',
+            epoxi_dot_v1_dot_monitor__pb2.GetClusterQueueStatsRequest.SerializeToString,
+            epoxi_dot_v1_dot_monitor__pb2.GetClusterQueueStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListQueuedMessages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epoxi.v1.MonitorService/ListQueuedMessages',
+            epoxi_dot_v1_dot_monitor__pb2.ListQueuedMessagesRequest.SerializeToString,
+            epoxi_dot_v1_dot_monitor__pb2.ListQueuedMessagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetQueuedMessage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epoxi.v1.MonitorService/GetQueuedMessage',
+            epoxi_dot_v1_dot_monitor__pb2.GetQueuedMessageRequest.SerializeToString,
+            epoxi_dot_v1_dot_monitor__pb2.GetQueuedMessageResponse.FromString,
             options,
             channel_credentials,
             insecure,

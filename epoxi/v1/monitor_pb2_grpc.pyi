@@ -62,6 +62,17 @@ class MonitorServiceStub:
     time cluster-wide: a real run holds epoxi/locks/rebalance (a session of the monitor), and
     while another holds it the call is ABORTED, naming the holder. A dry run takes no lock.
     """
+    GetClusterQueueStats: _grpc.UnaryUnaryMultiCallable[_monitor_pb2.GetClusterQueueStatsRequest, _monitor_pb2.GetClusterQueueStatsResponse]
+    """Queue inspection across the cluster: the monitor asks every passing node (the registry's
+    view) concurrently and merges the answers. A node that does not answer is named in
+    unreachable_nodes; the call fails only when none answers (UNAVAILABLE).
+    """
+    ListQueuedMessages: _grpc.UnaryUnaryMultiCallable[_monitor_pb2.ListQueuedMessagesRequest, _monitor_pb2.ListQueuedMessagesResponse]
+    """One routing key's spooled messages on every node that holds some, a page at a time."""
+    GetQueuedMessage: _grpc.UnaryUnaryMultiCallable[_monitor_pb2.GetQueuedMessageRequest, _monitor_pb2.GetQueuedMessageResponse]
+    """One spooled message, from whichever node holds it, with every delivery attempt.
+    NOT_FOUND when no reachable node has it.
+    """
 
 @_typing.type_check_only
 class MonitorServiceAsyncStub(MonitorServiceStub):
@@ -96,6 +107,17 @@ class MonitorServiceAsyncStub(MonitorServiceStub):
     NodeService.StopPipeline on from_node with hand_to_node = to_node. One rebalance at a
     time cluster-wide: a real run holds epoxi/locks/rebalance (a session of the monitor), and
     while another holds it the call is ABORTED, naming the holder. A dry run takes no lock.
+    """
+    GetClusterQueueStats: _aio.UnaryUnaryMultiCallable[_monitor_pb2.GetClusterQueueStatsRequest, _monitor_pb2.GetClusterQueueStatsResponse]  # type: ignore[assignment]
+    """Queue inspection across the cluster: the monitor asks every passing node (the registry's
+    view) concurrently and merges the answers. A node that does not answer is named in
+    unreachable_nodes; the call fails only when none answers (UNAVAILABLE).
+    """
+    ListQueuedMessages: _aio.UnaryUnaryMultiCallable[_monitor_pb2.ListQueuedMessagesRequest, _monitor_pb2.ListQueuedMessagesResponse]  # type: ignore[assignment]
+    """One routing key's spooled messages on every node that holds some, a page at a time."""
+    GetQueuedMessage: _aio.UnaryUnaryMultiCallable[_monitor_pb2.GetQueuedMessageRequest, _monitor_pb2.GetQueuedMessageResponse]  # type: ignore[assignment]
+    """One spooled message, from whichever node holds it, with every delivery attempt.
+    NOT_FOUND when no reachable node has it.
     """
 
 class MonitorServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -188,6 +210,35 @@ class MonitorServiceServicer(metaclass=_abc_1.ABCMeta):
         NodeService.StopPipeline on from_node with hand_to_node = to_node. One rebalance at a
         time cluster-wide: a real run holds epoxi/locks/rebalance (a session of the monitor), and
         while another holds it the call is ABORTED, naming the holder. A dry run takes no lock.
+        """
+
+    @_abc_1.abstractmethod
+    def GetClusterQueueStats(
+        self,
+        request: _monitor_pb2.GetClusterQueueStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_monitor_pb2.GetClusterQueueStatsResponse, _abc.Awaitable[_monitor_pb2.GetClusterQueueStatsResponse]]:
+        """Queue inspection across the cluster: the monitor asks every passing node (the registry's
+        view) concurrently and merges the answers. A node that does not answer is named in
+        unreachable_nodes; the call fails only when none answers (UNAVAILABLE).
+        """
+
+    @_abc_1.abstractmethod
+    def ListQueuedMessages(
+        self,
+        request: _monitor_pb2.ListQueuedMessagesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_monitor_pb2.ListQueuedMessagesResponse, _abc.Awaitable[_monitor_pb2.ListQueuedMessagesResponse]]:
+        """One routing key's spooled messages on every node that holds some, a page at a time."""
+
+    @_abc_1.abstractmethod
+    def GetQueuedMessage(
+        self,
+        request: _monitor_pb2.GetQueuedMessageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_monitor_pb2.GetQueuedMessageResponse, _abc.Awaitable[_monitor_pb2.GetQueuedMessageResponse]]:
+        """One spooled message, from whichever node holds it, with every delivery attempt.
+        NOT_FOUND when no reachable node has it.
         """
 
 def add_MonitorServiceServicer_to_server(servicer: MonitorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

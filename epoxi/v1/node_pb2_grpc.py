@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class NodeServiceStub:
-    """Runs delivery pipelines: spools accepted mail durably and delivers it over SMTP.
+    """Runs delivery pipelines: spools accepted mail durably and delivers it over SMTP. Called by the
+    router, the monitor and other nodes; operators reach its queue through MonitorService.
     """
 
     def __init__(self, channel):
@@ -83,7 +84,8 @@ class NodeServiceStub:
 
 
 class NodeServiceServicer:
-    """Runs delivery pipelines: spools accepted mail durably and delivers it over SMTP.
+    """Runs delivery pipelines: spools accepted mail durably and delivers it over SMTP. Called by the
+    router, the monitor and other nodes; operators reach its queue through MonitorService.
     """
 
     def StartPipeline(self, request, context):
@@ -210,7 +212,8 @@ def add_NodeServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class NodeService:
-    """Runs delivery pipelines: spools accepted mail durably and delivers it over SMTP.
+    """Runs delivery pipelines: spools accepted mail durably and delivers it over SMTP. Called by the
+    router, the monitor and other nodes; operators reach its queue through MonitorService.
     """
 
     @staticmethod

@@ -27,7 +27,9 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class NodeServiceStub:
-    """Runs delivery pipelines: spools accepted mail durably and delivers it over SMTP."""
+    """Runs delivery pipelines: spools accepted mail durably and delivers it over SMTP. Called by the
+    router, the monitor and other nodes; operators reach its queue through MonitorService.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -62,7 +64,9 @@ class NodeServiceStub:
 
 @_typing.type_check_only
 class NodeServiceAsyncStub(NodeServiceStub):
-    """Runs delivery pipelines: spools accepted mail durably and delivers it over SMTP."""
+    """Runs delivery pipelines: spools accepted mail durably and delivers it over SMTP. Called by the
+    router, the monitor and other nodes; operators reach its queue through MonitorService.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     StartPipeline: _aio.UnaryUnaryMultiCallable[_node_pb2.StartPipelineRequest, _node_pb2.StartPipelineResponse]  # type: ignore[assignment]
@@ -93,7 +97,9 @@ class NodeServiceAsyncStub(NodeServiceStub):
     """One spooled message with every delivery attempt made for it."""
 
 class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Runs delivery pipelines: spools accepted mail durably and delivers it over SMTP."""
+    """Runs delivery pipelines: spools accepted mail durably and delivers it over SMTP. Called by the
+    router, the monitor and other nodes; operators reach its queue through MonitorService.
+    """
 
     @_abc_1.abstractmethod
     def StartPipeline(

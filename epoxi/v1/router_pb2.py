@@ -22,24 +22,35 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from epoxi.v1 import access_pb2 as epoxi_dot_v1_dot_access__pb2
 from epoxi.v1 import email_pb2 as epoxi_dot_v1_dot_email__pb2
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
+from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x65poxi/v1/router.proto\x12\x08\x65poxi.v1\x1a\x14\x65poxi/v1/email.proto\"F\n\x12RouteEmailsRequest\x12\x1f\n\x06\x65mails\x18\x01 \x03(\x0b\x32\x0f.epoxi.v1.Email\x12\x0f\n\x07ip_pool\x18\x02 \x01(\t\"\x8b\x02\n\x13RouteEmailsResponse\x12\x14\n\x0ctotal_emails\x18\x01 \x01(\r\x12\x15\n\rtotal_batches\x18\x02 \x01(\r\x12\x1a\n\x12successful_batches\x18\x03 \x01(\r\x12\x16\n\x0e\x66\x61iled_batches\x18\x04 \x01(\r\x12\x1d\n\x15new_pipelines_started\x18\x05 \x01(\r\x12\x16\n\x0e\x66\x61llbacks_used\x18\x06 \x01(\r\x12\x1b\n\x13\x61\x63\x63\x65pted_recipients\x18\x07 \x01(\r\x12&\n\x07\x62\x61tches\x18\x08 \x03(\x0b\x32\x15.epoxi.v1.BatchResult\x12\x17\n\x0funknown_batches\x18\t \x01(\r\"\x96\x02\n\x0b\x42\x61tchResult\x12\x13\n\x0brouting_key\x18\x01 \x01(\t\x12\x13\n\x0b\x65mail_count\x18\x02 \x01(\r\x12\n\n\x02ok\x18\x03 \x01(\x08\x12\x0c\n\x04node\x18\x04 \x01(\t\x12\x14\n\x0cnew_pipeline\x18\x05 \x01(\x08\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x13\n\x0bmessage_ids\x18\x07 \x03(\t\x12\x17\n\x0frecipient_count\x18\x08 \x01(\r\x12%\n\x06status\x18\t \x01(\x0e\x32\x15.epoxi.v1.BatchStatus\x12\x15\n\remail_indexes\x18\n \x03(\r\x12\x19\n\x11\x65mail_message_ids\x18\x0b \x03(\t\x12\x17\n\x0fidempotency_key\x18\x0c \x01(\t*y\n\x0b\x42\x61tchStatus\x12\x1c\n\x18\x42\x41TCH_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15\x42\x41TCH_STATUS_ACCEPTED\x10\x01\x12\x17\n\x13\x42\x41TCH_STATUS_FAILED\x10\x02\x12\x18\n\x14\x42\x41TCH_STATUS_UNKNOWN\x10\x03\x32[\n\rRouterService\x12J\n\x0bRouteEmails\x12\x1c.epoxi.v1.RouteEmailsRequest\x1a\x1d.epoxi.v1.RouteEmailsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x65poxi/v1/router.proto\x12\x08\x65poxi.v1\x1a\x15\x65poxi/v1/access.proto\x1a\x14\x65poxi/v1/email.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\"\x98\x01\n\x14RouteRawEmailRequest\x12%\n\x07message\x18\x01 \x01(\x0b\x32\x14.google.api.HttpBody\x12\x11\n\tmail_from\x18\x02 \x01(\t\x12\x0f\n\x07rcpt_to\x18\x03 \x03(\t\x12$\n\x08\x64\x65livery\x18\x04 \x01(\x0b\x32\x12.epoxi.v1.Delivery\x12\x0f\n\x07ip_pool\x18\x05 \x01(\t\"G\n\x15RouteRawEmailResponse\x12.\n\x07summary\x18\x01 \x01(\x0b\x32\x1d.epoxi.v1.RouteEmailsResponse\"F\n\x12RouteEmailsRequest\x12\x1f\n\x06\x65mails\x18\x01 \x03(\x0b\x32\x0f.epoxi.v1.Email\x12\x0f\n\x07ip_pool\x18\x02 \x01(\t\"\x8b\x02\n\x13RouteEmailsResponse\x12\x14\n\x0ctotal_emails\x18\x01 \x01(\r\x12\x15\n\rtotal_batches\x18\x02 \x01(\r\x12\x1a\n\x12successful_batches\x18\x03 \x01(\r\x12\x16\n\x0e\x66\x61iled_batches\x18\x04 \x01(\r\x12\x1d\n\x15new_pipelines_started\x18\x05 \x01(\r\x12\x16\n\x0e\x66\x61llbacks_used\x18\x06 \x01(\r\x12\x1b\n\x13\x61\x63\x63\x65pted_recipients\x18\x07 \x01(\r\x12&\n\x07\x62\x61tches\x18\x08 \x03(\x0b\x32\x15.epoxi.v1.BatchResult\x12\x17\n\x0funknown_batches\x18\t \x01(\r\"\x96\x02\n\x0b\x42\x61tchResult\x12\x13\n\x0brouting_key\x18\x01 \x01(\t\x12\x13\n\x0b\x65mail_count\x18\x02 \x01(\r\x12\n\n\x02ok\x18\x03 \x01(\x08\x12\x0c\n\x04node\x18\x04 \x01(\t\x12\x14\n\x0cnew_pipeline\x18\x05 \x01(\x08\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x13\n\x0bmessage_ids\x18\x07 \x03(\t\x12\x17\n\x0frecipient_count\x18\x08 \x01(\r\x12%\n\x06status\x18\t \x01(\x0e\x32\x15.epoxi.v1.BatchStatus\x12\x15\n\remail_indexes\x18\n \x03(\r\x12\x19\n\x11\x65mail_message_ids\x18\x0b \x03(\t\x12\x17\n\x0fidempotency_key\x18\x0c \x01(\t*y\n\x0b\x42\x61tchStatus\x12\x1c\n\x18\x42\x41TCH_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15\x42\x41TCH_STATUS_ACCEPTED\x10\x01\x12\x17\n\x13\x42\x41TCH_STATUS_FAILED\x10\x02\x12\x18\n\x14\x42\x41TCH_STATUS_UNKNOWN\x10\x03\x32\xf6\x01\n\rRouterService\x12\x65\n\x0bRouteEmails\x12\x1c.epoxi.v1.RouteEmailsRequest\x1a\x1d.epoxi.v1.RouteEmailsResponse\"\x19\xc8\xf3\x18\x02\x82\xd3\xe4\x93\x02\x0f\"\n/v1/emails:\x01*\x12~\n\rRouteRawEmail\x12\x1e.epoxi.v1.RouteRawEmailRequest\x1a\x1f.epoxi.v1.RouteRawEmailResponse\",\xc8\xf3\x18\x02\x82\xd3\xe4\x93\x02\"\"\x0e/v1/emails:raw:\x07messageb\x07summaryb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'epoxi.v1.router_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_BATCHSTATUS']._serialized_start=680
-  _globals['_BATCHSTATUS']._serialized_end=801
-  _globals['_ROUTEEMAILSREQUEST']._serialized_start=57
-  _globals['_ROUTEEMAILSREQUEST']._serialized_end=127
-  _globals['_ROUTEEMAILSRESPONSE']._serialized_start=130
-  _globals['_ROUTEEMAILSRESPONSE']._serialized_end=397
-  _globals['_BATCHRESULT']._serialized_start=400
-  _globals['_BATCHRESULT']._serialized_end=678
-  _globals['_ROUTERSERVICE']._serialized_start=803
-  _globals['_ROUTERSERVICE']._serialized_end=894
+  _globals['_ROUTERSERVICE'].methods_by_name['RouteEmails']._loaded_options = None
+  _globals['_ROUTERSERVICE'].methods_by_name['RouteEmails']._serialized_options = b'\310\363\030\002\202\323\344\223\002\017\"\n/v1/emails:\001*'
+  _globals['_ROUTERSERVICE'].methods_by_name['RouteRawEmail']._loaded_options = None
+  _globals['_ROUTERSERVICE'].methods_by_name['RouteRawEmail']._serialized_options = b'\310\363\030\002\202\323\344\223\002\"\"\016/v1/emails:raw:\007messageb\007summary'
+  _globals['_BATCHSTATUS']._serialized_start=988
+  _globals['_BATCHSTATUS']._serialized_end=1109
+  _globals['_ROUTERAWEMAILREQUEST']._serialized_start=138
+  _globals['_ROUTERAWEMAILREQUEST']._serialized_end=290
+  _globals['_ROUTERAWEMAILRESPONSE']._serialized_start=292
+  _globals['_ROUTERAWEMAILRESPONSE']._serialized_end=363
+  _globals['_ROUTEEMAILSREQUEST']._serialized_start=365
+  _globals['_ROUTEEMAILSREQUEST']._serialized_end=435
+  _globals['_ROUTEEMAILSRESPONSE']._serialized_start=438
+  _globals['_ROUTEEMAILSRESPONSE']._serialized_end=705
+  _globals['_BATCHRESULT']._serialized_start=708
+  _globals['_BATCHRESULT']._serialized_end=986
+  _globals['_ROUTERSERVICE']._serialized_start=1112
+  _globals['_ROUTERSERVICE']._serialized_end=1358
 # @@protoc_insertion_point(module_scope)

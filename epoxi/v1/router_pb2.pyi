@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from epoxi.v1 import email_pb2 as _email_pb2
+from google.api import httpbody_pb2 as _httpbody_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
@@ -48,6 +49,68 @@ BATCH_STATUS_UNKNOWN: BatchStatus.ValueType  # 3
 the node recognises the batch by its idempotency_key and spools nothing twice.
 """
 Global___BatchStatus: _TypeAlias = BatchStatus  # noqa: Y015
+
+@_typing.final
+class RouteRawEmailRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    MAIL_FROM_FIELD_NUMBER: _builtins.int
+    RCPT_TO_FIELD_NUMBER: _builtins.int
+    DELIVERY_FIELD_NUMBER: _builtins.int
+    IP_POOL_FIELD_NUMBER: _builtins.int
+    mail_from: _builtins.str
+    """Envelope sender; empty: the address of the message's From header field."""
+    ip_pool: _builtins.str
+    """As RouteEmailsRequest.ip_pool."""
+    @_builtins.property
+    def message(self) -> _httpbody_pb2.HttpBody:
+        """content_type "message/rfc822"; data is the RFC 5322 message."""
+
+    @_builtins.property
+    def rcpt_to(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Envelope recipients; empty: every address in the To, Cc and Bcc header fields."""
+
+    @_builtins.property
+    def delivery(self) -> _email_pb2.Delivery: ...
+    def __init__(
+        self,
+        *,
+        message: _httpbody_pb2.HttpBody | None = ...,
+        mail_from: _builtins.str = ...,
+        rcpt_to: _abc.Iterable[_builtins.str] | None = ...,
+        delivery: _email_pb2.Delivery | None = ...,
+        ip_pool: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delivery", b"delivery", "message", b"message"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivery", b"delivery", "ip_pool", b"ip_pool", "mail_from", b"mail_from", "message", b"message", "rcpt_to", b"rcpt_to"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RouteRawEmailRequest: _TypeAlias = RouteRawEmailRequest  # noqa: Y015
+
+@_typing.final
+class RouteRawEmailResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def summary(self) -> Global___RouteEmailsResponse:
+        """As RouteEmails answers for one email (HTTP: the whole response body)."""
+
+    def __init__(
+        self,
+        *,
+        summary: Global___RouteEmailsResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["summary", b"summary"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["summary", b"summary"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RouteRawEmailResponse: _TypeAlias = RouteRawEmailResponse  # noqa: Y015
 
 @_typing.final
 class RouteEmailsRequest(_message.Message):

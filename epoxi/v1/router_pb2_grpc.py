@@ -27,6 +27,10 @@ if _version_not_supported:
 
 class RouterServiceStub:
     """Groups emails by routing key and hands each batch to a node's pipeline.
+
+    A call may carry an "idempotency-key" metadata entry (HTTP: the Idempotency-Key header): the
+    router then names each batch by that key too, so a retried call with the same key and the same
+    emails spools nothing twice and answers with the same spool IDs.
     """
 
     def __init__(self, channel):
@@ -40,14 +44,30 @@ class RouterServiceStub:
                 request_serializer=epoxi_dot_v1_dot_router__pb2.RouteEmailsRequest.SerializeToString,
                 response_deserializer=epoxi_dot_v1_dot_router__pb2.RouteEmailsResponse.FromString,
                 _registered_method=True)
+        self.RouteRawEmail = channel.unary_unary(
+                '/epoxi.v1.RouterService/RouteRawEmail',
+                request_serializer=epoxi_dot_v1_dot_router__pb2.RouteRawEmailRequest.SerializeToString,
+                response_deserializer=epoxi_dot_v1_dot_router__pb2.RouteRawEmailResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServiceServicer:
     """Groups emails by routing key and hands each batch to a node's pipeline.
+
+    A call may carry an "idempotency-key" metadata entry (HTTP: the Idempotency-Key header): the
+    router then names each batch by that key too, so a retried call with the same key and the same
+    emails spools nothing twice and answers with the same spool IDs.
     """
 
     def RouteEmails(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RouteRawEmail(self, request, context):
+        """One message as its author wrote it (HTTP: a message/rfc822 body), relayed unchanged.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -60,6 +80,11 @@ def add_RouterServiceServicer_to_server(servicer, server):
                     request_deserializer=epoxi_dot_v1_dot_router__pb2.RouteEmailsRequest.FromString,
                     response_serializer=epoxi_dot_v1_dot_router__pb2.RouteEmailsResponse.SerializeToString,
             ),
+            'RouteRawEmail': grpc.unary_unary_rpc_method_handler(
+                    servicer.RouteRawEmail,
+                    request_deserializer=epoxi_dot_v1_dot_router__pb2.RouteRawEmailRequest.FromString,
+                    response_serializer=epoxi_dot_v1_dot_router__pb2.RouteRawEmailResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'epoxi.v1.RouterService', rpc_method_handlers)
@@ -70,6 +95,10 @@ def add_RouterServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class RouterService:
     """Groups emails by routing key and hands each batch to a node's pipeline.
+
+    A call may carry an "idempotency-key" metadata entry (HTTP: the Idempotency-Key header): the
+    router then names each batch by that key too, so a retried call with the same key and the same
+    emails spools nothing twice and answers with the same spool IDs.
     """
 
     @staticmethod
@@ -89,6 +118,33 @@ class RouterService:
             '/epoxi.v1.RouterService/RouteEmails',
             epoxi_dot_v1_dot_router__pb2.RouteEmailsRequest.SerializeToString,
             epoxi_dot_v1_dot_router__pb2.RouteEmailsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RouteRawEmail(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epoxi.v1.RouterService/RouteRawEmail',
+            epoxi_dot_v1_dot_router__pb2.RouteRawEmailRequest.SerializeToString,
+            epoxi_dot_v1_dot_router__pb2.RouteRawEmailResponse.FromString,
             options,
             channel_credentials,
             insecure,

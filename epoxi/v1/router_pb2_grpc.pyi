@@ -27,23 +27,42 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class RouterServiceStub:
-    """Groups emails by routing key and hands each batch to a node's pipeline."""
+    """Groups emails by routing key and hands each batch to a node's pipeline.
+
+    A call may carry an "idempotency-key" metadata entry (HTTP: the Idempotency-Key header): the
+    router then names each batch by that key too, so a retried call with the same key and the same
+    emails spools nothing twice and answers with the same spool IDs.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> RouterServiceAsyncStub: ...
     RouteEmails: _grpc.UnaryUnaryMultiCallable[_router_pb2.RouteEmailsRequest, _router_pb2.RouteEmailsResponse]
+    RouteRawEmail: _grpc.UnaryUnaryMultiCallable[_router_pb2.RouteRawEmailRequest, _router_pb2.RouteRawEmailResponse]
+    """One message as its author wrote it (HTTP: a message/rfc822 body), relayed unchanged."""
 
 @_typing.type_check_only
 class RouterServiceAsyncStub(RouterServiceStub):
-    """Groups emails by routing key and hands each batch to a node's pipeline."""
+    """Groups emails by routing key and hands each batch to a node's pipeline.
+
+    A call may carry an "idempotency-key" metadata entry (HTTP: the Idempotency-Key header): the
+    router then names each batch by that key too, so a retried call with the same key and the same
+    emails spools nothing twice and answers with the same spool IDs.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     RouteEmails: _aio.UnaryUnaryMultiCallable[_router_pb2.RouteEmailsRequest, _router_pb2.RouteEmailsResponse]  # type: ignore[assignment]
+    RouteRawEmail: _aio.UnaryUnaryMultiCallable[_router_pb2.RouteRawEmailRequest, _router_pb2.RouteRawEmailResponse]  # type: ignore[assignment]
+    """One message as its author wrote it (HTTP: a message/rfc822 body), relayed unchanged."""
 
 class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Groups emails by routing key and hands each batch to a node's pipeline."""
+    """Groups emails by routing key and hands each batch to a node's pipeline.
+
+    A call may carry an "idempotency-key" metadata entry (HTTP: the Idempotency-Key header): the
+    router then names each batch by that key too, so a retried call with the same key and the same
+    emails spools nothing twice and answers with the same spool IDs.
+    """
 
     @_abc_1.abstractmethod
     def RouteEmails(
@@ -51,5 +70,13 @@ class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _router_pb2.RouteEmailsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_router_pb2.RouteEmailsResponse, _abc.Awaitable[_router_pb2.RouteEmailsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RouteRawEmail(
+        self,
+        request: _router_pb2.RouteRawEmailRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_router_pb2.RouteRawEmailResponse, _abc.Awaitable[_router_pb2.RouteRawEmailResponse]]:
+        """One message as its author wrote it (HTTP: a message/rfc822 body), relayed unchanged."""
 
 def add_RouterServiceServicer_to_server(servicer: RouterServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
