@@ -66,6 +66,7 @@ class Setting:
     required: bool
     shown: str | None
     metavar: str | None
+    cli: bool
 
 
 def setting(
@@ -81,6 +82,7 @@ def setting(
     shown: str | None = None,
     metavar: str | None = None,
     default_factory: Callable[[], Any] | None = None,
+    cli: bool = True,
 ) -> Any:
     """A dataclass field that is also a setting.
 
@@ -89,6 +91,8 @@ def setting(
     read in order (default: the prefix and the field's name); ``shown`` is the default as
     help writes it; a ``repeated`` setting's values are passed to ``collect`` (a tuple by
     default; ``dict`` for ``parse`` functions that return pairs); ``required`` ones must not end empty.
+    A setting with ``cli=False`` has no flag, only its environment variables: for secrets, which
+    a flag would show in ``ps``.
     """
     meta = {
         _KEY: Setting(
@@ -101,6 +105,7 @@ def setting(
             required=required,
             shown=shown,
             metavar=metavar,
+            cli=cli,
         )
     }
     if repeated and default is dataclasses.MISSING and default_factory is None:
@@ -174,7 +179,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, env_prefix: str | 
     """Add a flag for every setting of ``cls`` (and of its groups) to ``parser``; the environment
     prefix defaults to the one ``cls``'s ``program`` declares."""
     env_prefix = env_prefix if env_prefix is not None else _program(cls).env_prefix
+    env_only = []
     for d in _declared(cls):
+        if not d.setting.cli:
+            env_only.append(f"  {' or '.join(d.envs(env_prefix))}: {d.setting.help}")
+            continue
         default = _default(d.field)
         shown = d.setting.shown
         if (
@@ -201,6 +210,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, env_prefix: str | 
             metavar=d.setting.metavar or d.flag.lstrip("-").replace("-", "_").upper(),
             help=d.setting.help + (f" ({'; '.join(extra)})" if extra else ""),
         )
+    if env_only:
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
+        parser.epilog = "\n".join([*filter(None, [parser.epilog]), "environment only:", *env_only])
 
 
 def from_args(

@@ -1,4 +1,9 @@
-"""Client channels: one long-lived channel per target, retrying what never reached a handler."""
+"""Client channels: one long-lived channel per target, retrying what never reached a handler.
+
+A channel is built with the process's ``Security`` (``epoxi.runtime.security``): over TLS (mTLS
+when the process has a certificate) when it has TLS material, and sending its bearer token on
+every call when it has one. Without one it is plaintext and sends no token.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import json
 import grpc
 
 from epoxi.runtime.limits import grpc_options, message_limit
+from epoxi.runtime.security import PLAINTEXT, Security
 
 RPC_TIMEOUT = 10.0
 
@@ -30,29 +36,38 @@ _SERVICE_CONFIG = json.dumps(
 )
 
 
-def channel(target: str, max_message_bytes: int | None = None) -> grpc.aio.Channel:
-    """A channel to ``target`` that retries UNAVAILABLE, and sends and receives messages up to
-    ``max_message_bytes`` (default: ``limits.message_limit()`` of the default email limit)."""
+def channel(
+    target: str, max_message_bytes: int | None = None, security: Security = PLAINTEXT
+) -> grpc.aio.Channel:
+    """A channel to ``target`` that retries UNAVAILABLE, sends and receives messages up to
+    ``max_message_bytes`` (default: ``limits.message_limit()`` of the default email limit), and
+    travels and authenticates as ``security`` says."""
     limit = message_limit() if max_message_bytes is None else max_message_bytes
     options: list[tuple[str, str | int]] = [
         ("grpc.service_config", _SERVICE_CONFIG),
         ("grpc.enable_retries", 1),
         *grpc_options(limit),
+        *security.channel_options(),
     ]
-    return grpc.aio.insecure_channel(target, options=options)
+    interceptors = security.client_interceptors() or None
+    credentials = security.channel_credentials()
+    if credentials is None:
+        return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+    return grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors)
 
 
 class Channels:
     """Caches one channel per target for the life of a service."""
 
-    def __init__(self, max_message_bytes: int | None = None) -> None:
+    def __init__(self, max_message_bytes: int | None = None, security: Security = PLAINTEXT) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._max_message_bytes = max_message_bytes
+        self.security = security
 
     def get(self, target: str) -> grpc.aio.Channel:
         ch = self._channels.get(target)
         if ch is None:
-            ch = self._channels[target] = channel(target, self._max_message_bytes)
+            ch = self._channels[target] = channel(target, self._max_message_bytes, self.security)
         return ch
 
     async def close(self) -> None:

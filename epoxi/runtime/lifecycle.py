@@ -21,6 +21,7 @@ import contextlib
 import logging
 import signal
 import socket
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from types import TracebackType
@@ -29,6 +30,7 @@ from typing import Any, Protocol, Self, TypeVar
 import grpc
 
 from epoxi.registry.client import RegistryError
+from epoxi.runtime.security import PLAINTEXT, Security, SecurityError
 from epoxi.runtime.server import GrpcServer, Register, bind_grpc_server
 from epoxi.tasks import cancel_and_wait
 
@@ -103,13 +105,23 @@ class Service:
         advertise: str | None = None,
         interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
         max_message_bytes: int | None = None,
+        security: Security = PLAINTEXT,
     ) -> GrpcServer:
         """Bind a gRPC server to ``listen``: from now on ``address`` is where others reach it
         (``advertise``, else the bound address, a wildcard host written as the FQDN). It takes
-        messages up to ``max_message_bytes`` (``epoxi.runtime.limits``)."""
-        server = bind_grpc_server(listen, interceptors, max_message_bytes)
+        messages up to ``max_message_bytes`` (``epoxi.runtime.limits``), and is served and
+        guarded as ``security`` says (``epoxi.runtime.security``)."""
+        server = bind_grpc_server(listen, interceptors, max_message_bytes, security)
         self.server = server
         self.address = advertise or advertised_address(listen, server.port)
+        log.info("%s: gRPC on %s: %s", self.name, self.address, security.describe())
+        if security.tokens is None:
+            log.warning(
+                "%s: access control is off: no tokens file (EPOXI_TOKENS_FILE), so every method "
+                "is open to whoever reaches %s",
+                self.name,
+                self.address,
+            )
         return server
 
     async def serve(self, register: Iterable[Register]) -> None:
@@ -213,7 +225,8 @@ async def run_until_signalled(main: Callable[[asyncio.Event], Awaitable[None]]) 
 
 def serve_main(name: str, start: Callable[[], Awaitable[Running]]) -> int:
     """A service's ``main``: start it, print ``<name> listening on <address>`` (the line
-    ``devmesh.supervisor`` and other tooling wait for), and run until SIGTERM or SIGINT."""
+    ``devmesh.supervisor`` and other tooling wait for), and run until SIGTERM or SIGINT. A
+    security setting that cannot be used (``SecurityError``) ends it with its message, exit 2."""
     configure_logging()
 
     async def serve(stop: asyncio.Event) -> None:
@@ -224,7 +237,11 @@ def serve_main(name: str, start: Callable[[], Awaitable[Running]]) -> int:
         finally:
             await service.close()
 
-    asyncio.run(run_until_signalled(serve))
+    try:
+        asyncio.run(run_until_signalled(serve))
+    except SecurityError as e:
+        print(f"{name}: cannot start: {e}", file=sys.stderr, flush=True)
+        return 2
     return 0
 
 

@@ -3,6 +3,10 @@
 A server is bound first (``bind_grpc_server``: its port, and so its address, are known) and
 started second (``GrpcServer.start`` with the servicers), so whatever the servicers need to know
 about their own address can be built before them. Health stays NOT_SERVING until ``serving()``.
+
+A server is built with the process's ``Security`` (``epoxi.runtime.security``): its port is TLS
+(mTLS) when that has a certificate, and its first interceptor checks bearer tokens when that has
+tokens.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from epoxi.runtime.limits import grpc_options, message_limit
+from epoxi.runtime.security import PLAINTEXT, Security
 
 # An ``add_XServicer_to_server``-style callable, and the full name of the service it adds.
 Register = tuple[Callable[[grpc.aio.Server], None], str]
@@ -27,6 +32,7 @@ class GrpcServer:
     server: grpc.aio.Server
     health: health.aio.HealthServicer
     port: int
+    security: Security = PLAINTEXT
     service_names: list[str] = field(default_factory=list)
 
     async def start(self, register: Iterable[Register]) -> None:
@@ -57,16 +63,23 @@ def bind_grpc_server(
     address: str,
     interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
     max_message_bytes: int | None = None,
+    security: Security = PLAINTEXT,
 ) -> GrpcServer:
     """A server bound to ``address`` (``host:0`` picks a free port), not yet started, that takes
     messages up to ``max_message_bytes`` (default: ``limits.message_limit()`` of the default
-    email limit)."""
+    email limit), served and guarded as ``security`` says."""
     limit = message_limit() if max_message_bytes is None else max_message_bytes
-    server = grpc.aio.server(interceptors=list(interceptors), options=grpc_options(limit))
-    port = server.add_insecure_port(address)
+    server = grpc.aio.server(
+        interceptors=[*security.server_interceptors(), *interceptors], options=grpc_options(limit)
+    )
+    credentials = security.server_credentials()
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
     if port == 0:
         raise OSError(f"cannot listen on {address}")
-    return GrpcServer(server, health.aio.HealthServicer(), port)
+    return GrpcServer(server, health.aio.HealthServicer(), port, security=security)
 
 
 async def start_grpc_server(
@@ -74,8 +87,9 @@ async def start_grpc_server(
     register: Iterable[Register],
     interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
     max_message_bytes: int | None = None,
+    security: Security = PLAINTEXT,
 ) -> GrpcServer:
     """Bind to ``address`` and start serving ``register``'s servicers with health and reflection."""
-    server = bind_grpc_server(address, interceptors, max_message_bytes)
+    server = bind_grpc_server(address, interceptors, max_message_bytes, security)
     await server.start(register)
     return server

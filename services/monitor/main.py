@@ -17,7 +17,8 @@ from epoxi import durations, settings
 from epoxi.registry import client, services
 from epoxi.runtime.channels import Channels
 from epoxi.runtime.lifecycle import Service, serve_main
-from epoxi.settings import program, setting
+from epoxi.runtime.security import SecurityConfig, load_security
+from epoxi.settings import group, program, setting
 from epoxi.v1 import monitor_pb2, monitor_pb2_grpc
 from services.monitor.servicer import MonitorService
 
@@ -56,6 +57,8 @@ class MonitorConfig:
     stop_grace: float = setting(
         5.0, parse=durations.seconds, shown="5s", help="how long calls under way may take at shutdown"
     )
+    # TLS for its server and its calls to the nodes, and bearer tokens (epoxi.runtime.security).
+    security: SecurityConfig = group(SecurityConfig)
 
 
 class RunningMonitor(Service):
@@ -64,11 +67,12 @@ class RunningMonitor(Service):
 
 async def start_monitor(config: MonitorConfig) -> RunningMonitor:
     """Serve MonitorService (with health and reflection) and register it with a GRPC check."""
+    security = load_security(config.security)
     monitor = RunningMonitor("monitor", config.stop_grace)
     async with monitor.starting():
         consul = monitor.closing(client.connect(config.consul))
-        channels = monitor.closing(Channels())
-        server = monitor.listen(config.listen, config.advertise)
+        channels = monitor.closing(Channels(security=security))
+        server = monitor.listen(config.listen, config.advertise, security=security)
         monitor.id = config.id or f"monitor-{socket.gethostname()}-{server.port}"
         servicer = MonitorService(
             consul, channels, config.node_timeout, config.admin_timeout, monitor.id, monitor.address
@@ -78,8 +82,10 @@ async def start_monitor(config: MonitorConfig) -> RunningMonitor:
         )
         await monitor.register_service(
             consul,
-            services.grpc_service_registration(
-                SERVICE, monitor.id, monitor.address, durations.go(config.check_interval)
+            security.with_tls_check(
+                services.grpc_service_registration(
+                    SERVICE, monitor.id, monitor.address, durations.go(config.check_interval)
+                )
             ),
         )
     return monitor

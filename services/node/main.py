@@ -34,6 +34,7 @@ from epoxi.registry.services import split_address
 from epoxi.runtime.channels import Channels
 from epoxi.runtime.lifecycle import Service, serve_main
 from epoxi.runtime.limits import message_limit
+from epoxi.runtime.security import SecurityConfig, load_security
 from epoxi.settings import group, program, setting
 from epoxi.tasks import every
 from epoxi.v1 import node_pb2, node_pb2_grpc
@@ -183,6 +184,8 @@ class NodeConfig:
     resolver: dns.asyncresolver.Resolver | None = field(default=None)
     # DNS server, EHLO names, TLS, connection reuse, host backoff and DSNs (services.node.outbound).
     delivery: outbound.DeliveryConfig = group(outbound.DeliveryConfig)
+    # TLS for its server and its calls to other nodes, and bearer tokens (epoxi.runtime.security).
+    security: SecurityConfig = group(SecurityConfig)
 
     @property
     def spool_path(self) -> Path:
@@ -209,6 +212,7 @@ async def start_node(config: NodeConfig) -> RunningNode:
     """Open the spool, load the stored policies, serve NodeService, register in the registry and
     resume unfinished pipelines; then follow the policies, stop idle pipelines and purge old
     finished mail."""
+    security = load_security(config.security)
     running = RunningNode(f"node {config.id}", config.stop_grace)
     async with running.starting():
         config.spool_path.parent.mkdir(parents=True, exist_ok=True)
@@ -231,7 +235,10 @@ async def start_node(config: NodeConfig) -> RunningNode:
         policies = PolicyTable()
         if consul is not None:
             registrar = running.registrar = Registrar(
-                consul, interval=config.check_interval, deregister_after=config.deregister_after
+                consul,
+                interval=config.check_interval,
+                deregister_after=config.deregister_after,
+                check_fields=security.check_fields(),
             )
             hooks.append(registrar)
             if config.watch_policies:
@@ -240,12 +247,15 @@ async def start_node(config: NodeConfig) -> RunningNode:
                 if await feed.load():
                     policies = feed.table
         running.listen(
-            config.listen, config.advertise, max_message_bytes=message_limit(config.max_email_bytes)
+            config.listen,
+            config.advertise,
+            max_message_bytes=message_limit(config.max_email_bytes),
+            security=security,
         )
         ownership = peers = None
         if consul is not None:
             ownership = ConsulOwnership(consul, config.id, running.address, f"service:{config.id}")
-            channels = Channels(message_limit(config.max_email_bytes))
+            channels = Channels(message_limit(config.max_email_bytes), security)
             running.on_close(channels.close)
             peers = ClusterPeers(consul, channels, config.id)
         supervisor = running.supervisor = PipelineSupervisor(

@@ -23,9 +23,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from consul import ConsulException
 
@@ -70,8 +70,11 @@ class Registrar(PipelineHooks):
         interval: float = 5.0,
         deregister_after: str = "1m",
         timeout: float = 10.0,
+        check_fields: Mapping[str, Any] | None = None,
     ) -> None:
         self.consul = consul
+        # Added to the node's GRPC check: GRPCUseTLS (and TLSServerName) when the node serves TLS.
+        self.check_fields = dict(check_fields or {})
         self.interval = interval
         self.check_interval = durations.go(interval)
         self.ttl = durations.go(interval * 3)
@@ -150,9 +153,9 @@ class Registrar(PipelineHooks):
         # Also now and then, so a registry that restarted empty learns about us again (Consul keeps
         # the check's state when a service is registered again unchanged).
         if meta != self._node_meta or self._rounds % NODE_REFRESH_ROUNDS == 0:
-            await self.consul.agent.service.register(
-                **node_registration(snap.node, self.check_interval, self.deregister_after)
-            )
+            registration = node_registration(snap.node, self.check_interval, self.deregister_after)
+            registration["check"].update(self.check_fields)
+            await self.consul.agent.service.register(**registration)
             self._node_meta = meta
         current = {p.info.name for p in snap.pipelines}
         now = time.monotonic()

@@ -20,7 +20,8 @@ from epoxi.registry import client, services
 from epoxi.runtime.channels import Channels
 from epoxi.runtime.lifecycle import Service, serve_main
 from epoxi.runtime.limits import message_limit
-from epoxi.settings import program, setting
+from epoxi.runtime.security import SecurityConfig, load_security
+from epoxi.settings import group, program, setting
 from epoxi.v1 import router_pb2, router_pb2_grpc
 from services.router.discovery import ClusterView
 from services.router.owners import DEFAULT_MAX_ENTRIES, OwnerCache, Owners
@@ -68,6 +69,8 @@ class RouterConfig:
     stop_grace: float = setting(
         5.0, parse=durations.seconds, shown="5s", help="how long calls under way may take at shutdown"
     )
+    # TLS for its server and its calls to the nodes, and bearer tokens (epoxi.runtime.security).
+    security: SecurityConfig = group(SecurityConfig)
 
 
 class RunningRouter(Service):
@@ -78,11 +81,12 @@ class RunningRouter(Service):
 
 async def start_router(config: RouterConfig) -> RunningRouter:
     """Watch the registry's nodes, serve RouterService, register as ``epoxi-router``."""
+    security = load_security(config.security)
     router = RunningRouter("router", config.stop_grace)
     async with router.starting():
         consul = router.closing(client.connect(config.consul))
         max_message_bytes = message_limit(config.max_email_bytes)
-        router.channels = router.closing(Channels(max_message_bytes))
+        router.channels = router.closing(Channels(max_message_bytes, security))
         router.view = router.closing(ClusterView(consul).start())
         servicer = router.servicer = RouterServicer(
             router.view,
@@ -91,14 +95,16 @@ async def start_router(config: RouterConfig) -> RunningRouter:
             max_batch=config.max_batch,
             max_email_bytes=config.max_email_bytes,
         )
-        router.listen(config.listen, config.advertise, max_message_bytes=max_message_bytes)
+        router.listen(config.listen, config.advertise, max_message_bytes=max_message_bytes, security=security)
         await router.serve(
             [(lambda s: router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, s), SERVICE_NAME)]
         )
         await router.register_service(
             consul,
-            services.grpc_service_registration(
-                SERVICE, config.id, router.address, durations.go(config.check_interval)
+            security.with_tls_check(
+                services.grpc_service_registration(
+                    SERVICE, config.id, router.address, durations.go(config.check_interval)
+                )
             ),
         )
     return router
