@@ -1,6 +1,9 @@
 """gRPC status → HTTP error, as grpc-gateway maps it: a ``google.rpc.Status`` JSON body.
 
 {"code": 5, "message": "no pipeline has routing key ...", "details": []}
+
+A 401 (UNAUTHENTICATED) carries ``WWW-Authenticate: Bearer``, and a 403 (PERMISSION_DENIED)
+the same challenge with ``error="insufficient_scope"``, as RFC 6750 has bearer-token servers say it.
 """
 
 from __future__ import annotations
@@ -33,6 +36,11 @@ HTTP_STATUS: dict[grpc.StatusCode, int] = {
 }
 
 _DETAILS_KEY = "grpc-status-details-bin"
+# RFC 6750 section 3: how a bearer-token resource says a token is missing or wrong, or lacks scope.
+CHALLENGES: dict[grpc.StatusCode, str] = {
+    grpc.StatusCode.UNAUTHENTICATED: 'Bearer realm="epoxi"',
+    grpc.StatusCode.PERMISSION_DENIED: 'Bearer realm="epoxi", error="insufficient_scope"',
+}
 
 
 def http_status(code: grpc.StatusCode) -> int:
@@ -82,6 +90,8 @@ def status_response(
     body = status_pb2.Status(code=code_number(code), message=message)
     if status is not None:
         body.details.extend(status.details)
+    if code in CHALLENGES:
+        headers = {"WWW-Authenticate": CHALLENGES[code], **(headers or {})}
     return web.json_response(
         _status_json(body), status=http if http is not None else http_status(code), headers=headers
     )

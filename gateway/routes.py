@@ -15,8 +15,9 @@ route and not ``/admin/pipelines/{routing_key}`` with ``routing_key="health"``.
 
 from __future__ import annotations
 
+import dataclasses
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -24,6 +25,7 @@ from google.api import annotations_pb2, http_pb2
 from google.protobuf import descriptor, message, message_factory
 
 HTTP_METHODS = ("get", "put", "post", "delete", "patch")
+HTTP_BODY = "google.api.HttpBody"
 
 
 class Kind(IntEnum):
@@ -156,6 +158,8 @@ class Route:
     method: descriptor.MethodDescriptor
     body: str = ""
     response_body: str = ""
+    # Media types a google.api.HttpBody body may have (lower case, no parameters); empty: any.
+    accepts: tuple[str, ...] = ()
 
     @property
     def rpc(self) -> str:
@@ -169,6 +173,16 @@ class Route:
     @property
     def response_class(self) -> type[message.Message]:
         return message_factory.GetMessageClass(self.method.output_type)
+
+    @property
+    def http_body(self) -> descriptor.FieldDescriptor | None:
+        """The ``google.api.HttpBody`` field the raw request body fills, if the body is one."""
+        if not self.body or self.body == "*":
+            return None
+        field = self.method.input_type.fields_by_name[self.body]
+        if field.message_type is None or field.message_type.full_name != HTTP_BODY or field.is_repeated:
+            return None
+        return field
 
     @property
     def bound_fields(self) -> set[str]:
@@ -199,8 +213,20 @@ class RouteTable:
         self.routes = list(routes)
 
     @classmethod
-    def from_services(cls, services: Iterable[descriptor.ServiceDescriptor]) -> RouteTable:
-        return cls(r for s in services for m in s.methods for r in routes_for_method(m))
+    def from_services(
+        cls,
+        services: Iterable[descriptor.ServiceDescriptor],
+        media_types: Mapping[str, Sequence[str]] | None = None,
+    ) -> RouteTable:
+        """The routes of every annotated method; ``media_types`` maps a ``google.api.HttpBody``
+        request field's full name to the media types its routes take."""
+        media_types = media_types or {}
+        routes = [r for s in services for m in s.methods for r in routes_for_method(m)]
+        for i, r in enumerate(routes):
+            if r.http_body is not None and r.http_body.full_name in media_types:
+                accepts = tuple(t.lower() for t in media_types[r.http_body.full_name])
+                routes[i] = dataclasses.replace(r, accepts=accepts)
+        return cls(routes)
 
     def match(self, http_method: str, path: str) -> Match:
         """The most specific route for ``path`` (raw, percent-encoded, without the query).

@@ -1,7 +1,9 @@
 """HTTP request → request message, response message → JSON, as grpc-gateway transcodes them.
 
 The body (a JSON document as ``gateway.body`` accepts it; only an object fills a message) fills
-the whole request (``body: "*"``) or one top-level field (``body: "field"``); path bindings then
+the whole request (``body: "*"``) or one top-level field (``body: "field"``); when that field is a
+``google.api.HttpBody`` the raw bytes are its ``data`` and the Content-Type its
+``content_type``, as grpc-gateway passes them; path bindings then
 set their fields; query parameters set the fields neither binds, by proto or
 lowerCamelCase name, dotted for nested fields, repeated for repeated fields.
 """
@@ -41,10 +43,16 @@ class BadRequest(ValueError):
     """The HTTP request cannot be turned into the request message (HTTP 400, INVALID_ARGUMENT)."""
 
 
-def build_request(match: Match, query: Iterable[tuple[str, str]], body: bytes) -> message.Message:
+def build_request(
+    match: Match, query: Iterable[tuple[str, str]], body: bytes, content_type: str = ""
+) -> message.Message:
     route = match.route
     request = route.request_class()
-    if route.body:
+    if route.http_body is not None:
+        http_body = getattr(request, route.body)
+        http_body.content_type = content_type
+        http_body.data = body
+    elif route.body:
         _parse_body(request, route.body, body)
     for field_path, value in match.params.items():
         _set(request, field_path, value, f"path parameter {field_path!r}")
@@ -177,7 +185,11 @@ def _descriptor(msg: message.Message) -> descriptor.Descriptor:
 
 def response_json(response: message.Message, response_body: str = "") -> Any:
     """The JSON document for a response: lowerCamelCase names, zero values shown."""
-    doc = json_format.MessageToDict(response, always_print_fields_with_no_presence=True)
     if response_body:
-        return doc.get(_descriptor(response).fields_by_name[response_body].json_name)
-    return doc
+        field = _descriptor(response).fields_by_name[response_body]
+        if field.message_type is not None and not field.is_repeated:
+            # Unset, it is still the (empty) message the document describes, not null.
+            return response_json(getattr(response, response_body))
+        doc = json_format.MessageToDict(response, always_print_fields_with_no_presence=True)
+        return doc[field.json_name]
+    return json_format.MessageToDict(response, always_print_fields_with_no_presence=True)

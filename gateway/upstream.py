@@ -1,4 +1,8 @@
-"""Where the gateway sends its calls: a fixed address, or a passing instance found in the registry."""
+"""Where the gateway sends a service's calls: a fixed address, or a passing instance found in the registry.
+
+Each upstream dials through the ``Channels`` it is given (and closes them): the caller decides
+how channels are secured (``epoxi.runtime.channels``). Give each upstream its own.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from typing import Any, Protocol
 import grpc
 
 from epoxi.registry.client import RegistryError
-from epoxi.runtime.channels import Channels, channel
+from epoxi.runtime.channels import Channels
 
 log = logging.getLogger(__name__)
 
@@ -31,29 +35,31 @@ class Upstream(Protocol):
 
 
 class StaticUpstream:
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, channels: Channels | None = None) -> None:
         self.target = target
-        self._channel = channel(target)
+        self._channels = channels if channels is not None else Channels()
 
     async def channel(self) -> grpc.aio.Channel:
-        return self._channel
+        return self._channels.get(self.target)
 
     def unavailable(self) -> None:
         pass
 
     async def close(self) -> None:
-        await self._channel.close()
+        await self._channels.close()
 
 
 class RegistryUpstream:
     """A passing instance of ``service`` from the registry, kept until a call finds it unavailable."""
 
-    def __init__(self, consul: Any, service: str, owns_client: bool = False) -> None:
+    def __init__(
+        self, consul: Any, service: str, channels: Channels | None = None, owns_client: bool = False
+    ) -> None:
         self._consul = consul
         self._owns_client = owns_client
         self.service = service
         self.target: str | None = None
-        self._channels = Channels()
+        self._channels = channels if channels is not None else Channels()
 
     async def channel(self) -> grpc.aio.Channel:
         if self.target is None:

@@ -7,7 +7,8 @@ error on with its code; the planning they need is pure, in ``services.monitor.cl
 goes to every node the registry shows running the key and to the holder of its placement record
 (``epoxi.registry.ownership``); the node drains and hands the queued mail over, and its answer
 says where the mail went. A rebalance moves each pipeline by one such stop, with the target named
-(``hand_to_node``), under the cluster-wide lock of ``services.monitor.lock``.
+(``hand_to_node``), under the cluster-wide lock of ``services.monitor.lock``. Queue inspection
+asks every passing node's spool and merges the answers (``services.monitor.queues``).
 
 A call that cannot reach the registry ends in one UNAVAILABLE naming the query that failed,
 however many queries it had under way (``epoxi.runtime.status.refusals``).
@@ -32,6 +33,7 @@ from epoxi.runtime.channels import Channels
 from epoxi.runtime.status import Refusal, abort, refusals
 from epoxi.v1 import monitor_pb2, monitor_pb2_grpc, node_pb2, node_pb2_grpc
 from services.monitor import cluster, lock
+from services.monitor.queues import NodeQueues
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,7 @@ class MonitorService(monitor_pb2_grpc.MonitorServiceServicer):
         self.node_timeout = node_timeout
         # Seconds for a node's StartPipeline or StopPipeline (a stop drains the pipeline first).
         self.admin_timeout = admin_timeout
+        self.queues = NodeQueues(channels, node_timeout)
 
     @refusals
     async def FindAllPipelines(
@@ -177,6 +180,30 @@ class MonitorService(monitor_pb2_grpc.MonitorServiceServicer):
             await abort(context, grpc.StatusCode.ABORTED, f"another rebalance is under way: {e}")
         except RegistryError as e:
             await abort(context, grpc.StatusCode.UNAVAILABLE, f"cannot take {lock.REBALANCE}: {e}")
+
+    @refusals
+    async def GetClusterQueueStats(
+        self, request: monitor_pb2.GetClusterQueueStatsRequest, context: grpc.aio.ServicerContext
+    ) -> monitor_pb2.GetClusterQueueStatsResponse:
+        key = (await self._key(context, request.routing_key))[0] if request.routing_key else ""
+        return await self.queues.stats(await self._passing_nodes(), key)
+
+    @refusals
+    async def ListQueuedMessages(
+        self, request: monitor_pb2.ListQueuedMessagesRequest, context: grpc.aio.ServicerContext
+    ) -> monitor_pb2.ListQueuedMessagesResponse:
+        key, _ = await self._key(context, request.routing_key)
+        return await self.queues.list(await self._passing_nodes(), key, request)
+
+    @refusals
+    async def GetQueuedMessage(
+        self, request: monitor_pb2.GetQueuedMessageRequest, context: grpc.aio.ServicerContext
+    ) -> monitor_pb2.GetQueuedMessageResponse:
+        return await self.queues.get(await self._passing_nodes(), request.message_id)
+
+    async def _passing_nodes(self) -> list[node_pb2.NodeInfo]:
+        entries = await self._health(services.NODE_SERVICE, passing=True)
+        return sorted(map(services.node_from_entry, entries), key=lambda n: n.id)
 
     async def _plan(self) -> tuple[monitor_pb2.RebalanceResponse, dict[str, str]]:
         """The moves that even out the passing nodes' pipeline counts (all PLANNED), and the

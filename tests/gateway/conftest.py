@@ -8,9 +8,9 @@ import aiohttp
 import grpc
 import pytest
 
-from gateway.app import Gateway, start_gateway
+from gateway.app import Backend, Gateway, start_gateway
 from gateway.upstream import StaticUpstream
-from tests.gateway.support import EchoServer, EchoServicer, echo_service
+from tests.gateway.support import ECHO_MEDIA_TYPES, EchoServer, EchoServicer, echo_service
 
 
 @pytest.fixture
@@ -26,7 +26,8 @@ async def echo_server() -> AsyncIterator[EchoServer]:
 
 @pytest.fixture
 async def echo_gateway(echo_server: EchoServer) -> AsyncIterator[Gateway]:
-    gateway = await start_gateway("127.0.0.1:0", [echo_service()], StaticUpstream(echo_server.address))
+    backend = Backend(echo_service(), StaticUpstream(echo_server.address))
+    gateway = await start_gateway("127.0.0.1:0", [backend], media_types=ECHO_MEDIA_TYPES)
     yield gateway
     await gateway.close()
 

@@ -10,7 +10,10 @@ from typing import Any
 import google.api
 import grpc
 import grpc_tools
-from google.api import annotations_pb2  # noqa: F401  (registers google.api.http before the echo file)
+from google.api import (
+    annotations_pb2,  # noqa: F401  (registers google.api.http before the echo file)
+    httpbody_pb2,  # noqa: F401
+)
 from google.protobuf import (
     descriptor,
     descriptor_pb2,
@@ -25,6 +28,8 @@ from grpc_status import rpc_status
 from grpc_tools import protoc
 
 ECHO_PROTO = Path(__file__).with_name("echo.proto")
+# The media types the echo gateway takes for EchoRequest.raw (Upload); blob (UploadAny) takes any.
+ECHO_MEDIA_TYPES = {"epoxi.gatewaytest.v1.EchoRequest.raw": ["text/csv", "application/x-ndjson"]}
 
 
 @functools.cache

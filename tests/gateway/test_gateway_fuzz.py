@@ -5,8 +5,8 @@ JSON, deep nesting and raw bytes, and ``Grpc-Metadata-`` headers.
 
 Whatever comes in, the gateway answers below 500, every error is a ``google.rpc.Status`` whose
 code maps to the HTTP status, and a normal request works right after. Two gateways: one in front
-of the echo service (every kind of binding) and one with the monitor's real routes in front of a
-stub that answers every method with an empty response.
+of the echo service (every kind of binding) and one with the real routes (monitor and router) in
+front of a stub that answers every method with an empty response.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from google.protobuf import descriptor, message_factory
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.app import Gateway, start_gateway
+from gateway.app import Backend, Gateway, start_gateway
 from gateway.errors import HTTP_STATUS
-from gateway.main import SERVICES
+from gateway.main import MEDIA_TYPES, SERVICES
 from gateway.routes import Kind, Route, RouteTable
 from gateway.upstream import StaticUpstream
 from tests.gateway.support import echo_service
@@ -38,7 +38,11 @@ FUZZ = settings(
 )
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 # The gateway's own answers besides those of the gRPC code table.
-OWN_STATUS = {405: grpc.StatusCode.UNIMPLEMENTED, 413: grpc.StatusCode.RESOURCE_EXHAUSTED}
+OWN_STATUS = {
+    405: grpc.StatusCode.UNIMPLEMENTED,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    415: grpc.StatusCode.INVALID_ARGUMENT,
+}
 ODD_TEXT = ["", " ", "%", "%zz", "%ff", "%c3", "/", "..", ".", "{x}", ":verb", "é", "\u2028", "a" * 300, "\\"]
 
 
@@ -206,11 +210,10 @@ async def test_echo_routes_never_answer_500(
     await _check(client, echo_target, data.draw(_requests(echo_target)))
 
 
-# --- the monitor's routes -----------------------------------------------------------------------
+# --- the mesh's routes ---------------------------------------------------------------------------
 
 
-def _stub_handler() -> grpc.GenericRpcHandler:
-    service = SERVICES[0]
+def _stub_handler(service: descriptor.ServiceDescriptor) -> grpc.GenericRpcHandler:
     handlers = {}
     for method in service.methods:
         request_class = message_factory.GetMessageClass(method.input_type)
@@ -230,10 +233,11 @@ def _stub_handler() -> grpc.GenericRpcHandler:
 @pytest.fixture
 async def monitor_target() -> AsyncIterator[Target]:
     server = grpc.aio.server()
-    server.add_generic_rpc_handlers([_stub_handler()])
+    server.add_generic_rpc_handlers([_stub_handler(s) for s in SERVICES])
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    gateway = await start_gateway("127.0.0.1:0", SERVICES, StaticUpstream(f"127.0.0.1:{port}"))
+    backends = [Backend(s, StaticUpstream(f"127.0.0.1:{port}")) for s in SERVICES]
+    gateway = await start_gateway("127.0.0.1:0", backends, media_types=MEDIA_TYPES)
     try:
         target = Target(gateway, SERVICES, set())
         target.routes.sort(key=lambda r: r.template.source != "/v1/pipelines")

@@ -8,7 +8,7 @@ import aiohttp
 import grpc
 import pytest
 
-from gateway.app import start_gateway
+from gateway.app import Backend, start_gateway
 from gateway.upstream import StaticUpstream
 from tests.gateway.support import echo_service
 
@@ -168,7 +168,7 @@ async def test_bad_query_value_is_400(http: aiohttp.ClientSession) -> None:
 
 async def test_unreachable_service_is_503() -> None:
     gateway = await start_gateway(
-        "127.0.0.1:0", [echo_service()], StaticUpstream("127.0.0.1:1"), rpc_timeout=5
+        "127.0.0.1:0", [Backend(echo_service(), StaticUpstream("127.0.0.1:1"))], rpc_timeout=5
     )
     try:
         async with (

@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from epoxi import settings
-from gateway.app import MAX_REQUEST_BYTES, start_gateway
+from gateway.app import MAX_REQUEST_BYTES, Backend, start_gateway
 from gateway.body import MAX_DEPTH
 from gateway.main import GatewayConfig
 from gateway.upstream import StaticUpstream
@@ -27,7 +27,9 @@ SMALL_LIMIT = 1024
 async def small(echo_server: EchoServer) -> AsyncIterator[aiohttp.ClientSession]:
     """A gateway that accepts bodies up to ``SMALL_LIMIT`` bytes."""
     gateway = await start_gateway(
-        "127.0.0.1:0", [echo_service()], StaticUpstream(echo_server.address), max_request_bytes=SMALL_LIMIT
+        "127.0.0.1:0",
+        [Backend(echo_service(), StaticUpstream(echo_server.address))],
+        max_request_bytes=SMALL_LIMIT,
     )
     try:
         async with aiohttp.ClientSession(base_url=f"http://{gateway.address}") as session:
@@ -69,7 +71,7 @@ async def test_a_body_over_the_default_limit_is_413_resource_exhausted(http: aio
     assert body["code"] == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
     assert body["message"] == (
         f"the request body of {MAX_REQUEST_BYTES + 1} bytes is larger than the gateway accepts: "
-        "1 MiB (max_request_bytes)"
+        "34 MiB (max_request_bytes)"
     )
     await _still_serves(http)
 
@@ -109,7 +111,7 @@ async def test_a_broken_content_encoding_is_400(http: aiohttp.ClientSession) -> 
 
 
 def test_the_limit_is_one_setting_with_flag_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert settings.parse(GatewayConfig, []).max_request_bytes == MAX_REQUEST_BYTES == 1024 * 1024
+    assert settings.parse(GatewayConfig, []).max_request_bytes == MAX_REQUEST_BYTES == 34 * 1024 * 1024
     assert settings.parse(GatewayConfig, ["--max-request-bytes", "2MiB"]).max_request_bytes == 2 * 1024 * 1024
     monkeypatch.setenv("EPOXI_GATEWAY_MAX_REQUEST_BYTES", "64KiB")
     assert settings.parse(GatewayConfig, []).max_request_bytes == 64 * 1024
@@ -292,7 +294,7 @@ class BrokenUpstream:
 
 
 async def test_an_unexpected_error_is_500_internal_and_logged(caplog: pytest.LogCaptureFixture) -> None:
-    gateway = await start_gateway("127.0.0.1:0", [echo_service()], BrokenUpstream())
+    gateway = await start_gateway("127.0.0.1:0", [Backend(echo_service(), BrokenUpstream())])
     try:
         async with (
             aiohttp.ClientSession(base_url=f"http://{gateway.address}") as http,

@@ -7,6 +7,7 @@ from google.api import http_pb2
 from google.protobuf import json_format
 
 from epoxi.v1 import monitor_pb2
+from gateway.main import MEDIA_TYPES, SERVICES
 from gateway.routes import (
     Kind,
     Match,
@@ -45,20 +46,29 @@ def test_malformed_templates_are_refused(template: str) -> None:
         parse_template(template)
 
 
-def test_monitor_routes_come_from_its_annotations() -> None:
-    table = RouteTable.from_services([MONITOR])
+def test_the_mesh_routes_come_from_the_annotations() -> None:
+    table = RouteTable.from_services(SERVICES, MEDIA_TYPES)
     assert sorted((r.http_method, r.template.source, r.method.name) for r in table.routes) == [
         ("DELETE", "/admin/pipelines/{routing_key}", "StopPipelineByRoutingKey"),
+        ("GET", "/admin/messages/{message_id}", "GetQueuedMessage"),
         ("GET", "/admin/pipelines", "GetClusterStats"),
         ("GET", "/admin/pipelines/health", "HealthCheckAll"),
         ("GET", "/admin/pipelines/{routing_key}", "HealthCheckRoutingKey"),
+        ("GET", "/admin/queues", "GetClusterQueueStats"),
+        ("GET", "/admin/queues/{routing_key}/messages", "ListQueuedMessages"),
         ("GET", "/v1/pipelines", "FindAllPipelines"),
         ("GET", "/v1/pipelines/{routing_key}", "FindPipelinesByRoutingKey"),
         ("GET", "/v1/pipelines:stats", "GetPipelineStats"),
         ("GET", "/v1/routing-keys/{routing_key}/node", "FindNodeForRoutingKey"),
         ("POST", "/admin/pipelines", "StartPipelineOptimal"),
         ("POST", "/admin/pipelines:rebalance", "Rebalance"),
+        ("POST", "/v1/emails", "RouteEmails"),
+        ("POST", "/v1/emails:raw", "RouteRawEmail"),
     ]
+    raw = table.match("POST", "/v1/emails:raw").route
+    assert raw.http_body is not None and raw.http_body.name == "message"
+    assert (raw.accepts, raw.response_body) == (("message/rfc822",), "summary")
+    assert table.match("POST", "/v1/emails").route.http_body is None
 
 
 def test_discovery_routes_keep_the_verb_apart_from_the_variable() -> None:

@@ -15,7 +15,7 @@ from devmesh.registry.app import RunningRegistry
 from epoxi import policy_store
 from epoxi.v1 import monitor_pb2_grpc
 from gateway import main as gateway_main
-from gateway.app import start_gateway
+from gateway.app import Backend, start_gateway
 from gateway.upstream import StaticUpstream
 from services.monitor.main import MonitorConfig, RunningMonitor, start_monitor
 from tests.services.monitor.support import equals
@@ -46,7 +46,8 @@ async def monitor_stub(monitor: RunningMonitor) -> AsyncIterator[monitor_pb2_grp
 @pytest.fixture
 async def http(monitor: RunningMonitor) -> AsyncIterator[aiohttp.ClientSession]:
     """An HTTP client of a gateway in front of the monitor."""
-    gateway = await start_gateway("127.0.0.1:0", gateway_main.SERVICES, StaticUpstream(monitor.address))
+    backend = Backend(gateway_main.MONITOR, StaticUpstream(monitor.address))
+    gateway = await start_gateway("127.0.0.1:0", [backend], health=backend)
     try:
         async with aiohttp.ClientSession(base_url=f"http://{gateway.address}") as session:
             yield session
