@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from devmesh.registry.acl import ACL
 from devmesh.registry.app import RunningRegistry, serve
+from devmesh.registry.check_tls import CheckTLS
 from devmesh.registry.state import RegistryConfig
 from epoxi import settings
 from epoxi.runtime.lifecycle import serve_main
@@ -39,8 +42,22 @@ async def start(flags: RegistryFlags) -> RunningRegistry:
     return await serve(host, port, flags.config)
 
 
+def check(config: RegistryConfig) -> str | None:
+    """Why the registry cannot start with ``config`` (an unusable ACL or TLS setting), if so."""
+    try:
+        ACL(config)
+        CheckTLS.from_config(config)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     flags = parse(argv)
+    problem = check(flags.config)
+    if problem:
+        print(f"registry: cannot start: {problem}", file=sys.stderr, flush=True)
+        return 2
     return serve_main("registry", lambda: start(flags))
 
 

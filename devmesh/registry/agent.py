@@ -15,6 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
+from devmesh.registry.acl import ACL, AGENT, NODE, READ, SERVICE, WRITE, Identity
 from devmesh.registry.blocking import parse_query_options
 from devmesh.registry.checks import CheckRunner
 from devmesh.registry.codec import ListOf, MapOf, Struct
@@ -303,9 +304,10 @@ def _unknown_service(service_id: str) -> HTTPError:
 
 
 class AgentEndpoints:
-    def __init__(self, store: Store, runner: CheckRunner) -> None:
+    def __init__(self, store: Store, runner: CheckRunner, acl: ACL) -> None:
         self.store = store
         self.runner = runner
+        self.acl = acl
 
     @property
     def node(self) -> str:
@@ -321,6 +323,7 @@ class AgentEndpoints:
         address = args.get("Address", "")
         if address in ("0.0.0.0", "::", "[::]"):
             raise bad_request("Invalid service address")
+        identity = self.acl.resolve(request)
         weights = args.get("Weights")
         if weights is not None:
             _validate_weights(weights)
@@ -337,10 +340,15 @@ class AgentEndpoints:
             status = definition.get("Status", "")
             if status and status not in STATUSES:
                 raise bad_request("Status for checks must 'passing', 'warning', 'critical'")
+        service_id = args.get("ID") or name
+        # vetServiceRegisterWithAuthorizer: the service, then any service it replaces.
+        self.acl.require(identity, SERVICE, WRITE, name)
+        existing = self.store.local_services.get(service_id)
+        if existing is not None:
+            self.acl.require(identity, SERVICE, WRITE, existing.name)
         if any(check_type_of(d) in ("script", "docker") for d in definitions):
             raise _scripts_disabled()
         port = args.get("Port", 0)
-        service_id = args.get("ID") or name
         service = Service(
             id=service_id,
             name=name,
@@ -406,32 +414,44 @@ class AgentEndpoints:
             ttl=definition.get("TTL", 0),
             grpc=definition.get("GRPC", "") if check.type == "grpc" else "",
             grpc_use_tls=bool(definition.get("GRPCUseTLS")),
+            tls_server_name=definition.get("TLSServerName", ""),
+            tls_skip_verify=bool(definition.get("TLSSkipVerify")),
             interval=interval,
             timeout=timeout,
             deregister_critical_service_after=definition.get("DeregisterCriticalServiceAfter", 0),
         )
         return check, spec
 
+    def _vet_service_update(self, identity: Identity, service_id: str) -> Service:
+        """``vetServiceUpdateWithAuthorizer``: the service must exist, and be the token's to write."""
+        existing = self.store.local_services.get(service_id)
+        if existing is None:
+            raise _unknown_service(service_id)
+        self.acl.require(identity, SERVICE, WRITE, existing.name)
+        return existing
+
     async def deregister_service(self, request: web.Request) -> web.StreamResponse:
         service_id = request.path.removeprefix("/v1/agent/service/deregister/")
-        if service_id not in self.store.local_services:
-            raise _unknown_service(service_id)
+        self._vet_service_update(self.acl.resolve(request), service_id)
         self.runner.remove_service(service_id)
         return web.Response(status=200)
 
     async def services(self, request: web.Request) -> web.StreamResponse:
+        identity = self.acl.resolve(request)
         refuse_filter(request)
         dc = self.store.config.datacenter
-        return json_response(
-            {sid: agent_service(s, dc) for sid, s in sorted(self.store.local_services.items())}
-        )
+        local = sorted(self.store.local_services.items())
+        readable = {sid: agent_service(s, dc) for sid, s in local if identity.can(SERVICE, READ, s.name)}
+        return json_response(readable, identity.filtered(len(readable) != len(local)))
 
     async def service(self, request: web.Request) -> web.StreamResponse:
         parse_query_options(request, self.store.config.datacenter)
+        identity = self.acl.resolve(request)
         service_id = request.path.removeprefix("/v1/agent/service/")
         service = self.store.local_services.get(service_id)
         if service is None:
             raise HTTPError(404, f"unknown service ID: {service_id}")
+        self.acl.require(identity, SERVICE, READ, service.name)
         body = agent_service(service, self.store.config.datacenter)
         digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
         body["ContentHash"] = digest
@@ -440,20 +460,40 @@ class AgentEndpoints:
     # --- checks ---------------------------------------------------------------------------------
 
     async def checks(self, request: web.Request) -> web.StreamResponse:
+        identity = self.acl.resolve(request)
         refuse_filter(request)
-        return json_response(
-            {cid: health_check(lc.check) for cid, lc in sorted(self.store.local_checks.items())}
-        )
+        local = sorted(self.store.local_checks.items())
+        readable = {
+            cid: health_check(lc.check) for cid, lc in local if self._can_read_check(identity, lc.check)
+        }
+        return json_response(readable, identity.filtered(len(readable) != len(local)))
 
-    def _vet_check(self, check_id: str) -> None:
-        if check_id not in self.store.local_checks:
+    def _can_read_check(self, identity: Identity, check: Check) -> bool:
+        """``filterChecksWithAuthorizer``: a service's check needs service:read, a node's node:read."""
+        if check.service_name:
+            return identity.can(SERVICE, READ, check.service_name)
+        return identity.can(NODE, READ, self.node)
+
+    def _require_check_write(self, identity: Identity, service_name: str) -> None:
+        if service_name:
+            self.acl.require(identity, SERVICE, WRITE, service_name)
+        else:
+            self.acl.require(identity, NODE, WRITE, self.node)
+
+    def _vet_check(self, identity: Identity, check_id: str) -> None:
+        """``vetCheckUpdateWithAuthorizer``: the check must exist, and be the token's to write."""
+        local = self.store.local_checks.get(check_id)
+        if local is None:
             raise HTTPError(
                 404,
                 f"Unknown check ID {json.dumps(check_id)}. Ensure that the check ID is passed, not the check name.",
             )
+        self._require_check_write(identity, local.check.service_name)
 
-    def _update_ttl(self, check_id: str, status: str, output: str) -> web.StreamResponse:
-        self._vet_check(check_id)
+    def _update_ttl(
+        self, request: web.Request, check_id: str, status: str, output: str
+    ) -> web.StreamResponse:
+        self._vet_check(self.acl.resolve(request), check_id)
         if not self.runner.is_ttl(check_id):
             raise HTTPError(500, f"CheckID {json.dumps(check_id)} does not have associated TTL")
         self.runner.set_ttl_status(check_id, status, output)
@@ -461,17 +501,17 @@ class AgentEndpoints:
 
     async def check_pass(self, request: web.Request) -> web.StreamResponse:
         return self._update_ttl(
-            request.path.removeprefix("/v1/agent/check/pass/"), PASSING, param(request, "note")
+            request, request.path.removeprefix("/v1/agent/check/pass/"), PASSING, param(request, "note")
         )
 
     async def check_warn(self, request: web.Request) -> web.StreamResponse:
         return self._update_ttl(
-            request.path.removeprefix("/v1/agent/check/warn/"), WARNING, param(request, "note")
+            request, request.path.removeprefix("/v1/agent/check/warn/"), WARNING, param(request, "note")
         )
 
     async def check_fail(self, request: web.Request) -> web.StreamResponse:
         return self._update_ttl(
-            request.path.removeprefix("/v1/agent/check/fail/"), CRITICAL, param(request, "note")
+            request, request.path.removeprefix("/v1/agent/check/fail/"), CRITICAL, param(request, "note")
         )
 
     async def check_update(self, request: web.Request) -> web.StreamResponse:
@@ -480,7 +520,7 @@ class AgentEndpoints:
         if status not in STATUSES:
             raise bad_request(f"Invalid check status: '{status}'")
         check_id = request.path.removeprefix("/v1/agent/check/update/")
-        return self._update_ttl(check_id, status, update.get("Output", ""))
+        return self._update_ttl(request, check_id, status, update.get("Output", ""))
 
     async def register_check(self, request: web.Request) -> web.StreamResponse:
         """``AgentRegisterCheck``: decode, name, status, ``CheckType.Validate``, then the service."""
@@ -491,6 +531,7 @@ class AgentEndpoints:
         status = args.get("Status", "")
         if status and status not in STATUSES:
             raise bad_request("Bad check status")
+        identity = self.acl.resolve(request)
         definition = _merge_aliases(args)
         problem = validate_check(definition)
         if problem:
@@ -501,6 +542,11 @@ class AgentEndpoints:
             service = self.store.local_services.get(service_id)
             if service is None:
                 raise HTTPError(404, f"ServiceID {durations.go_quote(service_id)} does not exist")
+        # vetCheckRegisterWithAuthorizer: the check, then any check it replaces.
+        self._require_check_write(identity, service.name if service else "")
+        existing = self.store.local_checks.get(args.get("ID") or name)
+        if existing is not None:
+            self._require_check_write(identity, existing.check.service_name)
         if check_type_of(definition) in ("script", "docker"):
             raise _scripts_disabled()
         check, spec = self._build_check(definition, args.get("ID") or name, name, service)
@@ -511,7 +557,7 @@ class AgentEndpoints:
 
     async def deregister_check(self, request: web.Request) -> web.StreamResponse:
         check_id = request.path.removeprefix("/v1/agent/check/deregister/")
-        self._vet_check(check_id)
+        self._vet_check(self.acl.resolve(request), check_id)
         self.runner.remove_check(check_id)
         return web.Response(status=200)
 
@@ -522,9 +568,7 @@ class AgentEndpoints:
         if not service_id:
             raise bad_request("Missing service ID")
         enable = _enable_param(request)
-        service = self.store.local_services.get(service_id)
-        if service is None:
-            raise _unknown_service(service_id)
+        service = self._vet_service_update(self.acl.resolve(request), service_id)
         self._set_maintenance(
             request,
             enable,
@@ -537,6 +581,7 @@ class AgentEndpoints:
 
     async def node_maintenance(self, request: web.Request) -> web.StreamResponse:
         enable = _enable_param(request)
+        self.acl.require(self.acl.resolve(request), NODE, WRITE, self.node)
         self._set_maintenance(
             request, enable, NODE_MAINT_CHECK_ID, "Node Maintenance Mode", DEFAULT_NODE_MAINT_REASON, None
         )
@@ -587,7 +632,7 @@ class AgentEndpoints:
             "Addr": config.advertise_address,
             "Port": 8301,
             "Tags": {
-                "acls": "0",
+                "acls": "1" if self.acl.enabled else "0",
                 "bootstrap": "1",
                 "build": f"{CONSUL_VERSION}:epoxi-devregistry",
                 "dc": config.datacenter,
@@ -610,6 +655,7 @@ class AgentEndpoints:
         }
 
     async def self_info(self, request: web.Request) -> web.StreamResponse:
+        self.acl.require(self.acl.resolve(request), AGENT, READ, self.node)
         config = self.store.config
         return json_response(
             {
@@ -629,7 +675,14 @@ class AgentEndpoints:
                     "NodeID": self.store.node_id,
                     "DevMode": True,
                     "ServerMode": True,
-                    "ACLsEnabled": False,
+                    "ACLsEnabled": self.acl.enabled,
+                    "ACLResolverSettings": {
+                        "ACLDefaultPolicy": self.acl.default_policy,
+                        "ACLDownPolicy": "extend-cache",
+                        "ACLsEnabled": self.acl.enabled,
+                        "Datacenter": config.datacenter,
+                        "NodeName": config.node_name,
+                    },
                     "AdvertiseAddrLAN": config.advertise_address,
                     "CheckDeregisterIntervalMin": durations.format(config.check_deregister_interval_min),
                     "CheckReapInterval": durations.format(config.check_reap_interval),
@@ -654,7 +707,9 @@ class AgentEndpoints:
         )
 
     async def members(self, request: web.Request) -> web.StreamResponse:
-        return json_response([self.member()])
+        identity = self.acl.resolve(request)
+        readable = identity.can(NODE, READ, self.node)
+        return json_response([self.member()] if readable else [], identity.filtered(not readable))
 
     async def status_leader(self, request: web.Request) -> web.StreamResponse:
         return json_response(f"{self.store.config.advertise_address}:8300")

@@ -13,8 +13,11 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from devmesh.registry.acl import ACL
+from devmesh.registry.acl_tokens import ACLTokenEndpoints
 from devmesh.registry.agent import AgentEndpoints
 from devmesh.registry.catalog import CatalogEndpoints
+from devmesh.registry.check_tls import CheckTLS
 from devmesh.registry.checks import CheckRunner
 from devmesh.registry.health import HealthEndpoints
 from devmesh.registry.kv import KVEndpoints
@@ -29,15 +32,17 @@ MAX_HEADER_BYTES = 1 << 20  # http.DefaultMaxHeaderBytes
 def create_app(config: RegistryConfig | None = None) -> web.Application:
     """An application serving Consul's HTTP API from a fresh in-memory store."""
     store = Store(config)
-    runner = CheckRunner(store)
+    acl = ACL(store.config)
+    runner = CheckRunner(store, CheckTLS.from_config(store.config))
     timers = SessionTimers(store)
-    router = Router()
+    router = Router(acl.headers)
     for endpoints in (
-        AgentEndpoints(store, runner),
-        CatalogEndpoints(store),
-        HealthEndpoints(store),
-        KVEndpoints(store),
-        SessionEndpoints(store, timers),
+        AgentEndpoints(store, runner, acl),
+        CatalogEndpoints(store, acl),
+        HealthEndpoints(store, acl),
+        KVEndpoints(store, acl),
+        SessionEndpoints(store, timers, acl),
+        ACLTokenEndpoints(store, acl),
     ):
         for pattern, methods, handler in endpoints.routes():
             router.add(pattern, methods, handler)
@@ -51,7 +56,6 @@ def create_app(config: RegistryConfig | None = None) -> web.Application:
     app = web.Application(client_max_size=0)  # 0: no limit
     app[STORE] = store
     app.cleanup_ctx.append(lifecycle)
-    # [\s\S]: a path may hold a newline (%0A), which ".*" would leave to aiohttp's own 404.
     # [\s\S]: a path may hold a newline (%0A), which ".*" would leave to aiohttp's own 404.
     app.router.add_route("*", r"/{tail:[\s\S]*}", router.dispatch)
     return app

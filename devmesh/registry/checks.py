@@ -8,7 +8,9 @@ Behaviour follows ``agent/checks/check.go``, ``agent/checks/grpc.go`` and ``Agen
   until the next update.
 * A gRPC check calls ``grpc.health.v1.Health/Check`` on ``host:port`` (or ``host:port/service``)
   every ``Interval`` (at least 1s), after a random initial pause shorter than one interval, with
-  ``Timeout`` (default 10s). SERVING is passing with ``gRPC check <target>: success``.
+  ``Timeout`` (default 10s). SERVING is passing with ``gRPC check <target>: success``. With
+  ``GRPCUseTLS`` it dials over TLS as ``devmesh.registry.check_tls`` sets it up (the agent's CA
+  and certificate when ``enable_agent_tls_for_checks``, ``TLSServerName``, ``TLSSkipVerify``).
 * Every ``check_reap_interval`` the reaper deregisters a service one of whose checks has been
   critical for longer than its ``DeregisterCriticalServiceAfter`` (at least
   ``check_deregister_interval_min``). The critical clock starts when a check *becomes* critical
@@ -25,7 +27,8 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from devmesh.registry.state import CRITICAL, PASSING, Store
+from devmesh.registry.check_tls import CheckTLS, check_channel
+from devmesh.registry.state import CRITICAL, PASSING, CheckSpec, Store
 from epoxi import durations
 from epoxi.tasks import cancel_and_wait
 
@@ -51,20 +54,22 @@ def _go_code(code: grpc.StatusCode) -> str:
     return _GO_CODE_NAMES.get(name, "".join(part.capitalize() for part in name.split("_")))
 
 
-async def probe_grpc(target: str, deadline: float, use_tls: bool) -> tuple[str, str]:
-    """One gRPC health probe; returns ``(status, output)`` with Consul's output texts."""
+async def probe_grpc(
+    target: str, deadline: float, spec: CheckSpec | None = None, tls: CheckTLS | None = None
+) -> tuple[str, str]:
+    """One gRPC health probe; returns ``(status, output)`` with Consul's output texts. Over TLS
+    when ``spec.grpc_use_tls``, as ``tls`` (the agent's TLS for checks) and the spec's
+    ``TLSServerName``/``TLSSkipVerify`` say."""
+    spec = spec or CheckSpec()
     server, _, service = target.partition("/")
-    if use_tls:
-        channel = grpc.aio.secure_channel(server, grpc.ssl_channel_credentials())
-    else:
-        channel = grpc.aio.insecure_channel(server)
     try:
-        stub = health_pb2_grpc.HealthStub(channel)
-        response = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=deadline)
+        async with check_channel(
+            server, spec.grpc_use_tls, spec.tls_server_name, spec.tls_skip_verify, tls or CheckTLS()
+        ) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            response = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=deadline)
     except grpc.aio.AioRpcError as exc:
         return CRITICAL, f"rpc error: code = {_go_code(exc.code())} desc = {exc.details()}"
-    finally:
-        await channel.close()
     if response.status != health_pb2.HealthCheckResponse.SERVING:
         status_name = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
         return CRITICAL, f"gRPC {target} serving status: {status_name}"
@@ -74,8 +79,9 @@ async def probe_grpc(target: str, deadline: float, use_tls: bool) -> tuple[str, 
 class CheckRunner:
     """Owns the timers and probe tasks of the agent's checks."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, tls: CheckTLS | None = None) -> None:
         self.store = store
+        self.tls = tls or CheckTLS()
         self._ttl_timers: dict[str, asyncio.TimerHandle] = {}
         self._last_output: dict[str, str] = {}
         self._probes: dict[str, asyncio.Task[None]] = {}
@@ -93,13 +99,7 @@ class CheckRunner:
             interval = max(spec.interval, MIN_INTERVAL)
             timeout = spec.timeout if spec.timeout > 0 else DEFAULT_GRPC_TIMEOUT
             self._probes[check_id] = asyncio.create_task(
-                self._probe_loop(
-                    check_id,
-                    spec.grpc,
-                    interval / durations.SECOND,
-                    timeout / durations.SECOND,
-                    spec.grpc_use_tls,
-                )
+                self._probe_loop(check_id, spec, interval / durations.SECOND, timeout / durations.SECOND)
             )
 
     def stop(self, check_id: str) -> None:
@@ -135,12 +135,10 @@ class CheckRunner:
         log.warning("check %s missed its TTL and is now critical", check_id)
         self.store.update_check(check_id, CRITICAL, output)
 
-    async def _probe_loop(
-        self, check_id: str, target: str, interval: float, deadline: float, tls: bool
-    ) -> None:
+    async def _probe_loop(self, check_id: str, spec: CheckSpec, interval: float, deadline: float) -> None:
         await asyncio.sleep(random.uniform(0, interval))
         while True:
-            status, output = await probe_grpc(target, deadline, tls)
+            status, output = await probe_grpc(spec.grpc, deadline, spec, self.tls)
             self.store.update_check(check_id, status, truncate_output(output))
             await asyncio.sleep(interval)
 

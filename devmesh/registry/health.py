@@ -13,6 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
+from devmesh.registry.acl import ACL, NODE, READ, SERVICE, Identity
 from devmesh.registry.blocking import blocking_query, parse_query_options
 from devmesh.registry.state import PASSING, Check, Service, Store
 from devmesh.registry.views import health_check, node_service
@@ -40,51 +41,73 @@ def filter_non_passing(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 class HealthEndpoints:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, acl: ACL) -> None:
         self.store = store
+        self.acl = acl
+
+    def _can_read_node(self, identity: Identity) -> bool:
+        return identity.can(NODE, READ, self.store.config.node_name)
+
+    def _can_read_check(self, identity: Identity, check: Check) -> bool:
+        """``filterHealthChecks``: node:read on its node, and service:read on its service if any."""
+        return self._can_read_node(identity) and (
+            not check.service_name or identity.can(SERVICE, READ, check.service_name)
+        )
 
     async def service_nodes(self, request: web.Request) -> web.StreamResponse:
         name = request.path.removeprefix("/v1/health/service/")
         tags = request.query.getall("tag", [])
 
-        def query() -> tuple[int, list[dict[str, Any]]]:
+        if not name:
+            self._missing_after_parse(request, "Missing service name")
+        identity = self.acl.resolve_query(request, self.store.config.datacenter)
+
+        def query() -> tuple[int, tuple[list[dict[str, Any]], bool]]:
             node = self.store.node_json()
+            matching = [s for s in self.store.instances(name) if has_tags(s, tags)]
+            # CheckServiceNode.CanRead: node:read and service:read.
+            readable = [
+                s for s in matching if self._can_read_node(identity) and identity.can(SERVICE, READ, s.name)
+            ]
             nodes = [
                 {
                     "Node": node,
                     "Service": node_service(service),
                     "Checks": [health_check(c) for c in self.store.checks_of(service.id)],
                 }
-                for service in self.store.instances(name)
-                if has_tags(service, tags)
+                for service in readable
             ]
-            return self.store.service_index(name, with_checks=True), nodes
+            return self.store.service_index(name, with_checks=True), (nodes, len(readable) != len(matching))
 
-        if not name:
-            self._missing_after_parse(request, "Missing service name")
-        index, nodes = await blocking_query(self.store, request, query, filtered=True)
+        index, (nodes, removed) = await blocking_query(self.store, request, query, filtered=True)
         try:
             passing = parse_bool_param(request, "passing")
         except ValueError:
             raise bad_request("Invalid value for ?passing") from None
         if passing:
             nodes = filter_non_passing(nodes)
-        return json_response(nodes, meta_headers(index))
+        return json_response(nodes, meta_headers(index) | identity.filtered(removed))
 
     def _missing_after_parse(self, request: web.Request, reason: str) -> None:
         parse_query_options(request, self.store.config.datacenter)
         raise bad_request(reason)
 
     async def _checks_response(self, request: web.Request, select: Any) -> web.StreamResponse:
-        def query() -> tuple[int, list[dict[str, Any]]]:
+        identity = self.acl.resolve_query(request, self.store.config.datacenter)
+
+        def query() -> tuple[int, tuple[list[dict[str, Any]], bool]]:
             chosen: list[Check] = sorted(
                 (c for c in self.store.checks.values() if select(c)),
                 key=lambda c: (c.service_name, c.check_id),
             )
-            return self.store.table_index("checks"), [health_check(c) for c in chosen]
+            readable = [c for c in chosen if self._can_read_check(identity, c)]
+            return self.store.table_index("checks"), (
+                [health_check(c) for c in readable],
+                len(readable) != len(chosen),
+            )
 
-        index, checks = await blocking_query(self.store, request, query, filtered=True)
-        return json_response(checks, meta_headers(index))
+        index, (checks, removed) = await blocking_query(self.store, request, query, filtered=True)
+        return json_response(checks, meta_headers(index) | identity.filtered(removed))
 
     async def service_checks(self, request: web.Request) -> web.StreamResponse:
         name = request.path.removeprefix("/v1/health/checks/")

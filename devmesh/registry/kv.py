@@ -21,6 +21,7 @@ import urllib.parse
 
 from aiohttp import web
 
+from devmesh.registry.acl import ACL, KEY, READ, WRITE, Identity
 from devmesh.registry.blocking import blocking_query, parse_query_options
 from devmesh.registry.state import KVEntry, Store, StoreError
 from devmesh.registry.views import kv_entry
@@ -46,9 +47,15 @@ def _conflicting_flags(request: web.Request, *flags: str) -> None:
         raise bad_request(f"Conflicting flags: {urllib.parse.urlencode(pairs)}\n")
 
 
+def _readable(identity: Identity, entries: list[KVEntry]) -> list[KVEntry]:
+    """``FilterDirEnt``: the entries whose key the token may read."""
+    return [e for e in entries if identity.can(KEY, READ, e.key)]
+
+
 class KVEndpoints:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, acl: ACL) -> None:
         self.store = store
+        self.acl = acl
 
     async def endpoint(self, request: web.Request) -> web.StreamResponse:
         parse_query_options(request, self.store.config.datacenter)
@@ -65,17 +72,22 @@ class KVEndpoints:
         recurse = "recurse" in request.query
         if not recurse and key == "":
             raise bad_request("Missing key name")
+        identity = self.acl.resolve(request)
+        if not recurse:
+            self.acl.require(identity, KEY, READ, key)
 
-        def query() -> tuple[int, list[KVEntry]]:
+        def query() -> tuple[int, tuple[list[KVEntry], bool]]:
             if recurse:
-                return self.store.kv_list(key)
+                index, every = self.store.kv_list(key)
+                readable = _readable(identity, every)
+                return index, (readable, len(readable) != len(every))
             entry = self.store.kv.get(key)
             if entry is None:
-                return self.store.kv_max_index(), []
-            return entry.modify_index, [entry]
+                return self.store.kv_max_index(), ([], False)
+            return entry.modify_index, ([entry], False)
 
-        index, entries = await blocking_query(self.store, request, query)
-        headers = meta_headers(index)
+        index, (entries, removed) = await blocking_query(self.store, request, query)
+        headers = meta_headers(index) | identity.filtered(removed)
         if not entries:
             return web.Response(status=404, headers=headers)
         if "raw" in request.query and not recurse:
@@ -93,20 +105,24 @@ class KVEndpoints:
         if "separator" in request.query:
             separator = param(request, "separator")
 
-        def query() -> tuple[int, list[str]]:
-            index, entries = self.store.kv_list(prefix)
+        identity = self.acl.resolve(request)
+
+        def query() -> tuple[int, tuple[list[str], bool]]:
+            index, every = self.store.kv_list(prefix)
+            entries = _readable(identity, every)
             keys: list[str] = []
             for entry in entries:
                 cut = entry.key.find(separator, len(prefix)) if separator else -1
                 name = entry.key[: cut + len(separator)] if cut >= 0 else entry.key
                 if not keys or keys[-1] != name:
                     keys.append(name)
-            return index, keys
+            return index, (keys, len(entries) != len(every))
 
-        index, keys = await blocking_query(self.store, request, query)
+        index, (keys, removed) = await blocking_query(self.store, request, query)
+        headers = meta_headers(index) | identity.filtered(removed)
         if not keys and prefix != "":
-            return web.Response(status=404, headers=meta_headers(index))
-        return json_response(keys, meta_headers(index))
+            return web.Response(status=404, headers=headers)
+        return json_response(keys, headers)
 
     async def put(self, request: web.Request, key: str) -> web.StreamResponse:
         if key == "":
@@ -122,6 +138,7 @@ class KVEndpoints:
                 "See https://developer.hashicorp.com/docs/agent/config/config-files#kv_max_value_size.",
             )
         value = await request.read() or None
+        self.acl.require(self.acl.resolve(request), KEY, WRITE, key)  # KVS.Apply, before the lock-delay
         try:
             if "acquire" in request.query:
                 if self.store.kv_lock_delay_active(key):
@@ -141,6 +158,8 @@ class KVEndpoints:
         recurse = "recurse" in request.query
         if not recurse and key == "":
             raise bad_request("Missing key name")
+        # KeyWritePrefix for a tree (reported as key:write on the prefix), KeyWrite otherwise.
+        self.acl.require(self.acl.resolve(request), KEY, WRITE, key)
         if "cas" in request.query:
             return json_response(self.store.kv_delete_cas(key, _parse_uint(request, "cas")))
         if recurse:

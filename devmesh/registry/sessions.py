@@ -19,6 +19,8 @@ from typing import Any
 
 from aiohttp import web
 
+from devmesh.registry.acl import ACL, READ, WRITE
+from devmesh.registry.acl import SESSION as SESSION_RESOURCE
 from devmesh.registry.blocking import blocking_query
 from devmesh.registry.codec import (
     DecodeError,
@@ -118,9 +120,10 @@ class SessionTimers:
 
 
 class SessionEndpoints:
-    def __init__(self, store: Store, timers: SessionTimers) -> None:
+    def __init__(self, store: Store, timers: SessionTimers, acl: ACL) -> None:
         self.store = store
         self.timers = timers
+        self.acl = acl
 
     async def create(self, request: web.Request) -> web.StreamResponse:
         config = self.store.config
@@ -157,6 +160,7 @@ class SessionEndpoints:
             entry.checks = None
         if entry.node == "":
             raise HTTPError(500, "Must provide Node")
+        self.acl.require(self.acl.resolve(request), SESSION_RESOURCE, WRITE, entry.node)  # Session.Apply
         if entry.behavior == "":
             entry.behavior = "release"
         if entry.behavior not in ("release", "delete"):
@@ -185,6 +189,10 @@ class SessionEndpoints:
         session_id = request.path.removeprefix("/v1/session/destroy/")
         if not session_id:
             raise bad_request("Missing session")
+        identity = self.acl.resolve(request)
+        existing = self.store.sessions.get(session_id)
+        if existing is not None:
+            self.acl.require(identity, SESSION_RESOURCE, WRITE, existing.node)
         self.store.session_destroy(session_id)
         return json_response(True)
 
@@ -192,19 +200,27 @@ class SessionEndpoints:
         session_id = request.path.removeprefix("/v1/session/renew/")
         if not session_id:
             raise bad_request("Missing session")
+        identity = self.acl.resolve(request)
         entry = self.store.sessions.get(session_id)
         if entry is None:
             raise HTTPError(404, f"Session id '{session_id}' not found")
+        self.acl.require(identity, SESSION_RESOURCE, WRITE, entry.node)
         self.timers.reset(session_id, ttl_of(entry.ttl))
         return json_response([session_view(entry)])
 
     async def _list(self, request: web.Request, select: Any) -> web.StreamResponse:
-        def query() -> tuple[int, list[dict[str, Any]]]:
-            chosen = sorted((s for s in self.store.sessions.values() if select(s)), key=lambda s: s.id)
-            return self.store.table_index("sessions"), [session_view(s) for s in chosen]
+        identity = self.acl.resolve_query(request, self.store.config.datacenter)
 
-        index, found = await blocking_query(self.store, request, query)
-        return json_response(found, meta_headers(index))
+        def query() -> tuple[int, tuple[list[dict[str, Any]], bool]]:
+            chosen = sorted((s for s in self.store.sessions.values() if select(s)), key=lambda s: s.id)
+            readable = [s for s in chosen if identity.can(SESSION_RESOURCE, READ, s.node)]
+            return self.store.table_index("sessions"), (
+                [session_view(s) for s in readable],
+                len(readable) != len(chosen),
+            )
+
+        index, (found, removed) = await blocking_query(self.store, request, query)
+        return json_response(found, meta_headers(index) | identity.filtered(removed))
 
     async def info(self, request: web.Request) -> web.StreamResponse:
         session_id = request.path.removeprefix("/v1/session/info/")

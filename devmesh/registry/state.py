@@ -19,8 +19,10 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
+from devmesh.registry.web import parse_bool
 from epoxi import durations
 from epoxi.settings import setting
 
@@ -32,6 +34,38 @@ STATUSES = (PASSING, WARNING, CRITICAL)
 SERF_CHECK_ID = "serfHealth"
 CONSUL_VERSION = "1.21.0"
 MAX_LOCK_DELAY = 60 * durations.SECOND  # structs.MaxLockDelay: the longest lock-delay applied
+
+
+# The environment the registry's ACL settings are read from (``acl.environment`` builds one).
+ACL_ENABLED_ENV = "EPOXI_REGISTRY_ACL_ENABLED"
+ACL_DEFAULT_POLICY_ENV = "EPOXI_REGISTRY_ACL_DEFAULT_POLICY"
+ACL_INITIAL_MANAGEMENT_TOKEN_FILE_ENV = "EPOXI_REGISTRY_ACL_INITIAL_MANAGEMENT_TOKEN_FILE"
+TLS_FOR_CHECKS_ENV = "EPOXI_REGISTRY_ENABLE_AGENT_TLS_FOR_CHECKS"
+
+
+class Secret(str):
+    """A string that never shows in a repr (a config printed in a log keeps the token out)."""
+
+    def __repr__(self) -> str:
+        return "Secret(<hidden>)" if self else "Secret('')"
+
+
+def read_secret(path: str) -> Secret:
+    """The first line of a token file, stripped; ValueError naming the file if it has none."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    secret = text.strip().splitlines()[0].strip() if text.strip() else ""
+    if not secret:
+        raise ValueError(f"{path} holds no token")
+    return Secret(secret)
+
+
+def _policy(text: str) -> str:
+    if text not in ("allow", "deny"):
+        raise ValueError(f"{text!r} is not allow or deny")
+    return text
 
 
 def _duration(default: int, help: str) -> Any:
@@ -64,6 +98,63 @@ class RegistryConfig:
     )
     default_query_time: int = 300 * durations.SECOND
     max_query_time: int = 600 * durations.SECOND
+    # acl.enabled, acl.default_policy, acl.tokens.initial_management (read from a file, so the
+    # token never shows in ps); each also from the environment, so one Mesh env configures it.
+    acl_enabled: bool = setting(
+        False,
+        parse=parse_bool,
+        env=ACL_ENABLED_ENV,
+        metavar="BOOL",
+        shown="false",
+        help="enforce ACL tokens (acl.enabled)",
+    )
+    acl_default_policy: str = setting(
+        "allow",
+        parse=_policy,
+        env=ACL_DEFAULT_POLICY_ENV,
+        metavar="allow|deny",
+        help="what a token may do where no policy says (acl.default_policy)",
+    )
+    acl_initial_management_token: Secret = setting(
+        Secret(""),
+        parse=read_secret,
+        flag="--acl-initial-management-token-file",
+        env=ACL_INITIAL_MANAGEMENT_TOKEN_FILE_ENV,
+        metavar="FILE",
+        shown="none",
+        help="file holding the management token (acl.tokens.initial_management)",
+    )
+    # enable_agent_tls_for_checks, and tls.defaults.ca_file / cert_file / key_file: what TLS
+    # gRPC checks verify servers with and present (see devmesh.registry.check_tls).
+    enable_agent_tls_for_checks: bool = setting(
+        False,
+        parse=parse_bool,
+        env=TLS_FOR_CHECKS_ENV,
+        metavar="BOOL",
+        shown="false",
+        help="TLS gRPC checks use the --tls-* files below (enable_agent_tls_for_checks)",
+    )
+    tls_ca_file: str = setting(
+        "",
+        flag="--tls-ca-file",
+        env=("EPOXI_REGISTRY_TLS_CA_FILE", "EPOXI_TLS_CA"),
+        metavar="FILE",
+        help="PEM CA bundle TLS gRPC checks verify servers with (tls.defaults.ca_file; default: the system's)",
+    )
+    tls_cert_file: str = setting(
+        "",
+        flag="--tls-cert-file",
+        env=("EPOXI_REGISTRY_TLS_CERT_FILE", "EPOXI_TLS_CERT"),
+        metavar="FILE",
+        help="PEM client certificate TLS gRPC checks present (tls.defaults.cert_file)",
+    )
+    tls_key_file: str = setting(
+        "",
+        flag="--tls-key-file",
+        env=("EPOXI_REGISTRY_TLS_KEY_FILE", "EPOXI_TLS_KEY"),
+        metavar="FILE",
+        help="PEM key of --tls-cert-file (tls.defaults.key_file)",
+    )
 
 
 @dataclass
@@ -121,6 +212,8 @@ class CheckSpec:
     ttl: int = 0
     grpc: str = ""
     grpc_use_tls: bool = False
+    tls_server_name: str = ""
+    tls_skip_verify: bool = False
     interval: int = 0
     timeout: int = 0
     deregister_critical_service_after: int = 0
@@ -202,6 +295,10 @@ class Store:
     def changed(self) -> asyncio.Event:
         """An event set by the next write; take it before reading so no change is missed."""
         return self._changed
+
+    def record(self, table: str) -> int:
+        """One write to ``table`` alone (e.g. an ACL token): its index."""
+        return self._write((table,))
 
     def _write(self, tables: Iterable[str] = (), services: Iterable[str] = ()) -> int:
         self.index += 1

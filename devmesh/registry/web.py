@@ -78,7 +78,7 @@ def parse_bool(value: str) -> bool:
         return True
     if value in ("0", "f", "F", "false", "FALSE", "False"):
         return False
-    raise ValueError(value)
+    raise ValueError(f"{value!r} is not a boolean")
 
 
 def parse_bool_param(request: web.Request, name: str) -> bool:
@@ -99,9 +99,11 @@ class Route:
 class Router:
     """A ``ServeMux`` look-alike with per-pattern allowed methods."""
 
-    def __init__(self) -> None:
+    def __init__(self, headers: dict[str, str] | None = None) -> None:
         self._exact: dict[str, Route] = {}
         self._prefixes: list[Route] = []
+        # Set on every answer of a known endpoint, as ``wrap`` sets X-Consul-Default-ACL-Policy.
+        self._headers = dict(headers or {})
 
     def add(self, pattern: str, methods: tuple[str, ...], handler: Handler) -> None:
         route = Route(pattern, methods, handler)
@@ -123,6 +125,11 @@ class Router:
         route = self.match(request.path)
         if route is None:
             return _index(request.path)
+        response = await self._handle(route, request)
+        response.headers.update(self._headers)
+        return response
+
+    async def _handle(self, route: Route, request: web.Request) -> web.StreamResponse:
         allow = ",".join(("OPTIONS", *route.methods))
         if request.method == "OPTIONS":
             return web.Response(status=200, headers={"Allow": allow})

@@ -1,7 +1,14 @@
 """The one way this project reaches its registry: Consul's HTTP API through py-consul.
 
 Configuration follows Consul's own conventions: ``CONSUL_HTTP_ADDR`` (``host:port`` or
-``scheme://host:port``) and ``CONSUL_HTTP_TOKEN``.
+``scheme://host:port``), and the ACL token from ``CONSUL_HTTP_TOKEN_FILE`` (the file's content,
+trimmed; it wins when both are set, as in Consul's ``api`` package) or ``CONSUL_HTTP_TOKEN``.
+
+The token goes on every request as ``X-Consul-Token``: py-consul adds it to most calls, and the
+transport here adds it to the few that py-consul sends bare (``agent.self``, ``agent.service``,
+``agent.members``, ``status.*``), so every call path carries it. A registry that refuses the token
+answers 403, which py-consul raises as ``ACLPermissionDenied`` (one of ``RegistryError``) with
+Consul's text (``ACL not found``, ``Permission denied: ...``).
 """
 
 from __future__ import annotations
@@ -9,6 +16,8 @@ from __future__ import annotations
 import os
 import ssl
 import urllib.parse
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -16,6 +25,7 @@ import consul.aio
 from consul import ConsulException, base
 
 DEFAULT_ADDR = "127.0.0.1:8500"
+TOKEN_HEADER = "X-Consul-Token"
 
 # What a registry call raises when the registry is down, slow, or refuses the call.
 RegistryError = (ConsulException, aiohttp.ClientError, OSError, TimeoutError)
@@ -39,6 +49,14 @@ class _HTTPClient(consul.aio.HTTPClient):  # type: ignore[misc]
             if cert:
                 ssl_arg.load_cert_chain(*cert) if isinstance(cert, tuple) else ssl_arg.load_cert_chain(cert)
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ssl_arg))
+        self.token: str | None = None
+
+    async def _request(
+        self, callback: Any, method: str, uri: str, headers: dict[str, str] | None, **kwargs: Any
+    ) -> Any:
+        if self.token and not (headers and TOKEN_HEADER in headers):
+            headers = {**(headers or {}), TOKEN_HEADER: self.token}
+        return await super()._request(callback, method, uri, headers, **kwargs)
 
 
 class Consul(consul.aio.Consul):  # type: ignore[misc]
@@ -58,7 +76,28 @@ def parse_addr(addr: str) -> tuple[str, str, int]:
     return parsed.scheme or "http", parsed.hostname, parsed.port or 8500
 
 
+def token_from_env(environ: Mapping[str, str] | None = None) -> str | None:
+    """The ACL token ``CONSUL_HTTP_TOKEN_FILE`` or ``CONSUL_HTTP_TOKEN`` gives, if any; a token
+    file that cannot be read is a ValueError naming it."""
+    env = os.environ if environ is None else environ
+    path = env.get("CONSUL_HTTP_TOKEN_FILE")
+    if path:
+        try:
+            token = Path(path).read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"CONSUL_HTTP_TOKEN_FILE={path}: cannot read it: {exc.strerror}") from None
+        if token:
+            return token
+    return env.get("CONSUL_HTTP_TOKEN") or None
+
+
 def connect(addr: str | None = None, token: str | None = None) -> Consul:
-    """A registry client for ``addr`` (default: ``$CONSUL_HTTP_ADDR``, then 127.0.0.1:8500)."""
+    """A registry client for ``addr`` (default: ``$CONSUL_HTTP_ADDR``, then 127.0.0.1:8500) that
+    sends ``token`` (default: ``token_from_env()``) on every call."""
     scheme, host, port = parse_addr(addr or os.environ.get("CONSUL_HTTP_ADDR") or DEFAULT_ADDR)
-    return Consul(host=host, port=port, scheme=scheme, token=token or os.environ.get("CONSUL_HTTP_TOKEN"))
+    chosen = token or token_from_env()
+    consul = Consul(host=host, port=port, scheme=scheme, token=chosen)
+    # py-consul's constructor lets $CONSUL_HTTP_TOKEN override an explicit token; ours decides.
+    consul.token = chosen
+    consul.http.token = chosen
+    return consul

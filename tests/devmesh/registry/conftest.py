@@ -19,7 +19,7 @@ import pytest
 from devmesh.registry.app import serve
 from devmesh.registry.state import RegistryConfig
 from epoxi import durations
-from epoxi.registry.client import Consul
+from epoxi.registry.client import Consul, token_from_env
 
 BACKENDS = ["dev", *(["consul"] if os.environ.get("CONSUL_HTTP_ADDR") else [])]
 
@@ -70,6 +70,10 @@ async def clean_up(consul: Consul, prefix: str) -> AsyncIterator[None]:
 
 @pytest.fixture
 async def http(registry_addr: str) -> AsyncIterator[aiohttp.ClientSession]:
+    """Raw requests; against a real Consul they carry its token (``CONSUL_HTTP_TOKEN[_FILE]``),
+    so the suite also runs against an agent that enforces ACLs."""
     scheme = "" if "://" in registry_addr else "http://"
-    async with aiohttp.ClientSession(base_url=f"{scheme}{registry_addr}") as session:
+    token = token_from_env() if registry_addr == os.environ.get("CONSUL_HTTP_ADDR") else None
+    headers = {"X-Consul-Token": token} if token else None
+    async with aiohttp.ClientSession(base_url=f"{scheme}{registry_addr}", headers=headers) as session:
         yield session
