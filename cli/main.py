@@ -15,6 +15,7 @@ PROGRAMS = {
     "node": ("services.node.main", "run a node: spool mail and deliver it over SMTP"),
     "router": ("services.router.main", "run a router: route emails to node pipelines"),
     "monitor": ("services.monitor.main", "run the monitor: cluster discovery, stats, health, admin"),
+    "ingress": ("services.ingress.main", "run the SMTP ingress: accept mail from applications"),
     "gateway": ("gateway.main", "run the HTTP gateway in front of the monitor"),
     "sink": ("devmesh.sink", "run a local mail sink that keeps what it receives"),
     "dev": ("devmesh.launch", "run the whole mesh on this machine, with a demo batch"),

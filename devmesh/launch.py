@@ -79,6 +79,8 @@ async def run(args: argparse.Namespace, stop: asyncio.Event) -> int:
         monitor_addr=args.monitor,
         gateway_addr=args.gateway,
         sink_addr=args.sink,
+        ingress=True,
+        ingress_addr=args.ingress,
         echo=_echo if args.verbose else None,
         log_dir=data_dir / "logs",
         own_process_group=True,
@@ -94,7 +96,8 @@ async def run(args: argparse.Namespace, stop: asyncio.Event) -> int:
     try:
         print("\nEpoxi mesh is up:")
         for name, p in mesh.processes.items():
-            print(f"  {name:<9} {p.address:<22} pid {p.pid}")
+            address = mesh.smtp_address if name == "ingress" else p.address  # SMTP, not its health
+            print(f"  {name:<9} {address:<22} pid {p.pid}")
         print(f"  data      {data_dir} (spools; delivered mail in {data_dir / 'sink'})")
         print(f"  logs      {data_dir / 'logs'}/<service>.log (the previous run's: <service>.log.1)")
         if not args.no_demo:
@@ -115,6 +118,10 @@ async def run(args: argparse.Namespace, stop: asyncio.Event) -> int:
                 print("  " + line.rstrip())
         print(f"\nTry: curl -s http://{mesh.address('gateway')}/admin/pipelines")
         print(f"     grpcurl -plaintext {mesh.address('router')} list")
+        smtp_host, _, smtp_port = mesh.smtp_address.rpartition(":")
+        print(
+            f"     swaks --server {smtp_host} --port {smtp_port} --from you@epoxi.dev --to friend@example.org"
+        )
         if args.exit_after_demo:
             return 0
         print("Ctrl-C stops the mesh.", flush=True)
@@ -135,6 +142,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--monitor", default="127.0.0.1:50052", help="monitor gRPC address")
     parser.add_argument("--gateway", default="127.0.0.1:8080", help="gateway HTTP address")
     parser.add_argument("--sink", default="127.0.0.1:2525", help="mail sink SMTP address")
+    parser.add_argument(
+        "--ingress", default="127.0.0.1:2587", help="SMTP ingress address (anonymous submission, no TLS)"
+    )
     parser.add_argument("--no-demo", action="store_true", help="do not send the demo batch")
     parser.add_argument("--exit-after-demo", action="store_true", help="stop once the demo is delivered")
     parser.add_argument(

@@ -24,6 +24,8 @@ from devmesh.logs import ServiceLog, ServiceLogs, describe_exit
 from epoxi.registry import client, services
 
 _READY = re.compile(r"listening on (\S+)\s*$")
+# The ingress's line before its ready line: where it takes SMTP.
+_SMTP_READY = re.compile(r"^ingress SMTP on ([^\s,]+)")
 STARTUP_TIMEOUT = 30.0
 # Longer output lines are dropped (with a note) rather than stopping the reading of the output.
 MAX_LINE = 1 << 20
@@ -186,7 +188,8 @@ def _listening_at(args: list[str], address: str) -> list[str]:
 
 @dataclass
 class Mesh:
-    """Registry (unless ``consul`` is given), nodes, router, monitor, gateway and a sink (unless ``route``)."""
+    """Registry (unless ``consul`` is given), nodes, router, monitor, gateway, a sink (unless
+    ``route``), and with ``ingress`` the SMTP ingress (``smtp_address``)."""
 
     data_dir: Path
     nodes: list[NodeSpec] = field(default_factory=lambda: list(DEFAULT_NODES))
@@ -197,6 +200,11 @@ class Mesh:
     monitor_addr: str = "127.0.0.1:0"
     gateway_addr: str = "127.0.0.1:0"
     sink_addr: str = "127.0.0.1:0"
+    # The SMTP ingress: started when set; its SMTP address (port 0: any), and its flags beyond
+    # the mesh's (users file, certificate, ...). Without flags it takes anonymous mail.
+    ingress: bool = False
+    ingress_addr: str = "127.0.0.1:0"
+    ingress_args: list[str] = field(default_factory=list)
     check_interval: str = "1s"
     # Routers beyond the first, named router2, router3, ...
     extra_routers: int = 0
@@ -208,6 +216,8 @@ class Mesh:
     # Services in their own process group: a Ctrl-C at the terminal reaches only this process.
     own_process_group: bool = False
     processes: dict[str, Process] = field(default_factory=dict)
+    # Where the ingress takes SMTP (once started).
+    smtp_address: str = ""
     # How to start each service but the nodes again: as before, at the address it had.
     _restart_args: dict[str, list[str]] = field(default_factory=dict)
     _logs: ServiceLogs | None = None
@@ -252,6 +262,22 @@ class Mesh:
                 self.consul,
             ],
         )
+        if self.ingress:
+            await self.start_ingress()
+
+    async def start_ingress(self) -> Process:
+        """The ingress, finding the router in the registry; restarted at the SMTP address it got."""
+        args = ["services.ingress", "--listen", "127.0.0.1:0", "--smtp-listen", self.ingress_addr]
+        args += self.ingress_args or ["--allow-anonymous", "1"]
+        p = await self._spawn("ingress", [*args, *self._common()])
+        found = next((m for line in p.lines if (m := _SMTP_READY.search(line))), None)
+        if found is None:
+            await p.stop(signal.SIGKILL)
+            raise StartFailed(p, "did not say where it takes SMTP")
+        self.smtp_address = found.group(1)
+        restart = self._restart_args["ingress"]
+        restart[restart.index("--smtp-listen") + 1] = self.smtp_address
+        return p
 
     async def wait_passing(self, service: str, ids: set[str]) -> None:
         """Block until the registry shows every one of ``ids`` passing (their first check has run)."""
@@ -330,7 +356,7 @@ class Mesh:
     async def stop(self) -> None:
         # Front to back, so nothing routes to a service that is already gone.
         routers = [name for name in self.processes if name.startswith("router")]
-        order = ["gateway", *routers, "monitor", *[n.id for n in self.nodes], "sink", "registry"]
+        order = ["ingress", "gateway", *routers, "monitor", *[n.id for n in self.nodes], "sink", "registry"]
         try:
             for name in order:
                 if name in self.processes:

@@ -1,5 +1,8 @@
 """The envelope of an Email: who sends it, who receives it, and in which domains.
 
+A raw email (``Email.raw``) carries its envelope itself: its sender is ``raw.mail_from`` and
+its recipients ``raw.rcpt_to``, whatever its header fields say.
+
 Envelope addresses are addr-specs with an IDN domain as its A-label (``epoxi.address``); a UTF-8
 local part stays as written, and makes the message need SMTPUTF8.
 """
@@ -22,13 +25,20 @@ def new_email(sender: str, **fields: Any) -> email_pb2.Email:
 
 
 def sender_address(e: email_pb2.Email) -> str:
-    """The envelope sender (MAIL FROM) of ``e``."""
-    return envelope_address(getattr(e, "from"))
+    """The envelope sender (MAIL FROM) of ``e``: "" for a raw email's null reverse-path."""
+    sender = getattr(e, "from")
+    if not sender and e.HasField("raw"):
+        return envelope_address(e.raw.mail_from) if e.raw.mail_from else ""
+    return envelope_address(sender)
 
 
 def recipients(email: email_pb2.Email) -> list[str]:
-    """The mailboxes of ``email``'s recipients as written: to, cc and bcc."""
-    return [*email.to, *email.cc, *email.bcc]
+    """The mailboxes of ``email``'s recipients as written: to, cc and bcc; for a raw email, its
+    envelope's rcpt_to."""
+    found = [*email.to, *email.cc, *email.bcc]
+    if not found and email.HasField("raw"):
+        return list(email.raw.rcpt_to)
+    return found
 
 
 def recipients_in(email: email_pb2.Email, domain: str) -> list[str]:

@@ -51,7 +51,8 @@ class DerivedMessageIds:
 
     The ID is ``<{hex}@{sender's domain}>``: 128 bits of the SHA-256 of the email serialized
     (deterministically; its message_id is empty) followed by its occurrence number among the
-    identical emails seen so far (8 bytes), so the same request sent again names the same
+    identical emails seen so far (8 bytes), so the same request (for a raw email: the same
+    content and envelope) sent again names the same
     messages, and two identical emails in one request still get two IDs. About as long as
     ``new_message_id``'s, within ``validation.MESSAGE_ID_ALLOWANCE`` for any sender domain.
     """
@@ -65,7 +66,8 @@ class DerivedMessageIds:
         occurrence = self._seen.get(identity, 0)
         self._seen[identity] = occurrence + 1
         content.update(occurrence.to_bytes(8, "big"))
-        return f"<{content.hexdigest()[:32]}@{_id_domain(getattr(e, 'from'))}>"
+        sender = getattr(e, "from") or e.raw.mail_from  # a raw email's envelope sender
+        return f"<{content.hexdigest()[:32]}@{_id_domain(sender)}>"
 
 
 def render(e: email_pb2.Email) -> bytes:

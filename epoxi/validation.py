@@ -1,6 +1,9 @@
 """Whether an Email can be accepted: every reason it cannot, each naming the field.
 
-What this accepts, ``epoxi.rendering.render`` renders: the rules for addresses are
+An email with ``raw`` set is not rendered: it is checked against ``epoxi.raw_message``'s rules
+(``content_problem``), its envelope addresses are bare addr-specs (``addr_spec_problem``), and
+nothing but delivery and message_id may be set beside it. Otherwise, what this accepts,
+``epoxi.rendering.render`` renders: the rules for addresses are
 ``epoxi.address``'s, for extra header fields ``epoxi.header_fields``'s, for the Message-ID
 ``epoxi.message_id``'s and for attachments ``epoxi.attachments``'s. Values are quoted in
 problems cut to a bounded length (``epoxi.excerpt.shown``).
@@ -19,8 +22,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from epoxi import attachments as attachment_rules
-from epoxi import header_fields
-from epoxi.address import address_problem
+from epoxi import header_fields, raw_message
+from epoxi.address import addr_spec, address_problem
 from epoxi.excerpt import shown
 from epoxi.message_id import message_id_problem
 from epoxi.routing import is_ip
@@ -80,6 +83,8 @@ def validate(e: email_pb2.Email, where: str = "email", max_bytes: int = MAX_EMAI
     problems: list[str] = []
     sender = getattr(e, "from")
     if not sender:
+        if e.HasField("raw"):  # a raw email has no from: rendered ones never pay for this
+            return _raw_problems(e, where, max_bytes)
         problems.append(f"{where}.from is required")
     elif (p := address_problem(sender)) is not None:
         problems.append(f"{where}.from {shown(sender)} {p}")
@@ -108,6 +113,12 @@ def validate(e: email_pb2.Email, where: str = "email", max_bytes: int = MAX_EMAI
     attachments = e.attachments
     if attachments:
         problems += _attachment_problems(attachments, where)
+    problems += _delivery_and_size_problems(e, where, max_bytes, message_id)
+    return problems
+
+
+def _delivery_and_size_problems(e: email_pb2.Email, where: str, max_bytes: int, message_id: str) -> list[str]:
+    problems = []
     ip = e.delivery.ip
     if ip and not is_ip(ip):
         problems.append(f"{where}.delivery.ip {shown(ip)} is not an IP address")
@@ -118,6 +129,48 @@ def validate(e: email_pb2.Email, where: str = "email", max_bytes: int = MAX_EMAI
             "the max_email_bytes setting)"
         )
     return problems
+
+
+# What may be set beside raw: the rest describes a message to render.
+_BESIDE_RAW = frozenset({"raw", "delivery", "message_id"})
+
+
+def _raw_problems(e: email_pb2.Email, where: str, max_bytes: int) -> list[str]:
+    """``validate`` for an email with ``raw`` set (``epoxi.raw_message``)."""
+    problems = [
+        f"{where}.{f.name} must be empty with raw set (only delivery and message_id may be set beside it)"
+        for f, _ in e.ListFields()
+        if f.name not in _BESIDE_RAW
+    ]
+    raw = e.raw
+    mail_from = raw.mail_from
+    if mail_from and (p := addr_spec_problem(mail_from)) is not None:
+        problems.append(f"{where}.raw.mail_from {shown(mail_from)} {p}")
+    rcpt_to = raw.rcpt_to
+    if not rcpt_to:
+        problems.append(f"{where}.raw.rcpt_to is empty: give at least one envelope recipient")
+    if len(rcpt_to) > MAX_RECIPIENTS:
+        problems.append(f"{where}.raw has {len(rcpt_to)} recipients; at most {MAX_RECIPIENTS} are allowed")
+    for i, r in enumerate(rcpt_to):
+        if (p := addr_spec_problem(r)) is not None:
+            problems.append(f"{where}.raw.rcpt_to[{i}] {shown(r)} {p}")
+    if (p := raw_message.content_problem(raw.content)) is not None:
+        problems.append(f"{where}.raw.content {p}")
+    message_id = e.message_id
+    if message_id and (p := message_id_problem(message_id)) is not None:
+        problems.append(f"{where}.message_id {shown(message_id)} {p}")
+    problems += _delivery_and_size_problems(e, where, max_bytes, message_id)
+    return problems
+
+
+def addr_spec_problem(address: str) -> str | None:
+    """Why ``address`` is not an addr-spec we can send to (an envelope address: no display name,
+    no angle brackets); None when it is."""
+    if (p := address_problem(address)) is not None:
+        return p
+    if addr_spec(address) != address:
+        return "is not a bare addr-spec (an envelope address has no display name or angle brackets)"
+    return None
 
 
 def _header_problems(headers: Sequence[email_pb2.Header], where: str) -> list[str]:

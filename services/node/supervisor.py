@@ -43,7 +43,7 @@ from dataclasses import dataclass, replace
 
 from google.protobuf import timestamp_pb2
 
-from epoxi import envelope, rendering
+from epoxi import envelope, raw_message, rendering
 from epoxi.envelope import recipients_in
 from epoxi.excerpt import shown
 from epoxi.policy import Policy
@@ -98,10 +98,15 @@ class Unrenderable(Exception):
 
 
 def _rendered(domain: str, emails: Sequence[email_pb2.Email]) -> list[NewMessage]:
-    """The spool's messages for ``emails``, to their recipients in ``domain``; raises
+    """The spool's messages for ``emails``, to their recipients in ``domain`` (a raw email's
+    content as it came, with CRLF line ends: ``epoxi.raw_message``); raises
     ``Unrenderable`` naming every email that rendering failed on."""
     messages, problems = [], []
     for i, e in enumerate(emails):
+        if e.HasField("raw"):  # relayed as its author wrote it, never rendered
+            data = raw_message.canonical(e.raw.content)
+            messages.append(NewMessage(envelope.sender_address(e), recipients_in(e, domain), data))
+            continue
         try:
             data = rendering.render(e)
         except Exception as error:  # the renderer's defect, or validation's: the email is refused

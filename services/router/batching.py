@@ -9,6 +9,8 @@ Each batch knows where its emails are in the request (``indexes``) and is named 
 without a Message-ID gets one derived from its content (``epoxi.rendering.DerivedMessageIds``),
 so the same request, planned again over the same view, gives the same batches with the same
 Message-IDs and the same keys, and a node that spooled a batch recognises it when it comes again.
+A raw email is named by its Message-ID and its envelope (``raw_dedupe_id``). A request's
+Idempotency-Key, when it has one, is folded into each of its batches' keys.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from epoxi import rendering
+from epoxi import raw_message, rendering
 from epoxi.envelope import domains
 from epoxi.routing import routing_key
 from epoxi.runtime import limits
@@ -38,13 +40,18 @@ class Batch:
     # The emails' encoded size inside a request: each with its field's tag and length.
     size: int = 0
 
+    # The request's Idempotency-Key ("" without one), folded into the batch's key.
+    call_key: str = ""
+    # What names each email in the idempotency key: its Message-ID (a raw one: ``raw_dedupe_id``).
+    dedupe_ids: list[str] = field(default_factory=list)
+
     @property
     def message_ids(self) -> list[str]:
         return [e.message_id for e in self.emails]
 
     @property
     def idempotency_key(self) -> str:
-        return idempotency_key(self.routing_key, self.message_ids)
+        return idempotency_key(self.routing_key, self.dedupe_ids, self.call_key)
 
 
 @dataclass
@@ -60,11 +67,21 @@ class Unroutable:
         return [e.message_id for e in self.emails]
 
 
-def idempotency_key(key: str, message_ids: Sequence[str]) -> str:
-    """SHA-256 (hex) of the routing key and the Message-IDs in order, each length-prefixed so
-    that no two lists run together into the same bytes."""
+def raw_dedupe_id(e: email_pb2.Email) -> str:
+    """What names a raw email in its batch's idempotency key: its Message-ID with its envelope,
+    since one message may go in several SMTP transactions, each to other recipients, under one
+    Message-ID. (A rendered email is named by its Message-ID alone.)"""
+    raw = e.raw
+    return "\0".join((e.message_id, raw.mail_from, *raw.rcpt_to))
+
+
+def idempotency_key(key: str, message_ids: Sequence[str], call_key: str = "") -> str:
+    """SHA-256 (hex) of the routing key and the Message-IDs in order (a raw email's with its
+    envelope), and the request's Idempotency-Key when it has one, each length-prefixed so that
+    no two lists run together into the same bytes."""
     h = hashlib.sha256()
-    for part in (key, *message_ids):
+    parts = (key, *message_ids) if not call_key else (key, *message_ids, "idempotency-key", call_key)
+    for part in parts:
         data = part.encode()
         h.update(len(data).to_bytes(4, "big"))
         h.update(data)
@@ -90,20 +107,29 @@ def plan(
     pools: dict[str, list[str]],
     max_batch: int,
     max_batch_bytes: int = limits.batch_bytes(),
+    call_key: str = "",
 ) -> tuple[list[Batch], list[Unroutable]]:
     """Batches of at most ``max_batch`` emails and ``max_batch_bytes`` per routing key, in
     first-seen order, and the emails that have no source IP, by reason.
 
     An email with recipients in several domains goes into one batch per domain, under one
     Message-ID (derived here when the caller gave none), and with its one request index in each.
+    A raw email takes the Message-ID of its header when the caller gave none, and its content
+    gets CRLF line ends (``epoxi.raw_message.canonical``). ``call_key`` is the request's
+    Idempotency-Key, folded into every batch's key.
     """
     open_batches: dict[str, Batch] = {}
     batches: list[Batch] = []
     unroutable: dict[str, Unroutable] = {}
     derived = rendering.DerivedMessageIds()
     for index, e in enumerate(emails):
-        if not e.message_id:
-            e = _with_message_id(e, derived.derive(e))
+        if e.HasField("raw"):
+            e = _prepared_raw(e, derived)
+            name = raw_dedupe_id(e)
+        else:
+            if not e.message_id:
+                e = _with_message_id(e, derived.derive(e))
+            name = e.message_id
         ip, reason = choose_ip(e, default_pool, pools)
         if not ip:
             u = unroutable.setdefault(reason, Unroutable(reason))
@@ -119,9 +145,10 @@ def plan(
                 or len(batch.emails) >= max_batch
                 or (batch.emails and batch.size + size > max_batch_bytes)
             ):
-                batch = open_batches[key] = Batch(key, domain, ip)
+                batch = open_batches[key] = Batch(key, domain, ip, call_key=call_key)
                 batches.append(batch)
             batch.emails.append(e)
+            batch.dedupe_ids.append(name)
             batch.indexes.append(index)
             batch.size += size
     return batches, list(unroutable.values())
@@ -131,4 +158,20 @@ def _with_message_id(e: email_pb2.Email, message_id: str) -> email_pb2.Email:
     copy = email_pb2.Email()
     copy.CopyFrom(e)
     copy.message_id = message_id
+    return copy
+
+
+def _prepared_raw(e: email_pb2.Email, derived: rendering.DerivedMessageIds) -> email_pb2.Email:
+    """``e`` (raw) with CRLF line ends, and a Message-ID: given, else its header's, else derived
+    from its content and envelope."""
+    content = e.raw.content
+    fixed = raw_message.canonical(content)
+    if e.message_id and fixed is content:
+        return e
+    copy = email_pb2.Email()
+    copy.CopyFrom(e)
+    if fixed is not content:
+        copy.raw.content = fixed
+    if not copy.message_id:
+        copy.message_id = raw_message.message_id(fixed) or derived.derive(copy)
     return copy

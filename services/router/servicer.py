@@ -12,6 +12,11 @@ is placed, so the new keys of one request spread over the nodes that own their I
 starts the key's pipeline itself when EnqueueBatch reaches it (taking the key's record first),
 and names the owner when another node has it.
 
+RouteRawEmail takes one message as its author wrote it (``services.router.raw``) and routes it
+as RouteEmails routes an ``Email`` with ``raw`` set. A call with ``idempotency-key`` metadata
+(printable ASCII, at most ``MAX_CALL_KEY`` characters, else INVALID_ARGUMENT) folds it into
+every batch's idempotency key: the same call with the same key spools nothing twice.
+
 Each EnqueueBatch carries the batch's ``idempotency_key`` (``services.router.batching``), and
 each attempt ends one of these ways:
 
@@ -42,7 +47,7 @@ import asyncio
 import enum
 import logging
 from collections import defaultdict, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -54,10 +59,11 @@ from epoxi.registry.ownership import Owner
 from epoxi.runtime import limits, status
 from epoxi.runtime.channels import RPC_TIMEOUT, Channels
 from epoxi.runtime.status import abort
-from epoxi.v1 import node_pb2, node_pb2_grpc, router_pb2, router_pb2_grpc
+from epoxi.v1 import email_pb2, node_pb2, node_pb2_grpc, router_pb2, router_pb2_grpc
 from services.router.batching import Batch, Unroutable, idempotency_key, plan
 from services.router.discovery import ClusterSnapshot, ClusterView
 from services.router.owners import NewKeys, Owners
+from services.router.raw import call_idempotency_key, raw_email
 
 log = logging.getLogger(__name__)
 
@@ -156,10 +162,30 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     ) -> router_pb2.RouteEmailsResponse:
         if not request.emails:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, "emails is empty: send at least one email")
+        return await self._route(request.emails, request.ip_pool, lambda i: f"emails[{i}]", context)
+
+    async def RouteRawEmail(
+        self, request: router_pb2.RouteRawEmailRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.RouteRawEmailResponse:
+        email, problems = raw_email(request)
+        if problems:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, status.summary(problems))
+        summary = await self._route([email], request.ip_pool, lambda _: "email", context)
+        return router_pb2.RouteRawEmailResponse(summary=summary)
+
+    async def _route(
+        self,
+        emails: Sequence[email_pb2.Email],
+        ip_pool: str,
+        label: Callable[[int], str],
+        context: grpc.aio.ServicerContext,
+    ) -> router_pb2.RouteEmailsResponse:
+        """Validate ``emails`` (``label(i)`` names the i-th in problems), then plan and route them."""
+        call_key, key_problem = call_idempotency_key(context.invocation_metadata())
+        if key_problem:
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, key_problem)
         problems = [
-            p
-            for i, e in enumerate(request.emails)
-            for p in validation.validate(e, f"emails[{i}]", self._max_email_bytes)
+            p for i, e in enumerate(emails) for p in validation.validate(e, label(i), self._max_email_bytes)
         ]
         if problems:
             # The count leads, so a message cut to fit still says it; and the prefix joins the
@@ -176,11 +202,12 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         snap = self._view.snapshot()
         self.new_keys.prune(snap)
         batches, unroutable = plan(
-            request.emails,
-            request.ip_pool,
+            emails,
+            ip_pool,
             snap.pools,
             self._max_batch,
             limits.batch_bytes(self._max_email_bytes),
+            call_key,
         )
         by_key: dict[str, list[Batch]] = defaultdict(list)
         for b in batches:
@@ -191,7 +218,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         for key, key_batches in by_key.items():
             self._first_target(key, key_batches[0].source_ip, snap)
         results = await asyncio.gather(*(self._route_key(bs) for bs in by_key.values()))
-        return summarise(len(request.emails), unroutable, [r for rs in results for r in rs])
+        return summarise(len(emails), unroutable, [r for rs in results for r in rs], call_key)
 
     async def _route_key(self, batches: list[Batch]) -> list[_Routed]:
         # Batches of one key go in order, so that they land on the same pipeline.
@@ -310,7 +337,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
 
 
 def summarise(
-    total_emails: int, unroutable: Iterable[Unroutable], routed: Iterable[_Routed]
+    total_emails: int, unroutable: Iterable[Unroutable], routed: Iterable[_Routed], call_key: str = ""
 ) -> router_pb2.RouteEmailsResponse:
     response = router_pb2.RouteEmailsResponse(total_emails=total_emails)
     for u in unroutable:
@@ -322,7 +349,7 @@ def summarise(
                 error=u.reason,
                 email_indexes=u.indexes,
                 email_message_ids=u.message_ids,
-                idempotency_key=idempotency_key("", u.message_ids),
+                idempotency_key=idempotency_key("", u.message_ids, call_key),
             )
         )
     for r in routed:

@@ -9,11 +9,13 @@ from pathlib import Path
 
 from devmesh.launch import DEMO_RECIPIENTS
 
-SERVICES = ("registry", "sink", "node1", "node2", "router", "monitor", "gateway")
+SERVICES = ("registry", "sink", "node1", "node2", "router", "monitor", "gateway", "ingress")
 
 
 async def run_dev(data: Path) -> str:
-    ports = [f"--{name}=127.0.0.1:0" for name in ("registry", "router", "monitor", "gateway", "sink")]
+    ports = [
+        f"--{name}=127.0.0.1:0" for name in ("registry", "router", "monitor", "gateway", "sink", "ingress")
+    ]
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",

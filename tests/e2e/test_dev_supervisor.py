@@ -10,6 +10,7 @@ import asyncio
 import os
 import re
 import signal
+import smtplib
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,7 +23,7 @@ from epoxi.v1 import email_pb2, router_pb2, router_pb2_grpc
 from tests.support import eventually
 
 WAIT = 120.0
-SERVICES = ("registry", "sink", "node1", "node2", "router", "monitor", "gateway")
+SERVICES = ("registry", "sink", "node1", "node2", "router", "monitor", "gateway", "ingress")
 UP_LINE = re.compile(r"^  (\w+)\s+(\S+)\s+pid (\d+)$")
 NODE1_IP = "127.0.0.2"
 
@@ -91,7 +92,9 @@ class Dev:
 
 
 async def start_dev(data: Path, *args: str) -> Dev:
-    ports = [f"--{name}=127.0.0.1:0" for name in ("registry", "router", "monitor", "gateway", "sink")]
+    ports = [
+        f"--{name}=127.0.0.1:0" for name in ("registry", "router", "monitor", "gateway", "sink", "ingress")
+    ]
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         *["-m", "cli", "dev", "--data-dir", str(data), *ports, *args],
@@ -223,4 +226,20 @@ async def test_a_node_that_crashes_at_each_start_is_given_up_its_traceback_kept(
     assert re.search(r"node1 \(pid \d+\) died: exit code 1 ---", log)
     # Without -v, service output reaches the console only inside a death report.
     assert not [line for line in dev.lines if " INFO " in line and not line.startswith("   | ")]
+    assert await dev.stop() == 0, dev.console
+
+
+async def test_mail_sent_to_the_ingress_is_delivered(dev: Dev) -> None:
+    host, _, port = dev.addresses["ingress"].rpartition(":")
+    message = b"From: app@epoxi.dev\r\nTo: ivy@ingress.test\r\nSubject: via SMTP\r\n\r\nhello\r\n"
+
+    def send() -> dict[str, tuple[int, bytes]]:
+        with smtplib.SMTP(host, int(port), local_hostname="client.test", timeout=60) as smtp:
+            return smtp.sendmail("app@epoxi.dev", ["ivy@ingress.test"], message)
+
+    assert await asyncio.to_thread(send) == {}
+    [path] = await eventually(
+        lambda: asyncio.to_thread(mail_for, dev.data / "sink", "ivy@ingress.test"), seconds=WAIT
+    )
+    assert path.read_bytes().endswith(message)
     assert await dev.stop() == 0, dev.console

@@ -1,0 +1,1 @@
+"""The SMTP ingress: mail from applications, relayed as written through the router."""

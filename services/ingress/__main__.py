@@ -1,0 +1,5 @@
+import sys
+
+from services.ingress.main import main
+
+sys.exit(main())
