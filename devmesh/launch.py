@@ -17,6 +17,7 @@ from devmesh.watchdog import Backoff, Died, Event, Watchdog
 from epoxi import envelope
 from epoxi.runtime.channels import channel
 from epoxi.runtime.lifecycle import configure_logging, run_until_signalled
+from epoxi.runtime.security import security_from_environment
 from epoxi.v1 import email_pb2, router_pb2, router_pb2_grpc
 
 DEMO_RECIPIENTS = [
@@ -48,7 +49,9 @@ def demo_emails() -> list[email_pb2.Email]:
 
 
 async def send_demo(mesh: Mesh) -> router_pb2.RouteEmailsResponse:
-    async with channel(mesh.address("router")) as ch:
+    # The services' own environment (EPOXI_TLS_*, EPOXI_TOKEN*) says how to reach the router.
+    security = security_from_environment({**os.environ, **mesh.env})
+    async with channel(mesh.address("router"), security=security) as ch:
         stub = router_pb2_grpc.RouterServiceStub(ch)
         reply: router_pb2.RouteEmailsResponse = await stub.RouteEmails(
             router_pb2.RouteEmailsRequest(emails=demo_emails()), timeout=30

@@ -258,6 +258,8 @@ class Mesh:
                 self.gateway_addr,
                 "--monitor",
                 self.address("monitor"),
+                "--router",
+                self.address("router"),
                 "--consul",
                 self.consul,
             ],
@@ -285,7 +287,8 @@ class Mesh:
 
     async def _wait_registry(self, service: str, done: Callable[[list[services.Entry]], bool]) -> None:
         """Block until ``done`` holds for the registry's passing entries of ``service``."""
-        consul = client.connect(self.consul)
+        # The registry may enforce ACLs: read it with the token the services are given.
+        consul = client.connect(self.consul, token=client.token_from_env({**os.environ, **self.env}))
         try:
             async with asyncio.timeout(STARTUP_TIMEOUT):
                 index = None

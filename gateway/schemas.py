@@ -19,6 +19,8 @@ from typing import Any
 
 from google.protobuf import descriptor
 
+from gateway.transcode import WRAPPERS
+
 FD = descriptor.FieldDescriptor
 Schema = dict[str, Any]
 
@@ -37,17 +39,6 @@ _INT_RANGES = {
 _INT64 = {FD.TYPE_INT64, FD.TYPE_SINT64, FD.TYPE_SFIXED64, FD.TYPE_UINT64, FD.TYPE_FIXED64}
 _FLOATS = {FD.TYPE_DOUBLE, FD.TYPE_FLOAT}
 _NON_FINITE = ["NaN", "Infinity", "-Infinity"]
-_WRAPPERS = {
-    "google.protobuf.DoubleValue",
-    "google.protobuf.FloatValue",
-    "google.protobuf.Int64Value",
-    "google.protobuf.UInt64Value",
-    "google.protobuf.Int32Value",
-    "google.protobuf.UInt32Value",
-    "google.protobuf.BoolValue",
-    "google.protobuf.StringValue",
-    "google.protobuf.BytesValue",
-}
 _NULL: Schema = {"type": "null"}
 INPUT_SUFFIX = ".input"
 
@@ -130,7 +121,7 @@ def _well_known(message_type: descriptor.Descriptor, output: bool) -> Schema | N
         return {"type": "string", "example": "1.5s"}
     if name == "google.protobuf.FieldMask":
         return {"type": "string"}
-    if name in _WRAPPERS:
+    if name in WRAPPERS:
         value = message_type.fields_by_name["value"]
         return scalar_output(value) if output else scalar_input(value)
     if name == "google.protobuf.Struct":

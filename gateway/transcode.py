@@ -20,20 +20,17 @@ from gateway.routes import Match, resolve_field
 
 FD = descriptor.FieldDescriptor
 
+# The wrapper types: their JSON form is the wrapped value.
+WRAPPERS = frozenset(
+    f"google.protobuf.{name}Value"
+    for name in ("Double", "Float", "Int64", "UInt64", "Int32", "UInt32", "Bool", "String", "Bytes")
+)
 # Well-known types whose JSON form is a single string or number, so a path or query value can set them.
 _SCALAR_WKT = {
     "google.protobuf.Timestamp",
     "google.protobuf.Duration",
     "google.protobuf.FieldMask",
-    "google.protobuf.DoubleValue",
-    "google.protobuf.FloatValue",
-    "google.protobuf.Int64Value",
-    "google.protobuf.UInt64Value",
-    "google.protobuf.Int32Value",
-    "google.protobuf.UInt32Value",
-    "google.protobuf.BoolValue",
-    "google.protobuf.StringValue",
-    "google.protobuf.BytesValue",
+    *WRAPPERS,
 }
 _TRUE = {"true", "t", "1"}
 _FALSE = {"false", "f", "0"}

@@ -77,7 +77,9 @@ async def invalid(router: RunningRouter, request: object, metadata: Sequence[tup
 
 
 @pytest.fixture
-async def node(nodes: Nodes, router: RunningRouter) -> Nodes:
+async def node(nodes: Nodes, router: RunningRouter, consul: Consul) -> Nodes:
+    # Pipelines the node starts for new mail batch without waiting.
+    await policy_store.put_policy(consul, policy_store.DEFAULT_POLICY, stored_policy())
     await nodes.start("n1", IP, retry_base=0.05)
     await sees(router, "n1")
     return nodes
