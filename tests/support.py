@@ -10,8 +10,9 @@ from typing import Any, TypeVar
 
 from google.protobuf import duration_pb2
 
+from epoxi import policy_store
 from epoxi.envelope import new_email
-from epoxi.registry import services
+from epoxi.registry import client, services
 from epoxi.runtime.channels import Channels
 from epoxi.v1 import email_pb2, node_pb2, node_pb2_grpc, pipeline_pb2
 from services.node.main import NodeConfig, RunningNode, start_node
@@ -31,6 +32,16 @@ def valid_email(sender: str = "Ann <ann@example.com>", **fields: Any) -> email_p
 def stored_policy(**fields: Any) -> pipeline_pb2.PipelinePolicy:
     """A policy to store in KV, with a 20 ms batch timeout so tests never wait on the default."""
     return pipeline_pb2.PipelinePolicy(batch_timeout=duration_pb2.Duration(nanos=20_000_000), **fields)
+
+
+async def batch_without_waiting(registry_addr: str) -> None:
+    """Store a default policy with a 20 ms batch timeout in the registry at ``registry_addr``
+    (with $CONSUL_HTTP_TOKEN*), so pipelines that processes start later send new mail at once."""
+    consul = client.connect(registry_addr)
+    try:
+        await policy_store.put_policy(consul, policy_store.DEFAULT_POLICY, stored_policy())
+    finally:
+        await consul.close()
 
 
 async def eventually(

@@ -22,7 +22,7 @@ from epoxi.runtime.channels import channel
 from epoxi.runtime.security import load_security
 from epoxi.v1 import router_pb2, router_pb2_grpc
 from tests.epoxi.runtime.certs import make_pki
-from tests.support import eventually, valid_email
+from tests.support import batch_without_waiting, eventually, valid_email
 
 
 def acl_env(token_file: Path) -> dict[str, str]:
@@ -61,8 +61,12 @@ async def mesh(
         env=acl_env(token_file),
     )
     await m.start()
-    yield m
-    await m.stop()
+    try:
+        assert m.consul is not None
+        await batch_without_waiting(m.consul)
+        yield m
+    finally:
+        await m.stop()
 
 
 async def test_mail_routes_and_delivers_with_acls_on(mesh: Mesh, sink: Sink, token_file: Path) -> None:
@@ -103,6 +107,8 @@ async def test_mtls_mesh_with_acls_like_docker_compose(
     )
     await mesh.start()
     try:
+        assert mesh.consul is not None
+        await batch_without_waiting(mesh.consul)
         security = load_security(pki.security())
         async with channel(mesh.address("router"), security=security) as ch:
             email = valid_email(to=["bob@gmail.com"], delivery={"ip": "127.0.0.2"})

@@ -18,6 +18,7 @@ from devmesh.sink import Sink
 from devmesh.supervisor import Mesh, NodeSpec
 from tests.epoxi.runtime.certs import Pki, make_pki
 from tests.services.ingress.support import ALICE_IP, MESSAGE, PASSWORDS, connect, in_thread, write_users
+from tests.support import batch_without_waiting
 
 SWAKS = shutil.which("swaks") or "/usr/bin/swaks"
 DEFAULT_IP = "127.0.0.2"
@@ -50,8 +51,12 @@ async def mesh(tmp_path: Path, sink: Sink, pki: Pki) -> AsyncIterator[Mesh]:
         ],
     )
     await m.start()
-    yield m
-    await m.stop()
+    try:
+        assert m.consul is not None
+        await batch_without_waiting(m.consul)
+        yield m
+    finally:
+        await m.stop()
 
 
 async def swaks(mesh: Mesh, *args: str, tls: bool = True, user: str | None = "alice") -> tuple[int, str]:

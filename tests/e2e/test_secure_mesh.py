@@ -41,7 +41,7 @@ from epoxi.v1 import (
 )
 from tests.epoxi.runtime.certs import Pki, make_pki, new_token, tokens_file
 from tests.epoxi.runtime.test_tls import GRPCURL
-from tests.support import eventually
+from tests.support import batch_without_waiting, eventually
 
 MESH, SUBMIT, OPS = new_token(), new_token(), new_token()
 
@@ -81,8 +81,12 @@ async def secure(tmp_path: Path, sink: Sink) -> AsyncIterator[SecureMesh]:
     }
     nodes = [NodeSpec("node1", ["127.0.0.2"]), NodeSpec("node2", ["127.0.0.3"])]
     m = await Mesh(data_dir=tmp_path / "mesh", nodes=nodes, route=f"*={sink.address}", env=env).start()
-    yield SecureMesh(m, pki)
-    await m.stop()
+    try:
+        assert m.consul is not None
+        await batch_without_waiting(m.consul)
+        yield SecureMesh(m, pki)
+    finally:
+        await m.stop()
 
 
 async def code_of(call: Awaitable[Any]) -> tuple[grpc.StatusCode, str]:
