@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
@@ -57,6 +58,13 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveMesh]:
         yield live
 
 
+@pytest.fixture(scope="module")
+def http() -> Iterator[requests.Session]:
+    # One session, closed at the end: its pooled connections are never left to the collector.
+    with requests.Session() as session:
+        yield session
+
+
 # The document the gateway serves, built as it builds it (test_the_served_document_is_this_one);
 # loaded at collection, since schemathesis parametrizes tests then.
 DOCUMENT = openapi.document(RouteTable.from_services(SERVICES, MEDIA_TYPES), HEALTH_PATH, OPENAPI_PATH)
@@ -83,8 +91,10 @@ def test_the_served_document_is_this_one(mesh: LiveMesh) -> None:
 
 @schema.parametrize()
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
-def test_the_gateway_keeps_its_openapi_document(case: schemathesis.Case[Any], mesh: LiveMesh) -> None:
-    response = case.call_and_validate(base_url=f"http://{mesh.gateway}", checks=CHECKS)
+def test_the_gateway_keeps_its_openapi_document(
+    case: schemathesis.Case[Any], mesh: LiveMesh, http: requests.Session
+) -> None:
+    response = case.call_and_validate(base_url=f"http://{mesh.gateway}", session=http, checks=CHECKS)
     if response.status_code >= 400:
         body = response.json()
         assert set(body) == {"code", "message", "details"}, body

@@ -44,10 +44,14 @@ def connect(address: str, ca: Path, user: str | None = "alice") -> smtplib.SMTP:
     """An SMTP session to ``address``: EHLO, STARTTLS, EHLO and AUTH as ``user`` (None: no AUTH)."""
     host, port = host_port(address)
     smtp = smtplib.SMTP(host, port, local_hostname="client.test", timeout=60)
-    smtp.starttls(context=client_tls(ca))
-    smtp.ehlo("client.test")
-    if user is not None:
-        smtp.login(user, PASSWORDS[user])
+    try:
+        smtp.starttls(context=client_tls(ca))
+        smtp.ehlo("client.test")
+        if user is not None:
+            smtp.login(user, PASSWORDS[user])
+    except BaseException:
+        smtp.close()  # a refused session leaves no socket for the garbage collector to report
+        raise
     return smtp
 
 

@@ -146,7 +146,9 @@ async def test_an_empty_cluster_answers_with_zeros(monitor_stub: Stub) -> None:
 
 async def test_registry_down_is_unavailable() -> None:
     registry = await serve("127.0.0.1", 0)
-    monitor = await start_monitor(MonitorConfig(consul=registry.address, id="monitor-down"))
+    monitor = await start_monitor(
+        MonitorConfig(listen="127.0.0.1:0", consul=registry.address, id="monitor-down")
+    )
     try:
         await registry.close()
         async with grpc.aio.insecure_channel(monitor.address) as channel:
@@ -174,7 +176,9 @@ async def test_registry_down_is_one_unavailable_per_call(
     # These calls ask the registry several things at once; each failed query used to abort the
     # call again, and the second abort logged "Abort already called".
     registry = await serve("127.0.0.1", 0)
-    monitor = await start_monitor(MonitorConfig(consul=registry.address, id="monitor-down"))
+    monitor = await start_monitor(
+        MonitorConfig(listen="127.0.0.1:0", consul=registry.address, id="monitor-down")
+    )
     try:
         await registry.close()
         async with grpc.aio.insecure_channel(monitor.address) as channel:
