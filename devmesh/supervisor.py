@@ -268,8 +268,10 @@ class Mesh:
             await self.start_ingress()
 
     async def start_ingress(self) -> Process:
-        """The ingress, finding the router in the registry; restarted at the SMTP address it got."""
+        """The ingress, sending to the router (at the address it keeps across restarts); itself
+        restarted at the SMTP address it got."""
         args = ["services.ingress", "--listen", "127.0.0.1:0", "--smtp-listen", self.ingress_addr]
+        args += ["--router", self.address("router")]
         args += self.ingress_args or ["--allow-anonymous", "1"]
         p = await self._spawn("ingress", [*args, *self._common()])
         found = next((m for line in p.lines if (m := _SMTP_READY.search(line))), None)
