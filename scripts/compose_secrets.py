@@ -22,18 +22,16 @@ tokens in plain files on the machine that runs compose.
 from __future__ import annotations
 
 import argparse
-import datetime
-import ipaddress
 import os
 import secrets
 import uuid
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from devmesh import certs
 from services.ingress.passwords import hash_password
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,67 +41,6 @@ MESH_HOSTS = ("node1", "node2", "router", "monitor", "gateway", "ingress", "loca
 CONSUL_HOSTS = ("consul", "localhost")
 LOCAL_IPS = ("127.0.0.1",)
 VALID_DAYS = 365
-
-
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _valid(builder: x509.CertificateBuilder) -> x509.CertificateBuilder:
-    now = datetime.datetime.now(datetime.UTC)
-    return builder.not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(
-        now + datetime.timedelta(days=VALID_DAYS)
-    )
-
-
-def make_ca() -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name("Epoxi compose CA"))
-        .issuer_name(_name("Epoxi compose CA"))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-    )
-    return _valid(builder).sign(key, hashes.SHA256()), key
-
-
-def issue(
-    ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, common_name: str, hosts: tuple[str, ...]
-) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """A server-and-client certificate for ``hosts`` and 127.0.0.1."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    names: list[x509.GeneralName] = [x509.DNSName(h) for h in hosts]
-    names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in LOCAL_IPS]
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(common_name))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-            critical=False,
-        )
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-    )
-    return _valid(builder).sign(ca_key, hashes.SHA256()), key
 
 
 def write(path: Path, data: bytes) -> None:
@@ -125,12 +62,13 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def make_certificates(directory: Path) -> None:
-    ca, ca_key = make_ca()
-    write(directory / "ca.pem", _pem(ca))
+    ca = certs.make_ca("Epoxi compose CA", days=VALID_DAYS)
+    write(directory / "ca.pem", _pem(ca.cert))
     for stem, hosts in (("mesh", MESH_HOSTS), ("consul", CONSUL_HOSTS)):
-        cert, key = issue(ca, ca_key, f"epoxi {stem}", hosts)
-        write(directory / f"{stem}.pem", _pem(cert))
-        write(directory / f"{stem}-key.pem", _key_pem(key))
+        # Server and client: each service both serves and dials over mutual TLS.
+        issued = certs.issue(ca, f"epoxi {stem}", hosts=hosts, ips=LOCAL_IPS, days=VALID_DAYS)
+        write(directory / f"{stem}.pem", _pem(issued.cert))
+        write(directory / f"{stem}-key.pem", _key_pem(issued.key))
 
 
 def make_tokens(directory: Path) -> None:

@@ -1,108 +1,33 @@
-"""Test PKI made with ``cryptography``: a CA, a certificate every service uses (server and client
+"""Test PKI, built on ``devmesh.certs``: a CA, a certificate every service uses (server and client
 certificate, for 127.0.0.1, ::1 and localhost), a client-only certificate, and a second CA with a
 certificate of its own that the first CA does not trust.
 
     pki = make_pki(tmp_path / "pki")
     config = pki.security(client_auth="require")  # a SecurityConfig with the service's files
-
-EC P-256 keys: quick to make, and every TLS stack takes them.
 """
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import secrets
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives import serialization
 
+from devmesh.certs import Issuer, issue, make_ca
 from epoxi.runtime.security import SecurityConfig
 
-HOSTS = ("localhost",)
-IPS = ("127.0.0.1", "::1")
-
-
-@dataclass(frozen=True)
-class Issuer:
-    cert: x509.Certificate
-    key: ec.EllipticCurvePrivateKey
-
-
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _validity(builder: x509.CertificateBuilder) -> x509.CertificateBuilder:
-    now = datetime.datetime.now(datetime.UTC)
-    return builder.not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(
-        now + datetime.timedelta(days=1)
-    )
-
-
-def make_ca(common_name: str) -> Issuer:
-    key = ec.generate_private_key(ec.SECP256R1())
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(common_name))
-        .issuer_name(_name(common_name))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-    )
-    return Issuer(_validity(builder).sign(key, hashes.SHA256()), key)
-
-
-def issue(
-    ca: Issuer,
-    common_name: str,
-    *,
-    hosts: tuple[str, ...] = HOSTS,
-    ips: tuple[str, ...] = IPS,
-    server: bool = True,
-    client: bool = True,
-) -> Issuer:
-    """A certificate ``ca`` signs for ``hosts`` and ``ips``, for server and/or client use."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    usages = ([ExtendedKeyUsageOID.SERVER_AUTH] if server else []) + (
-        [ExtendedKeyUsageOID.CLIENT_AUTH] if client else []
-    )
-    names: list[x509.GeneralName] = [x509.DNSName(h) for h in hosts]
-    names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(common_name))
-        .issuer_name(ca.cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False
-        )
-    )
-    if names:
-        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
-    return Issuer(_validity(builder).sign(ca.key, hashes.SHA256()), key)
+__all__ = [
+    "Issuer",
+    "Pki",
+    "issue",
+    "make_ca",
+    "make_pki",
+    "new_token",
+    "tokens_file",
+    "write_ca",
+    "write_cert",
+]
 
 
 def write_ca(ca: Issuer, path: Path) -> Path:
