@@ -15,8 +15,9 @@ from google.protobuf import json_format
 from devmesh.supervisor import Mesh, StartFailed
 from devmesh.watchdog import Backoff, Died, Event, Watchdog
 from epoxi import envelope
+from epoxi.observability.logs import configure_logging
 from epoxi.runtime.channels import channel
-from epoxi.runtime.lifecycle import configure_logging, run_until_signalled
+from epoxi.runtime.lifecycle import run_until_signalled
 from epoxi.runtime.security import security_from_environment
 from epoxi.v1 import email_pb2, router_pb2, router_pb2_grpc
 

@@ -26,6 +26,8 @@ from epoxi.registry import client, services
 _READY = re.compile(r"listening on (\S+)\s*$")
 # The ingress's line before its ready line: where it takes SMTP.
 _SMTP_READY = re.compile(r"^ingress SMTP on ([^\s,]+)")
+# The line a service prints before its ready line when it serves metrics (Service.expose_metrics).
+_METRICS_AT = re.compile(r" metrics on http://(\S+)/metrics\s*$")
 STARTUP_TIMEOUT = 30.0
 # Longer output lines are dropped (with a note) rather than stopping the reading of the output.
 MAX_LINE = 1 << 20
@@ -50,6 +52,8 @@ class Process:
     name: str
     proc: asyncio.subprocess.Process
     address: str = ""
+    # host:port of its /metrics; empty when it serves none.
+    metrics_address: str = ""
     lines: list[str] = field(default_factory=list)
     line_added: asyncio.Event = field(default_factory=asyncio.Event)
     log: ServiceLog | None = None
@@ -148,6 +152,8 @@ async def spawn(
     if address is None:
         raise StartFailed(p, "exited before it was ready")
     p.address = address
+    found = next((m for line in p.lines if (m := _METRICS_AT.search(line))), None)
+    p.metrics_address = found.group(1) if found else ""
     return p
 
 
@@ -351,6 +357,11 @@ class Mesh:
 
     def address(self, name: str) -> str:
         return self.processes[name].address
+
+    def metrics_url(self, name: str) -> str:
+        """Where ``name`` serves its Prometheus metrics; empty when it serves none."""
+        address = self.processes[name].metrics_address
+        return f"http://{address}/metrics" if address else ""
 
     def log_path(self, name: str) -> Path | None:
         return self._logs.path(name) if self._logs is not None else None

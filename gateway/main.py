@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from epoxi import durations, settings, validation
+from epoxi.observability.config import TelemetryConfig
 from epoxi.registry import client
 from epoxi.runtime.channels import RPC_TIMEOUT, Channels
 from epoxi.runtime.lifecycle import Closable, serve_main
@@ -61,6 +62,8 @@ class GatewayConfig:
     # TLS (mTLS) to the monitor and the router. The caller's Authorization header travels on as
     # its bearer token, so a token of the gateway's own (EPOXI_TOKEN*) is never sent.
     security: SecurityConfig = group(SecurityConfig)
+    # Log format and the /metrics address (epoxi.observability.config).
+    telemetry: TelemetryConfig = group(TelemetryConfig)
 
 
 def upstream(address: str | None, service: str, registry: Any, channels: Channels | None = None) -> Upstream:
@@ -99,4 +102,4 @@ def _dialling(security: Security) -> Security:
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = settings.parse(GatewayConfig, argv)
-    return serve_main("gateway", lambda: start(config))
+    return serve_main("gateway", lambda: start(config), config.telemetry)

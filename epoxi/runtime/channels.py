@@ -12,6 +12,7 @@ import json
 
 import grpc
 
+from epoxi.observability import grpc_tracing
 from epoxi.runtime.limits import grpc_options, message_limit
 from epoxi.runtime.security import PLAINTEXT, Security
 
@@ -40,8 +41,8 @@ def channel(
     target: str, max_message_bytes: int | None = None, security: Security = PLAINTEXT
 ) -> grpc.aio.Channel:
     """A channel to ``target`` that retries UNAVAILABLE, sends and receives messages up to
-    ``max_message_bytes`` (default: ``limits.message_limit()`` of the default email limit), and
-    travels and authenticates as ``security`` says."""
+    ``max_message_bytes`` (default: ``limits.message_limit()`` of the default email limit),
+    travels and authenticates as ``security`` says, and is traced while tracing is on."""
     limit = message_limit() if max_message_bytes is None else max_message_bytes
     options: list[tuple[str, str | int]] = [
         ("grpc.service_config", _SERVICE_CONFIG),
@@ -49,7 +50,7 @@ def channel(
         *grpc_options(limit),
         *security.channel_options(),
     ]
-    interceptors = security.client_interceptors() or None
+    interceptors = [*grpc_tracing.client_interceptors(target), *security.client_interceptors()] or None
     credentials = security.channel_credentials()
     if credentials is None:
         return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)

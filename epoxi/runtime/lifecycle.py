@@ -29,6 +29,10 @@ from typing import Any, Protocol, Self, TypeVar
 
 import grpc
 
+from epoxi.observability import tracing
+from epoxi.observability.config import TelemetryConfig
+from epoxi.observability.logs import configure_logging
+from epoxi.observability.metrics import BeforeScrape, MetricsEndpoint
 from epoxi.registry.client import RegistryError
 from epoxi.runtime.security import PLAINTEXT, Security, SecurityError
 from epoxi.runtime.server import GrpcServer, Register, bind_grpc_server
@@ -74,6 +78,7 @@ class Service:
         self._deregister: list[tuple[str, Callable[[], Awaitable[object]]]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
+        self.metrics_address = ""  # host:port of its /metrics, once exposed
 
     # Starting
 
@@ -137,6 +142,21 @@ class Service:
         self.server = server
         self.address = address
         await server.serving()
+
+    async def expose_metrics(
+        self, telemetry: TelemetryConfig, registry: Any, before_scrape: Iterable[BeforeScrape] = ()
+    ) -> str:
+        """Serve ``registry`` (a ``prometheus_client.CollectorRegistry``) at
+        ``http://<telemetry.metrics_listen>/metrics`` until step 5 of ``close``, and print
+        ``<name> metrics on http://<address>/metrics``; nothing when metrics are off. Returns
+        ``metrics_address`` (empty when off)."""
+        if not telemetry.metrics_on or registry is None:
+            return ""
+        endpoint = MetricsEndpoint(registry, list(before_scrape))
+        self.metrics_address = await endpoint.start(telemetry.metrics_listen)
+        self.closing(endpoint)
+        print(f"{self.name} metrics on http://{self.metrics_address}/metrics", flush=True)
+        return self.metrics_address
 
     async def register(
         self,
@@ -223,11 +243,20 @@ async def run_until_signalled(main: Callable[[asyncio.Event], Awaitable[None]]) 
             loop.remove_signal_handler(sig)
 
 
-def serve_main(name: str, start: Callable[[], Awaitable[Running]]) -> int:
-    """A service's ``main``: start it, print ``<name> listening on <address>`` (the line
-    ``devmesh.supervisor`` and other tooling wait for), and run until SIGTERM or SIGINT. A
-    security setting that cannot be used (``SecurityError``) ends it with its message, exit 2."""
-    configure_logging()
+def serve_main(
+    name: str,
+    start: Callable[[], Awaitable[Running]],
+    telemetry: TelemetryConfig | None = None,
+    instance_id: str | None = None,
+) -> int:
+    """A service's ``main``: log as ``telemetry`` says, export traces when the ``OTEL_*``
+    environment asks for it (as ``epoxi-<name>``, instance ``instance_id``), start the service,
+    print ``<name> listening on <address>`` (the line ``devmesh.supervisor`` and other tooling
+    wait for), and run until SIGTERM or SIGINT; then stop it and export the spans still buffered.
+    A security setting that cannot be used (``SecurityError``) ends it with its message, exit 2."""
+    telemetry = telemetry or TelemetryConfig()
+    configure_logging(fmt=telemetry.log_format)
+    tracing.configure(f"epoxi-{name.split()[0]}", instance_id)
 
     async def serve(stop: asyncio.Event) -> None:
         service = await start()
@@ -242,8 +271,6 @@ def serve_main(name: str, start: Callable[[], Awaitable[Running]]) -> int:
     except SecurityError as e:
         print(f"{name}: cannot start: {e}", file=sys.stderr, flush=True)
         return 2
+    finally:
+        tracing.shutdown()
     return 0
-
-
-def configure_logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from epoxi.observability import grpc_tracing
 from epoxi.runtime.limits import grpc_options, message_limit
 from epoxi.runtime.security import PLAINTEXT, Security
 
@@ -67,10 +68,11 @@ def bind_grpc_server(
 ) -> GrpcServer:
     """A server bound to ``address`` (``host:0`` picks a free port), not yet started, that takes
     messages up to ``max_message_bytes`` (default: ``limits.message_limit()`` of the default
-    email limit), served and guarded as ``security`` says."""
+    email limit), served and guarded as ``security`` says, and traced while tracing is on."""
     limit = message_limit() if max_message_bytes is None else max_message_bytes
     server = grpc.aio.server(
-        interceptors=[*security.server_interceptors(), *interceptors], options=grpc_options(limit)
+        interceptors=[*grpc_tracing.server_interceptors(), *security.server_interceptors(), *interceptors],
+        options=grpc_options(limit),
     )
     credentials = security.server_credentials()
     if credentials is None:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from epoxi import durations, settings, validation
+from epoxi.observability.config import TelemetryConfig
 from epoxi.registry import client, services
 from epoxi.runtime.channels import Channels
 from epoxi.runtime.lifecycle import Service, advertised_address, serve_main
@@ -98,6 +99,8 @@ class IngressConfig:
     )
     # TLS for its gRPC server and its calls to the router, and its token (epoxi.runtime.security).
     security: SecurityConfig = group(SecurityConfig)
+    # Log format and the /metrics address (epoxi.observability.config).
+    telemetry: TelemetryConfig = group(TelemetryConfig)
 
 
 class RunningIngress(Service):
@@ -202,4 +205,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ingress SMTP on {ingress.smtp_address}{smtps}", flush=True)
         return ingress
 
-    return serve_main("ingress", start)
+    return serve_main("ingress", start, config.telemetry, config.id)

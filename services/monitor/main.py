@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from epoxi import durations, settings
+from epoxi.observability.config import TelemetryConfig
 from epoxi.registry import client, services
 from epoxi.runtime.channels import Channels
 from epoxi.runtime.lifecycle import Service, serve_main
@@ -59,6 +60,8 @@ class MonitorConfig:
     )
     # TLS for its server and its calls to the nodes, and bearer tokens (epoxi.runtime.security).
     security: SecurityConfig = group(SecurityConfig)
+    # Log format and the /metrics address (epoxi.observability.config).
+    telemetry: TelemetryConfig = group(TelemetryConfig)
 
 
 class RunningMonitor(Service):
@@ -93,4 +96,4 @@ async def start_monitor(config: MonitorConfig) -> RunningMonitor:
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = settings.parse(MonitorConfig, argv)
-    return serve_main("monitor", lambda: start_monitor(config))
+    return serve_main("monitor", lambda: start_monitor(config), config.telemetry)

@@ -27,6 +27,7 @@ from pathlib import Path
 import dns.asyncresolver
 
 from epoxi import durations, settings, validation
+from epoxi.observability.config import TelemetryConfig
 from epoxi.policy_store import PolicyTable
 from epoxi.registry import client
 from epoxi.registry.ownership import ConsulOwnership
@@ -186,6 +187,8 @@ class NodeConfig:
     delivery: outbound.DeliveryConfig = group(outbound.DeliveryConfig)
     # TLS for its server and its calls to other nodes, and bearer tokens (epoxi.runtime.security).
     security: SecurityConfig = group(SecurityConfig)
+    # Log format and the /metrics address (epoxi.observability.config).
+    telemetry: TelemetryConfig = group(TelemetryConfig)
 
     @property
     def spool_path(self) -> Path:
@@ -331,4 +334,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = parse_config(argv)
     if not config.egress_ips:
         raise SystemExit("epoxi node: give at least one --egress-ip (or EPOXI_NODE_EGRESS_IP)")
-    return serve_main(f"node {config.id}", lambda: start_node(config))
+    return serve_main(f"node {config.id}", lambda: start_node(config), config.telemetry, config.id)

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from epoxi import durations, settings, validation
+from epoxi.observability.config import TelemetryConfig
 from epoxi.registry import client, services
 from epoxi.runtime.channels import Channels
 from epoxi.runtime.lifecycle import Service, serve_main
@@ -71,6 +72,8 @@ class RouterConfig:
     )
     # TLS for its server and its calls to the nodes, and bearer tokens (epoxi.runtime.security).
     security: SecurityConfig = group(SecurityConfig)
+    # Log format and the /metrics address (epoxi.observability.config).
+    telemetry: TelemetryConfig = group(TelemetryConfig)
 
 
 class RunningRouter(Service):
@@ -112,4 +115,4 @@ async def start_router(config: RouterConfig) -> RunningRouter:
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = settings.parse(RouterConfig, argv)
-    return serve_main("router", lambda: start_router(config))
+    return serve_main("router", lambda: start_router(config), config.telemetry, config.id)

@@ -1,0 +1,1 @@
+"""What a service shows of itself: traces (``tracing``), metrics (``metrics``), logs (``logs``)."""

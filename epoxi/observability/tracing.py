@@ -1,0 +1,111 @@
+"""Traces: one OpenTelemetry tracer provider per process, exporting over OTLP when asked to.
+
+``configure`` installs the SDK's provider only when the standard variables ask for an exporter
+(``OTEL_TRACES_EXPORTER=otlp``, or an ``OTEL_EXPORTER_OTLP_ENDPOINT`` /
+``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` with no exporter named) and ``OTEL_SDK_DISABLED`` is not
+``true``. The exporter, its endpoint, headers and TLS, the batch processor and the sampler read
+the rest of the ``OTEL_*`` variables themselves. Without one, ``tracer`` hands out
+non-recording spans and the gRPC interceptors are not installed, so tracing costs next to nothing.
+
+Context travels as W3C ``traceparent`` (gRPC metadata, HTTP headers), and is stored with spooled
+mail as that same string (``traceparent``/``context_of``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+log = logging.getLogger(__name__)
+
+tracer = trace.get_tracer("epoxi")
+_propagator = TraceContextTextMapPropagator()
+_provider: object | None = None  # the SDK's TracerProvider, once configured
+
+
+def wanted() -> bool:
+    """Whether the environment asks for traces to be exported."""
+    if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    exporters = os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    if exporters:
+        return "otlp" in {e.strip() for e in exporters.split(",")}
+    return bool(
+        os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    )
+
+
+def enabled() -> bool:
+    """Whether this process records and exports spans."""
+    return _provider is not None
+
+
+def configure(service_name: str, instance_id: str | None = None) -> bool:
+    """Export this process's spans over OTLP/gRPC as ``service_name`` (``OTEL_SERVICE_NAME``
+    overrides it), if the environment asks for it (``wanted``); True when it does."""
+    global _provider
+    if _provider is not None:
+        return True
+    if not wanted():
+        return False
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    attributes: dict[str, str] = {}
+    if not os.environ.get("OTEL_SERVICE_NAME"):
+        attributes["service.name"] = service_name
+    if instance_id:
+        attributes["service.instance.id"] = instance_id
+    provider = TracerProvider(resource=Resource.create(attributes))
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(provider)
+    _provider = provider
+    log.info("tracing: exporting spans over OTLP as %s", service_name)
+    return True
+
+
+def shutdown() -> None:
+    """Export what is still buffered, and stop (at the end of a process)."""
+    global _provider
+    provider, _provider = _provider, None
+    if provider is not None:
+        provider.shutdown()  # type: ignore[attr-defined]
+
+
+def traceparent() -> str:
+    """The current span's context as a W3C ``traceparent``; empty when there is no recording span."""
+    carrier: dict[str, str] = {}
+    _propagator.inject(carrier)
+    return carrier.get("traceparent", "")
+
+
+def context_of(traceparent: str) -> otel_context.Context | None:
+    """The context a stored ``traceparent`` names, to parent a span on; None when it names none."""
+    if not traceparent:
+        return None
+    ctx = _propagator.extract({"traceparent": traceparent})
+    if not trace.get_current_span(ctx).get_span_context().is_valid:
+        return None
+    return ctx
+
+
+def inject(carrier: dict[str, str]) -> dict[str, str]:
+    """Add the current context (``traceparent``, ``tracestate``) to ``carrier``."""
+    _propagator.inject(carrier)
+    return carrier
+
+
+def extract(carrier: dict[str, str]) -> otel_context.Context:
+    return _propagator.extract(carrier)
+
+
+def trace_id() -> str:
+    """The current trace's ID in hex, for logs; empty outside a recording span."""
+    span_context = trace.get_current_span().get_span_context()
+    return format(span_context.trace_id, "032x") if span_context.is_valid else ""
