@@ -3,6 +3,7 @@
     .venv/bin/python -m benchmarks.e2e_throughput                       # 20,000 x 2 KB, a few minutes
     .venv/bin/python -m benchmarks.e2e_throughput --messages 50000 --keys 20 --size 2048
     .venv/bin/python -m benchmarks.e2e_throughput --profile var/bench/profile
+    .venv/bin/python -m benchmarks.e2e_throughput --telemetry off,metrics,tracing --repeat 3 --skip postfix
 
 Three phases, each into a fresh Postfix ``smtp-sink`` on a free loopback port, each timed from
 the first submit until the sink has received all N messages:
@@ -17,6 +18,12 @@ the first submit until the sink has received all N messages:
 3. Postfix: a throwaway instance relaying to the sink (``benchmarks.postfix``), fed by
    ``smtp-source`` (or the aiosmtplib client), when Postfix is installed and we are root.
 
+With ``--telemetry``, phase 2 runs once per variant (``--repeat`` times, the variants taking
+turns), and the report gives each variant's median against ``off``: ``off`` (metrics off, no
+tracing), ``metrics`` (metrics on, every service scraped every ``--scrape-interval``), ``tracing``
+(metrics off, every span exported to an OTLP receiver, ``devmesh.otlp``, a process of its own),
+``all`` (both).
+
 The machine is shared and noisy, so the figures that matter are the ratios within one run.
 Every process started here is stopped on exit, on error too.
 """
@@ -25,11 +32,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
+import statistics
 import tempfile
 import time
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,7 +51,7 @@ from benchmarks.postfix import PostfixRelay
 from benchmarks.profiling import PySpy, summarize
 from benchmarks.smtpsink import SmtpSink
 from benchmarks.workload import SENDER, Key, blast, emails, keys, rendered
-from devmesh.supervisor import Mesh, NodeSpec
+from devmesh.supervisor import Mesh, NodeSpec, Process, spawn
 from epoxi import address, rendering
 from epoxi.policy import DEFAULT_MAX_CONNECTIONS
 from epoxi.registry.services import PIPELINE_SERVICE, pipeline_service_id
@@ -49,6 +59,7 @@ from epoxi.runtime.channels import RPC_TIMEOUT, Channels, channel
 from epoxi.v1 import email_pb2, node_pb2, node_pb2_grpc, pipeline_pb2, router_pb2, router_pb2_grpc
 
 UNTHROTTLED = 1_000_000  # allowed_messages per second when --throttle is not given
+TELEMETRY_VARIANTS = ("off", "metrics", "tracing", "all")
 
 
 @dataclass
@@ -82,6 +93,10 @@ class Report:
     processes: dict[str, ProcessStats] = field(default_factory=dict)
     load_after: str = ""
     skipped: list[str] = field(default_factory=list)
+    # Variant -> end-to-end msgs/s of each of its runs (--telemetry).
+    telemetry: dict[str, list[float]] = field(default_factory=dict)
+    spans_exported: int = 0
+    scrapes: int = 0
 
     def phase(self, name: str) -> Phase | None:
         return next((p for p in self.phases if p.name == name), None)
@@ -179,22 +194,60 @@ async def submit(
     return accepted
 
 
+def telemetry_env(variant: str, otlp: str) -> dict[str, str]:
+    """The environment a mesh runs with for a ``--telemetry`` variant (``default``: as it ships)."""
+    env: dict[str, str] = {}
+    if variant in ("off", "tracing"):
+        env["EPOXI_METRICS_LISTEN"] = "off"
+    if variant in ("tracing", "all"):
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://{otlp}"
+    return env
+
+
+def _fetch(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        body: bytes = response.read()
+    return body
+
+
+async def scrape_every(mesh: Mesh, seconds: float, report: Report) -> None:
+    """Scrape every service's /metrics every ``seconds``, as Prometheus would."""
+    while True:
+        await asyncio.sleep(seconds)
+        for name in list(mesh.processes):
+            url = mesh.metrics_url(name)
+            if url:
+                body = await asyncio.to_thread(_fetch, url)
+                if not body.startswith(b"#"):
+                    raise RuntimeError(f"{name}'s /metrics answered {body[:80]!r}")
+                report.scrapes += 1
+
+
 async def run_epoxi(
-    args: argparse.Namespace, es: Sequence[email_pb2.Email], ks: Sequence[Key], work: Path, report: Report
+    args: argparse.Namespace,
+    es: Sequence[email_pb2.Email],
+    ks: Sequence[Key],
+    work: Path,
+    report: Report,
+    variant: str = "default",
+    otlp: str = "",
 ) -> Phase:
     specs = node_specs(args.nodes, args.ips_per_node)
     requests = [
         router_pb2.RouteEmailsRequest(emails=es[i : i + args.batch]) for i in range(0, len(es), args.batch)
     ]
+    shutil.rmtree(work / "mesh", ignore_errors=True)
     async with SmtpSink() as sink:
         mesh = Mesh(
             data_dir=work / "mesh",
             nodes=specs,
             route=f"*={sink.address}",
             check_interval=args.check_interval,
+            env=telemetry_env(variant, otlp),
         )
         await mesh.start()
         spies: list[PySpy] = []
+        scraper: asyncio.Task[None] | None = None
         try:
             await start_pipelines(mesh, specs, ks, pipeline_policy(args))
             if args.profile is not None:
@@ -204,6 +257,8 @@ async def run_epoxi(
                     spies.append(await PySpy(mesh.processes[name].proc.pid, out, args.profile_rate).start())
             pids = {name: p.proc.pid for name, p in mesh.processes.items()}
             cpu_before = {name: _utils.cpu_seconds(pid) for name, pid in pids.items()}
+            if variant in ("metrics", "all"):
+                scraper = asyncio.create_task(scrape_every(mesh, args.scrape_interval, report))
             start = time.perf_counter()
             accepted = await submit(mesh.address("router"), requests, args.in_flight, args.timeout)
             acked = time.perf_counter()
@@ -213,6 +268,10 @@ async def run_epoxi(
                     _utils.status_kib(pid, "VmHWM") / 1024, _utils.cpu_seconds(pid) - cpu_before[name]
                 )
         finally:
+            if scraper is not None:
+                scraper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await scraper
             for spy in spies:
                 await spy.stop()
             await mesh.stop()
@@ -220,12 +279,36 @@ async def run_epoxi(
         raise RuntimeError(f"Epoxi accepted {accepted} of {len(es)} recipients")
     policy = "rate limit lifted" if not args.throttle else "default rate limit"
     return Phase(
-        "Epoxi end to end",
+        "Epoxi end to end" if variant == "default" else f"Epoxi, telemetry {variant}",
         len(es),
         done - start,
         acked - start,
         note=f"{args.nodes} nodes, RouteEmails x{args.batch}, {args.in_flight} in flight, {policy}",
     )
+
+
+async def run_telemetry(
+    args: argparse.Namespace, es: Sequence[email_pb2.Email], ks: Sequence[Key], work: Path, report: Report
+) -> None:
+    """Phase 2 for each ``--telemetry`` variant, ``--repeat`` rounds, the variants taking turns."""
+    receiver: Process | None = None
+    if any(v in ("tracing", "all") for v in args.telemetry):
+        receiver = await spawn("otlp", ["devmesh.otlp", "--listen", "127.0.0.1:0"])
+    try:
+        for round_ in range(args.repeat):
+            for variant in args.telemetry:
+                phase = await run_epoxi(
+                    args, es, ks, work, report, variant, receiver.address if receiver else ""
+                )
+                report.phases.append(phase)
+                report.telemetry.setdefault(variant, []).append(phase.rate)
+                print(f"  round {round_ + 1}, {variant}: {phase.rate:,.0f} msgs/s", flush=True)
+    finally:
+        if receiver is not None:
+            await receiver.stop()
+            counted = [line for line in receiver.lines if line.startswith("otlp received ")]
+            if counted:
+                report.spans_exported = int(counted[-1].split()[2])
 
 
 # Phase 3
@@ -290,6 +373,16 @@ def render_report(r: Report) -> str:
         lines.append(f"Epoxi / Postfix:      {epoxi.rate / postfix.rate:.2f}   (issue #3 target: >= 3)")
         if epoxi.accept_rate and postfix.accept_rate:
             lines.append(f"Acceptance, Epoxi / Postfix: {epoxi.accept_rate / postfix.accept_rate:.2f}")
+    if r.telemetry:
+        off = statistics.median(r.telemetry["off"]) if r.telemetry.get("off") else None
+        rows = [["telemetry", "median msgs/s", "runs", "/ off"]]
+        for variant, rates in r.telemetry.items():
+            median = statistics.median(rates)
+            ratio = f"{median / off:.3f}" if off else "-"
+            rows.append([variant, f"{median:,.0f}", " ".join(f"{x:,.0f}" for x in rates), ratio])
+        lines += [_utils.table(rows), ""]
+        lines.append(f"spans exported to the OTLP receiver: {r.spans_exported:,}; scrapes: {r.scrapes:,}")
+        lines.append("targets (issue #10): tracing >= 0.90 of off, metrics >= 0.97 of off")
     for s in r.skipped:
         lines.append(f"skipped: {s}")
     if r.processes:
@@ -326,6 +419,8 @@ async def run(args: argparse.Namespace) -> Report:
             print(f"running {name} ...", flush=True)
             if name == "ceiling":
                 report.phases.append(await run_ceiling(args, es, ks))
+            elif name == "epoxi" and args.telemetry:
+                await run_telemetry(args, es, ks, work, report)
             elif name == "epoxi":
                 report.phases.append(await run_epoxi(args, es, ks, work, report))
             elif not SmtpSink.available() or not PostfixRelay.available():
@@ -338,6 +433,14 @@ async def run(args: argparse.Namespace) -> Report:
             shutil.rmtree(work, ignore_errors=True)
     report.load_after = " ".join(f"{x:.2f}" for x in os.getloadavg())
     return report
+
+
+def _variants(text: str) -> list[str]:
+    variants = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in TELEMETRY_VARIANTS]
+    if unknown or not variants:
+        raise argparse.ArgumentTypeError(f"telemetry variants are among {', '.join(TELEMETRY_VARIANTS)}")
+    return variants
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -365,6 +468,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work-dir", help="where spools and the Postfix instance go (default: system temp)")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument(
+        "--telemetry",
+        type=_variants,
+        default=[],
+        metavar="VARIANTS",
+        help=f"run the Epoxi phase once per variant, comma-separated: {', '.join(TELEMETRY_VARIANTS)}",
+    )
+    p.add_argument("--repeat", type=int, default=1, help="rounds of the --telemetry variants")
+    p.add_argument("--scrape-interval", type=float, default=5.0, help="seconds between scrapes (--telemetry)")
     return p.parse_args(argv)
 
 
