@@ -1,9 +1,10 @@
 """The aiohttp application: one catch-all handler that matches, transcodes and calls over gRPC.
 
 Every annotated method of every served service is a route (``gateway.routes``), and each
-service's calls go to its own upstream. Besides them the gateway answers two paths of its own:
-``GET /openapi.json``, the OpenAPI document of those routes (``gateway.openapi``), and
-``GET /healthz``, whether the monitor answers gRPC health SERVING (``gateway.health``).
+service's calls go to its own upstream. Besides them the gateway answers paths of its own:
+``GET /openapi.json``, the OpenAPI document of those routes (``gateway.openapi``),
+``GET /healthz``, whether the monitor answers gRPC health SERVING (``gateway.health``), and the
+live status page, ``GET /`` with its ``/static/{name}`` (``gateway.status_page``).
 
 Every answer of the gateway's own is a ``google.rpc.Status`` JSON body: 404 for no route, 405
 (with ``Allow``) for another method, 400 for a request that cannot become the request message,
@@ -33,7 +34,7 @@ from epoxi.runtime.channels import RPC_TIMEOUT
 from epoxi.runtime.lifecycle import Closable, Service
 from epoxi.runtime.limits import ENVELOPE_BYTES
 from epoxi.validation import MAX_EMAIL_BYTES
-from gateway import incoming, openapi
+from gateway import incoming, openapi, status_page
 from gateway.errors import GatewayError, rpc_error_response, status_response
 from gateway.health import HealthProbe
 from gateway.routes import MethodNotAllowed, NoRoute, Route, RouteTable
@@ -243,6 +244,7 @@ async def start_gateway(
             max_request_bytes,
         )
         app = web.Application(client_max_size=max_request_bytes)
+        status_page.add_routes(app)  # GET / and /static/{name}: the operator's status page
         # [\s\S]: a path may hold a newline (%0A), which ".*" would leave to aiohttp's own 404.
         app.router.add_route("*", r"/{tail:[\s\S]*}", dispatcher.handle)
         runner = web.AppRunner(app, shutdown_timeout=stop_grace)

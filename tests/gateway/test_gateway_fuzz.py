@@ -24,6 +24,7 @@ from google.protobuf import descriptor, message_factory
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gateway import status_page
 from gateway.app import Backend, Gateway, start_gateway
 from gateway.errors import HTTP_STATUS
 from gateway.main import MEDIA_TYPES, SERVICES
@@ -160,8 +161,10 @@ async def _check(
     url = f"{target.url}{path}?{query}" if query else f"{target.url}{path}"
     status, content_type, data = await _request(http, method, url, body, headers)
     assert status < 500, (status, data)
-    assert content_type == "application/json", (status, data)
-    doc = json.loads(data)
+    # The status page and its assets (gateway.status_page) are HTML, CSS and JS; their errors are JSON.
+    if not (status < 400 and _on_status_page(path)):
+        assert content_type == "application/json", (status, data)
+        doc = json.loads(data)
     if status >= 400:
         assert set(doc) == {"code", "message", "details"}, doc
         code = next(c for c in grpc.StatusCode if c.value[0] == doc["code"])
@@ -171,6 +174,11 @@ async def _check(
     assert probe.http_method == "GET" and not probe.template.variables, probe
     good = await _request(http, "GET", f"{target.url}{probe.template.source}", b"", {})
     assert good[0] == 200, good
+
+
+def _on_status_page(path: str) -> bool:
+    decoded = urllib.parse.unquote(path)
+    return decoded == status_page.PAGE_PATH or decoded.startswith(status_page.STATIC_PREFIX)
 
 
 def _requests(target: Target) -> st.SearchStrategy[tuple[str, str, str, bytes, dict[str, str]]]:

@@ -1,0 +1,495 @@
+// The Epoxi status page: polls the gateway's own HTTP API and draws the mesh.
+//
+// Every POLL_MS it asks, at once:
+//   GET /admin/pipelines         nodes (address, egress IPs, load) and mesh totals   (scope read)
+//   GET /admin/pipelines/health  each pipeline's registry checks and their output    (scope read)
+//   GET /admin/queues            each node's spool, per routing key: the counters;  (scope admin)
+//                                which nodes answered, and why the others did not
+// The first two make the page; without the third (no token with scope admin) it shows the
+// pipelines without their counters, and says so. Throughput is computed here: the delivered
+// counter of successive polls, per pipeline, drawn as an SVG sparkline.
+//
+// Nothing from the API is ever parsed as HTML: every value goes in as a text node or an
+// attribute value (the page's CSP allows no inline script either).
+"use strict";
+
+(() => {
+  const POLL_MS = 2000;
+  const TIMEOUT_MS = 8000;
+  const HISTORY_MS = 5 * 60 * 1000;
+  const SPARK_MIN_MS = 30 * 1000;
+  // The "now" rate: delivered over about this long, so one poll's jitter does not show.
+  const RATE_WINDOW_MS = 10 * 1000;
+  const TOKEN_KEY = "epoxi.status.token";
+  const SVG = "http://www.w3.org/2000/svg";
+  const SPARK_W = 120;
+  const SPARK_H = 28;
+  const COLUMNS = 8; // of the pipelines table
+
+  // Pipeline ("node routing-key") to its samples [{t, delivered}], oldest first.
+  const history = new Map();
+  let lastUpdated = null;
+
+  const $ = (id) => document.getElementById(id);
+
+  function h(tag, attrs, ...children) {
+    const e = document.createElement(tag);
+    setAttributes(e, attrs);
+    for (const c of children.flat()) {
+      if (c !== null && c !== undefined) e.append(c instanceof Node ? c : String(c));
+    }
+    return e;
+  }
+
+  function svg(tag, attrs) {
+    const e = document.createElementNS(SVG, tag);
+    setAttributes(e, attrs);
+    return e;
+  }
+
+  function setAttributes(e, attrs) {
+    for (const [k, v] of Object.entries(attrs || {})) {
+      if (v !== null && v !== undefined && v !== false) e.setAttribute(k, v === true ? "" : String(v));
+    }
+  }
+
+  // --- the token --------------------------------------------------------------------------------
+
+  function token() {
+    try {
+      return sessionStorage.getItem(TOKEN_KEY) || "";
+    } catch {
+      return "";
+    }
+  }
+
+  function setToken(value) {
+    try {
+      if (value) sessionStorage.setItem(TOKEN_KEY, value);
+      else sessionStorage.removeItem(TOKEN_KEY);
+    } catch {
+      // sessionStorage refused (a private mode): the token lasts until the page is left.
+    }
+    showTokenState();
+  }
+
+  function showTokenState() {
+    $("token-state").textContent = token()
+      ? "A token is set for this tab."
+      : "No token: reads are sent without one.";
+  }
+
+  // --- the API ----------------------------------------------------------------------------------
+
+  // {ok: true, body} or {ok: false, status, message}; status 0 when the gateway did not answer.
+  async function getJson(path) {
+    const headers = { Accept: "application/json" };
+    const t = token();
+    if (t) headers.Authorization = "Bearer " + t;
+    let response;
+    try {
+      response = await fetch(path, {
+        headers,
+        cache: "no-store",
+        credentials: "omit",
+        signal: AbortSignal.timeout(TIMEOUT_MS),
+      });
+    } catch (e) {
+      return { ok: false, status: 0, path, message: "no answer from the gateway (" + e.message + ")" };
+    }
+    let body = null;
+    try {
+      body = await response.json();
+    } catch {
+      body = null;
+    }
+    if (response.ok && body) return { ok: true, status: response.status, path, body };
+    // Errors are google.rpc.Status: {code, message, details}.
+    const message = body && typeof body.message === "string" && body.message ? body.message : response.statusText;
+    return { ok: false, status: response.status, path, message };
+  }
+
+  const num = (v) => {
+    const n = Number(v);
+    return Number.isFinite(n) ? n : 0;
+  };
+
+  // --- the model: what the three answers say together ------------------------------------------
+
+  function nodeHealth(id, queues) {
+    if (!queues) return { state: "unknown", detail: "seen with GET /admin/queues (scope admin)" };
+    if (queues.nodes && Object.hasOwn(queues.nodes, id)) return { state: "passing", detail: "" };
+    const gone = (queues.unreachableNodes || []).find((u) => u.node === id);
+    if (gone) return { state: "unreachable", detail: gone.errorCode + ": " + gone.errorMessage };
+    return { state: "critical", detail: "the registry does not show it passing" };
+  }
+
+  function buildModel(cluster, health, queues) {
+    const nodes = new Map();
+    const addNode = (n) => {
+      nodes.set(n.id, {
+        id: n.id,
+        address: n.address || "",
+        egressIps: n.egressIps || [],
+        ipPool: n.ipPool || "",
+        pipelineCount: num(n.pipelineCount),
+        load: num(n.load),
+        health: nodeHealth(n.id, queues),
+      });
+    };
+    for (const n of cluster.nodes || []) addNode(n);
+    for (const id of Object.keys((queues && queues.nodes) || {})) if (!nodes.has(id)) addNode({ id });
+
+    const pipelines = new Map();
+    const pipeline = (node, routingKey) => {
+      const id = node + " " + routingKey;
+      if (!pipelines.has(id)) {
+        pipelines.set(id, { id, node, routingKey, registry: null, queue: null });
+      }
+      return pipelines.get(id);
+    };
+    for (const r of health.results || []) {
+      const p = r.pipeline || {};
+      pipeline(p.node || "", p.routingKey || "").registry = {
+        healthy: Boolean(r.healthy),
+        status: r.status || "critical",
+        outputs: r.outputs || [],
+      };
+    }
+    for (const [node, stats] of Object.entries((queues && queues.nodes) || {})) {
+      for (const q of stats.pipelines || []) {
+        const c = q.counters || {};
+        pipeline(node, q.routingKey || "").queue = {
+          running: Boolean(q.running),
+          queued: num(c.queued),
+          inFlight: num(c.inFlight),
+          deferred: num(c.deferred),
+          delivered: num(c.delivered),
+          bounced: num(c.bounced),
+        };
+      }
+    }
+    for (const p of pipelines.values()) {
+      if (!nodes.has(p.node)) addNode({ id: p.node });
+      p.state = pipelineState(p);
+      p.problem = Boolean(p.registry && !p.registry.healthy);
+    }
+    for (const n of nodes.values()) {
+      n.problem = n.health.state !== "passing" && n.health.state !== "unknown";
+    }
+    return { nodes, pipelines, cluster };
+  }
+
+  function pipelineState(p) {
+    if (p.registry) return p.registry.healthy ? "running" : p.registry.status;
+    if (p.queue && p.queue.running) return "running";
+    return "stopped";
+  }
+
+  // Problems first, then by name.
+  const byProblemThen = (name) => (a, b) => Number(b.problem) - Number(a.problem) || name(a).localeCompare(name(b));
+
+  // --- throughput --------------------------------------------------------------------------------
+
+  function record(pipelines, now) {
+    for (const p of pipelines.values()) {
+      if (!p.queue) continue;
+      const samples = history.get(p.id) || [];
+      const last = samples[samples.length - 1];
+      // A counter that went down (the spool purged finished mail, or was replaced) starts anew.
+      if (last && p.queue.delivered < last.delivered) samples.length = 0;
+      samples.push({ t: now, delivered: p.queue.delivered });
+      while (samples.length > 2 && now - samples[0].t > HISTORY_MS) samples.shift();
+      history.set(p.id, samples);
+    }
+    for (const id of history.keys()) {
+      if (!pipelines.has(id) || !pipelines.get(id).queue) history.delete(id);
+    }
+  }
+
+  // [{t, rate}] between successive samples, in messages per second.
+  function rates(samples) {
+    const out = [];
+    for (let i = 1; i < samples.length; i++) {
+      const dt = (samples[i].t - samples[i - 1].t) / 1000;
+      if (dt > 0) out.push({ t: samples[i].t, rate: (samples[i].delivered - samples[i - 1].delivered) / dt });
+    }
+    return out;
+  }
+
+  function currentRate(samples) {
+    if (samples.length < 2) return null;
+    const last = samples[samples.length - 1];
+    const first = samples.find((s) => last.t - s.t <= RATE_WINDOW_MS) || samples[0];
+    const from = first === last ? samples[samples.length - 2] : first;
+    return (last.delivered - from.delivered) / ((last.t - from.t) / 1000);
+  }
+
+  const formatRate = (r) => (r >= 10 ? r.toFixed(0) : r.toFixed(1)) + "/s";
+
+  function sparkline(samples, now) {
+    const series = rates(samples);
+    const peak = Math.max(...series.map((s) => s.rate), 0);
+    const now_ = currentRate(samples);
+    const label =
+      now_ === null
+        ? "No throughput yet: it needs two polls."
+        : "Delivered per second over the last 5 minutes: now " + formatRate(now_) + ", peak " + formatRate(peak) + ".";
+    const chart = svg("svg", {
+      class: "spark",
+      width: SPARK_W,
+      height: SPARK_H,
+      viewBox: "0 0 " + SPARK_W + " " + SPARK_H,
+      role: "img",
+      "aria-label": label,
+    });
+    const title = svg("title");
+    title.textContent = label;
+    chart.append(title);
+    chart.append(svg("line", { class: "base", x1: 0, y1: SPARK_H - 1, x2: SPARK_W, y2: SPARK_H - 1 }));
+    if (series.length) {
+      // The x axis spans the history there is (at least SPARK_MIN_MS), up to HISTORY_MS.
+      const span = Math.min(HISTORY_MS, Math.max(SPARK_MIN_MS, now - samples[0].t));
+      const x = (t) => Math.max(0, SPARK_W - ((now - t) / span) * SPARK_W);
+      const y = (r) => SPARK_H - 2 - (peak > 0 ? (r / peak) * (SPARK_H - 4) : 0);
+      const points = series.map((s) => [x(s.t), y(s.rate)]);
+      points.unshift([x(samples[0].t), points[0][1]]);
+      const text = (ps) => ps.map(([px, py]) => px.toFixed(1) + "," + py.toFixed(1)).join(" ");
+      const floor = SPARK_H - 1;
+      const area = [[points[0][0], floor], ...points, [points[points.length - 1][0], floor]];
+      chart.append(svg("polygon", { class: "area", points: text(area) }));
+      chart.append(svg("polyline", { class: "line", points: text(points) }));
+    }
+    return h("span", { class: "throughput" }, chart, h("span", { class: "rate", "data-field": "rate" }, now_ === null ? "–" : formatRate(now_)));
+  }
+
+  // --- drawing -----------------------------------------------------------------------------------
+
+  const badgeClass = { passing: "ok", running: "ok", stopped: "idle", unknown: "idle", warning: "warn" };
+  const badge = (state) => h("span", { class: "badge " + (badgeClass[state] || "bad") }, state);
+  const count = (field, value) => h("td", { class: "number", "data-field": field }, value === null ? "–" : value.toLocaleString("en"));
+
+  function drawTotals(cluster) {
+    const stats = cluster.pipelineStats || {};
+    const totals = stats.totals || {};
+    const summary = cluster.healthSummary || {};
+    const items = [
+      ["Nodes", num(stats.totalNodes)],
+      ["Pipelines", num(stats.totalPipelines)],
+      ["Healthy", num(summary.healthy)],
+      ["Unhealthy", num(summary.unhealthy)],
+      ["Queued", num(totals.queued)],
+      ["In flight", num(totals.inFlight)],
+      ["Deferred", num(totals.deferred)],
+      ["Delivered", num(totals.delivered)],
+      ["Bounced", num(totals.bounced)],
+    ];
+    $("totals").replaceChildren(
+      ...items.map(([name, value]) =>
+        h("div", { class: name === "Unhealthy" && value > 0 ? "bad" : null }, h("dt", {}, name), h("dd", { "data-total": name }, value.toLocaleString("en")))
+      )
+    );
+  }
+
+  function drawProblems(model) {
+    const items = [];
+    for (const n of [...model.nodes.values()].filter((n) => n.problem).sort(byProblemThen((n) => n.id))) {
+      items.push(
+        h(
+          "li",
+          { class: "problem", "data-kind": "node", "data-node": n.id },
+          h("strong", {}, "Node ", h("span", { class: "name" }, n.id)),
+          " ",
+          badge(n.health.state),
+          h("pre", { class: "output" }, n.health.detail)
+        )
+      );
+    }
+    const bad = [...model.pipelines.values()].filter((p) => p.problem);
+    for (const p of bad.sort(byProblemThen((p) => p.routingKey + " " + p.node))) {
+      items.push(
+        h(
+          "li",
+          { class: "problem", "data-kind": "pipeline", "data-node": p.node, "data-routing-key": p.routingKey },
+          h("strong", {}, "Pipeline ", h("span", { class: "name" }, p.routingKey)),
+          " on node ",
+          h("span", { class: "name" }, p.node),
+          " ",
+          badge(p.state),
+          p.registry.outputs.map((o) => h("pre", { class: "output" }, o))
+        )
+      );
+    }
+    $("problem-list").replaceChildren(...items);
+    $("no-problems").hidden = items.length > 0;
+    $("problems").classList.toggle("has-problems", items.length > 0);
+  }
+
+  function drawNodes(model) {
+    const rows = [...model.nodes.values()].sort(byProblemThen((n) => n.id)).map((n) =>
+      h(
+        "tr",
+        { "data-node": n.id, class: n.problem ? "problem" : null },
+        h("th", { scope: "row" }, n.id),
+        h("td", {}, badge(n.health.state), n.health.detail && n.problem ? h("div", { class: "detail" }, n.health.detail) : null),
+        h("td", {}, n.address),
+        h("td", {}, n.egressIps.join(", ")),
+        h("td", {}, n.ipPool),
+        h("td", { class: "number", "data-field": "pipelines" }, n.pipelineCount.toLocaleString("en")),
+        h("td", { class: "number", "data-field": "load" }, n.load.toLocaleString("en"))
+      )
+    );
+    $("nodes").tBodies[0].replaceChildren(...rows);
+  }
+
+  function drawPipelines(model, now) {
+    const table = $("pipelines");
+    const byNode = new Map([...model.nodes.keys()].map((id) => [id, []]));
+    for (const p of model.pipelines.values()) byNode.get(p.node).push(p);
+    const groups = [...model.nodes.values()]
+      .map((n) => ({ node: n, pipelines: byNode.get(n.id), problem: n.problem || byNode.get(n.id).some((p) => p.problem) }))
+      .sort(byProblemThen((g) => g.node.id));
+    const bodies = groups.map((g) => {
+      const head = h(
+        "tr",
+        { class: "group" },
+        h("th", { scope: "rowgroup", colspan: COLUMNS }, "Node ", g.node.id, " ", badge(g.node.health.state), " ", g.pipelines.length === 1 ? "1 pipeline" : g.pipelines.length + " pipelines")
+      );
+      const rows = g.pipelines.sort(byProblemThen((p) => p.routingKey)).map((p) => {
+        const q = p.queue;
+        return h(
+          "tr",
+          { "data-node": p.node, "data-routing-key": p.routingKey, class: p.problem ? "problem" : null },
+          h("th", { scope: "row" }, p.routingKey),
+          h(
+            "td",
+            { "data-field": "state" },
+            badge(p.state),
+            p.problem ? p.registry.outputs.map((o) => h("pre", { class: "output" }, o)) : null
+          ),
+          count("queued", q ? q.queued : null),
+          count("inFlight", q ? q.inFlight : null),
+          count("delivered", q ? q.delivered : null),
+          count("deferred", q ? q.deferred : null),
+          count("bounced", q ? q.bounced : null),
+          h("td", {}, q ? sparkline(history.get(p.id) || [], now) : "–")
+        );
+      });
+      if (!rows.length) rows.push(h("tr", {}, h("td", { colspan: COLUMNS, class: "empty" }, "No pipelines.")));
+      return h("tbody", { "data-node": g.node.id }, head, rows);
+    });
+    for (const old of [...table.tBodies]) old.remove();
+    table.append(...bodies);
+  }
+
+  // --- the banners and "last updated" ------------------------------------------------------------
+
+  function describe(failure) {
+    const what = failure.status ? "HTTP " + failure.status : "no answer";
+    return "GET " + failure.path + ": " + what + ": " + failure.message;
+  }
+
+  function showError(failures) {
+    const box = $("error");
+    if (!failures.length) {
+      box.hidden = true;
+      box.replaceChildren();
+      $("main").classList.remove("stale");
+      return;
+    }
+    const lines = failures.map((f) => h("p", {}, describe(f)));
+    if (failures.some((f) => f.status === 401 || f.status === 403)) {
+      lines.push(h("p", {}, "Paste a bearer token with scope read (and admin for the counters) above."));
+    }
+    if (lastUpdated) lines.push(h("p", {}, "Showing what the mesh looked like at " + lastUpdated.toLocaleTimeString("en-GB") + "."));
+    box.replaceChildren(h("strong", {}, "The API did not answer as it should."), ...lines);
+    box.hidden = false;
+    $("main").classList.toggle("stale", Boolean(lastUpdated));
+  }
+
+  function showNotice(queues) {
+    const box = $("notice");
+    if (queues.ok) {
+      box.hidden = true;
+      box.replaceChildren();
+      return;
+    }
+    const why = queues.status === 401 || queues.status === 403 ? " Paste a token with scope admin to see them." : "";
+    box.replaceChildren(
+      h("p", {}, "Per-pipeline counters, throughput and node health come from GET /admin/queues, which failed." + why),
+      h("p", {}, describe(queues))
+    );
+    box.hidden = false;
+  }
+
+  function showUpdated(now) {
+    lastUpdated = new Date(now);
+    const time = h("time", { datetime: lastUpdated.toISOString() }, lastUpdated.toLocaleTimeString("en-GB"));
+    $("updated").replaceChildren("Last updated ", time, " · every " + POLL_MS / 1000 + " s");
+  }
+
+  // --- the loop ----------------------------------------------------------------------------------
+
+  async function refresh() {
+    const [cluster, health, queues] = await Promise.all(
+      ["/admin/pipelines", "/admin/pipelines/health", "/admin/queues"].map(getJson)
+    );
+    const failures = [cluster, health].filter((r) => !r.ok);
+    showError(failures);
+    if (failures.length) return;
+    const now = Date.now();
+    const model = buildModel(cluster.body, health.body, queues.ok ? queues.body : null);
+    record(model.pipelines, now);
+    drawProblems(model);
+    drawTotals(model.cluster);
+    drawNodes(model);
+    drawPipelines(model, now);
+    showNotice(queues);
+    showUpdated(now);
+  }
+
+  let busy = false;
+  let again = false;
+  let timer = 0;
+
+  async function poll() {
+    if (busy) {
+      again = true;
+      return;
+    }
+    busy = true;
+    clearTimeout(timer);
+    try {
+      await refresh();
+    } catch (e) {
+      showError([{ status: 0, path: "(the page)", message: "the page failed to draw: " + e.message }]);
+    } finally {
+      busy = false;
+    }
+    if (again) {
+      again = false;
+      poll();
+    } else {
+      timer = setTimeout(poll, POLL_MS);
+    }
+  }
+
+  function start() {
+    $("token-form").addEventListener("submit", (event) => {
+      event.preventDefault();
+      const input = $("token");
+      const value = input.value.trim().replace(/^bearer\s+/i, "");
+      input.value = "";
+      if (value) setToken(value);
+      poll();
+    });
+    $("forget-token").addEventListener("click", () => {
+      setToken("");
+      poll();
+    });
+    showTokenState();
+    poll();
+  }
+
+  start();
+})();
