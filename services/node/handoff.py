@@ -5,7 +5,8 @@ that can send from an IP, best first (``epoxi.placement``'s metric), and a way t
 them messages (``NodeService.TakeMessages``). The receiver answers only once the messages are
 durably in its spool, and only then does the sender delete them; a message caught between the
 two (a crash) is in both spools, and the receiver recognises it when it is handed again (same
-spool ID), so it is never spooled twice.
+spool ID), so it is never spooled twice. A message keeps its ``traceparent`` as it moves, so
+its attempts on the receiving node join the trace that first spooled it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ from services.node.engine.spool import Handed, Pending
 
 # Messages per TakeMessages call: a few MB of typical mail, one transaction on each side.
 CHUNK = 200
+# HandedMessage.traceparent; until the stubs carry it, moved mail starts new traces.
+_TRACEPARENT = "traceparent"
+_CARRIES_TRACEPARENT = _TRACEPARENT in node_pb2.HandedMessage.DESCRIPTOR.fields_by_name
 
 
 class HandOffError(Exception):
@@ -109,7 +113,7 @@ def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
 
 
 def to_proto(m: Handed) -> node_pb2.HandedMessage:
-    return node_pb2.HandedMessage(
+    proto = node_pb2.HandedMessage(
         id=m.id,
         sender=m.sender,
         recipients=[p.recipient for p in m.pending],
@@ -120,6 +124,9 @@ def to_proto(m: Handed) -> node_pb2.HandedMessage:
         attempts=[p.attempts for p in m.pending],
         next_attempts=[_timestamp(p.next_attempt_at) for p in m.pending],
     )
+    if _CARRIES_TRACEPARENT and m.traceparent:
+        setattr(proto, _TRACEPARENT, m.traceparent)
+    return proto
 
 
 def from_proto(m: node_pb2.HandedMessage, now: float) -> Handed:
@@ -130,4 +137,7 @@ def from_proto(m: node_pb2.HandedMessage, now: float) -> Handed:
         due = m.next_attempts[i].ToNanoseconds() / 1e9 if i < len(m.next_attempts) else now
         pending.append(Pending(recipient, attempts, due))
     accepted = m.accepted_at.ToNanoseconds() / 1e9 if m.HasField("accepted_at") else now
-    return Handed(m.id, m.sender, m.content, accepted, m.batch_key, m.batch_index, tuple(pending))
+    traceparent = str(getattr(m, _TRACEPARENT, "")) if _CARRIES_TRACEPARENT else ""
+    return Handed(
+        m.id, m.sender, m.content, accepted, m.batch_key, m.batch_index, tuple(pending), traceparent
+    )

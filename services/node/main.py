@@ -1,9 +1,11 @@
 """Wiring for the node: its settings, the gRPC server, the spool, SMTP delivery and the registry.
 
-``start_node`` builds each part whole, in dependency order: the spool, the registry client, the
+``start_node`` builds each part whole, in dependency order: its metrics (``NodeMetrics``, on a
+registry of its own unless ``--metrics-listen off``), the spool, the registry client, the
 sender, the bouncer and the registrar (the supervisor's hooks), the policy feed (read once), the
-bound server (so the node's address is known), the ``PipelineSupervisor`` with all of them, then
-its servicer, and the server starts.
+bound server (so the node's address is known), the ``PipelineSupervisor`` with all of them,
+``/metrics`` (its address goes in the node's registry Meta as ``metrics``), then its servicer,
+and the server starts.
 
 In-process use (tests, tools)::
 
@@ -28,6 +30,9 @@ import dns.asyncresolver
 
 from epoxi import durations, settings, validation
 from epoxi.observability.config import TelemetryConfig
+from epoxi.observability.grpc_metrics import GrpcServerMetrics
+from epoxi.observability.logs import log_fields
+from epoxi.observability.metrics import new_registry
 from epoxi.policy_store import PolicyTable
 from epoxi.registry import client
 from epoxi.registry.ownership import ConsulOwnership
@@ -47,6 +52,7 @@ from services.node.engine.retry import Retry
 from services.node.engine.spool import Spool
 from services.node.handoff import ClusterPeers
 from services.node.idle import IdleReaper
+from services.node.metrics import NodeMetrics
 from services.node.policy_feed import PolicyFeed
 from services.node.registration import Registrar
 from services.node.retention import Retention
@@ -205,6 +211,7 @@ class RunningNode(Service):
     bouncer: Bouncer | None = None
     policy_feed: PolicyFeed | None = None
     retention: Retention | None = None
+    metrics: NodeMetrics
 
     @property
     def id(self) -> str:
@@ -218,8 +225,10 @@ async def start_node(config: NodeConfig) -> RunningNode:
     security = load_security(config.security)
     running = RunningNode(f"node {config.id}", config.stop_grace)
     async with running.starting():
+        registry = new_registry("node") if config.telemetry.metrics_on else None
+        metrics = running.metrics = NodeMetrics(registry)
         config.spool_path.parent.mkdir(parents=True, exist_ok=True)
-        spool = running.spool = running.closing(await Spool.open(config.spool_path))
+        spool = running.spool = running.closing(await Spool.open(config.spool_path, metrics))
         consul = running.consul = running.closing(client.connect(config.consul)) if config.consul else None
         sender = outbound.build_sender(
             config.delivery,
@@ -227,11 +236,14 @@ async def start_node(config: NodeConfig) -> RunningNode:
             config.ehlo_name,
             config.smtp_timeout,
             config.resolver,
+            metrics,
         )
         # The routing keys the bouncer spools DSNs for; the supervisor starts or wakes their pipelines.
         spooled: asyncio.Queue[str] = asyncio.Queue()
         hooks: list[PipelineHooks] = []
-        bouncer = running.bouncer = outbound.build_bouncer(config.delivery, spool, spooled, config.ehlo_name)
+        bouncer = running.bouncer = outbound.build_bouncer(
+            config.delivery, spool, spooled, config.ehlo_name, metrics
+        )
         if bouncer is not None:
             hooks.append(bouncer)
         registrar = None
@@ -252,6 +264,7 @@ async def start_node(config: NodeConfig) -> RunningNode:
         running.listen(
             config.listen,
             config.advertise,
+            interceptors=[GrpcServerMetrics(registry)] if registry is not None else [],
             max_message_bytes=message_limit(config.max_email_bytes),
             security=security,
         )
@@ -277,8 +290,16 @@ async def start_node(config: NodeConfig) -> RunningNode:
             stop_grace=config.stop_grace,
             ownership=ownership,
             peers=peers,
+            instruments=metrics,
         )
         running.on_close(supervisor.close)
+
+        async def scraped() -> None:
+            await metrics.refresh(spool, [p.status for p in supervisor.pipelines.values()])
+
+        await running.expose_metrics(config.telemetry, registry, before_scrape=[scraped])
+        if registrar is not None:
+            registrar.metrics_address = running.metrics_address
         servicer = NodeService(supervisor, max_email_bytes=config.max_email_bytes)
         await running.serve(
             [(lambda s: node_pb2_grpc.add_NodeServiceServicer_to_server(servicer, s), SERVICE_NAME)]
@@ -334,4 +355,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = parse_config(argv)
     if not config.egress_ips:
         raise SystemExit("epoxi node: give at least one --egress-ip (or EPOXI_NODE_EGRESS_IP)")
-    return serve_main(f"node {config.id}", lambda: start_node(config), config.telemetry, config.id)
+    # Every record the node logs names it (JSON logs: "node").
+    with log_fields(node=config.id):
+        return serve_main(f"node {config.id}", lambda: start_node(config), config.telemetry, config.id)

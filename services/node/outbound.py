@@ -18,6 +18,7 @@ from epoxi import address, durations
 from epoxi.settings import setting
 from services.node.engine.dsn import Bouncer
 from services.node.engine.host_backoff import HostBackoff
+from services.node.engine.instruments import NO_INSTRUMENTS, Instruments
 from services.node.engine.mx import Destinations, Host, Resolver, resolver_for
 from services.node.engine.smtp import DEFAULT_MAX_MESSAGES_PER_CONNECTION, SmtpSender
 from services.node.engine.spool import Spool
@@ -101,6 +102,7 @@ def build_sender(
     ehlo_name: str,
     timeout: float,
     resolver: dns.asyncresolver.Resolver | None = None,
+    instruments: Instruments = NO_INSTRUMENTS,
 ) -> SmtpSender:
     return SmtpSender(
         Destinations(routes, Resolver(resolver or resolver_for(config.dns))),
@@ -110,13 +112,18 @@ def build_sender(
         max_messages_per_connection=config.max_messages_per_connection,
         tls=TlsPolicy(config.tls, config.tls_cafile),
         backoff=HostBackoff(base=config.host_backoff),
+        instruments=instruments,
     )
 
 
 def build_bouncer(
-    config: DeliveryConfig, spool: Spool, spooled: asyncio.Queue[str], reporting_mta: str
+    config: DeliveryConfig,
+    spool: Spool,
+    spooled: asyncio.Queue[str],
+    reporting_mta: str,
+    instruments: Instruments = NO_INSTRUMENTS,
 ) -> Bouncer | None:
     """The bouncer that spools DSNs into ``spool`` and tells ``spooled``; None without ``dsn_from``."""
     if not config.dsn_from:
         return None
-    return Bouncer(spool, spooled, config.dsn_from, reporting_mta)
+    return Bouncer(spool, spooled, config.dsn_from, reporting_mta, instruments)

@@ -15,6 +15,10 @@ crashed or took a new policy) wakes ``run`` for a round at once and returns when
 done, so a StartPipeline or StopPipeline call answers only once the registry shows it. Before
 ``run`` starts and after it ends, events wait for nothing: the startup's inline ``sync`` and the
 first round see them. Once ``deregister_all`` ran at shutdown, nothing registers again.
+
+Each check carries ``Notes`` saying what it means (what an operator reads in the Consul UI),
+while its Output stays the one-line state. The node's registration names its ``/metrics``
+address in its Meta as ``metrics`` (``metrics_address``), for Prometheus's consul_sd.
 """
 
 from __future__ import annotations
@@ -31,7 +35,12 @@ from consul import ConsulException
 
 from epoxi import durations
 from epoxi.registry.client import Consul, RegistryError
-from epoxi.registry.services import node_registration, pipeline_check_id, pipeline_registration
+from epoxi.registry.services import (
+    node_registration,
+    pipeline_check_id,
+    pipeline_registration,
+    with_metrics,
+)
 from epoxi.v1 import node_pb2, pipeline_pb2
 from services.node.engine.hooks import PipelineHooks
 
@@ -71,8 +80,11 @@ class Registrar(PipelineHooks):
         deregister_after: str = "1m",
         timeout: float = 10.0,
         check_fields: Mapping[str, Any] | None = None,
+        metrics_address: str = "",
     ) -> None:
         self.consul = consul
+        # host:port of the node's /metrics ("" when it serves none), in its Meta as "metrics".
+        self.metrics_address = metrics_address
         # Added to the node's GRPC check: GRPCUseTLS (and TLSServerName) when the node serves TLS.
         self.check_fields = dict(check_fields or {})
         self.interval = interval
@@ -155,6 +167,8 @@ class Registrar(PipelineHooks):
         if meta != self._node_meta or self._rounds % NODE_REFRESH_ROUNDS == 0:
             registration = node_registration(snap.node, self.check_interval, self.deregister_after)
             registration["check"].update(self.check_fields)
+            registration["check"]["Notes"] = node_notes(snap.node.id, snap.node.address, self.check_interval)
+            registration = with_metrics(registration, self.metrics_address)
             await self.consul.agent.service.register(**registration)
             self._node_meta = meta
         current = {p.info.name for p in snap.pipelines}
@@ -188,9 +202,11 @@ class Registrar(PipelineHooks):
             await self._refresh(p)
 
     async def _register_pipeline(self, p: PipelineState) -> None:
-        await self.consul.agent.service.register(
-            **pipeline_registration(p.info, self.ttl, self.deregister_after)
+        registration = pipeline_registration(p.info, self.ttl, self.deregister_after)
+        registration["check"]["Notes"] = pipeline_notes(
+            p.info.node, p.info.routing_key, self.ttl, self.deregister_after
         )
+        await self.consul.agent.service.register(**registration)
         self._pipelines[p.info.name] = p.info.policy
         await self._refresh(p, register_if_lost=False)
 
@@ -232,6 +248,27 @@ class Registrar(PipelineHooks):
                 self._node_meta = None
             except RegistryError as e:
                 log.warning("deregistering node %s failed: %s", node_id, e)
+
+
+def node_notes(node: str, address: str, interval: str) -> str:
+    """What the node's check means, for its ``Notes``."""
+    return (
+        f"gRPC health check of Epoxi node {node} at {address}, run by the registry every {interval}: "
+        "passing while the node serves NodeService; critical when it does not answer (stopped, "
+        "crashed, unreachable, or shutting down). Its pipelines are the epoxi-pipeline services "
+        f"tagged node:{node}."
+    )
+
+
+def pipeline_notes(node: str, routing_key: str, ttl: str, deregister_after: str) -> str:
+    """What a pipeline's check means, for its ``Notes``."""
+    return (
+        f"TTL check kept passing by node {node} while pipeline {routing_key} runs; critical while "
+        f"the pipeline restarts after a crash (the Output says why), and critical when the node "
+        f"stops updating it for {ttl} (the node is down or cannot reach the registry); "
+        f"deregistered after {deregister_after} critical. Output: the pipeline's state line "
+        "(queued, in flight, deferred, delivered, bounced)."
+    )
 
 
 def _done(round_: asyncio.Future[None] | None) -> None:

@@ -7,6 +7,9 @@ EnqueueBatch and TakeMessages answer on purpose carries ``epoxi-refused: 1``: no
 spooled, so trying elsewhere cannot double the mail. An error without it (a deadline, a lost
 connection) leaves that open. A batch with an email that fails validation, or passes it and
 still cannot be rendered, is INVALID_ARGUMENT naming each such email, and none of it is spooled.
+
+While tracing is on, EnqueueBatch's and TakeMessages' server spans (made by the gRPC
+interceptor) carry ``epoxi.routing_key``, ``epoxi.node`` and how many emails came.
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ import time
 from collections.abc import Sequence
 
 import grpc
+from opentelemetry import trace
 
 from epoxi import policy, routing, validation
 from epoxi.envelope import recipients_in
+from epoxi.observability import tracing
 from epoxi.policy import Policy
 from epoxi.policy_store import POLICIES, PolicyError, check_name
 from epoxi.registry import ownership
@@ -165,6 +170,8 @@ class NodeService(node_pb2_grpc.NodeServiceServicer):
     async def EnqueueBatch(
         self, request: node_pb2.EnqueueBatchRequest, context: grpc.aio.ServicerContext
     ) -> node_pb2.EnqueueBatchResponse:
+        if tracing.enabled():
+            self._describe_call(request.routing_key, len(request.emails))
         if not request.emails:
             await _refuse(context, _INVALID, "emails is empty: send at least one email")
         problems = [
@@ -190,7 +197,12 @@ class NodeService(node_pb2_grpc.NodeServiceServicer):
             spooled = await self.supervisor.enqueue_batch(p, request.emails, request.idempotency_key)
         except Unrenderable as e:
             message = summary(e.problems)
-            log.warning("batch for %s refused: %s", request.routing_key, message)
+            log.warning(
+                "batch for %s refused: %s",
+                request.routing_key,
+                message,
+                extra={"routing_key": request.routing_key},
+            )
             await _refuse(context, _INVALID, message)
             raise
         except (OwnedElsewhere, ClaimError, ValueError) as e:
@@ -207,6 +219,8 @@ class NodeService(node_pb2_grpc.NodeServiceServicer):
     async def TakeMessages(
         self, request: node_pb2.TakeMessagesRequest, context: grpc.aio.ServicerContext
     ) -> node_pb2.TakeMessagesResponse:
+        if tracing.enabled():
+            self._describe_call(request.routing_key, len(request.messages))
         problems = []
         try:
             routing.split_routing_key(request.routing_key)
@@ -242,6 +256,11 @@ class NodeService(node_pb2_grpc.NodeServiceServicer):
             await _not_here(context, e)
             raise
         return node_pb2.TakeMessagesResponse(message_ids=ids, pipeline=await self.supervisor.pipeline_info(p))
+
+    def _describe_call(self, key: str, emails: int) -> None:
+        trace.get_current_span().set_attributes(
+            {"epoxi.routing_key": key, "epoxi.node": self.supervisor.id, "epoxi.emails": emails}
+        )
 
     # Queue inspection
 

@@ -29,6 +29,11 @@ never leaves committed mail asleep.
 Per-key state lives as long as the key's pipeline runs, and a while after: ``forget_idle``
 drops what the supervisor knows of a stopped key with no recent mail. The spool still holds the
 key's pipeline record, so new mail for it starts it again all the same.
+
+A batch is spooled under the context of the call that brought it (EnqueueBatch's span): each
+message keeps that ``traceparent``, and while tracing is on the commit is a ``spool commit``
+span. Accepted messages are counted through ``instruments`` (``engine.instruments``), which
+each pipeline gets too.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from google.protobuf import timestamp_pb2
 from epoxi import envelope, raw_message, rendering
 from epoxi.envelope import recipients_in
 from epoxi.excerpt import shown
+from epoxi.observability import tracing
 from epoxi.policy import Policy
 from epoxi.policy_store import PolicyTable
 from epoxi.registry.ownership import ClaimError, LocalOwnership, Owner, Ownership
@@ -54,6 +60,7 @@ from epoxi.routing import routing_key, split_routing_key
 from epoxi.tasks import cancel_and_wait
 from epoxi.v1 import email_pb2, node_pb2, pipeline_pb2
 from services.node.engine.hooks import HookChain, PipelineHooks
+from services.node.engine.instruments import NO_INSTRUMENTS, Instruments
 from services.node.engine.pipeline import FAILED, RUNNING, Pipeline
 from services.node.engine.retry import Retry
 from services.node.engine.smtp import Sender
@@ -70,6 +77,7 @@ from services.node.engine.spool import (
     Spooled,
     State,
 )
+from services.node.engine.trace_context import outside_spans
 from services.node.handoff import CHUNK, HandOffError, NoPeers, OwnedBy, Peers
 from services.node.registration import NodeSnapshot, PipelineState
 
@@ -148,8 +156,10 @@ class PipelineSupervisor:
         stop_grace: float = 5.0,
         ownership: Ownership | None = None,
         peers: Peers | None = None,
+        instruments: Instruments = NO_INSTRUMENTS,
     ) -> None:
         self.id = id
+        self.instruments = instruments
         self.address = address  # where others dial the node
         self.egress_ips = [str(ipaddress.ip_address(ip)) for ip in egress_ips]
         self.ip_pool = ip_pool
@@ -230,6 +240,8 @@ class PipelineSupervisor:
                 idle_timeout=self.connection_idle_timeout,
                 restart_delay=self.restart_delay,
                 hooks=self.hooks,
+                node=self.id,
+                instruments=self.instruments,
             )
             self.pipelines[key] = p
             self.idle_stopped.pop(key, None)
@@ -237,7 +249,7 @@ class PipelineSupervisor:
             p.start()
             if self._draining is None and not self._closed:
                 self._draining = asyncio.create_task(
-                    self._take_spooled(), name=f"node {self.id}: spooled mail"
+                    self._take_spooled(), name=f"node {self.id}: spooled mail", context=outside_spans()
                 )
         log.info("pipeline %s started with policy %s", key, policy.name)
         await self.hooks.pipeline_started(p)
@@ -352,7 +364,20 @@ class PipelineSupervisor:
         p, _ = await self.pipeline_for_mail(key, policy)
 
         async def write(key: str) -> Spooled:
-            return Spooled(await self.spool.receive(key, messages))
+            if not tracing.enabled():
+                return Spooled(await self.spool.receive(key, messages))
+            # Each message keeps the traceparent it came with; this span is TakeMessages' part.
+            with tracing.tracer.start_as_current_span(
+                "spool commit",
+                attributes={
+                    "epoxi.routing_key": key,
+                    "epoxi.node": self.id,
+                    "epoxi.messages": len(messages),
+                    "db.system.name": "sqlite",
+                    "db.operation.name": "receive",
+                },
+            ):
+                return Spooled(await self.spool.receive(key, messages))
 
         spooled = await self._spool_for(p, write)
         return self.pipelines.get(key) or p, spooled.ids
@@ -505,11 +530,33 @@ class PipelineSupervisor:
         it had (``Spool.enqueue_batch``). Raises ``Unrenderable``, spooling nothing, when an
         email cannot be rendered."""
         messages = await asyncio.to_thread(_rendered, p.domain, emails)
-        return await self._spool_for(p, lambda key: self.spool.enqueue_batch(key, messages, batch_key))
+        return await self._spool_for(p, lambda key: self._spool_batch(key, messages, batch_key))
 
     async def enqueue_rendered(self, p: Pipeline, messages: Sequence[NewMessage]) -> list[str]:
         """Spool rendered ``messages`` for ``p``'s routing key, like ``enqueue``."""
-        return (await self._spool_for(p, lambda key: self.spool.enqueue_batch(key, messages))).ids
+        return (await self._spool_for(p, lambda key: self._spool_batch(key, messages, ""))).ids
+
+    async def _spool_batch(self, key: str, messages: Sequence[NewMessage], batch_key: str) -> Spooled:
+        """One spool transaction for a batch, under the current context; counted when new."""
+        if not tracing.enabled():
+            spooled = await self.spool.enqueue_batch(key, messages, batch_key)
+        else:
+            traceparent = tracing.traceparent()  # the caller's span: the messages' attempts join it
+            with tracing.tracer.start_as_current_span(
+                "spool commit",
+                attributes={
+                    "epoxi.routing_key": key,
+                    "epoxi.node": self.id,
+                    "epoxi.messages": len(messages),
+                    "db.system.name": "sqlite",
+                    "db.operation.name": "enqueue",
+                },
+            ) as span:
+                spooled = await self.spool.enqueue_batch(key, messages, batch_key, traceparent)
+                span.set_attribute("epoxi.duplicate", spooled.duplicate)
+        if not spooled.duplicate:
+            self.instruments.key(key).accepted(len(spooled.ids))
+        return spooled
 
     async def _spool_for(self, p: Pipeline, write: Callable[[str], Awaitable[Spooled]]) -> Spooled:
         """Run ``write`` (a spool transaction for ``p``'s key), then wake the key's pipeline."""

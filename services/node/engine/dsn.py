@@ -10,7 +10,8 @@ The ``Bouncer`` is a pipeline hook: it spools each DSN itself, like any message,
 key (sender's domain, the bounced mail's source IP), then puts that key on ``spooled``, a queue the
 supervisor drains to start or wake the key's pipeline. It holds neither the supervisor nor a
 pipeline. A crash between the two steps loses nothing: a node resumes every routing key with
-unfinished mail.
+unfinished mail. The DSN is spooled under the current span's context (the pipeline's
+``bounce`` span while tracing is on), so its delivery joins the bounced mail's trace.
 """
 
 from __future__ import annotations
@@ -29,9 +30,13 @@ from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from typing import TYPE_CHECKING
 
+from opentelemetry import trace
+
+from epoxi.observability import tracing
 from epoxi.routing import routing_key
 from services.node.engine.extensions import header_end
 from services.node.engine.hooks import PipelineHooks
+from services.node.engine.instruments import NO_INSTRUMENTS, Instruments
 from services.node.engine.reply import Reply
 from services.node.engine.spool import Job, NewMessage, Outcome, Spool
 
@@ -145,8 +150,16 @@ class Bouncer(PipelineHooks):
     """Spools a DSN for each bounced message whose sender can take one, and puts the DSN's routing
     key on ``spooled`` for the supervisor."""
 
-    def __init__(self, spool: Spool, spooled: asyncio.Queue[str], dsn_from: str, reporting_mta: str) -> None:
+    def __init__(
+        self,
+        spool: Spool,
+        spooled: asyncio.Queue[str],
+        dsn_from: str,
+        reporting_mta: str,
+        instruments: Instruments = NO_INSTRUMENTS,
+    ) -> None:
         self.spool = spool
+        self.instruments = instruments
         self.spooled = spooled
         self.dsn_from = dsn_from
         self.reporting_mta = reporting_mta
@@ -157,7 +170,12 @@ class Bouncer(PipelineHooks):
             return  # a bounce of a bounce, or nothing to report
         domain = sender.rpartition("@")[2]
         if not domain:
-            log.warning("no DSN for message %s: sender %r has no domain", job.message_id, job.sender)
+            log.warning(
+                "no DSN for message %s: sender %r has no domain",
+                job.message_id,
+                job.sender,
+                extra={"routing_key": pipeline.routing_key, "message_id": job.message_id},
+            )
             return
         recipients = {d.id: d.recipient for d in job.deliveries}
         bounced = {recipients[o.delivery_id]: o for o in outcomes}
@@ -172,6 +190,19 @@ class Bouncer(PipelineHooks):
             bounced=bounced,
         )
         key = routing_key(domain, pipeline.source_ip)
-        [dsn_id] = await self.spool.enqueue(key, [NewMessage("", [sender], data)])
+        traced = tracing.enabled()
+        [dsn_id] = await self.spool.enqueue(
+            key, [NewMessage("", [sender], data)], traceparent=tracing.traceparent() if traced else ""
+        )
+        if traced:
+            trace.get_current_span().set_attribute("epoxi.dsn.message_id", dsn_id)
+        self.instruments.dsn()
         self.spooled.put_nowait(key)
-        log.info("message %s: DSN %s to %s for %s", job.message_id, dsn_id, sender, ", ".join(bounced))
+        log.info(
+            "message %s: DSN %s to %s for %s",
+            job.message_id,
+            dsn_id,
+            sender,
+            ", ".join(bounced),
+            extra={"routing_key": pipeline.routing_key, "message_id": job.message_id},
+        )

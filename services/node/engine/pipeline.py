@@ -20,6 +20,13 @@ it. ``apply_policy`` changes the knobs while running: the next claim uses them (
 a lowered ``max_connections`` end after their message). If the task crashes it is restarted
 after a growing delay (``epoxi.backoff``), and the failure is reported meanwhile
 (``PipelineHooks.pipeline_failed``, ``status``, ``state_line``).
+
+Each attempt's outcomes are counted through ``instruments`` (``engine.instruments``), and
+while tracing is on each attempt is a CLIENT span ``smtp send`` whose parent is the context the
+message was spooled under, so an attempt hours later joins the trace that submitted the mail;
+a bounce is a ``bounce`` span inside it, under which the DSN is spooled. A deferral or bounce is
+logged at INFO with the routing key and message ID (a delivery is not: that is the hot path).
+Whether tracing is on is asked once per attempt; off, no span or attribute is built.
 """
 
 from __future__ import annotations
@@ -29,18 +36,26 @@ import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Sequence
 from typing import TypeAlias
 
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
 from epoxi.backoff import Backoff
+from epoxi.observability import tracing
 from epoxi.policy import Policy
 from epoxi.v1 import pipeline_pb2
 from services.node.engine.hooks import PipelineHooks
+from services.node.engine.instruments import NO_INSTRUMENTS, Instruments
 from services.node.engine.ratelimit import RateLimiter
 from services.node.engine.recorder import RECORD_DELAY, RECORD_GROUP, Recorder
 from services.node.engine.reply import Reply
 from services.node.engine.retry import Retry
 from services.node.engine.smtp import Connection, Sender
 from services.node.engine.spool import Counts, Delivery, Job, Outcome, Spool, State
+from services.node.engine.trace_context import outside_spans
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +85,11 @@ class Pipeline:
         hooks: PipelineHooks | None = None,
         record_group: int = RECORD_GROUP,
         record_delay: float = RECORD_DELAY,
+        node: str = "",
+        instruments: Instruments = NO_INSTRUMENTS,
     ) -> None:
         self.routing_key = routing_key
+        self.node = node  # the node's ID, for spans
         self.domain = domain
         self.source_ip = source_ip
         self.policy = policy
@@ -87,6 +105,7 @@ class Pipeline:
         self.restarts = 0
         self._limiter = RateLimiter(policy.allowed_messages, policy.message_interval)
         self._recorder = Recorder(spool, record_group, record_delay)
+        self._measures = instruments.key(routing_key)
         self._connections: list[Connection] = []  # open, at most max_connections
         self._busy: list[Connection] = []  # those a lane is sending on
         self._queue: deque[Job] = deque()  # claimed jobs no lane has taken yet
@@ -102,7 +121,9 @@ class Pipeline:
             # Running from here on: a snapshot taken before the task's first step (another
             # pipeline's registry round) must not show it still starting.
             self.status = RUNNING
-            self._task = asyncio.create_task(self._supervise(), name=f"pipeline {self.routing_key}")
+            self._task = asyncio.create_task(
+                self._supervise(), name=f"pipeline {self.routing_key}", context=outside_spans()
+            )
 
     def wake(self) -> None:
         """New mail is in the spool."""
@@ -301,6 +322,28 @@ class Pipeline:
     async def _send(self, conn: Connection, job: Job) -> None:
         if not await self._take_slot():
             return  # stopping: the job stays in flight until stop() releases it
+        if not tracing.enabled():
+            await self._attempt(conn, job, None)
+            return
+        with tracing.tracer.start_as_current_span(
+            "smtp send",
+            # Mail spooled with no context (tracing was off) starts a trace of its own.
+            context=tracing.context_of(job.traceparent) or otel_context.Context(),
+            kind=SpanKind.CLIENT,
+            attributes={
+                "epoxi.routing_key": self.routing_key,
+                "epoxi.node": self.node,
+                "epoxi.message_id": job.message_id,
+                "epoxi.attempt": max(d.attempts for d in job.deliveries) + 1,
+                "epoxi.recipients": len(job.deliveries),
+                "network.local.address": self.source_ip,
+            },
+        ) as span:
+            await self._attempt(conn, job, span)
+
+    async def _attempt(self, conn: Connection, job: Job, span: trace.Span | None) -> None:
+        """One SMTP transaction for ``job`` (its rate-limit slot taken), its outcomes counted,
+        bounces told to the hooks, and the outcomes added to the next group."""
         try:
             results = await conn.send(job.sender, [d.recipient for d in job.deliveries], job.data)
         finally:
@@ -309,12 +352,55 @@ class Pipeline:
         now = time.time()
         missing = Reply.local("no result from the sender")
         outcomes = [self._outcome(d, results.get(d.recipient, missing), now) for d in job.deliveries]
-        bounced = [o for o in outcomes if o.state is State.BOUNCED]
+        self._measures.attempted(job, outcomes, now)
+        if span is not None:
+            _describe(span, outcomes)
+        failed = [o for o in outcomes if o.state is not State.DELIVERED]
+        if failed:
+            self._log_failures(job, failed)
+        bounced = [o for o in failed if o.state is State.BOUNCED]
         if bounced:
             # A DSN is durable before its bounce joins a group, so a group never records a
             # bounce whose DSN is not spooled (and flushing never waits on the hooks).
-            await self.hooks.bounced(self, job, bounced)
+            if span is None:
+                await self.hooks.bounced(self, job, bounced)
+            else:
+                with tracing.tracer.start_as_current_span(
+                    "bounce",
+                    attributes={
+                        "epoxi.routing_key": self.routing_key,
+                        "epoxi.node": self.node,
+                        "epoxi.message_id": job.message_id,
+                        "epoxi.recipients": len(bounced),
+                    },
+                ):
+                    await self.hooks.bounced(self, job, bounced)
         self._recorder.add(outcomes)
+
+    def _log_failures(self, job: Job, failed: Sequence[Outcome]) -> None:
+        recipients = {d.id: d.recipient for d in job.deliveries}
+        fields = {"routing_key": self.routing_key, "message_id": job.message_id}
+        for o in failed:
+            reply = f"{o.reply.code} {o.text}" if o.reply.code else o.text
+            if o.state is State.BOUNCED:
+                log.info(
+                    "message %s to %s bounced after %d attempts: %s",
+                    job.message_id,
+                    recipients.get(o.delivery_id, "?"),
+                    o.attempts,
+                    reply,
+                    extra=fields,
+                )
+            else:
+                log.info(
+                    "message %s to %s deferred (attempt %d, next in %.0fs): %s",
+                    job.message_id,
+                    recipients.get(o.delivery_id, "?"),
+                    o.attempts,
+                    max(0.0, o.next_attempt_at - (o.attempted_at or o.next_attempt_at)),
+                    reply,
+                    extra=fields,
+                )
 
     async def _take_slot(self) -> bool:
         """Wait until the rate limit allows one more send; False when the pipeline is stopping."""
@@ -347,3 +433,19 @@ class Pipeline:
                 await conn.close()
             except Exception:
                 log.exception("pipeline %s: closing a connection failed", self.routing_key)
+
+
+def _describe(span: trace.Span, outcomes: Sequence[Outcome]) -> None:
+    """The attempt's result on its span: the reply that decided it (the first recipient's that
+    was not delivered, else the first's), and an error status unless every recipient was."""
+    decisive = next((o for o in outcomes if o.state is not State.DELIVERED), outcomes[0])
+    reply = decisive.reply
+    if reply.code:
+        span.set_attribute("epoxi.smtp.reply_code", reply.code)
+    if reply.enhanced:
+        span.set_attribute("epoxi.smtp.enhanced_code", reply.enhanced)
+    span.set_attribute("epoxi.outcome", decisive.state.value)
+    if decisive.state is not State.DELIVERED:
+        span.set_status(
+            Status(StatusCode.ERROR, f"{decisive.state.value}: {reply.code or ''} {reply.line}".strip())
+        )

@@ -9,6 +9,13 @@ It tries the domain's hosts in order; a host it could not connect to is left alo
 own, as RFC 5321 treats them. What the server's extensions cannot carry (a UTF-8 address or
 header without SMTPUTF8, an 8-bit body without 8BITMIME: ``extensions``), and an address that
 cannot go on a command line, bounce with a permanent reply of the node's own.
+
+While tracing is on, a connection describes itself on the current span (the pipeline's
+``smtp send``: ``server.address``, ``server.port``, ``network.peer.address``,
+``network.local.address``), and opening one makes the spans ``dns mx`` (where the domain's
+mail goes), ``smtp connect`` (per address tried: connect and greeting) and ``smtp starttls``.
+Connections opened, reused, upgraded with TLS, and hosts put to rest are counted through the
+sender's ``instruments``, per routing key.
 """
 
 from __future__ import annotations
@@ -16,14 +23,20 @@ from __future__ import annotations
 import ipaddress
 import logging
 import ssl
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import aiosmtplib
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from epoxi.observability import tracing
+from epoxi.routing import routing_key
 from services.node.engine.extensions import Needs
 from services.node.engine.host_backoff import HostBackoff
+from services.node.engine.instruments import NO_INSTRUMENTS, Instruments
 from services.node.engine.mx import Destinations, DnsUnavailable, Host, NoRoute, family_of
 from services.node.engine.reply import BAD_CONNECTION, NO_ANSWER, ROUTING_FAILURE, Reply
 from services.node.engine.tls import TlsPolicy
@@ -59,6 +72,7 @@ class SmtpSender:
     max_messages_per_connection: int = DEFAULT_MAX_MESSAGES_PER_CONNECTION
     tls: TlsPolicy = field(default_factory=TlsPolicy)
     backoff: HostBackoff = field(default_factory=HostBackoff)
+    instruments: Instruments = NO_INSTRUMENTS
 
     def __post_init__(self) -> None:
         self.ehlo_names = {str(ipaddress.ip_address(ip)): name for ip, name in self.ehlo_names.items()}
@@ -87,8 +101,11 @@ class SmtpConnection:
         self._source_ip = source_ip
         self._smtp: aiosmtplib.SMTP | None = None
         self._host = ""
+        self._port = 0
+        self._address = ""
         self._messages = 0
         self.tls = False
+        self._measures = sender.instruments.key(routing_key(domain, source_ip))
 
     @property
     def connected(self) -> bool:
@@ -113,6 +130,18 @@ class SmtpConnection:
                 return _transient(recipients, str(e), ROUTING_FAILURE)
             except _Unreachable as e:
                 return _transient(recipients, f"cannot connect: {e}", NO_ANSWER)
+            self._measures.connection_opened(self.tls)
+        if tracing.enabled():
+            trace.get_current_span().set_attributes(
+                {
+                    "server.address": self._host,
+                    "server.port": self._port,
+                    "network.peer.address": self._address,
+                    "network.local.address": self._source_ip,
+                    "epoxi.smtp.tls": self.tls,
+                    "epoxi.smtp.connection_reused": reused,
+                }
+            )
         try:
             results = await self._transaction(sender, recipients, data)
         except aiosmtplib.SMTPServerDisconnected as e:
@@ -120,6 +149,8 @@ class SmtpConnection:
                 return _transient(recipients, f"connection lost: {e}", BAD_CONNECTION)
             # The server dropped the idle connection we kept; try once on a fresh one.
             return await self.send(sender, recipients, data)
+        if reused:
+            self._measures.connection_reused()
         self._messages += 1
         if self._messages >= self._sender.max_messages_per_connection:
             await self.close()  # QUIT; the next message opens a new connection
@@ -181,7 +212,11 @@ class SmtpConnection:
         destinations = self._sender.destinations
         family = family_of(self._source_ip)
         errors: list[str] = []
-        for host in await destinations.hosts(self._domain, family):
+        with _span("dns mx", lambda: {"dns.question.name": self._domain}) as span:
+            hosts = await destinations.hosts(self._domain, family)
+            if span is not None:
+                span.set_attribute("epoxi.mx.hosts", [f"{h.host}:{h.port}" for h in hosts])
+        for host in hosts:
             try:
                 addresses = await destinations.addresses(host, family)
             except DnsUnavailable as e:
@@ -200,10 +235,13 @@ class SmtpConnection:
                     self._smtp, self.tls = await self._open(host, address)
                 except (aiosmtplib.SMTPException, OSError) as e:
                     self._sender.backoff.failed(key)
+                    self._measures.host_backoff()
                     errors.append(f"{where}: {e}")
                     continue
                 self._sender.backoff.succeeded(key)
                 self._host = host.host
+                self._port = host.port
+                self._address = address
                 self._messages = 0
                 return
         raise _Unreachable("; ".join(errors) or f"no host for {self._domain}")
@@ -230,19 +268,30 @@ class SmtpConnection:
             start_tls=False,
         )
         try:
-            await smtp.connect()
-            await _greet(smtp)
+            with _span(
+                "smtp connect",
+                lambda: {
+                    "server.address": host.host,
+                    "server.port": host.port,
+                    "network.peer.address": address,
+                    "network.local.address": self._source_ip,
+                },
+                SpanKind.CLIENT,
+            ):
+                await smtp.connect()
+                await _greet(smtp)
             if not starttls:
                 return smtp, False
             if not smtp.supports_extension("starttls"):
                 if self._sender.tls.required:
                     raise _TlsFailed(f"{host.host} does not offer STARTTLS, and TLS is required")
                 return smtp, False
-            try:
-                await smtp.starttls(server_hostname=host.host, tls_context=self._sender.tls.context)
-            except (aiosmtplib.SMTPException, ssl.SSLError, OSError) as e:
-                raise _TlsFailed(f"STARTTLS with {host.host} failed: {e}") from e
-            await _greet(smtp)  # RFC 3207 4.2: forget what was said before TLS
+            with _span("smtp starttls", lambda: {"server.address": host.host}, SpanKind.CLIENT):
+                try:
+                    await smtp.starttls(server_hostname=host.host, tls_context=self._sender.tls.context)
+                except (aiosmtplib.SMTPException, ssl.SSLError, OSError) as e:
+                    raise _TlsFailed(f"STARTTLS with {host.host} failed: {e}") from e
+                await _greet(smtp)  # RFC 3207 4.2: forget what was said before TLS
             return smtp, True
         except BaseException:
             smtp.close()
@@ -264,6 +313,27 @@ class SmtpConnection:
             await smtp.quit()
         except (aiosmtplib.SMTPException, OSError):
             smtp.close()
+
+
+@contextmanager
+def _span(
+    name: str,
+    attributes: Callable[[], dict[str, str | int]],
+    kind: SpanKind = SpanKind.INTERNAL,
+) -> Iterator[trace.Span | None]:
+    """A child span of the current one while tracing is on (None, and nothing built, when off);
+    an exception marks it failed with its message."""
+    if not tracing.enabled():
+        yield None
+        return
+    with tracing.tracer.start_as_current_span(
+        name, kind=kind, attributes=attributes(), record_exception=False, set_status_on_exception=False
+    ) as span:
+        try:
+            yield span
+        except Exception as e:
+            span.set_status(Status(StatusCode.ERROR, f"{type(e).__name__}: {e}"))
+            raise
 
 
 async def _greet(smtp: aiosmtplib.SMTP) -> None:

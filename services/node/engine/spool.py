@@ -12,6 +12,16 @@ Each outcome's ``Reply`` is stored as parsed: code, enhanced code and text, on t
 its attempt alike. A spool file from before deliveries had an enhanced code column gets it when
 opened, its rows split once the way the reply was parsed (``_migrate``).
 
+Each message keeps the W3C ``traceparent`` of the span that spooled it (``epoxi.observability.
+tracing``), so its delivery attempts, whenever they happen, join the trace that submitted it; a
+handed-over message keeps the one it came with. Spool files from before get the column when
+opened (``_migrate``), empty for the mail already in them.
+
+Every transaction that writes rows is one commit and so one fsync of the WAL: it is timed and
+counted through ``instruments`` (``engine.instruments``), on the spool's thread. A transaction
+that changed nothing (a duplicate batch, a claim with nothing due) writes no WAL frame and is
+not counted.
+
 Retention (``purge``) deletes finished mail, a chunk per transaction, and adds what it deleted
 to per-routing-key totals in the same transaction, so delivered and bounced counts are "since
 the spool was created" and never drop.
@@ -20,10 +30,11 @@ the spool was created" and never drop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
@@ -32,6 +43,7 @@ from typing import Any, Self, TypeVar
 
 from epoxi.policy import Policy
 from epoxi.v1 import pipeline_pb2
+from services.node.engine.instruments import NO_INSTRUMENTS, Instruments
 from services.node.engine.reply import Reply
 
 T = TypeVar("T")
@@ -158,6 +170,8 @@ class Handed:
     batch_key: str
     batch_index: int
     pending: tuple[Pending, ...]
+    # The W3C traceparent it was spooled under ("": none).
+    traceparent: str = ""
 
 
 @dataclass(frozen=True)
@@ -175,6 +189,9 @@ class Job:
     sender: str
     data: bytes
     deliveries: tuple[Delivery, ...]
+    # When the mesh accepted it (epoch seconds), and the W3C traceparent it was spooled under.
+    accepted_at: float = 0.0
+    traceparent: str = ""
 
 
 @dataclass(frozen=True)
@@ -241,6 +258,16 @@ class Due:
 
 
 @dataclass(frozen=True)
+class Backlog:
+    """A routing key's deliveries in one unfinished state, and when the oldest was accepted."""
+
+    routing_key: str
+    state: State
+    deliveries: int
+    oldest_accepted_at: float
+
+
+@dataclass(frozen=True)
 class PipelineRecord:
     routing_key: str
     domain: str
@@ -298,9 +325,10 @@ class Spool:
         self._executor = executor
         self._db = db
         self.path = path
+        self.instruments: Instruments = NO_INSTRUMENTS
 
     @classmethod
-    async def open(cls, path: str | Path) -> Self:
+    async def open(cls, path: str | Path, instruments: Instruments | None = None) -> Self:
         path = Path(path)
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool")
         loop = asyncio.get_running_loop()
@@ -309,7 +337,10 @@ class Spool:
         except BaseException:
             executor.shutdown(wait=False)
             raise
-        return cls(executor, db, path)
+        spool = cls(executor, db, path)
+        if instruments is not None:
+            spool.instruments = instruments
+        return spool
 
     async def close(self) -> None:
         await self._run(self._db.close)
@@ -318,10 +349,25 @@ class Spool:
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
+    @contextlib.contextmanager
+    def _writing(self, operation: str) -> Iterator[None]:
+        """One transaction (``with self._db``), measured as a commit when it wrote rows."""
+        changes = self._db.total_changes
+        started = time.perf_counter()
+        with self._db:
+            yield
+        if self._db.total_changes != changes:
+            self.instruments.committed(operation, time.perf_counter() - started)
+
     # Pipelines
 
     async def save_pipeline(self, routing_key: str, domain: str, source_ip: str, policy: Policy) -> None:
-        await self._run(self._tx, _SAVE_PIPELINE, [(routing_key, domain, source_ip, _policy_blob(policy))])
+        await self._run(
+            self._tx,
+            "save_pipeline",
+            _SAVE_PIPELINE,
+            [(routing_key, domain, source_ip, _policy_blob(policy))],
+        )
 
     async def pipelines_to_resume(self) -> list[PipelineRecord]:
         """Pipelines with unfinished mail, with the policy each was last started with."""
@@ -339,22 +385,33 @@ class Spool:
 
     # Mail
 
-    async def enqueue(self, routing_key: str, messages: Sequence[NewMessage]) -> list[str]:
-        """Store ``messages`` in one transaction and return their spool IDs once it is durable."""
-        return (await self.enqueue_batch(routing_key, messages)).ids
+    async def enqueue(
+        self, routing_key: str, messages: Sequence[NewMessage], traceparent: str = ""
+    ) -> list[str]:
+        """Store ``messages`` in one transaction and return their spool IDs once it is durable;
+        each keeps ``traceparent`` (the span that spooled them)."""
+        return (await self.enqueue_batch(routing_key, messages, traceparent=traceparent)).ids
 
     async def enqueue_batch(
-        self, routing_key: str, messages: Sequence[NewMessage], batch_key: str = ""
+        self, routing_key: str, messages: Sequence[NewMessage], batch_key: str = "", traceparent: str = ""
     ) -> Spooled:
         """Like ``enqueue``; a ``batch_key`` the spool knows stores nothing and answers the IDs
         it was stored under (an ID the spool never held, e.g. still being handed over, is "")."""
         ids = [uuid.uuid4().hex for _ in messages]
-        return await self._run(self._enqueue, routing_key, ids, messages, batch_key, time.time())
+        return await self._run(
+            self._enqueue, routing_key, ids, messages, batch_key, traceparent or None, time.time()
+        )
 
     def _enqueue(
-        self, routing_key: str, ids: list[str], messages: Sequence[NewMessage], batch_key: str, now: float
+        self,
+        routing_key: str,
+        ids: list[str],
+        messages: Sequence[NewMessage],
+        batch_key: str,
+        traceparent: str | None,
+        now: float,
     ) -> Spooled:
-        with self._db:
+        with self._writing("enqueue"):
             if batch_key:
                 self._db.execute("BEGIN IMMEDIATE")  # the lookup and the insert are one transaction
                 known = dict(self._db.execute(_BATCH, (batch_key,)).fetchall())
@@ -365,10 +422,19 @@ class Spool:
                     [(batch_key, n, i, now) for n, i in enumerate(ids)],
                 )
             self._db.executemany(
-                "INSERT INTO messages (id, routing_key, sender, data, created_at, batch_key, batch_index)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO messages (id, routing_key, sender, data, created_at, batch_key, batch_index,"
+                " traceparent) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [
-                    (i, routing_key, m.sender, m.data, now, batch_key or None, n if batch_key else None)
+                    (
+                        i,
+                        routing_key,
+                        m.sender,
+                        m.data,
+                        now,
+                        batch_key or None,
+                        n if batch_key else None,
+                        traceparent,
+                    )
                     for n, (i, m) in enumerate(zip(ids, messages, strict=True))
                 ],
             )
@@ -398,8 +464,17 @@ class Spool:
         ):
             pending.setdefault(message_id, []).append(Pending(recipient, attempts, next_at))
         return [
-            Handed(i, sender, data, created, batch_key or "", batch_index or 0, tuple(pending.get(i, ())))
-            for i, sender, data, created, batch_key, batch_index in rows
+            Handed(
+                i,
+                sender,
+                data,
+                created,
+                batch_key or "",
+                batch_index or 0,
+                tuple(pending.get(i, ())),
+                tp or "",
+            )
+            for i, sender, data, created, batch_key, batch_index, tp in rows
         ]
 
     async def receive(self, routing_key: str, messages: Sequence[Handed]) -> list[str]:
@@ -410,7 +485,7 @@ class Spool:
 
     def _receive(self, routing_key: str, messages: list[Handed], now: float) -> list[str]:
         ids = []
-        with self._db:
+        with self._writing("receive"):
             self._db.execute("BEGIN IMMEDIATE")
             for m in messages:
                 if m.batch_key:
@@ -422,8 +497,8 @@ class Spool:
                 if self._db.execute("SELECT 1 FROM messages WHERE id = ?", (m.id,)).fetchone():
                     continue
                 self._db.execute(
-                    "INSERT INTO messages (id, routing_key, sender, data, created_at, batch_key, batch_index)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO messages (id, routing_key, sender, data, created_at, batch_key, batch_index,"
+                    " traceparent) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         m.id,
                         routing_key,
@@ -432,6 +507,7 @@ class Spool:
                         m.accepted_at,
                         m.batch_key or None,
                         m.batch_index if m.batch_key else None,
+                        m.traceparent or None,
                     ),
                 )
                 self._db.executemany(
@@ -464,7 +540,7 @@ class Spool:
         await self._run(self._remove_handed, [(i,) for i in message_ids])
 
     def _remove_handed(self, ids: list[tuple[str]]) -> None:
-        with self._db:
+        with self._writing("remove_handed"):
             self._db.executemany(_DELETE_PENDING_ATTEMPTS, ids)
             self._db.executemany(
                 "DELETE FROM deliveries WHERE message_id = ? AND state IN ('queued', 'deferred')", ids
@@ -476,7 +552,7 @@ class Spool:
         return await self._run(self._forget_batches, before)
 
     def _forget_batches(self, before: float) -> int:
-        with self._db:
+        with self._writing("forget_batches"):
             return self._db.execute("DELETE FROM batches WHERE created_at < ?", (before,)).rowcount
 
     async def due(self, routing_key: str, now: float) -> Due:
@@ -492,18 +568,23 @@ class Spool:
         return await self._run(self._claim, routing_key, now, limit)
 
     def _claim(self, routing_key: str, now: float, limit: int) -> list[Job]:
-        with self._db:
+        with self._writing("claim"):
             rows = self._db.execute(_CLAIM, (routing_key, now, limit, routing_key, now)).fetchall()
             self._db.executemany(
                 "UPDATE deliveries SET state = 'inflight', updated_at = ? WHERE id = ?",
                 [(now, r[3]) for r in rows],
             )
-        jobs: dict[str, Job] = {}
-        for message_id, sender, data, delivery_id, recipient, attempts in rows:
-            job = jobs.get(message_id) or Job(message_id, sender, data, ())
-            d = Delivery(delivery_id, recipient, attempts)
-            jobs[message_id] = Job(message_id, sender, data, (*job.deliveries, d))
-        return list(jobs.values())
+        heads: dict[str, tuple[str, bytes, float, str]] = {}
+        deliveries: dict[str, list[Delivery]] = {}
+        for message_id, sender, data, delivery_id, recipient, attempts, created, tp in rows:
+            if message_id not in heads:
+                heads[message_id] = (sender, data, created, tp or "")
+                deliveries[message_id] = []
+            deliveries[message_id].append(Delivery(delivery_id, recipient, attempts))
+        return [
+            Job(i, sender, data, tuple(deliveries[i]), created, tp)
+            for i, (sender, data, created, tp) in heads.items()
+        ]
 
     async def record(self, outcomes: Iterable[Outcome]) -> None:
         """Update the deliveries and append the attempts to their history, all in one transaction
@@ -511,7 +592,7 @@ class Spool:
         await self._run(self._record, list(outcomes), time.time())
 
     def _record(self, outcomes: list[Outcome], now: float) -> None:
-        with self._db:
+        with self._writing("record"):
             self._db.executemany(
                 _RECORD,
                 [
@@ -564,7 +645,7 @@ class Spool:
     def _purge_chunk(self, finished_before: float, after: Cursor, n: int) -> tuple[int, Cursor | None]:
         """Look at the next ``n`` finished deliveries after ``after`` and delete the messages that
         are finished and old enough; (messages deleted, where to go on from or None at the end)."""
-        with self._db:
+        with self._writing("purge"):
             # The check and the deletes are one transaction, whoever else writes to the file.
             self._db.execute("BEGIN IMMEDIATE")
             rows = self._db.execute(_PURGEABLE, (finished_before, *after, n)).fetchall()
@@ -577,7 +658,7 @@ class Spool:
 
     async def release(self, routing_key: str) -> None:
         """Put ``routing_key``'s in-flight deliveries back in the queue (after a stop or a crash)."""
-        await self._run(self._tx, _RELEASE, [(time.time(), routing_key)])
+        await self._run(self._tx, "release", _RELEASE, [(time.time(), routing_key)])
 
     # Reading
 
@@ -587,6 +668,12 @@ class Spool:
 
     async def all_counts(self) -> dict[str, Counts]:
         return _counts(await self._run(self._query, _COUNTS, ()))
+
+    async def backlog(self) -> list[Backlog]:
+        """Per routing key and unfinished state, its deliveries and the oldest one's accepted
+        time: one grouped query (what a metrics scrape reads)."""
+        rows = await self._run(self._query, _BACKLOG, ())
+        return [Backlog(k, State(state), n, oldest) for k, state, n, oldest in rows]
 
     async def deliveries(self, message_id: str) -> list[DeliveryRow]:
         rows = await self._run(self._query, _DELIVERIES, (message_id,))
@@ -652,8 +739,8 @@ class Spool:
         deliveries = tuple(_delivery_row(*r) for r in self._db.execute(_DELIVERIES, (id,)))
         return MessageRow(id, key, sender, created_at, size, head, deliveries)
 
-    def _tx(self, sql: str, rows: list[tuple[object, ...]]) -> None:
-        with self._db:
+    def _tx(self, operation: str, sql: str, rows: list[tuple[object, ...]]) -> None:
+        with self._writing(operation):
             self._db.executemany(sql, rows)
 
     def _query(self, sql: str, params: tuple[object, ...]) -> list[Any]:
@@ -714,6 +801,7 @@ def _connect(path: Path) -> sqlite3.Connection:
 def _migrate(db: sqlite3.Connection) -> None:
     """Bring a spool file from an older node up to date (in the caller's transaction).
 
+    Messages get the batch columns and the traceparent column, NULL for the mail already there.
     Deliveries once kept the reply's text whole: they get an enhanced code column, and each
     row's text is split into enhanced code and the rest, as the reply was parsed."""
     db.execute("BEGIN IMMEDIATE")  # DDL included: the column and its rows appear together
@@ -721,6 +809,8 @@ def _migrate(db: sqlite3.Connection) -> None:
     if "batch_key" not in message_columns:
         db.execute("ALTER TABLE messages ADD COLUMN batch_key TEXT")
         db.execute("ALTER TABLE messages ADD COLUMN batch_index INTEGER")
+    if "traceparent" not in message_columns:
+        db.execute("ALTER TABLE messages ADD COLUMN traceparent TEXT")
     columns = {name for _, name, *_ in db.execute("PRAGMA table_info(deliveries)")}
     if "enhanced_code" in columns:
         return
@@ -752,7 +842,7 @@ _PIPELINE = "SELECT routing_key, domain, source_ip, policy FROM pipelines WHERE 
 _BATCH = "SELECT batch_index, message_id FROM batches WHERE batch_key = ?"
 _BATCH_SLOT = "SELECT message_id FROM batches WHERE batch_key = ? AND batch_index = ?"
 _TAKE_QUEUED = """
-SELECT m.id, m.sender, m.data, m.created_at, m.batch_key, m.batch_index FROM messages m
+SELECT m.id, m.sender, m.data, m.created_at, m.batch_key, m.batch_index, m.traceparent FROM messages m
 WHERE m.routing_key = ? AND (m.created_at, m.id) > (?, ?) AND EXISTS (
     SELECT 1 FROM deliveries d WHERE d.message_id = m.id AND d.state IN ('queued', 'deferred'))
 ORDER BY m.created_at, m.id LIMIT ?
@@ -789,7 +879,7 @@ WITH picked AS (
     WHERE routing_key = ? AND state IN ('queued', 'deferred') AND next_attempt_at <= ?
     GROUP BY message_id ORDER BY due, first LIMIT ?
 )
-SELECT m.id, m.sender, m.data, d.id, d.recipient, d.attempts
+SELECT m.id, m.sender, m.data, d.id, d.recipient, d.attempts, m.created_at, m.traceparent
 FROM picked JOIN messages m ON m.id = picked.message_id JOIN deliveries d ON d.message_id = m.id
 WHERE d.routing_key = ? AND d.state IN ('queued', 'deferred') AND d.next_attempt_at <= ?
 ORDER BY picked.due, picked.first, d.id
@@ -829,6 +919,11 @@ SELECT routing_key, SUM(state = 'delivered'), SUM(state = 'bounced') FROM delive
 WHERE message_id = ? GROUP BY routing_key
 ON CONFLICT (routing_key) DO UPDATE SET delivered = delivered + excluded.delivered,
     bounced = bounced + excluded.bounced
+"""
+_BACKLOG = """
+SELECT d.routing_key, d.state, COUNT(*), MIN(m.created_at) FROM deliveries d
+JOIN messages m ON m.id = d.message_id
+WHERE d.state IN ('queued', 'inflight', 'deferred') GROUP BY d.routing_key, d.state
 """
 _DELIVERIES = """
 SELECT recipient, state, attempts, next_attempt_at, reply_code, enhanced_code, reply_text FROM deliveries

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ import pytest
 from devmesh.sink import Sink
 from epoxi.runtime.channels import channel
 from epoxi.v1 import node_pb2, node_pb2_grpc
-from services.node.engine.spool import Counts, Due, NewMessage, Spool, Spooled
+from services.node.engine.spool import Counts, Due, Spool, Spooled
 from services.node.servicer import NodeService
 from services.node.supervisor import PipelineSupervisor
 from tests.services.node.support import (
@@ -41,12 +41,10 @@ class SlowCommitSpool(Spool):
         self.finish = threading.Event()
         self.nothing_due = 0
 
-    def _enqueue(
-        self, routing_key: str, ids: list[str], messages: Sequence[NewMessage], batch_key: str, now: float
-    ) -> Spooled:
+    def _enqueue(self, *args: Any) -> Spooled:
         self.committing.set()
         self.finish.wait(10)
-        return super()._enqueue(routing_key, ids, messages, batch_key, now)
+        return super()._enqueue(*args)
 
     async def due(self, routing_key: str, now: float) -> Due:
         due = await super().due(routing_key, now)
