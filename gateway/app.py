@@ -28,13 +28,14 @@ from dataclasses import dataclass
 
 import grpc
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from google.protobuf import descriptor, message
 
 from epoxi.runtime.channels import RPC_TIMEOUT
 from epoxi.runtime.lifecycle import Closable, Service
 from epoxi.runtime.limits import ENVELOPE_BYTES
 from epoxi.validation import MAX_EMAIL_BYTES
-from gateway import incoming, openapi, status_page
+from gateway import incoming, openapi, status_page, telemetry
 from gateway.errors import GatewayError, rpc_error_response, status_response
 from gateway.health import HealthProbe
 from gateway.routes import MethodNotAllowed, NoRoute, Route, RouteTable
@@ -104,6 +105,7 @@ class Dispatcher:
         path = request.rel_url.raw_path
         incoming.check_path(path)
         if path in (HEALTH_PATH, OPENAPI_PATH):
+            telemetry.set_route(request, path)
             _only_get(request.method, path)
             if path == OPENAPI_PATH:
                 return web.Response(body=self.document, content_type="application/json")
@@ -117,6 +119,7 @@ class Dispatcher:
         except MethodNotAllowed as e:
             raise _not_allowed(request.method, path, e.allowed) from None
         route = match.route
+        telemetry.set_route(request, route.template.source)
         content_type = _check_media_type(request, route, path)
         body = await incoming.body(request, self.max_request_bytes) if route.body else b""
         try:
@@ -213,6 +216,7 @@ async def start_gateway(
     health: Backend | None = None,
     media_types: Mapping[str, Sequence[str]] | None = None,
     resources: Sequence[Closable] = (),
+    middlewares: Sequence[Middleware] = (),
 ) -> Gateway:
     """Serve the annotated methods of each backend's service on ``listen`` (``host:0`` picks a
     free port), calling that backend's upstream.
@@ -243,7 +247,7 @@ async def start_gateway(
             rpc_timeout,
             max_request_bytes,
         )
-        app = web.Application(client_max_size=max_request_bytes)
+        app = web.Application(client_max_size=max_request_bytes, middlewares=list(middlewares))
         status_page.add_routes(app)  # GET / and /static/{name}: the operator's status page
         # [\s\S]: a path may hold a newline (%0A), which ".*" would leave to aiohttp's own 404.
         app.router.add_route("*", r"/{tail:[\s\S]*}", dispatcher.handle)

@@ -1,4 +1,6 @@
-"""Wiring for the HTTP gateway: its settings, each service's upstream (given or discovered), the HTTP server."""
+"""Wiring for the HTTP gateway: its settings, each service's upstream (given or discovered), the
+HTTP server, and its telemetry (``gateway.telemetry``: a span per request, request metrics
+served at ``/metrics`` with its registry client's)."""
 
 from __future__ import annotations
 
@@ -9,13 +11,16 @@ from typing import Any
 
 from epoxi import durations, settings, validation
 from epoxi.observability.config import TelemetryConfig
+from epoxi.observability.metrics import new_registry
 from epoxi.registry import client
+from epoxi.registry.metrics import RegistryMetrics
 from epoxi.runtime.channels import RPC_TIMEOUT, Channels
 from epoxi.runtime.lifecycle import Closable, serve_main
 from epoxi.runtime.security import Security, SecurityConfig, load_security
 from epoxi.settings import group, program, setting
 from epoxi.v1 import monitor_pb2, router_pb2
 from gateway.app import MAX_REQUEST_BYTES, Backend, Gateway, start_gateway
+from gateway.telemetry import GatewayMetrics, HttpTelemetry
 from gateway.upstream import RegistryUpstream, StaticUpstream, Upstream
 
 MONITOR_SERVICE = "epoxi-monitor"
@@ -75,16 +80,18 @@ def upstream(address: str | None, service: str, registry: Any, channels: Channel
 
 async def start(config: GatewayConfig) -> Gateway:
     resources: list[Closable] = []
+    metrics = new_registry("gateway") if config.telemetry.metrics_on else None
     registry = None
     if not (config.monitor and config.router):
-        registry = client.connect(config.consul)
+        registry = client.connect(config.consul, metrics=RegistryMetrics(metrics))
         resources.append(registry)
     security = _dialling(load_security(config.security))
     monitor = Backend(
         MONITOR, upstream(config.monitor, MONITOR_SERVICE, registry, Channels(security=security))
     )
     router = Backend(ROUTER, upstream(config.router, ROUTER_SERVICE, registry, Channels(security=security)))
-    return await start_gateway(
+    http = HttpTelemetry(GatewayMetrics(metrics))
+    gateway = await start_gateway(
         config.listen,
         [monitor, router],
         config.timeout,
@@ -93,7 +100,14 @@ async def start(config: GatewayConfig) -> Gateway:
         health=monitor,
         media_types=MEDIA_TYPES,
         resources=resources,
+        middlewares=[http.middleware],
     )
+    try:
+        await gateway.expose_metrics(config.telemetry, metrics)
+    except BaseException:
+        await gateway.close()
+        raise
+    return gateway
 
 
 def _dialling(security: Security) -> Security:

@@ -21,6 +21,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from epoxi.observability import tracing
 
 _UNTRACED = ("/grpc.health.v1.", "/grpc.reflection.")
+_CONTEXT_KEYS = ("traceparent", "tracestate")
 # Codes that are the server's fault (OpenTelemetry's RPC conventions); a client's span marks
 # every code but OK.
 _SERVER_ERRORS = {
@@ -149,7 +150,9 @@ class ClientTracing(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
             record_exception=False,
             set_status_on_exception=False,
         ) as span:
-            metadata = list(client_call_details.metadata or ())
+            # Our span's context replaces any the caller passed on (the gateway forwards its
+            # caller's traceparent when tracing is off).
+            metadata = [(k, v) for k, v in client_call_details.metadata or () if k not in _CONTEXT_KEYS]
             metadata.extend(tracing.inject({}).items())
             details = grpc.aio.ClientCallDetails(
                 client_call_details.method,

@@ -9,6 +9,10 @@ transport here adds it to the few that py-consul sends bare (``agent.self``, ``a
 ``agent.members``, ``status.*``), so every call path carries it. A registry that refuses the token
 answers 403, which py-consul raises as ``ACLPermissionDenied`` (one of ``RegistryError``) with
 Consul's text (``ACL not found``, ``Permission denied: ...``).
+
+``connect(..., metrics=RegistryMetrics(registry))`` counts the calls that fail, by operation,
+and the staleness of blocking-query answers (``epoxi.registry.metrics``) on the service's own
+Prometheus registry; without it (the default) the client records nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from typing import Any
 import aiohttp
 import consul.aio
 from consul import ConsulException, base
+
+from epoxi.registry.metrics import RegistryMetrics, is_blocking, operation
 
 DEFAULT_ADDR = "127.0.0.1:8500"
 TOKEN_HEADER = "X-Consul-Token"
@@ -50,13 +56,28 @@ class _HTTPClient(consul.aio.HTTPClient):  # type: ignore[misc]
                 ssl_arg.load_cert_chain(*cert) if isinstance(cert, tuple) else ssl_arg.load_cert_chain(cert)
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ssl_arg))
         self.token: str | None = None
+        self.metrics: RegistryMetrics | None = None
 
     async def _request(
         self, callback: Any, method: str, uri: str, headers: dict[str, str] | None, **kwargs: Any
     ) -> Any:
         if self.token and not (headers and TOKEN_HEADER in headers):
             headers = {**(headers or {}), TOKEN_HEADER: self.token}
-        return await super()._request(callback, method, uri, headers, **kwargs)
+        metrics = self.metrics
+        if metrics is None:
+            return await super()._request(callback, method, uri, headers, **kwargs)
+        if is_blocking(method, uri):
+            answered = callback
+
+            def callback(response: base.Response) -> Any:
+                metrics.blocking_answer(response.headers)
+                return answered(response)
+
+        try:
+            return await super()._request(callback, method, uri, headers, **kwargs)
+        except RegistryError:
+            metrics.error(operation(method, uri))
+            raise
 
 
 class Consul(consul.aio.Consul):  # type: ignore[misc]
@@ -91,13 +112,17 @@ def token_from_env(environ: Mapping[str, str] | None = None) -> str | None:
     return env.get("CONSUL_HTTP_TOKEN") or None
 
 
-def connect(addr: str | None = None, token: str | None = None) -> Consul:
+def connect(
+    addr: str | None = None, token: str | None = None, metrics: RegistryMetrics | None = None
+) -> Consul:
     """A registry client for ``addr`` (default: ``$CONSUL_HTTP_ADDR``, then 127.0.0.1:8500) that
-    sends ``token`` (default: ``token_from_env()``) on every call."""
+    sends ``token`` (default: ``token_from_env()``) on every call, and records its failures on
+    ``metrics`` when given."""
     scheme, host, port = parse_addr(addr or os.environ.get("CONSUL_HTTP_ADDR") or DEFAULT_ADDR)
     chosen = token or token_from_env()
     consul = Consul(host=host, port=port, scheme=scheme, token=chosen)
     # py-consul's constructor lets $CONSUL_HTTP_TOKEN override an explicit token; ours decides.
     consul.token = chosen
     consul.http.token = chosen
+    consul.http.metrics = metrics if metrics is not None and metrics.on else None
     return consul

@@ -4,6 +4,8 @@ A node is a service ``epoxi-node`` (ID = node ID) with a GRPC check on its own a
 its egress IPs are tags ``ip:<addr>`` so a health query can filter on them.
 A pipeline is a service ``epoxi-pipeline`` tagged with its routing key and ``node:<id>``, with
 a TTL check the node refreshes; the check's Output is the pipeline's state for an operator.
+A service that serves Prometheus metrics names their address in its Meta as ``metrics``
+(``with_metrics``).
 """
 
 from __future__ import annotations
@@ -164,3 +166,22 @@ def grpc_service_registration(
             "DeregisterCriticalServiceAfter": "1m",
         },
     }
+
+
+METRICS_META = "metrics"
+_WILDCARDS = {"", "0.0.0.0", "::"}
+
+
+def with_metrics(registration: dict[str, Any], metrics_address: str) -> dict[str, Any]:
+    """``registration`` with the service's ``/metrics`` address (``host:port``) in its Meta as
+    ``metrics``, where Prometheus's consul_sd finds it (``__meta_consul_service_metadata_metrics``);
+    unchanged when the service serves no metrics (``metrics_address`` empty). A wildcard host
+    (``0.0.0.0``, ``::``) becomes the host the service registers, the one others reach it at."""
+    if not metrics_address:
+        return registration
+    host, _, port = metrics_address.rpartition(":")
+    if host.strip("[]") in _WILDCARDS and registration.get("address"):
+        own = str(registration["address"])
+        metrics_address = f"[{own}]:{port}" if ":" in own else f"{own}:{port}"
+    meta = {**(registration.get("meta") or {}), METRICS_META: metrics_address}
+    return {**registration, "meta": meta}

@@ -2,12 +2,15 @@
 
 Readers look at ``entries`` without a registry round trip; a background task re-issues
 ``GET /v1/health/service/<name>?index=N&wait=…`` and replaces the list when the index moves.
+``answered_at`` is when the registry last answered (a change or not): the copy is known to be
+current as of then, and a blocking query answers at least once per ``wait``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from epoxi.backoff import Backoff
@@ -29,15 +32,19 @@ class HealthWatch:
         self.index = 0
         self.ready = asyncio.Event()
         self.changed = asyncio.Event()
+        # time.monotonic() of the registry's last answer; of the start until the first.
+        self.answered_at = time.monotonic()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> HealthWatch:
+        self.answered_at = time.monotonic()
         self._task = asyncio.create_task(self._run(), name=f"watch {self.service}")
         return self
 
     async def refresh(self) -> None:
         """Read the current entries now (not blocking), e.g. right after this process changed them."""
         index, entries = await self._consul.health.service(self.service)
+        self.answered_at = time.monotonic()
         self._store(int(index), entries)
 
     def _store(self, index: int, entries: list[Entry] | None) -> None:
@@ -57,6 +64,7 @@ class HealthWatch:
                     self.service, index=self.index or None, wait=self._wait
                 )
                 failures = 0
+                self.answered_at = time.monotonic()
                 if int(index) != self.index or not self.ready.is_set():
                     self._store(int(index), entries)
             except asyncio.CancelledError:

@@ -1,6 +1,6 @@
 """Wiring for the SMTP ingress: its settings, the SMTP listeners (plain with STARTTLS, and
-implicit TLS), the router link, the gRPC server (health and reflection only), and
-self-registration as ``epoxi-ingress``.
+implicit TLS), the router link, the gRPC server (health and reflection only), its metrics
+(``services.ingress.metrics``), and self-registration as ``epoxi-ingress``.
 
 In-process use (tests, tools)::
 
@@ -20,13 +20,17 @@ from dataclasses import dataclass
 
 from epoxi import durations, settings, validation
 from epoxi.observability.config import TelemetryConfig
+from epoxi.observability.grpc_metrics import GrpcServerMetrics
+from epoxi.observability.metrics import new_registry
 from epoxi.registry import client, services
+from epoxi.registry.metrics import RegistryMetrics
 from epoxi.runtime.channels import Channels
 from epoxi.runtime.lifecycle import Service, advertised_address, serve_main
 from epoxi.runtime.limits import message_limit
 from epoxi.runtime.security import SecurityConfig, load_security, parse_switch
 from epoxi.settings import group, program, setting
 from services.ingress import users as user_file
+from services.ingress.metrics import IngressMetrics
 from services.ingress.routers import RouterLink
 from services.ingress.smtp import IngressHandler, IngressSMTP, SmtpPolicy, data_size_limit, session_factory
 from services.ingress.submission import Source
@@ -158,8 +162,9 @@ async def start_ingress(config: IngressConfig) -> RunningIngress:
     tls = _tls_context(config)
     users = _checked(config, tls)
     ingress = RunningIngress("ingress", config.stop_grace)
+    registry = new_registry("ingress") if config.telemetry.metrics_on else None
     async with ingress.starting():
-        consul = ingress.closing(client.connect(config.consul))
+        consul = ingress.closing(client.connect(config.consul, metrics=RegistryMetrics(registry)))
         ingress.channels = ingress.closing(Channels(message_limit(config.max_email_bytes), security))
         link = RouterLink(ingress.channels, config.router, consul, config.router_timeout)
         policy = SmtpPolicy(
@@ -170,9 +175,11 @@ async def start_ingress(config: IngressConfig) -> RunningIngress:
             anonymous=Source(ip_pool=config.anonymous_ip_pool),
             ip_header=config.source_ip_header,
         )
-        handler = ingress.handler = IngressHandler(policy, users, link)
+        handler = ingress.handler = IngressHandler(policy, users, link, IngressMetrics(registry))
         size = data_size_limit(config.max_email_bytes, config.max_recipients)
-        ingress.listen(config.listen, config.advertise, security=security)
+        interceptors = [GrpcServerMetrics(registry)] if registry is not None else []
+        ingress.listen(config.listen, config.advertise, interceptors, security=security)
+        await ingress.expose_metrics(config.telemetry, registry)
         await ingress.serve([])
         plain = session_factory(handler, size, tls, implicit_tls=False, require_tls=config.require_tls)
         ingress.smtp_address = await _listen_smtp(ingress, config.smtp_listen, plain, None)
@@ -182,8 +189,11 @@ async def start_ingress(config: IngressConfig) -> RunningIngress:
         await ingress.register_service(
             consul,
             security.with_tls_check(
-                services.grpc_service_registration(
-                    SERVICE, config.id, ingress.address, durations.go(config.check_interval)
+                services.with_metrics(
+                    services.grpc_service_registration(
+                        SERVICE, config.id, ingress.address, durations.go(config.check_interval)
+                    ),
+                    ingress.metrics_address,
                 )
             ),
         )

@@ -16,6 +16,11 @@ Replies:
 The message is relayed as the client wrote it: no Received field is added, nothing is
 rewritten (``epoxi.raw_message``). Its source IP is its user's (``services.ingress.users``),
 or what the operator-enabled header says, else the router's default pool.
+
+While tracing is on, each message whose DATA reaches the handler is a SERVER span ``smtp
+ingress`` (``network.peer.*``, ``epoxi.message_id``, ``epoxi.recipients``,
+``epoxi.smtp.reply_code``), and the RouteEmails call is made inside it: the router's span is
+its child. Sessions, messages and failed logins are counted by ``services.ingress.metrics``.
 """
 
 from __future__ import annotations
@@ -30,10 +35,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from epoxi import validation
+from epoxi import raw_message, validation
 from epoxi.excerpt import shown
+from epoxi.observability import tracing
+from epoxi.v1 import router_pb2
 from services.ingress import submission
+from services.ingress.metrics import IngressMetrics
 from services.ingress.routers import MeshUnavailable, Refused, RouterLink
 from services.ingress.submission import Source
 from services.ingress.users import User, Users
@@ -63,10 +72,13 @@ class SmtpPolicy:
 
 
 class IngressHandler:
-    def __init__(self, policy: SmtpPolicy, users: Users | None, link: RouterLink) -> None:
+    def __init__(
+        self, policy: SmtpPolicy, users: Users | None, link: RouterLink, metrics: IngressMetrics | None = None
+    ) -> None:
         self.policy = policy
         self.users = users
         self.link = link
+        self.metrics = metrics if metrics is not None else IngressMetrics(None)
 
     async def handle_EHLO(
         self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
@@ -99,6 +111,35 @@ class IngressHandler:
         return "250 2.1.5 Ok"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if not tracing.enabled():
+            reply, _ = await self._take(session, envelope)
+            self.metrics.message(reply)
+            return reply
+        host, port = _peer(session)
+        with tracing.tracer.start_as_current_span(
+            "smtp ingress",
+            kind=SpanKind.SERVER,
+            attributes={
+                "network.peer.address": host,
+                "network.peer.port": port,
+                "epoxi.recipients": len(envelope.rcpt_tos),
+            },
+        ) as span:
+            reply, response = await self._take(session, envelope)
+            ids = [i for b in response.batches for i in b.email_message_ids] if response else []
+            message_id = ids[0] if ids else raw_message.message_id(envelope.original_content or b"")
+            if message_id:
+                span.set_attribute("epoxi.message_id", message_id)
+            span.set_attribute("epoxi.smtp.reply_code", int(reply[:3]))
+            if not reply.startswith("2"):
+                span.set_status(Status(StatusCode.ERROR, reply))
+        self.metrics.message(reply)
+        return reply
+
+    async def _take(
+        self, session: Session, envelope: Envelope
+    ) -> tuple[str, router_pb2.RouteEmailsResponse | None]:
+        """The reply to one message's DATA, and the router's answer when it got one."""
         content = envelope.original_content or b""
         user = session.auth_data if isinstance(session.auth_data, User) else None
         source = Source(user.source_ip, user.ip_pool) if user is not None else self.policy.anonymous
@@ -112,17 +153,17 @@ class IngressHandler:
             self.policy.max_email_bytes,
         )
         if email is None:
-            return refusal
+            return refusal, None
         try:
             response = await self.link.route(email)
         except MeshUnavailable as e:
             log.warning("message from %s not taken: %s", session.peer, e)
-            return submission.unavailable(str(e))
+            return submission.unavailable(str(e)), None
         except Refused as e:
-            return submission.refused(e.code, e.details)
+            return submission.refused(e.code, e.details), None
         reply = submission.reply_for(response)
         log.info("message from %s (%s): %s", session.peer, user.name if user else "anonymous", reply)
-        return reply
+        return reply, response
 
     # AUTH, over TLS only (aiosmtpd refuses it before). Checked in a thread: scrypt is CPU-bound.
 
@@ -147,11 +188,20 @@ class IngressHandler:
 
     async def _check(self, login: bytes, password: bytes) -> AuthResult:
         if self.users is None:
+            self.metrics.auth_failure()
             return AuthResult(success=False, handled=False, message=INVALID)
         user = await asyncio.to_thread(self.users.authenticate, login, password)
         if user is None:
+            self.metrics.auth_failure()
             return AuthResult(success=False, handled=False, message=INVALID)
         return AuthResult(success=True, auth_data=user)
+
+
+def _peer(session: Session) -> tuple[str, int]:
+    peer = session.peer
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return str(peer[0]), int(peer[1])
+    return str(peer), 0
 
 
 async def _initial_response(server: SMTP, args: list[str], prompt: str) -> bytes | None:
@@ -175,6 +225,8 @@ class IngressSMTP(SMTP):
     def __init__(self, handler: IngressHandler, size_limit: int, implicit_tls: bool, **kwargs: Any) -> None:
         super().__init__(handler, data_size_limit=size_limit, **kwargs)
         self._implicit_tls = implicit_tls
+        self._handler_metrics = handler.metrics
+        self._counted = False
         self._rewrites = {
             "552 Error: message size exceeds fixed maximum message size": (
                 f"552 5.3.4 Message size exceeds fixed maximum message size ({size_limit} bytes)"
@@ -186,6 +238,9 @@ class IngressSMTP(SMTP):
         }
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not self._counted:  # STARTTLS makes it again, for the same session
+            self._counted = True
+            self._handler_metrics.session()
         super().connection_made(transport)
         if self._implicit_tls and transport.get_extra_info("ssl_object") is not None:
             # aiosmtpd knows TLS only from STARTTLS (by this attribute, for AUTH and EHLO):

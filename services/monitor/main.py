@@ -15,7 +15,10 @@ from dataclasses import dataclass
 
 from epoxi import durations, settings
 from epoxi.observability.config import TelemetryConfig
+from epoxi.observability.grpc_metrics import GrpcServerMetrics
+from epoxi.observability.metrics import new_registry
 from epoxi.registry import client, services
+from epoxi.registry.metrics import RegistryMetrics
 from epoxi.runtime.channels import Channels
 from epoxi.runtime.lifecycle import Service, serve_main
 from epoxi.runtime.security import SecurityConfig, load_security
@@ -69,13 +72,17 @@ class RunningMonitor(Service):
 
 
 async def start_monitor(config: MonitorConfig) -> RunningMonitor:
-    """Serve MonitorService (with health and reflection) and register it with a GRPC check."""
+    """Serve MonitorService (with health and reflection) and its metrics (its gRPC calls and
+    its registry client), and register it with a GRPC check."""
     security = load_security(config.security)
     monitor = RunningMonitor("monitor", config.stop_grace)
+    registry = new_registry("monitor") if config.telemetry.metrics_on else None
     async with monitor.starting():
-        consul = monitor.closing(client.connect(config.consul))
+        consul = monitor.closing(client.connect(config.consul, metrics=RegistryMetrics(registry)))
         channels = monitor.closing(Channels(security=security))
-        server = monitor.listen(config.listen, config.advertise, security=security)
+        interceptors = [GrpcServerMetrics(registry)] if registry is not None else []
+        server = monitor.listen(config.listen, config.advertise, interceptors, security=security)
+        await monitor.expose_metrics(config.telemetry, registry)
         monitor.id = config.id or f"monitor-{socket.gethostname()}-{server.port}"
         servicer = MonitorService(
             consul, channels, config.node_timeout, config.admin_timeout, monitor.id, monitor.address
@@ -86,8 +93,11 @@ async def start_monitor(config: MonitorConfig) -> RunningMonitor:
         await monitor.register_service(
             consul,
             security.with_tls_check(
-                services.grpc_service_registration(
-                    SERVICE, monitor.id, monitor.address, durations.go(config.check_interval)
+                services.with_metrics(
+                    services.grpc_service_registration(
+                        SERVICE, monitor.id, monitor.address, durations.go(config.check_interval)
+                    ),
+                    monitor.metrics_address,
                 )
             ),
         )

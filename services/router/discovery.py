@@ -56,6 +56,10 @@ class ClusterView:
     async def refresh(self) -> None:
         await self._nodes.refresh()
 
+    def answered_at(self) -> float:
+        """``time.monotonic()`` of the registry's last answer to the watch: the view is current as of then."""
+        return self._nodes.answered_at
+
     def snapshot(self) -> ClusterSnapshot:
         """The view as of the watch's last answer; rebuilt (over the nodes) only when the watch
         stored a new answer."""

@@ -17,7 +17,10 @@ from dataclasses import dataclass
 
 from epoxi import durations, settings, validation
 from epoxi.observability.config import TelemetryConfig
+from epoxi.observability.grpc_metrics import GrpcServerMetrics
+from epoxi.observability.metrics import new_registry
 from epoxi.registry import client, services
+from epoxi.registry.metrics import RegistryMetrics
 from epoxi.runtime.channels import Channels
 from epoxi.runtime.lifecycle import Service, serve_main
 from epoxi.runtime.limits import message_limit
@@ -25,6 +28,7 @@ from epoxi.runtime.security import SecurityConfig, load_security
 from epoxi.settings import group, program, setting
 from epoxi.v1 import router_pb2, router_pb2_grpc
 from services.router.discovery import ClusterView
+from services.router.metrics import RouterMetrics
 from services.router.owners import DEFAULT_MAX_ENTRIES, OwnerCache, Owners
 from services.router.servicer import RouterServicer
 
@@ -80,33 +84,48 @@ class RunningRouter(Service):
     view: ClusterView
     channels: Channels
     servicer: RouterServicer
+    metrics: RouterMetrics
 
 
 async def start_router(config: RouterConfig) -> RunningRouter:
-    """Watch the registry's nodes, serve RouterService, register as ``epoxi-router``."""
+    """Watch the registry's nodes, serve RouterService and its metrics, register as ``epoxi-router``."""
     security = load_security(config.security)
     router = RunningRouter("router", config.stop_grace)
+    registry = new_registry("router") if config.telemetry.metrics_on else None
+    metrics = router.metrics = RouterMetrics(registry)
     async with router.starting():
-        consul = router.closing(client.connect(config.consul))
+        consul = router.closing(client.connect(config.consul, metrics=RegistryMetrics(registry)))
         max_message_bytes = message_limit(config.max_email_bytes)
         router.channels = router.closing(Channels(max_message_bytes, security))
         router.view = router.closing(ClusterView(consul).start())
+        metrics.watch_view(router.view.answered_at)
         servicer = router.servicer = RouterServicer(
             router.view,
             router.channels,
             Owners(consul, OwnerCache(config.owner_cache_size)),
             max_batch=config.max_batch,
             max_email_bytes=config.max_email_bytes,
+            metrics=metrics,
         )
-        router.listen(config.listen, config.advertise, max_message_bytes=max_message_bytes, security=security)
+        router.listen(
+            config.listen,
+            config.advertise,
+            interceptors=[GrpcServerMetrics(registry)] if registry is not None else [],
+            max_message_bytes=max_message_bytes,
+            security=security,
+        )
+        await router.expose_metrics(config.telemetry, registry, before_scrape=[metrics.before_scrape])
         await router.serve(
             [(lambda s: router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, s), SERVICE_NAME)]
         )
         await router.register_service(
             consul,
             security.with_tls_check(
-                services.grpc_service_registration(
-                    SERVICE, config.id, router.address, durations.go(config.check_interval)
+                services.with_metrics(
+                    services.grpc_service_registration(
+                        SERVICE, config.id, router.address, durations.go(config.check_interval)
+                    ),
+                    router.metrics_address,
                 )
             ),
         )

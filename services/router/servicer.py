@@ -39,6 +39,11 @@ FAILED. Its ``error`` lists every attempt that did not succeed, in order. Sendin
 or FAILED batch's emails again (the same emails, in the same order) gives the same Message-IDs
 and the same idempotency key, so a node that has the batch does not spool it twice; to resend
 only some emails of a request, give them the Message-IDs the response listed.
+
+While tracing is on, each batch is a ``route batch`` span (``epoxi.routing_key``,
+``epoxi.batch.emails``, ``epoxi.placement``, ``epoxi.node``: where it went), with a ``fallback``
+event for each node it left, and its EnqueueBatch calls as children. Its figures go to
+``services.router.metrics``, per batch and per call.
 """
 
 from __future__ import annotations
@@ -46,14 +51,18 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import grpc
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 
 from epoxi import validation
 from epoxi.envelope import recipients_in
+from epoxi.observability import tracing
 from epoxi.registry import ownership
 from epoxi.registry.ownership import Owner
 from epoxi.runtime import limits, status
@@ -62,6 +71,7 @@ from epoxi.runtime.status import abort
 from epoxi.v1 import email_pb2, node_pb2, node_pb2_grpc, router_pb2, router_pb2_grpc
 from services.router.batching import Batch, Unroutable, idempotency_key, plan
 from services.router.discovery import ClusterSnapshot, ClusterView
+from services.router.metrics import RouterMetrics
 from services.router.owners import NewKeys, Owners
 from services.router.raw import call_idempotency_key, raw_email
 
@@ -146,6 +156,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         max_email_bytes: int = validation.MAX_EMAIL_BYTES,
         retry_pause: float = RETRY_PAUSE,
         rpc_timeout: float = RPC_TIMEOUT,
+        metrics: RouterMetrics | None = None,
     ) -> None:
         self._view = view
         self._channels = channels
@@ -156,6 +167,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self._rpc_timeout = rpc_timeout
         self._limit = asyncio.Semaphore(concurrency)
         self.new_keys = NewKeys()
+        self.metrics = metrics if metrics is not None else RouterMetrics(None)
 
     async def RouteEmails(
         self, request: router_pb2.RouteEmailsRequest, context: grpc.aio.ServicerContext
@@ -181,8 +193,12 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> router_pb2.RouteEmailsResponse:
         """Validate ``emails`` (``label(i)`` names the i-th in problems), then plan and route them."""
+        started = time.perf_counter()
+        if tracing.enabled():
+            trace.get_current_span().set_attribute("epoxi.emails", len(emails))
         call_key, key_problem = call_idempotency_key(context.invocation_metadata())
         if key_problem:
+            self.metrics.invalid(len(emails))
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, key_problem)
         problems = [
             p for i, e in enumerate(emails) for p in validation.validate(e, label(i), self._max_email_bytes)
@@ -192,6 +208,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             # first problem, so the message is cut once and its note counts all that was cut.
             count = f" ({len(problems)} problems)" if len(problems) > 1 else ""
             problems[0] = f"nothing was routed{count}: {problems[0]}"
+            self.metrics.invalid(len(emails))
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, status.summary(problems))
         try:
             async with asyncio.timeout(RPC_TIMEOUT):
@@ -218,7 +235,11 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         for key, key_batches in by_key.items():
             self._first_target(key, key_batches[0].source_ip, snap)
         results = await asyncio.gather(*(self._route_key(bs) for bs in by_key.values()))
-        return summarise(len(emails), unroutable, [r for rs in results for r in rs], call_key)
+        for u in unroutable:
+            self.metrics.unroutable(len(u.emails))
+        response = summarise(len(emails), unroutable, [r for rs in results for r in rs], call_key)
+        self.metrics.routed(time.perf_counter() - started)
+        return response
 
     async def _route_key(self, batches: list[Batch]) -> list[_Routed]:
         # Batches of one key go in order, so that they land on the same pipeline.
@@ -241,6 +262,25 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         return _Target(ranked[0], placed=True)
 
     async def _route_batch(self, batch: Batch) -> _Routed:
+        """Route ``batch``, in a ``route batch`` span while tracing is on: its EnqueueBatch calls
+        are the span's children (each key's batches run in a task of their own, which has its
+        own context)."""
+        if not tracing.enabled():
+            return await self._send_batch(batch, None)
+        with tracing.tracer.start_as_current_span(
+            "route batch",
+            attributes={"epoxi.routing_key": batch.routing_key, "epoxi.batch.emails": len(batch.emails)},
+        ) as span:
+            routed = await self._send_batch(batch, span)
+            result = routed.result
+            if result.node:
+                span.set_attribute("epoxi.node", result.node)
+            if result.status != ACCEPTED:
+                status = router_pb2.BatchStatus.Name(result.status).removeprefix("BATCH_STATUS_")
+                span.set_status(Status(StatusCode.ERROR, f"{status}: {result.error}"))
+            return routed
+
+    async def _send_batch(self, batch: Batch, span: trace.Span | None) -> _Routed:
         key = batch.routing_key
         result = router_pb2.BatchResult(
             routing_key=key,
@@ -252,8 +292,13 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             status=FAILED,
         )
         first = self._first_target(key, batch.source_ip, self._view.snapshot())
+        decision = "none" if first is None else "placed" if first.placed else "existing"
+        self.metrics.placement(decision)
+        if span is not None:
+            span.set_attribute("epoxi.placement", decision)
         if first is None:
             result.error = f"no passing node owns source IP {batch.source_ip}"
+            self.metrics.batch(result)
             return _Routed(result)
         request = node_pb2.EnqueueBatchRequest(
             routing_key=key, emails=batch.emails, idempotency_key=result.idempotency_key
@@ -307,6 +352,9 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 result.message_ids.extend(reply.message_ids)
                 break
             log.warning("batch %s not accepted by node %s: %s", key, node.id, attempt.error)
+            if span is not None and attempt.outcome is not Outcome.INVALID:
+                # The batch leaves this node for the next one (if there is one).
+                span.add_event("fallback", {"epoxi.node": node.id, "epoxi.error": attempt.error})
             if target.placed:
                 if node_ambiguous:  # it may have started the pipeline
                     self.new_keys.answered(key, node.id)
@@ -325,7 +373,9 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             result.status = UNKNOWN if ambiguous else FAILED
         result.ok = result.status == ACCEPTED
         result.error = "; ".join(failures)
-        return _Routed(result, fallback=result.ok and result.node != tried[0])
+        routed = _Routed(result, fallback=result.ok and result.node != tried[0])
+        self.metrics.batch(result, tried[-1] if tried else "", routed.fallback)
+        return routed
 
     async def _send(self, node: node_pb2.NodeInfo, request: node_pb2.EnqueueBatchRequest) -> Attempt:
         stub = node_pb2_grpc.NodeServiceStub(self._channels.get(node.address))
