@@ -330,6 +330,7 @@ class HandedMessage(_message.Message):
     BATCH_INDEX_FIELD_NUMBER: _builtins.int
     ATTEMPTS_FIELD_NUMBER: _builtins.int
     NEXT_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Spool ID, kept on the receiving node."""
     sender: _builtins.str
@@ -338,6 +339,10 @@ class HandedMessage(_message.Message):
     batch_key: _builtins.str
     """The batch it arrived in (EnqueueBatchRequest.idempotency_key) and its index there."""
     batch_index: _builtins.int
+    traceparent: _builtins.str
+    """The W3C traceparent the message was spooled under ("" when none), so its deliveries on the
+    receiving node join the trace that submitted it.
+    """
     @_builtins.property
     def recipients(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Recipients not yet delivered or bounced."""
@@ -366,10 +371,11 @@ class HandedMessage(_message.Message):
         batch_index: _builtins.int = ...,
         attempts: _abc.Iterable[_builtins.int] | None = ...,
         next_attempts: _abc.Iterable[_timestamp_pb2.Timestamp] | None = ...,
+        traceparent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["accepted_at", b"accepted_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_at", b"accepted_at", "attempts", b"attempts", "batch_index", b"batch_index", "batch_key", b"batch_key", "content", b"content", "id", b"id", "next_attempts", b"next_attempts", "recipients", b"recipients", "sender", b"sender"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_at", b"accepted_at", "attempts", b"attempts", "batch_index", b"batch_index", "batch_key", b"batch_key", "content", b"content", "id", b"id", "next_attempts", b"next_attempts", "recipients", b"recipients", "sender", b"sender", "traceparent", b"traceparent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

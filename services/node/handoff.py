@@ -28,9 +28,6 @@ from services.node.engine.spool import Handed, Pending
 
 # Messages per TakeMessages call: a few MB of typical mail, one transaction on each side.
 CHUNK = 200
-# HandedMessage.traceparent; until the stubs carry it, moved mail starts new traces.
-_TRACEPARENT = "traceparent"
-_CARRIES_TRACEPARENT = _TRACEPARENT in node_pb2.HandedMessage.DESCRIPTOR.fields_by_name
 
 
 class HandOffError(Exception):
@@ -113,7 +110,7 @@ def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
 
 
 def to_proto(m: Handed) -> node_pb2.HandedMessage:
-    proto = node_pb2.HandedMessage(
+    return node_pb2.HandedMessage(
         id=m.id,
         sender=m.sender,
         recipients=[p.recipient for p in m.pending],
@@ -123,10 +120,8 @@ def to_proto(m: Handed) -> node_pb2.HandedMessage:
         batch_index=m.batch_index,
         attempts=[p.attempts for p in m.pending],
         next_attempts=[_timestamp(p.next_attempt_at) for p in m.pending],
+        traceparent=m.traceparent,
     )
-    if _CARRIES_TRACEPARENT and m.traceparent:
-        setattr(proto, _TRACEPARENT, m.traceparent)
-    return proto
 
 
 def from_proto(m: node_pb2.HandedMessage, now: float) -> Handed:
@@ -137,7 +132,7 @@ def from_proto(m: node_pb2.HandedMessage, now: float) -> Handed:
         due = m.next_attempts[i].ToNanoseconds() / 1e9 if i < len(m.next_attempts) else now
         pending.append(Pending(recipient, attempts, due))
     accepted = m.accepted_at.ToNanoseconds() / 1e9 if m.HasField("accepted_at") else now
-    traceparent = str(getattr(m, _TRACEPARENT, "")) if _CARRIES_TRACEPARENT else ""
+    traceparent = m.traceparent
     return Handed(
         m.id, m.sender, m.content, accepted, m.batch_key, m.batch_index, tuple(pending), traceparent
     )

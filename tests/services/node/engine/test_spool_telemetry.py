@@ -9,6 +9,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+from services.node import handoff
 from services.node.engine.instruments import Instruments
 from services.node.engine.reply import Reply
 from services.node.engine.spool import Backlog, NewMessage, Outcome, Spool, State
@@ -49,7 +50,9 @@ async def test_handed_mail_keeps_the_traceparent_it_came_with(tmp_path: Path) ->
     taker = await Spool.open(tmp_path / "taker.db")
     try:
         [mid] = await giver.enqueue(KEY, [message("a@example.com")], traceparent=TRACEPARENT)
-        [handed] = await giver.take_queued(KEY, 10)
+        [taken] = await giver.take_queued(KEY, 10)
+        # As TakeMessages carries it from node to node.
+        handed = handoff.from_proto(handoff.to_proto(taken), time.time())
         assert handed.traceparent == TRACEPARENT
         assert await taker.receive(KEY, [handed]) == [mid]
         [job] = await taker.claim(KEY, time.time(), 10)
