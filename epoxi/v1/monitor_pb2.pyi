@@ -419,26 +419,76 @@ class GetClusterStatsResponse(_message.Message):
     PIPELINE_STATS_FIELD_NUMBER: _builtins.int
     HEALTH_SUMMARY_FIELD_NUMBER: _builtins.int
     NODES_FIELD_NUMBER: _builtins.int
+    PIPELINES_FIELD_NUMBER: _builtins.int
+    NODE_HEALTH_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def pipeline_stats(self) -> Global___PipelineStats: ...
     @_builtins.property
     def health_summary(self) -> Global___HealthSummary: ...
     @_builtins.property
     def nodes(self) -> _containers.RepeatedCompositeFieldContainer[_node_pb2.NodeInfo]: ...
+    @_builtins.property
+    def pipelines(self) -> _containers.RepeatedCompositeFieldContainer[_pipeline_pb2.PipelineInfo]:
+        """Every pipeline the registry shows, sorted by node and routing key: with live counters and
+        status from its node when that node answered (NodeService.GetNodeState), else as registered.
+        """
+
+    @_builtins.property
+    def node_health(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeHealth]:
+        """One per node in the registry, sorted by node: whether its registry checks pass."""
+
     def __init__(
         self,
         *,
         pipeline_stats: Global___PipelineStats | None = ...,
         health_summary: Global___HealthSummary | None = ...,
         nodes: _abc.Iterable[_node_pb2.NodeInfo] | None = ...,
+        pipelines: _abc.Iterable[_pipeline_pb2.PipelineInfo] | None = ...,
+        node_health: _abc.Iterable[Global___NodeHealth] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["health_summary", b"health_summary", "pipeline_stats", b"pipeline_stats"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["health_summary", b"health_summary", "nodes", b"nodes", "pipeline_stats", b"pipeline_stats"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["health_summary", b"health_summary", "node_health", b"node_health", "nodes", b"nodes", "pipeline_stats", b"pipeline_stats", "pipelines", b"pipelines"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetClusterStatsResponse: _TypeAlias = GetClusterStatsResponse  # noqa: Y015
+
+@_typing.final
+class NodeHealth(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    HEALTHY_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    OUTPUTS_FIELD_NUMBER: _builtins.int
+    ANSWERED_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    healthy: _builtins.bool
+    status: _builtins.str
+    """Worst registry check status: "passing", "warning" or "critical"."""
+    answered: _builtins.bool
+    """False when the node is passing in the registry but did not answer GetNodeState."""
+    @_builtins.property
+    def outputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Outputs of the node's checks."""
+
+    def __init__(
+        self,
+        *,
+        node: _builtins.str = ...,
+        healthy: _builtins.bool = ...,
+        status: _builtins.str = ...,
+        outputs: _abc.Iterable[_builtins.str] | None = ...,
+        answered: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answered", b"answered", "healthy", b"healthy", "node", b"node", "outputs", b"outputs", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeHealth: _TypeAlias = NodeHealth  # noqa: Y015
 
 @_typing.final
 class HealthCheckAllRequest(_message.Message):

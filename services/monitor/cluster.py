@@ -84,6 +84,42 @@ def cluster_nodes(
     return out
 
 
+def cluster_pipelines(
+    entries: Iterable[Entry], live: Mapping[str, node_pb2.GetNodeStateResponse]
+) -> list[pipeline_pb2.PipelineInfo]:
+    """Every registered pipeline, sorted by node and routing key, with its registry health; its
+    status and counters as its node reports them when that node answered."""
+    reported = {(node, p.routing_key): p for node, state in live.items() for p in state.pipelines}
+    out = []
+    for e in entries:
+        p = services.pipeline_from_entry(e)
+        now = reported.get((p.node, p.routing_key))
+        if now is not None:
+            p.status = now.status
+            p.counters.CopyFrom(now.counters)
+        out.append(p)
+    return sorted(out, key=lambda p: (p.node, p.routing_key))
+
+
+def node_health(
+    entries: Iterable[Entry], live: Mapping[str, node_pb2.GetNodeStateResponse]
+) -> list[monitor_pb2.NodeHealth]:
+    """Each registered node's registry checks, and whether it answered GetNodeState."""
+    out = []
+    for e in entries:
+        node = services.node_from_entry(e)
+        out.append(
+            monitor_pb2.NodeHealth(
+                node=node.id,
+                healthy=services.passing(e),
+                status=services.worst_status(e),
+                outputs=services.check_outputs(e),
+                answered=node.id in live,
+            )
+        )
+    return sorted(out, key=lambda h: h.node)
+
+
 def node_for_key(
     nodes: Iterable[node_pb2.NodeInfo], pipelines: Iterable[pipeline_pb2.PipelineInfo], source_ip: str
 ) -> tuple[node_pb2.NodeInfo, bool] | None:

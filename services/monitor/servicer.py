@@ -88,15 +88,14 @@ class MonitorService(monitor_pb2_grpc.MonitorServiceServicer):
     async def GetPipelineStats(
         self, request: monitor_pb2.GetPipelineStatsRequest, context: grpc.aio.ServicerContext
     ) -> monitor_pb2.GetPipelineStatsResponse:
-        stats, _, _ = await self._cluster()
-        return monitor_pb2.GetPipelineStatsResponse(stats=stats)
+        cluster_stats = await self._cluster()
+        return monitor_pb2.GetPipelineStatsResponse(stats=cluster_stats.pipeline_stats)
 
     @refusals
     async def GetClusterStats(
         self, request: monitor_pb2.GetClusterStatsRequest, context: grpc.aio.ServicerContext
     ) -> monitor_pb2.GetClusterStatsResponse:
-        stats, summary, nodes = await self._cluster()
-        return monitor_pb2.GetClusterStatsResponse(pipeline_stats=stats, health_summary=summary, nodes=nodes)
+        return await self._cluster()
 
     @refusals
     async def HealthCheckAll(
@@ -293,9 +292,7 @@ class MonitorService(monitor_pb2_grpc.MonitorServiceServicer):
         log.info("pipeline %s stopped on node %s: %s", key, node, where_mail_went(outcome))
         return outcome
 
-    async def _cluster(
-        self,
-    ) -> tuple[monitor_pb2.PipelineStats, monitor_pb2.HealthSummary, list[node_pb2.NodeInfo]]:
+    async def _cluster(self) -> monitor_pb2.GetClusterStatsResponse:
         node_entries, pipeline_entries = await asyncio.gather(
             self._health(services.NODE_SERVICE), self._health(services.PIPELINE_SERVICE)
         )
@@ -304,9 +301,14 @@ class MonitorService(monitor_pb2_grpc.MonitorServiceServicer):
         states = await asyncio.gather(*(self._node_state(n) for n in passing))
         live = {n.id: s for n, s in zip(passing, states, strict=True) if s is not None}
         pipelines = [services.pipeline_from_entry(e) for e in pipeline_entries]
-        stats = cluster.pipeline_stats(nodes, pipelines, live.values())
         _, summary = cluster.health_results(pipeline_entries)
-        return stats, summary, cluster.cluster_nodes(nodes, live)
+        return monitor_pb2.GetClusterStatsResponse(
+            pipeline_stats=cluster.pipeline_stats(nodes, pipelines, live.values()),
+            health_summary=summary,
+            nodes=cluster.cluster_nodes(nodes, live),
+            pipelines=cluster.cluster_pipelines(pipeline_entries, live),
+            node_health=cluster.node_health(node_entries, live),
+        )
 
     async def _node_state(self, node: node_pb2.NodeInfo) -> node_pb2.GetNodeStateResponse | None:
         """The node's live state; None (logged) when it does not answer in time."""

@@ -10,7 +10,7 @@ import pytest
 from devmesh.registry.app import serve
 from devmesh.sink import Sink
 from epoxi.registry import services
-from epoxi.v1 import email_pb2, monitor_pb2_grpc, node_pb2
+from epoxi.v1 import email_pb2, monitor_pb2_grpc, node_pb2, pipeline_pb2
 from epoxi.v1 import monitor_pb2 as m
 from services.monitor.main import MonitorConfig, start_monitor
 from tests.services.monitor.support import register_pipeline
@@ -38,6 +38,14 @@ async def test_pipeline_stats_count_from_the_registry_and_sum_live_counters(
     stats = await eventually(delivered)
     assert stats is not None
     assert (stats.total_pipelines, stats.total_nodes) == (3, 2)
+    # Per pipeline too, each as its node reports it, in node and routing-key order.
+    cluster_stats = await monitor_stub.GetClusterStats(m.GetClusterStatsRequest(), timeout=5)
+    assert [(p.node, p.routing_key, p.counters.delivered, p.healthy) for p in cluster_stats.pipelines] == [
+        ("node1", "gmail.com_127_0_0_2", 2, True),
+        ("node1", "yahoo.com_127_0_0_3", 0, True),
+        ("node2", "gmail.com_127_0_0_4", 0, True),
+    ]
+    assert {p.status for p in cluster_stats.pipelines} == {pipeline_pb2.PIPELINE_STATUS_RUNNING}
     assert dict(stats.pipelines_per_node) == {"node1": 2, "node2": 1}
     assert dict(stats.pipelines_per_routing_key) == {
         "gmail.com_127_0_0_2": 1,
@@ -56,6 +64,10 @@ async def test_cluster_stats(cluster: Nodes, monitor_stub: Stub) -> None:
         ("node2", 1, ["127.0.0.2", "127.0.0.4"]),
     ]
     assert response.nodes[0].address == cluster.running["node1"].address
+    assert [(h.node, h.healthy, h.status, h.answered) for h in response.node_health] == [
+        ("node1", True, "passing", True),
+        ("node2", True, "passing", True),
+    ]
 
 
 async def test_a_node_that_does_not_answer_contributes_no_counters(
@@ -71,6 +83,12 @@ async def test_a_node_that_does_not_answer_contributes_no_counters(
     assert response.pipeline_stats.pipelines_per_node["ghost"] == 0
     # Its registry entry stands in for the live state it could not give.
     assert [(n.id, n.pipeline_count) for n in response.nodes] == [("ghost", 7), ("node1", 2), ("node2", 1)]
+    # Passing in the registry, but it did not answer.
+    assert [(h.node, h.healthy, h.answered) for h in response.node_health] == [
+        ("ghost", True, False),
+        ("node1", True, True),
+        ("node2", True, True),
+    ]
 
 
 async def test_health_check_all(cluster: Nodes, monitor_stub: Stub) -> None:
@@ -116,6 +134,12 @@ async def test_failing_and_warning_checks_show_in_health(
 
     cluster_stats = await monitor_stub.GetClusterStats(m.GetClusterStatsRequest(), timeout=5)
     assert (cluster_stats.health_summary.healthy, cluster_stats.health_summary.unhealthy) == (3, 2)
+    # No node9 answers for them: they show as registered, unhealthy, without counters.
+    unanswered = {p.routing_key: p for p in cluster_stats.pipelines if p.node == "node9"}
+    assert {k: p.healthy for k, p in unanswered.items()} == {
+        "slow.example_127_0_0_8": False,
+        "stuck.example_127_0_0_8": False,
+    }
     passing = await monitor_stub.FindAllPipelines(m.FindAllPipelinesRequest(passing_only=True), timeout=5)
     assert "node9" not in passing.nodes
 
