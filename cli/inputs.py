@@ -135,26 +135,16 @@ def _eml_item(index: int, path: Path, defaults: Defaults) -> Item:
         return Item(index, path.name, None, f"cannot read: {err.strerror}")
     if (p := raw_message.content_problem(data)) is not None:
         return Item(index, path.name, None, f"the message {p}")
-    problems: list[str] = []
-    if defaults.sender is not None:
-        mail_from = "" if defaults.sender == "<>" else defaults.sender
-    else:
-        senders, bad = raw_message.addresses(data, ("from",))
-        problems += bad
-        if len(senders) != 1 and not bad:
-            problems.append(f"the From field has {len(senders)} addresses: give --from")
-        mail_from = senders[0] if senders else ""
-    rcpt_to = list(defaults.recipients)
-    if not rcpt_to:
-        found, bad = raw_message.addresses(data, ("to", "cc", "bcc"))
-        problems += bad
-        rcpt_to = list(dict.fromkeys(found))
-        if not rcpt_to and not bad:
-            problems.append("the To, Cc and Bcc fields have no address: give --to")
-        data = raw_message.without_bcc(data)
+    env = raw_message.envelope(data, defaults.sender, defaults.recipients)
+    problems = [
+        *(f"{p}: give --from" for p in env.sender_problems),
+        *(f"{p}: give --to" for p in env.recipient_problems),
+    ]
     if problems:
         return Item(index, path.name, None, "; ".join(problems))
-    e = email_pb2.Email(raw=email_pb2.RawMessage(mail_from=mail_from, rcpt_to=rcpt_to, content=data))
+    e = email_pb2.Email(
+        raw=email_pb2.RawMessage(mail_from=env.mail_from, rcpt_to=env.rcpt_to, content=env.content)
+    )
     _with_delivery(e, defaults)
     return _checked(index, path.name, e)
 

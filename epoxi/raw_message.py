@@ -9,8 +9,8 @@ octets (RFC 5322 2.1.1) or content without a header section is refused (``conten
 
 Header fields are read as bytes and decoded as UTF-8 (RFC 6532), never rewritten: the Message-ID
 (``message_id``), the From/To/Cc/Bcc addresses (``addresses``, for an envelope taken from the
-header, as ``sendmail -t`` takes it), and the Bcc field removed from such a message
-(``without_bcc``).
+header, as ``sendmail -t`` takes it: ``envelope``), and the Bcc field removed from such a
+message (``without_bcc``).
 """
 
 from __future__ import annotations
@@ -18,13 +18,15 @@ from __future__ import annotations
 import email.headerregistry
 import email.policy
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from email import errors
 
 from epoxi.address import addr_spec, address_problem
 from epoxi.message_id import message_id_problem
 
 MAX_LINE = 998  # octets, without the CRLF
+NULL_PATH = "<>"
 # A header field's first line: its name (printable ASCII but ":") and the colon.
 _FIELD = re.compile(rb"[!-9;-~]+[ \t]*:")
 _BARE_LF = re.compile(rb"(?<!\r)\n")
@@ -144,3 +146,37 @@ def without_bcc(content: bytes) -> bytes:
 
 
 _BCC = re.compile(rb"(?i)bcc[ \t]*:")
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """A message's envelope as ``sendmail -t`` takes it (``envelope``), and what stands in its way."""
+
+    mail_from: str
+    rcpt_to: list[str]
+    content: bytes  # without its Bcc fields when the recipients came from the header
+    sender_problems: list[str]  # why no sender could be taken from the From field
+    recipient_problems: list[str]  # why no recipients could be taken from To, Cc and Bcc
+
+
+def envelope(content: bytes, mail_from: str | None, rcpt_to: Sequence[str]) -> Envelope:
+    """``mail_from`` (``"<>"``: the null reverse-path), else the one address of the From field;
+    ``rcpt_to``, else every address of the To, Cc and Bcc fields, each once, in order, and then
+    the Bcc fields are removed, so the other recipients do not see them."""
+    sender_problems: list[str] = []
+    if mail_from is not None:
+        sender = "" if mail_from == NULL_PATH else mail_from
+    else:
+        senders, sender_problems = addresses(content, ("from",))
+        if len(senders) != 1 and not sender_problems:
+            sender_problems.append(f"the From field has {len(senders)} addresses")
+        sender = senders[0] if senders else ""
+    recipients = list(rcpt_to)
+    recipient_problems: list[str] = []
+    if not recipients:
+        found, recipient_problems = addresses(content, ("to", "cc", "bcc"))
+        recipients = list(dict.fromkeys(found))
+        if not recipients and not recipient_problems:
+            recipient_problems.append("the To, Cc and Bcc fields have no address")
+        content = without_bcc(content)
+    return Envelope(sender, recipients, content, sender_problems, recipient_problems)

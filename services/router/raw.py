@@ -23,7 +23,6 @@ from epoxi.v1 import email_pb2, router_pb2
 RFC822 = "message/rfc822"
 IDEMPOTENCY_KEY = "idempotency-key"
 MAX_CALL_KEY = 255
-NULL_PATH = "<>"
 
 
 def call_idempotency_key(metadata: Iterable[tuple[str, str | bytes]] | None) -> tuple[str, str]:
@@ -57,31 +56,18 @@ def raw_email(request: router_pb2.RouteRawEmailRequest) -> tuple[email_pb2.Email
     data = message.data
     if (p := raw_message.content_problem(data)) is not None:
         return email_pb2.Email(), [f"message.data {p}"]
-    problems: list[str] = []
-    mail_from = request.mail_from
-    if mail_from == NULL_PATH:
-        mail_from = ""
-    elif not mail_from:
-        senders, bad = raw_message.addresses(data, ("from",))
-        problems += [f"mail_from is empty, and {p}" for p in bad]
-        if len(senders) != 1 and not bad:
-            problems.append(
-                f"mail_from is empty, and the From field has {len(senders)} addresses: give mail_from "
-                '("<>" for the null reverse-path)'
-            )
-        mail_from = senders[0] if senders else ""
-    rcpt_to = list(request.rcpt_to)
-    if not rcpt_to:
-        found, bad = raw_message.addresses(data, ("to", "cc", "bcc"))
-        problems += [f"rcpt_to is empty, and {p}" for p in bad]
-        rcpt_to = list(dict.fromkeys(found))
-        if not rcpt_to and not bad:
-            problems.append("rcpt_to is empty, and the To, Cc and Bcc fields have no address")
-        data = raw_message.without_bcc(data)
+    env = raw_message.envelope(data, request.mail_from or None, request.rcpt_to)
+    problems = [
+        *(
+            f'mail_from is empty, and {p}: give mail_from ("<>" for the null reverse-path)'
+            for p in env.sender_problems
+        ),
+        *(f"rcpt_to is empty, and {p}" for p in env.recipient_problems),
+    ]
     if problems:
         return email_pb2.Email(), problems
     email = email_pb2.Email(
-        raw=email_pb2.RawMessage(mail_from=mail_from, rcpt_to=rcpt_to, content=data),
+        raw=email_pb2.RawMessage(mail_from=env.mail_from, rcpt_to=env.rcpt_to, content=env.content),
         delivery=request.delivery,
     )
     return email, []
