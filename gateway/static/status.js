@@ -1,13 +1,13 @@
 // The Epoxi status page: polls the gateway's own HTTP API and draws the mesh.
 //
-// Every POLL_MS it asks, at once:
-//   GET /admin/pipelines         nodes (address, egress IPs, load) and mesh totals   (scope read)
-//   GET /admin/pipelines/health  each pipeline's registry checks and their output    (scope read)
-//   GET /admin/queues            each node's spool, per routing key: the counters;  (scope admin)
-//                                which nodes answered, and why the others did not
-// The first two make the page; without the third (no token with scope admin) it shows the
-// pipelines without their counters, and says so. Throughput is computed here: the delivered
-// counter of successive polls, per pipeline, drawn as an SVG sparkline.
+// Every POLL_MS it asks, at once (both scope read, so open reads need no token):
+//   GET /admin/pipelines         nodes (address, egress IPs, load), mesh totals, every pipeline
+//                                with its node's live status and counters, and each node's
+//                                health: its registry checks and whether it answered
+//   GET /admin/pipelines/health  each pipeline's registry check status and outputs: the words
+//                                shown with an unhealthy pipeline
+// Throughput is computed here: the delivered counter of successive polls, per pipeline, drawn
+// as an SVG sparkline.
 //
 // Nothing from the API is ever parsed as HTML: every value goes in as a text node or an
 // attribute value (the page's CSP allows no inline script either).
@@ -114,17 +114,38 @@
     return Number.isFinite(n) ? n : 0;
   };
 
-  // --- the model: what the three answers say together ------------------------------------------
+  // --- the model: what the two answers say together --------------------------------------------
 
-  function nodeHealth(id, queues) {
-    if (!queues) return { state: "unknown", detail: "seen with GET /admin/queues (scope admin)" };
-    if (queues.nodes && Object.hasOwn(queues.nodes, id)) return { state: "passing", detail: "" };
-    const gone = (queues.unreachableNodes || []).find((u) => u.node === id);
-    if (gone) return { state: "unreachable", detail: gone.errorCode + ": " + gone.errorMessage };
-    return { state: "critical", detail: "the registry does not show it passing" };
+  const NOT_ANSWERED = "passing in the registry, but it did not answer GetNodeState";
+
+  // A node's health from GetClusterStats.nodeHealth: its registry checks, and whether it
+  // answered; {state, outputs, answered}.
+  function nodeHealth(entry) {
+    if (!entry) return { state: "unregistered", outputs: ["the registry shows pipelines on this node, but not the node"], answered: false };
+    const outputs = (entry.outputs || []).filter((o) => o);
+    if (!entry.healthy) return { state: entry.status || "critical", outputs, answered: false };
+    if (!entry.answered) return { state: "unreachable", outputs: [NOT_ANSWERED], answered: false };
+    return { state: "passing", outputs: [], answered: true };
   }
 
-  function buildModel(cluster, health, queues) {
+  // "PIPELINE_STATUS_RUNNING" → "running".
+  const statusName = (s) => String(s || "PIPELINE_STATUS_UNSPECIFIED").replace(/^PIPELINE_STATUS_/, "").toLowerCase();
+
+  function countersOf(c) {
+    c = c || {};
+    return {
+      queued: num(c.queued),
+      inFlight: num(c.inFlight),
+      deferred: num(c.deferred),
+      delivered: num(c.delivered),
+      bounced: num(c.bounced),
+    };
+  }
+
+  // cluster: GET /admin/pipelines; health: GET /admin/pipelines/health, or null when it failed
+  // (the problems then show without their check outputs).
+  function buildModel(cluster, health) {
+    const healthOf = new Map((cluster.nodeHealth || []).map((e) => [e.node, nodeHealth(e)]));
     const nodes = new Map();
     const addNode = (n) => {
       nodes.set(n.id, {
@@ -134,56 +155,48 @@
         ipPool: n.ipPool || "",
         pipelineCount: num(n.pipelineCount),
         load: num(n.load),
-        health: nodeHealth(n.id, queues),
+        health: healthOf.get(n.id) || nodeHealth(null),
       });
     };
     for (const n of cluster.nodes || []) addNode(n);
-    for (const id of Object.keys((queues && queues.nodes) || {})) if (!nodes.has(id)) addNode({ id });
+    for (const e of cluster.nodeHealth || []) if (!nodes.has(e.node)) addNode({ id: e.node });
 
     const pipelines = new Map();
     const pipeline = (node, routingKey) => {
       const id = node + " " + routingKey;
       if (!pipelines.has(id)) {
-        pipelines.set(id, { id, node, routingKey, registry: null, queue: null });
+        pipelines.set(id, { id, node, routingKey, healthy: false, status: "", counters: null, registry: null });
       }
       return pipelines.get(id);
     };
-    for (const r of health.results || []) {
-      const p = r.pipeline || {};
-      pipeline(p.node || "", p.routingKey || "").registry = {
-        healthy: Boolean(r.healthy),
-        status: r.status || "critical",
-        outputs: r.outputs || [],
-      };
+    for (const info of cluster.pipelines || []) {
+      const p = pipeline(info.node || "", info.routingKey || "");
+      p.healthy = Boolean(info.healthy);
+      p.status = statusName(info.status);
+      // Zeros as registered unless its node answered: then they are the node's live counters.
+      const live = healthOf.get(p.node);
+      p.counters = live && live.answered ? countersOf(info.counters) : null;
     }
-    for (const [node, stats] of Object.entries((queues && queues.nodes) || {})) {
-      for (const q of stats.pipelines || []) {
-        const c = q.counters || {};
-        pipeline(node, q.routingKey || "").queue = {
-          running: Boolean(q.running),
-          queued: num(c.queued),
-          inFlight: num(c.inFlight),
-          deferred: num(c.deferred),
-          delivered: num(c.delivered),
-          bounced: num(c.bounced),
-        };
-      }
+    for (const r of (health && health.results) || []) {
+      const info = r.pipeline || {};
+      const p = pipeline(info.node || "", info.routingKey || "");
+      if (!p.status) p.healthy = Boolean(r.healthy); // registered between the two calls
+      p.registry = { status: r.status || "critical", outputs: (r.outputs || []).filter((o) => o) };
     }
     for (const p of pipelines.values()) {
       if (!nodes.has(p.node)) addNode({ id: p.node });
       p.state = pipelineState(p);
-      p.problem = Boolean(p.registry && !p.registry.healthy);
+      p.problem = !p.healthy || p.state === "failed";
+      p.outputs = p.problem && p.registry ? p.registry.outputs : [];
     }
-    for (const n of nodes.values()) {
-      n.problem = n.health.state !== "passing" && n.health.state !== "unknown";
-    }
+    for (const n of nodes.values()) n.problem = n.health.state !== "passing";
     return { nodes, pipelines, cluster };
   }
 
+  // Unhealthy: the registry's worst check status; healthy: what its node reports.
   function pipelineState(p) {
-    if (p.registry) return p.registry.healthy ? "running" : p.registry.status;
-    if (p.queue && p.queue.running) return "running";
-    return "stopped";
+    if (!p.healthy) return p.registry ? p.registry.status : "critical";
+    return p.status || "running";
   }
 
   // Problems first, then by name.
@@ -193,17 +206,17 @@
 
   function record(pipelines, now) {
     for (const p of pipelines.values()) {
-      if (!p.queue) continue;
+      if (!p.counters) continue;
       const samples = history.get(p.id) || [];
       const last = samples[samples.length - 1];
       // A counter that went down (the spool purged finished mail, or was replaced) starts anew.
-      if (last && p.queue.delivered < last.delivered) samples.length = 0;
-      samples.push({ t: now, delivered: p.queue.delivered });
+      if (last && p.counters.delivered < last.delivered) samples.length = 0;
+      samples.push({ t: now, delivered: p.counters.delivered });
       while (samples.length > 2 && now - samples[0].t > HISTORY_MS) samples.shift();
       history.set(p.id, samples);
     }
     for (const id of history.keys()) {
-      if (!pipelines.has(id) || !pipelines.get(id).queue) history.delete(id);
+      if (!pipelines.has(id) || !pipelines.get(id).counters) history.delete(id);
     }
   }
 
@@ -265,7 +278,15 @@
 
   // --- drawing -----------------------------------------------------------------------------------
 
-  const badgeClass = { passing: "ok", running: "ok", stopped: "idle", unknown: "idle", warning: "warn" };
+  const badgeClass = {
+    passing: "ok",
+    running: "ok",
+    stopped: "idle",
+    unspecified: "idle",
+    starting: "warn",
+    stopping: "warn",
+    warning: "warn",
+  };
   const badge = (state) => h("span", { class: "badge " + (badgeClass[state] || "bad") }, state);
   const count = (field, value) => h("td", { class: "number", "data-field": field }, value === null ? "–" : value.toLocaleString("en"));
 
@@ -301,7 +322,7 @@
           h("strong", {}, "Node ", h("span", { class: "name" }, n.id)),
           " ",
           badge(n.health.state),
-          h("pre", { class: "output" }, n.health.detail)
+          n.health.outputs.map((o) => h("pre", { class: "output" }, o))
         )
       );
     }
@@ -316,7 +337,7 @@
           h("span", { class: "name" }, p.node),
           " ",
           badge(p.state),
-          p.registry.outputs.map((o) => h("pre", { class: "output" }, o))
+          p.outputs.map((o) => h("pre", { class: "output" }, o))
         )
       );
     }
@@ -331,7 +352,7 @@
         "tr",
         { "data-node": n.id, class: n.problem ? "problem" : null },
         h("th", { scope: "row" }, n.id),
-        h("td", {}, badge(n.health.state), n.health.detail && n.problem ? h("div", { class: "detail" }, n.health.detail) : null),
+        h("td", {}, badge(n.health.state), n.health.outputs.map((o) => h("div", { class: "detail" }, o))),
         h("td", {}, n.address),
         h("td", {}, n.egressIps.join(", ")),
         h("td", {}, n.ipPool),
@@ -356,7 +377,7 @@
         h("th", { scope: "rowgroup", colspan: COLUMNS }, "Node ", g.node.id, " ", badge(g.node.health.state), " ", g.pipelines.length === 1 ? "1 pipeline" : g.pipelines.length + " pipelines")
       );
       const rows = g.pipelines.sort(byProblemThen((p) => p.routingKey)).map((p) => {
-        const q = p.queue;
+        const q = p.counters;
         return h(
           "tr",
           { "data-node": p.node, "data-routing-key": p.routingKey, class: p.problem ? "problem" : null },
@@ -365,7 +386,7 @@
             "td",
             { "data-field": "state" },
             badge(p.state),
-            p.problem ? p.registry.outputs.map((o) => h("pre", { class: "output" }, o)) : null
+            p.outputs.map((o) => h("pre", { class: "output" }, o))
           ),
           count("queued", q ? q.queued : null),
           count("inFlight", q ? q.inFlight : null),
@@ -389,7 +410,8 @@
     return "GET " + failure.path + ": " + what + ": " + failure.message;
   }
 
-  function showError(failures) {
+  // drawn: this poll drew the page (only the check outputs were missing).
+  function showError(failures, drawn) {
     const box = $("error");
     if (!failures.length) {
       box.hidden = true;
@@ -399,27 +421,16 @@
     }
     const lines = failures.map((f) => h("p", {}, describe(f)));
     if (failures.some((f) => f.status === 401 || f.status === 403)) {
-      lines.push(h("p", {}, "Paste a bearer token with scope read (and admin for the counters) above."));
+      lines.push(h("p", {}, "Paste a bearer token with scope read above."));
     }
-    if (lastUpdated) lines.push(h("p", {}, "Showing what the mesh looked like at " + lastUpdated.toLocaleTimeString("en-GB") + "."));
+    if (drawn) {
+      lines.push(h("p", {}, "Unhealthy pipelines are shown without their check outputs."));
+    } else if (lastUpdated) {
+      lines.push(h("p", {}, "Showing what the mesh looked like at " + lastUpdated.toLocaleTimeString("en-GB") + "."));
+    }
     box.replaceChildren(h("strong", {}, "The API did not answer as it should."), ...lines);
     box.hidden = false;
-    $("main").classList.toggle("stale", Boolean(lastUpdated));
-  }
-
-  function showNotice(queues) {
-    const box = $("notice");
-    if (queues.ok) {
-      box.hidden = true;
-      box.replaceChildren();
-      return;
-    }
-    const why = queues.status === 401 || queues.status === 403 ? " Paste a token with scope admin to see them." : "";
-    box.replaceChildren(
-      h("p", {}, "Per-pipeline counters, throughput and node health come from GET /admin/queues, which failed." + why),
-      h("p", {}, describe(queues))
-    );
-    box.hidden = false;
+    $("main").classList.toggle("stale", !drawn && Boolean(lastUpdated));
   }
 
   function showUpdated(now) {
@@ -431,20 +442,16 @@
   // --- the loop ----------------------------------------------------------------------------------
 
   async function refresh() {
-    const [cluster, health, queues] = await Promise.all(
-      ["/admin/pipelines", "/admin/pipelines/health", "/admin/queues"].map(getJson)
-    );
-    const failures = [cluster, health].filter((r) => !r.ok);
-    showError(failures);
-    if (failures.length) return;
+    const [cluster, health] = await Promise.all(["/admin/pipelines", "/admin/pipelines/health"].map(getJson));
+    showError([cluster, health].filter((r) => !r.ok), cluster.ok);
+    if (!cluster.ok) return;
     const now = Date.now();
-    const model = buildModel(cluster.body, health.body, queues.ok ? queues.body : null);
+    const model = buildModel(cluster.body, health.ok ? health.body : null);
     record(model.pipelines, now);
     drawProblems(model);
     drawTotals(model.cluster);
     drawNodes(model);
     drawPipelines(model, now);
-    showNotice(queues);
     showUpdated(now);
   }
 
