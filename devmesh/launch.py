@@ -102,6 +102,7 @@ async def run(args: argparse.Namespace, stop: asyncio.Event) -> int:
         for name, p in mesh.processes.items():
             address = mesh.smtp_address if name == "ingress" else p.address  # SMTP, not its health
             print(f"  {name:<9} {address:<22} pid {p.pid}")
+        print(f"  status    http://{mesh.address('gateway')}/ (the live status page)")
         print(f"  data      {data_dir} (spools; delivered mail in {data_dir / 'sink'})")
         print(f"  logs      {data_dir / 'logs'}/<service>.log (the previous run's: <service>.log.1)")
         if not args.no_demo:
@@ -120,7 +121,9 @@ async def run(args: argparse.Namespace, stop: asyncio.Event) -> int:
             print("\nDelivered at the sink:")
             for line in await wait_delivered(mesh, len(DEMO_RECIPIENTS)):
                 print("  " + line.rstrip())
-        print(f"\nTry: curl -s http://{mesh.address('gateway')}/admin/pipelines")
+        print(f"\nTry: .venv/bin/epoxi pipelines ls --monitor {mesh.address('monitor')}")
+        print(f"     curl -s http://{mesh.address('gateway')}/admin/pipelines")
+        print(f"     curl -s {mesh.metrics_url(mesh.nodes[0].id)}")
         print(f"     grpcurl -plaintext {mesh.address('router')} list")
         smtp_host, _, smtp_port = mesh.smtp_address.rpartition(":")
         print(
