@@ -59,6 +59,13 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def _subcommand(sub: Any, name: str, help: str) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name, help=help, epilog=exits.EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    return parser
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--monitor",
@@ -493,28 +500,13 @@ async def _stats(stub: Stub, args: argparse.Namespace) -> int:
 def pipelines(argv: list[str]) -> int:
     parser = _parser("epoxi pipelines", "List, show, start and stop pipelines through the monitor.")
     sub = parser.add_subparsers(dest="action", required=True, metavar="ls|show|start|stop")
-    ls = sub.add_parser(
-        "ls",
-        help="every pipeline, by node",
-        epilog=exits.EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    ls = _subcommand(sub, "ls", "every pipeline, by node")
     ls.add_argument("--passing-only", action="store_true", help="only pipelines whose checks all pass")
     ls.set_defaults(work=_pipelines_ls)
-    show = sub.add_parser(
-        "show",
-        help="one routing key's pipelines and their health (exit 1: unhealthy)",
-        epilog=exits.EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    show = _subcommand(sub, "show", "one routing key's pipelines and their health (exit 1: unhealthy)")
     show.add_argument("key", metavar="KEY", help="routing key, e.g. gmail.com_127_0_0_2")
     show.set_defaults(work=_pipelines_show)
-    start = sub.add_parser(
-        "start",
-        help="start a pipeline on the best node for its source IP",
-        epilog=exits.EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    start = _subcommand(sub, "start", "start a pipeline on the best node for its source IP")
     start.add_argument(
         "target",
         nargs="+",
@@ -523,12 +515,7 @@ def pipelines(argv: list[str]) -> int:
     )
     start.add_argument("--policy-name", default="", help="a stored policy (epoxi/policies/<name>) to follow")
     start.set_defaults(work=_pipelines_start)
-    stop = sub.add_parser(
-        "stop",
-        help="stop a routing key's pipeline everywhere (exit 1: a node failed)",
-        epilog=exits.EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    stop = _subcommand(sub, "stop", "stop a routing key's pipeline everywhere (exit 1: a node failed)")
     stop.add_argument("key", metavar="KEY", help="routing key")
     stop.set_defaults(work=_pipelines_stop)
     for p in (ls, show, start, stop):
@@ -555,12 +542,7 @@ def rebalance(argv: list[str]) -> int:
 def queue(argv: list[str]) -> int:
     parser = _parser("epoxi queue", "Inspect spooled mail across the cluster.")
     sub = parser.add_subparsers(dest="action", required=True, metavar="ls")
-    ls = sub.add_parser(
-        "ls",
-        help="a routing key's spooled messages, oldest first, a page at a time",
-        epilog=exits.EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    ls = _subcommand(sub, "ls", "a routing key's spooled messages, oldest first, a page at a time")
     ls.add_argument("key", metavar="KEY", help="routing key")
     ls.add_argument("--state", choices=sorted(_STATES), help="only messages with a recipient in this state")
     ls.add_argument(
@@ -578,12 +560,7 @@ def queue(argv: list[str]) -> int:
 def message(argv: list[str]) -> int:
     parser = _parser("epoxi message", "Inspect one spooled message.")
     sub = parser.add_subparsers(dest="action", required=True, metavar="show")
-    show = sub.add_parser(
-        "show",
-        help="a message with its recipients and every delivery attempt",
-        epilog=exits.EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    show = _subcommand(sub, "show", "a message with its recipients and every delivery attempt")
     show.add_argument("id", metavar="ID", help="spool ID (RouteEmails' message_ids)")
     _common(show)
     return _run("message show", parser.parse_args(argv), _message_show)
