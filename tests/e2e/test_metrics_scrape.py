@@ -89,8 +89,16 @@ async def test_the_router_counts_the_workload(mesh: Mesh) -> None:
         m.value("epoxi_grpc_server_handled_total", method="epoxi.v1.RouterService/RouteEmails", code="OK")
         == 1
     )
-    # The registry probes the router's health every check interval.
-    assert m.total("epoxi_grpc_server_handled_total", method="grpc.health.v1.Health/Check") >= 1
+
+
+async def test_the_router_shows_the_registry_s_probes_its_view_age_and_lag(mesh: Mesh) -> None:
+    # The registry probes the router's health every check interval (the mesh waited only for the nodes').
+    async def probed() -> float:
+        m = await scrape(mesh.metrics_url("router"))
+        return m.total("epoxi_grpc_server_handled_total", method="grpc.health.v1.Health/Check")
+
+    assert await eventually(probed) >= 1
+    m = await scrape(mesh.metrics_url("router"))
     age = m.value("epoxi_router_registry_view_age_seconds")
     assert 0 <= age < 60, age
     assert m.value("epoxi_registry_blocking_query_lag_seconds_count") >= 1
