@@ -21,8 +21,9 @@ the first submit until the sink has received all N messages:
 With ``--telemetry``, phase 2 runs once per variant (``--repeat`` times, the variants taking
 turns), and the report gives each variant's median against ``off``: ``off`` (metrics off, no
 tracing), ``metrics`` (metrics on, every service scraped every ``--scrape-interval``), ``tracing``
-(metrics off, every span exported to an OTLP receiver, ``devmesh.otlp``, a process of its own),
-``all`` (both).
+(metrics off, every span exported to an OTLP receiver, ``devmesh.otlp``, a process of its own
+that only counts them), ``sampled`` (as ``tracing``, with 1 trace in 10 sampled:
+``parentbased_traceidratio``), ``all`` (metrics and every span).
 
 The machine is shared and noisy, so the figures that matter are the ratios within one run.
 Every process started here is stopped on exit, on error too.
@@ -59,7 +60,8 @@ from epoxi.runtime.channels import RPC_TIMEOUT, Channels, channel
 from epoxi.v1 import email_pb2, node_pb2, node_pb2_grpc, pipeline_pb2, router_pb2, router_pb2_grpc
 
 UNTHROTTLED = 1_000_000  # allowed_messages per second when --throttle is not given
-TELEMETRY_VARIANTS = ("off", "metrics", "tracing", "all")
+TELEMETRY_VARIANTS = ("off", "metrics", "tracing", "sampled", "all")
+SAMPLED_RATIO = "0.1"
 
 
 @dataclass
@@ -96,6 +98,7 @@ class Report:
     # Variant -> end-to-end msgs/s of each of its runs (--telemetry).
     telemetry: dict[str, list[float]] = field(default_factory=dict)
     spans_exported: int = 0
+    receiver_cpu_seconds: float = 0.0
     scrapes: int = 0
 
     def phase(self, name: str) -> Phase | None:
@@ -197,10 +200,12 @@ async def submit(
 def telemetry_env(variant: str, otlp: str) -> dict[str, str]:
     """The environment a mesh runs with for a ``--telemetry`` variant (``default``: as it ships)."""
     env: dict[str, str] = {}
-    if variant in ("off", "tracing"):
+    if variant in ("off", "tracing", "sampled"):
         env["EPOXI_METRICS_LISTEN"] = "off"
-    if variant in ("tracing", "all"):
+    if variant in ("tracing", "sampled", "all"):
         env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://{otlp}"
+    if variant == "sampled":
+        env |= {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": SAMPLED_RATIO}
     return env
 
 
@@ -292,8 +297,8 @@ async def run_telemetry(
 ) -> None:
     """Phase 2 for each ``--telemetry`` variant, ``--repeat`` rounds, the variants taking turns."""
     receiver: Process | None = None
-    if any(v in ("tracing", "all") for v in args.telemetry):
-        receiver = await spawn("otlp", ["devmesh.otlp", "--listen", "127.0.0.1:0"])
+    if any(v in ("tracing", "sampled", "all") for v in args.telemetry):
+        receiver = await spawn("otlp", ["devmesh.otlp", "--listen", "127.0.0.1:0", "--count-only"])
     try:
         for round_ in range(args.repeat):
             for variant in args.telemetry:
@@ -305,6 +310,7 @@ async def run_telemetry(
                 print(f"  round {round_ + 1}, {variant}: {phase.rate:,.0f} msgs/s", flush=True)
     finally:
         if receiver is not None:
+            report.receiver_cpu_seconds = _utils.cpu_seconds(receiver.pid)
             await receiver.stop()
             counted = [line for line in receiver.lines if line.startswith("otlp received ")]
             if counted:
@@ -381,8 +387,12 @@ def render_report(r: Report) -> str:
             ratio = f"{median / off:.3f}" if off else "-"
             rows.append([variant, f"{median:,.0f}", " ".join(f"{x:,.0f}" for x in rates), ratio])
         lines += [_utils.table(rows), ""]
-        lines.append(f"spans exported to the OTLP receiver: {r.spans_exported:,}; scrapes: {r.scrapes:,}")
+        lines.append(
+            f"spans exported to the OTLP receiver: {r.spans_exported:,} (its CPU: "
+            f"{r.receiver_cpu_seconds:.1f} s); scrapes: {r.scrapes:,}"
+        )
         lines.append("targets (issue #10): tracing >= 0.90 of off, metrics >= 0.97 of off")
+        lines.append(f"sampled: OTEL_TRACES_SAMPLER=parentbased_traceidratio, ratio {SAMPLED_RATIO}")
     for s in r.skipped:
         lines.append(f"skipped: {s}")
     if r.processes:

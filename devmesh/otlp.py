@@ -51,8 +51,13 @@ class ReceivedSpan:
 
 
 class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
-    def __init__(self) -> None:
+    """With ``keep=False`` it only counts the spans (``count``): a benchmark's receiver, which
+    should take as little of the machine as a collector elsewhere would."""
+
+    def __init__(self, keep: bool = True) -> None:
+        self.keep = keep
         self.spans: list[ReceivedSpan] = []
+        self.count = 0
         self.requests = 0
         self.address = ""
         self._added = asyncio.Event()
@@ -64,6 +69,9 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> trace_service_pb2.ExportTraceServiceResponse:
         self.requests += 1
+        if not self.keep:
+            self.count += sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
+            return trace_service_pb2.ExportTraceServiceResponse()
         for resource_spans in request.resource_spans:
             resource = _attributes(resource_spans.resource.attributes)
             for scope_spans in resource_spans.scope_spans:
@@ -84,6 +92,7 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
                             links=[(link.trace_id.hex(), link.span_id.hex()) for link in s.links],
                         )
                     )
+                    self.count += 1
         self._added.set()
         return trace_service_pb2.ExportTraceServiceResponse()
 
@@ -122,16 +131,17 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m devmesh.otlp", description=__doc__.splitlines()[0])
     parser.add_argument("--listen", default="127.0.0.1:4317", help="host:port for OTLP/gRPC (port 0: any)")
+    parser.add_argument("--count-only", action="store_true", help="count the spans, keep nothing")
     args = parser.parse_args(argv)
 
     async def serve(stop: asyncio.Event) -> None:
-        receiver = OtlpReceiver()
+        receiver = OtlpReceiver(keep=not args.count_only)
         print(f"otlp listening on {await receiver.start(args.listen)}", flush=True)
         try:
             await stop.wait()
         finally:
             await receiver.close()
-            print(f"otlp received {len(receiver.spans)} spans in {receiver.requests} requests", flush=True)
+            print(f"otlp received {receiver.count} spans in {receiver.requests} requests", flush=True)
 
     asyncio.run(run_until_signalled(serve))
     return 0

@@ -13,6 +13,7 @@ mail as that same string (``traceparent``/``context_of``).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -85,8 +86,10 @@ def traceparent() -> str:
     return carrier.get("traceparent", "")
 
 
+@functools.lru_cache(maxsize=1024)
 def context_of(traceparent: str) -> otel_context.Context | None:
-    """The context a stored ``traceparent`` names, to parent a span on; None when it names none."""
+    """The context a stored ``traceparent`` names, to parent a span on; None when it names none.
+    (Cached: a batch's messages share one, and a Context is immutable.)"""
     if not traceparent:
         return None
     ctx = _propagator.extract({"traceparent": traceparent})

@@ -22,7 +22,7 @@ the sender, the bouncer and, through the supervisor, each pipeline):
   and commit; ``operation`` is the spool method (``enqueue``, ``record``, ``claim``, ...);
 - ``epoxi_node_dsns_total``: DSNs spooled.
 
-Read at scrape time (``refresh``, one grouped spool query):
+Read at scrape time (``refresh``, from ``Spool.backlog``):
 
 - ``epoxi_node_queue_messages{routing_key, state}``: deliveries (a recipient each, as the
   pipeline counters count) ``queued``, ``in_flight`` or ``deferred``;

@@ -330,13 +330,12 @@ class Pipeline:
             # Mail spooled with no context (tracing was off) starts a trace of its own.
             context=tracing.context_of(job.traceparent) or otel_context.Context(),
             kind=SpanKind.CLIENT,
+            # The node is the resource's service.instance.id; the connection adds its addresses.
             attributes={
                 "epoxi.routing_key": self.routing_key,
-                "epoxi.node": self.node,
                 "epoxi.message_id": job.message_id,
                 "epoxi.attempt": max(d.attempts for d in job.deliveries) + 1,
                 "epoxi.recipients": len(job.deliveries),
-                "network.local.address": self.source_ip,
             },
         ) as span:
             await self._attempt(conn, job, span)

@@ -10,10 +10,11 @@ own, as RFC 5321 treats them. What the server's extensions cannot carry (a UTF-8
 header without SMTPUTF8, an 8-bit body without 8BITMIME: ``extensions``), and an address that
 cannot go on a command line, bounce with a permanent reply of the node's own.
 
-While tracing is on, a connection describes itself on the current span (the pipeline's
-``smtp send``: ``server.address``, ``server.port``, ``network.peer.address``,
-``network.local.address``), and opening one makes the spans ``dns mx`` (where the domain's
-mail goes), ``smtp connect`` (per address tried: connect and greeting) and ``smtp starttls``.
+While tracing is on, a connection names its server on the current span (the pipeline's
+``smtp send``: ``server.address``, ``server.port``, whether it was reused), and opening one
+makes the spans ``dns mx`` (where the domain's mail goes), ``smtp connect`` (per address tried:
+connect and greeting, with ``network.peer.address`` and ``network.local.address``) and
+``smtp starttls``.
 Connections opened, reused, upgraded with TLS, and hosts put to rest are counted through the
 sender's ``instruments``, per routing key.
 """
@@ -132,13 +133,12 @@ class SmtpConnection:
                 return _transient(recipients, f"cannot connect: {e}", NO_ANSWER)
             self._measures.connection_opened(self.tls)
         if tracing.enabled():
+            # The rest of the connection's description (peer and local address, TLS) is on its
+            # `smtp connect` span: each attribute on a per-message span costs its encoding.
             trace.get_current_span().set_attributes(
                 {
                     "server.address": self._host,
                     "server.port": self._port,
-                    "network.peer.address": self._address,
-                    "network.local.address": self._source_ip,
-                    "epoxi.smtp.tls": self.tls,
                     "epoxi.smtp.connection_reused": reused,
                 }
             )

@@ -259,7 +259,9 @@ class Due:
 
 @dataclass(frozen=True)
 class Backlog:
-    """A routing key's deliveries in one unfinished state, and when the oldest was accepted."""
+    """A routing key's deliveries in one unfinished state, and when the message of the first of
+    them to reach this spool was accepted (the oldest, but for mail handed over later with an
+    older acceptance time)."""
 
     routing_key: str
     state: State
@@ -671,9 +673,24 @@ class Spool:
 
     async def backlog(self) -> list[Backlog]:
         """Per routing key and unfinished state, its deliveries and the oldest one's accepted
-        time: one grouped query (what a metrics scrape reads)."""
-        rows = await self._run(self._query, _BACKLOG, ())
-        return [Backlog(k, State(state), n, oldest) for k, state, n, oldest in rows]
+        time (``Backlog``): one grouped index scan and one lookup per group (what a metrics
+        scrape reads)."""
+        return await self._run(self._backlog)
+
+    def _backlog(self) -> list[Backlog]:
+        # Counted on the deliveries_due index alone; the oldest is the first delivery to arrive
+        # here (lowest id) in each group, whose message alone is read. Reading every unfinished
+        # message's row instead costs ten times as much: its created_at lies past its body.
+        groups = self._db.execute(_BACKLOG).fetchall()
+        firsts = [first for _, _, _, first in groups]
+        accepted = (
+            dict(
+                self._db.execute(_ACCEPTED_OF_DELIVERY.format(",".join("?" * len(firsts))), firsts).fetchall()
+            )
+            if firsts
+            else {}
+        )
+        return [Backlog(k, State(state), n, accepted.get(first, 0.0)) for k, state, n, first in groups]
 
     async def deliveries(self, message_id: str) -> list[DeliveryRow]:
         rows = await self._run(self._query, _DELIVERIES, (message_id,))
@@ -921,9 +938,11 @@ ON CONFLICT (routing_key) DO UPDATE SET delivered = delivered + excluded.deliver
     bounced = bounced + excluded.bounced
 """
 _BACKLOG = """
-SELECT d.routing_key, d.state, COUNT(*), MIN(m.created_at) FROM deliveries d
-JOIN messages m ON m.id = d.message_id
-WHERE d.state IN ('queued', 'inflight', 'deferred') GROUP BY d.routing_key, d.state
+SELECT routing_key, state, COUNT(*), MIN(id) FROM deliveries
+WHERE state IN ('queued', 'inflight', 'deferred') GROUP BY routing_key, state
+"""
+_ACCEPTED_OF_DELIVERY = """
+SELECT d.id, m.created_at FROM deliveries d JOIN messages m ON m.id = d.message_id WHERE d.id IN ({})
 """
 _DELIVERIES = """
 SELECT recipient, state, attempts, next_attempt_at, reply_code, enhanced_code, reply_text FROM deliveries
