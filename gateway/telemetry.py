@@ -20,11 +20,14 @@ route: a 404), so a path never becomes a label. A method outside HTTP's own is `
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 from aiohttp import web
+from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
@@ -99,11 +102,12 @@ class HttpTelemetry:
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not tracing.enabled():
-            if not self.metrics.on:
-                return await handler(request)
-            started = time.perf_counter()
-            status = 500
+        traced = tracing.enabled()
+        if not traced and not self.metrics.on:
+            return await handler(request)
+        started = time.perf_counter()
+        status = 500
+        with self._span(request) if traced else contextlib.nullcontext() as span:
             try:
                 response = await handler(request)
                 status = response.status
@@ -112,45 +116,41 @@ class HttpTelemetry:
                 status = e.status
                 raise
             finally:
+                if span is not None:
+                    _describe(span, request, status)
                 self._count(request, status, started)
-        return await self._traced(request, handler)
 
-    async def _traced(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        started = time.perf_counter()
-        method = _method(request.method)
-        parent = tracing.extract(dict(incoming.trace_context(request)))
+    def _span(self, request: web.Request) -> AbstractContextManager[trace.Span]:
+        """A SERVER span for ``request``, the child of its ``traceparent`` header when it sent one."""
         attributes: dict[str, str | int] = {
-            "http.request.method": method,
+            "http.request.method": _method(request.method),
             "url.path": request.path,
             "url.scheme": request.scheme,
         }
         if request.remote:
             attributes["network.peer.address"] = request.remote
-        status = 500
-        with tracing.tracer.start_as_current_span(
-            method, context=parent, kind=SpanKind.SERVER, attributes=attributes
-        ) as span:
-            try:
-                response = await handler(request)
-                status = response.status
-                return response
-            except web.HTTPException as e:
-                status = e.status
-                raise
-            finally:
-                route = route_of(request)
-                if route:
-                    span.update_name(f"{method} {route}")
-                    span.set_attribute("http.route", route)
-                span.set_attribute("http.response.status_code", status)
-                if status >= 500:
-                    span.set_status(Status(StatusCode.ERROR, str(status)))
-                self._count(request, status, started)
+        return tracing.tracer.start_as_current_span(
+            _method(request.method),
+            context=tracing.extract(dict(incoming.trace_context(request))),
+            kind=SpanKind.SERVER,
+            attributes=attributes,
+        )
 
     def _count(self, request: web.Request, status: int, started: float) -> None:
         self.metrics.request(
             _method(request.method), route_of(request) or UNMATCHED, status, time.perf_counter() - started
         )
+
+
+def _describe(span: trace.Span, request: web.Request, status: int) -> None:
+    """The matched route and the status, known once the request is answered."""
+    route = route_of(request)
+    if route:
+        span.update_name(f"{_method(request.method)} {route}")
+        span.set_attribute("http.route", route)
+    span.set_attribute("http.response.status_code", status)
+    if status >= 500:
+        span.set_status(Status(StatusCode.ERROR, str(status)))
 
 
 def _method(method: str) -> str:

@@ -44,9 +44,11 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 
 from google.protobuf import timestamp_pb2
+from opentelemetry import trace
 
 from epoxi import envelope, raw_message, rendering
 from epoxi.envelope import recipients_in
@@ -367,16 +369,7 @@ class PipelineSupervisor:
             if not tracing.enabled():
                 return Spooled(await self.spool.receive(key, messages))
             # Each message keeps the traceparent it came with; this span is TakeMessages' part.
-            with tracing.tracer.start_as_current_span(
-                "spool commit",
-                attributes={
-                    "epoxi.routing_key": key,
-                    "epoxi.node": self.id,
-                    "epoxi.messages": len(messages),
-                    "db.system.name": "sqlite",
-                    "db.operation.name": "receive",
-                },
-            ):
+            with self._spool_span(key, len(messages), "receive"):
                 return Spooled(await self.spool.receive(key, messages))
 
         spooled = await self._spool_for(p, write)
@@ -542,21 +535,25 @@ class PipelineSupervisor:
             spooled = await self.spool.enqueue_batch(key, messages, batch_key)
         else:
             traceparent = tracing.traceparent()  # the caller's span: the messages' attempts join it
-            with tracing.tracer.start_as_current_span(
-                "spool commit",
-                attributes={
-                    "epoxi.routing_key": key,
-                    "epoxi.node": self.id,
-                    "epoxi.messages": len(messages),
-                    "db.system.name": "sqlite",
-                    "db.operation.name": "enqueue",
-                },
-            ) as span:
+            with self._spool_span(key, len(messages), "enqueue") as span:
                 spooled = await self.spool.enqueue_batch(key, messages, batch_key, traceparent)
                 span.set_attribute("epoxi.duplicate", spooled.duplicate)
         if not spooled.duplicate:
             self.instruments.key(key).accepted(len(spooled.ids))
         return spooled
+
+    def _spool_span(self, key: str, messages: int, operation: str) -> AbstractContextManager[trace.Span]:
+        """The ``spool commit`` span of one spool transaction (tracing on)."""
+        return tracing.tracer.start_as_current_span(
+            "spool commit",
+            attributes={
+                "epoxi.routing_key": key,
+                "epoxi.node": self.id,
+                "epoxi.messages": messages,
+                "db.system.name": "sqlite",
+                "db.operation.name": operation,
+            },
+        )
 
     async def _spool_for(self, p: Pipeline, write: Callable[[str], Awaitable[Spooled]]) -> Spooled:
         """Run ``write`` (a spool transaction for ``p``'s key), then wake the key's pipeline."""
