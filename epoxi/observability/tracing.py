@@ -3,7 +3,8 @@
 ``configure`` installs the SDK's provider only when the standard variables ask for an exporter
 (``OTEL_TRACES_EXPORTER=otlp``, or an ``OTEL_EXPORTER_OTLP_ENDPOINT`` /
 ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` with no exporter named) and ``OTEL_SDK_DISABLED`` is not
-``true``. The exporter, its endpoint, headers and TLS, the batch processor and the sampler read
+``true``. The exporter (the SDK's OTLP/gRPC one, with its request written by
+``otlp_encoding``), its endpoint, headers and TLS, the batch processor and the sampler read
 the rest of the ``OTEL_*`` variables themselves. Without one, ``tracer`` hands out
 non-recording spans and the gRPC interceptors are not installed, so tracing costs next to nothing.
 
@@ -53,10 +54,11 @@ def configure(service_name: str, instance_id: str | None = None) -> bool:
         return True
     if not wanted():
         return False
-    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    from epoxi.observability.otlp_encoding import FastOTLPSpanExporter
 
     attributes: dict[str, str] = {}
     if not os.environ.get("OTEL_SERVICE_NAME"):
@@ -64,7 +66,7 @@ def configure(service_name: str, instance_id: str | None = None) -> bool:
     if instance_id:
         attributes["service.instance.id"] = instance_id
     provider = TracerProvider(resource=Resource.create(attributes))
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    provider.add_span_processor(BatchSpanProcessor(FastOTLPSpanExporter()))
     trace.set_tracer_provider(provider)
     _provider = provider
     log.info("tracing: exporting spans over OTLP as %s", service_name)
