@@ -3,6 +3,10 @@
 ``smtp-sink -c`` writes ``sess=N quit=N mesg=N`` + CR whenever a message ends (``.``), a
 session ends or QUIT arrives; the last ``mesg=`` is the number of messages received so far.
 It throws the mail away, so it is never the bottleneck of a benchmark.
+
+Tests use its other shapes: ``options`` passes smtp-sink's own flags (``-p``: no PIPELINING,
+``-e``: no ESMTP, ``-r RCPT``/``-f RCPT``: refuse every RCPT with a 4xx/5xx, ``-b``/``-B``: that
+reply), and ``dump`` keeps each transaction in a file there (``-d``; read back with ``dumps()``).
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Sequence
+from pathlib import Path
 
 from benchmarks._utils import Started, free_port
 
@@ -23,10 +29,20 @@ _MESG = re.compile(rb"mesg=(\d+)")
 class SmtpSink(Started):
     """Use ``async with SmtpSink() as sink``; ``sink.port``, ``sink.count``, ``await sink.wait_for(n)``."""
 
-    def __init__(self, host: str = "127.0.0.1", max_connections: int = 2048) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        max_connections: int = 2048,
+        options: Sequence[str] = (),
+        dump: Path | None = None,
+        hostname: str = "sink.bench.test",
+    ) -> None:
         self.host = host
         self.port = 0
         self.max_connections = max_connections
+        self.options = list(options)
+        self.dump = dump
+        self.hostname = hostname
         self.count = 0
         self._changed = asyncio.Event()
         self._proc: asyncio.subprocess.Process | None = None
@@ -45,9 +61,12 @@ class SmtpSink(Started):
         if binary is None:
             raise RuntimeError("smtp-sink not found: apt-get install postfix")
         self.port = free_port(self.host)
-        args = [binary, "-c", "-m", str(self.max_connections), "-h", "sink.bench.test"]
+        args = [binary, "-c", "-m", str(self.max_connections), "-h", self.hostname, *self.options]
         if os.geteuid() == 0:
             args += ["-u", getpass.getuser()]  # required when run as the super-user
+        if self.dump is not None:
+            self.dump.mkdir(parents=True, exist_ok=True)
+            args += ["-d", f"{self.dump}/%Y%m%d%H%M%S."]
         args += [f"{self.host}:{self.port}", "1024"]
         self._proc = await asyncio.create_subprocess_exec(
             *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
@@ -95,6 +114,16 @@ class SmtpSink(Started):
                 self._changed.clear()
                 await self._changed.wait()
         return time.perf_counter()
+
+    def dumps(self) -> list[bytes]:
+        """Each transaction kept so far (``dump``), by file time (ties by name): smtp-sink's
+        X-Client-Addr, X-Client-Proto, X-Helo-Args, X-Mail-Args, an X-Rcpt-Args per accepted
+        RCPT and a Received, then the message as it arrived (dots unstuffed, LF line ends), then
+        an empty line."""
+        if self.dump is None:
+            return []
+        files = sorted(self.dump.iterdir(), key=lambda p: (p.stat().st_mtime_ns, p.name))
+        return [p.read_bytes() for p in files]
 
     async def stop(self) -> None:
         proc, self._proc = self._proc, None

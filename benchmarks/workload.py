@@ -18,6 +18,8 @@ from services.node.engine.mx import Destinations, Host
 from services.node.engine.smtp import SmtpSender
 
 SENDER = "Epoxi Bench <bench@sender.bench.test>"
+# The header field that names a message for the latency sink (``benchmarks.latency_sink``).
+TRACK_HEADER = "X-Bench-Id"
 _LINE = "The quick brown fox jumps over the lazy dog; Epoxi mesh benchmark payload.\n"
 
 
@@ -38,25 +40,41 @@ def keys(count: int, ips: Sequence[str]) -> list[Key]:
 
 def _body(size: int) -> str:
     """Plain text such that the rendered message is about ``size`` bytes."""
-    overhead = len(rendering.render(_email(0, Key("d0.bench.test", "127.0.0.2"), "")))
-    n = max(0, size - overhead)
+    key = Key("d0.bench.test", "127.0.0.2")
+    n = max(0, size - len(rendering.render(_email(0, key, ""))))
+    text = _text(n)
+    # Each LF goes out as CRLF: take the difference off once, so 100 KB is 100 KB and not 101.3.
+    n = max(0, n - (len(rendering.render(_email(0, key, text))) - size))
+    return _text(n)
+
+
+def _text(n: int) -> str:
     return (_LINE * (n // len(_LINE) + 1))[:n].rstrip("\n") + "\n"
 
 
-def _email(i: int, key: Key, text: str) -> email_pb2.Email:
-    return envelope.new_email(
+def _email(i: int, key: Key, text: str, track: str | None = None) -> email_pb2.Email:
+    e = envelope.new_email(
         SENDER,
         to=[f"user{i}@{key.domain}"],
         subject=f"Benchmark message {i}",
         text=text,
         delivery=email_pb2.Delivery(ip=key.source_ip),
     )
+    if track is not None:
+        e.headers.add(name=TRACK_HEADER, value=track_id(track, i))
+    return e
 
 
-def emails(count: int, ks: Sequence[Key], size: int) -> list[email_pb2.Email]:
-    """Email ``i`` goes to key ``i % len(ks)``; no Message-ID, so the router assigns one as for any client."""
+def track_id(prefix: str, i: int) -> str:
+    """The ``TRACK_HEADER`` value of email ``i`` made with ``emails(..., track=prefix)``."""
+    return f"{prefix}-{i}"
+
+
+def emails(count: int, ks: Sequence[Key], size: int, track: str | None = None) -> list[email_pb2.Email]:
+    """Email ``i`` goes to key ``i % len(ks)``; no Message-ID, so the router assigns one as for any
+    client. With ``track``, each carries ``TRACK_HEADER: <track>-<i>`` (``track_id``)."""
     text = _body(size)
-    return [_email(i, ks[i % len(ks)], text) for i in range(count)]
+    return [_email(i, ks[i % len(ks)], text, track) for i in range(count)]
 
 
 @dataclass(frozen=True)
