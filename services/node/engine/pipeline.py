@@ -1,11 +1,22 @@
 """A delivery pipeline: one supervised asyncio task per routing key (recipient domain and source IP).
 
-The task takes up to ``batch_size`` due messages from the spool — or, when fewer are due, what
-arrived within ``batch_timeout`` — and sends them over up to ``max_connections`` reused SMTP
-connections, never more than ``allowed_messages`` in any ``message_interval``. Each connection is
-a lane pulling from one queue of claimed messages, and the next batch is claimed as soon as a lane
-is idle with nothing claimed left to take: a slow server holds up its own lane, not the next batch. Each message's
-outcome is: 2xx delivered; 5xx bounced with the reply; 4xx or a transport failure deferred
+The task claims due messages from the spool in batches of at most ``batch_size`` and sends them
+over up to ``max_connections`` reused SMTP connections, never more than ``allowed_messages`` in
+any ``message_interval``. Each connection is a lane pulling from one queue of claimed messages;
+a claim is considered only when a lane is idle with nothing claimed left to take, so a slow
+server holds up its own lane, not the next batch. When to claim:
+
+- *Idle* (no lane sending, nothing claimed): claim what is due at once, up to ``batch_size``. One
+  message on an idle pipeline leaves without waiting for company.
+- *Busy* (some lane still sending): claim once ``batch_size`` messages are due, or once the
+  oldest due one has waited ``batch_timeout``; until then wait, and when the last busy lane goes
+  idle the pipeline is idle again and claims what came meanwhile.
+
+So ``batch_size`` and ``batch_timeout`` bound batching only while lanes are busy, as Broadway's
+batchers do under demand: at a low rate each message goes at once (a claim and an outcome commit
+each), and as the rate rises the mail that arrives during one batch's sends makes the next
+batch, so claims and outcome commits stay shared by up to ``batch_size`` messages at full load.
+Each message's outcome is: 2xx delivered; 5xx bounced with the reply; 4xx or a transport failure deferred
 (``Retry``), and bounced once ``max_retries`` retries are spent.
 
 Outcomes are recorded in groups (``Recorder``), so many share one transaction and its fsync: a
@@ -218,9 +229,10 @@ class Pipeline:
 
     async def _run(self) -> None:
         """Claim batches and feed them to lanes that pull from one queue: one lane per connection,
-        at most ``max_connections`` at once. A lane runs while the queue holds jobs, so the next
-        batch is claimed as soon as a lane is idle and the queue is empty, however long the
-        slowest lane of the previous batch still takes."""
+        at most ``max_connections`` at once. A lane runs while the queue holds jobs, so a claim is
+        considered as soon as a lane is idle and the queue is empty, however long the slowest lane
+        of the previous batch still takes: at once when no lane is sending, else once a full batch
+        is due or the oldest due message has waited ``batch_timeout`` (see the module's docstring)."""
         self._queue.clear()
         self._busy.clear()
         async with asyncio.TaskGroup() as lanes:
@@ -241,7 +253,8 @@ class Pipeline:
                     await self._idle(due.next_at)
                     continue
                 fill_until = due.oldest + policy.batch_timeout
-                if due.count < policy.batch_size and now < fill_until:
+                if self._busy and due.count < policy.batch_size and now < fill_until:
+                    # Lanes are sending: let the batch fill. The last lane going idle wakes us.
                     await self._wait(fill_until)
                     continue
                 # Outcomes so far commit before the next claim, so a crash sends again at most

@@ -1,9 +1,12 @@
 """The node's durable spool: SQLite in WAL mode with ``synchronous=FULL``.
 
 Every write is one transaction, so a whole ``EnqueueBatch`` costs one fsync (group commit) and
-is acknowledged only once it returns. A message is stored once (rendered RFC 5322 bytes and
-envelope sender) with one delivery row per recipient; each attempt's outcome updates the
-delivery and appends to its ``attempts`` history in the same transaction, and ``record`` takes
+is acknowledged only once it returns. A message is stored once (its envelope sender in
+``messages``, its rendered RFC 5322 bytes in ``bodies``, in the same transaction) with one
+delivery row per recipient. Queue scans, counts, ``due`` and the scans behind listings read
+envelopes and deliveries only, so their cost does not grow with the size of the mail; a body is
+read by primary key, for its own message, when that is claimed, handed over, listed or shown.
+Each attempt's outcome updates the delivery and appends to its ``attempts`` history in the same transaction, and ``record`` takes
 many outcomes at once so that a pipeline's outcomes share a commit too. SQLite connections are
 bound to their thread, so all spool work runs on one dedicated thread, off the event loop, in the
 order it was asked for.
@@ -72,8 +75,13 @@ CREATE TABLE IF NOT EXISTS messages (
     id TEXT PRIMARY KEY,
     routing_key TEXT NOT NULL,
     sender TEXT NOT NULL,
-    data BLOB NOT NULL,
     created_at REAL NOT NULL
+);
+-- Bodies apart from their envelopes, so that what scans messages (queue scans, counts, listings,
+-- the backlog) never reads a body: one is read when its mail is claimed, handed over or shown.
+CREATE TABLE IF NOT EXISTS bodies (
+    message_id TEXT PRIMARY KEY REFERENCES messages(id) ON DELETE CASCADE,
+    data BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS deliveries (
     id INTEGER PRIMARY KEY,
@@ -130,6 +138,8 @@ CREATE TABLE IF NOT EXISTS purged (
 
 # Bytes of a message read to find its Subject and Message-ID when listing.
 HEAD_BYTES = 8192
+# Most bodies one query reads (SQLite binds at most 32,766 parameters).
+BODIES_PER_QUERY = 500
 # Most finished deliveries a purge looks at (and so messages it deletes) in one transaction.
 PURGE_CHUNK = 1000
 
@@ -424,22 +434,14 @@ class Spool:
                     [(batch_key, n, i, now) for n, i in enumerate(ids)],
                 )
             self._db.executemany(
-                "INSERT INTO messages (id, routing_key, sender, data, created_at, batch_key, batch_index,"
-                " traceparent) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO messages (id, routing_key, sender, created_at, batch_key, batch_index,"
+                " traceparent) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [
-                    (
-                        i,
-                        routing_key,
-                        m.sender,
-                        m.data,
-                        now,
-                        batch_key or None,
-                        n if batch_key else None,
-                        traceparent,
-                    )
+                    (i, routing_key, m.sender, now, batch_key or None, n if batch_key else None, traceparent)
                     for n, (i, m) in enumerate(zip(ids, messages, strict=True))
                 ],
             )
+            self._db.executemany(_ADD_BODY, [(i, m.data) for i, m in zip(ids, messages, strict=True)])
             self._db.executemany(
                 "INSERT INTO deliveries (message_id, routing_key, recipient, state, next_attempt_at, updated_at)"
                 " VALUES (?, ?, ?, 'queued', ?, ?)",
@@ -460,24 +462,34 @@ class Spool:
 
     def _take_queued(self, routing_key: str, limit: int, after: Cursor) -> list[Handed]:
         rows = self._db.execute(_TAKE_QUEUED, (routing_key, *after, limit)).fetchall()
+        ids = [r[0] for r in rows]
         pending: dict[str, list[Pending]] = {}
         for message_id, recipient, attempts, next_at in self._db.execute(
-            _PENDING_OF.format(",".join("?" * len(rows))), [r[0] for r in rows]
+            _PENDING_OF.format(",".join("?" * len(ids))), ids
         ):
             pending.setdefault(message_id, []).append(Pending(recipient, attempts, next_at))
+        bodies = self._bodies(ids)
         return [
             Handed(
                 i,
                 sender,
-                data,
+                bodies[i],
                 created,
                 batch_key or "",
                 batch_index or 0,
                 tuple(pending.get(i, ())),
                 tp or "",
             )
-            for i, sender, data, created, batch_key, batch_index, tp in rows
+            for i, sender, created, batch_key, batch_index, tp in rows
         ]
+
+    def _bodies(self, ids: Sequence[str]) -> dict[str, bytes]:
+        """The bodies of ``ids``, by message ID: one primary-key lookup each, a chunk per query."""
+        bodies: dict[str, bytes] = {}
+        for start in range(0, len(ids), BODIES_PER_QUERY):
+            chunk = ids[start : start + BODIES_PER_QUERY]
+            bodies.update(self._db.execute(_BODIES_OF.format(",".join("?" * len(chunk))), chunk).fetchall())
+        return bodies
 
     async def receive(self, routing_key: str, messages: Sequence[Handed]) -> list[str]:
         """Store ``messages`` handed over by another node, in one transaction, under their own
@@ -487,6 +499,7 @@ class Spool:
 
     def _receive(self, routing_key: str, messages: list[Handed], now: float) -> list[str]:
         ids = []
+        bodies: list[tuple[str, bytes]] = []
         with self._writing("receive"):
             self._db.execute("BEGIN IMMEDIATE")
             for m in messages:
@@ -499,13 +512,12 @@ class Spool:
                 if self._db.execute("SELECT 1 FROM messages WHERE id = ?", (m.id,)).fetchone():
                     continue
                 self._db.execute(
-                    "INSERT INTO messages (id, routing_key, sender, data, created_at, batch_key, batch_index,"
-                    " traceparent) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO messages (id, routing_key, sender, created_at, batch_key, batch_index,"
+                    " traceparent) VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (
                         m.id,
                         routing_key,
                         m.sender,
-                        m.data,
                         m.accepted_at,
                         m.batch_key or None,
                         m.batch_index if m.batch_key else None,
@@ -534,6 +546,8 @@ class Spool:
                         " VALUES (?, ?, ?, ?)",
                         (m.batch_key, m.batch_index, m.id, now),
                     )
+                bodies.append((m.id, m.data))
+            self._db.executemany(_ADD_BODY, bodies)
         return ids
 
     async def remove_handed(self, message_ids: Sequence[str]) -> None:
@@ -574,18 +588,20 @@ class Spool:
             rows = self._db.execute(_CLAIM, (routing_key, now, limit, routing_key, now)).fetchall()
             self._db.executemany(
                 "UPDATE deliveries SET state = 'inflight', updated_at = ? WHERE id = ?",
-                [(now, r[3]) for r in rows],
+                [(now, r[2]) for r in rows],
             )
-        heads: dict[str, tuple[str, bytes, float, str]] = {}
+        heads: dict[str, tuple[str, float, str]] = {}
         deliveries: dict[str, list[Delivery]] = {}
-        for message_id, sender, data, delivery_id, recipient, attempts, created, tp in rows:
+        for message_id, sender, delivery_id, recipient, attempts, created, tp in rows:
             if message_id not in heads:
-                heads[message_id] = (sender, data, created, tp or "")
+                heads[message_id] = (sender, created, tp or "")
                 deliveries[message_id] = []
             deliveries[message_id].append(Delivery(delivery_id, recipient, attempts))
+        # Each body once, however many of its recipients are due (a join would read it per row).
+        bodies = self._bodies(list(heads))
         return [
-            Job(i, sender, data, tuple(deliveries[i]), created, tp)
-            for i, (sender, data, created, tp) in heads.items()
+            Job(i, sender, bodies[i], tuple(deliveries[i]), created, tp)
+            for i, (sender, created, tp) in heads.items()
         ]
 
     async def record(self, outcomes: Iterable[Outcome]) -> None:
@@ -679,8 +695,7 @@ class Spool:
 
     def _backlog(self) -> list[Backlog]:
         # Counted on the deliveries_due index alone; the oldest is the first delivery to arrive
-        # here (lowest id) in each group, whose message alone is read. Reading every unfinished
-        # message's row instead costs ten times as much: its created_at lies past its body.
+        # here (lowest id) in each group, whose message alone is read, not every unfinished one's.
         groups = self._db.execute(_BACKLOG).fetchall()
         firsts = [first for _, _, _, first in groups]
         accepted = (
@@ -819,8 +834,10 @@ def _migrate(db: sqlite3.Connection) -> None:
     """Bring a spool file from an older node up to date (in the caller's transaction).
 
     Messages get the batch columns and the traceparent column, NULL for the mail already there.
-    Deliveries once kept the reply's text whole: they get an enhanced code column, and each
-    row's text is split into enhanced code and the rest, as the reply was parsed."""
+    Messages once held their bodies: each moves to ``bodies`` and the column goes (the file
+    keeps its size until a VACUUM; its free pages are reused). Deliveries once kept the reply's
+    text whole: they get an enhanced code column, and each row's text is split into enhanced
+    code and the rest, as the reply was parsed."""
     db.execute("BEGIN IMMEDIATE")  # DDL included: the column and its rows appear together
     message_columns = {name for _, name, *_ in db.execute("PRAGMA table_info(messages)")}
     if "batch_key" not in message_columns:
@@ -828,6 +845,9 @@ def _migrate(db: sqlite3.Connection) -> None:
         db.execute("ALTER TABLE messages ADD COLUMN batch_index INTEGER")
     if "traceparent" not in message_columns:
         db.execute("ALTER TABLE messages ADD COLUMN traceparent TEXT")
+    if "data" in message_columns:
+        db.execute("INSERT INTO bodies (message_id, data) SELECT id, data FROM messages")
+        db.execute("ALTER TABLE messages DROP COLUMN data")
     columns = {name for _, name, *_ in db.execute("PRAGMA table_info(deliveries)")}
     if "enhanced_code" in columns:
         return
@@ -859,7 +879,7 @@ _PIPELINE = "SELECT routing_key, domain, source_ip, policy FROM pipelines WHERE 
 _BATCH = "SELECT batch_index, message_id FROM batches WHERE batch_key = ?"
 _BATCH_SLOT = "SELECT message_id FROM batches WHERE batch_key = ? AND batch_index = ?"
 _TAKE_QUEUED = """
-SELECT m.id, m.sender, m.data, m.created_at, m.batch_key, m.batch_index, m.traceparent FROM messages m
+SELECT m.id, m.sender, m.created_at, m.batch_key, m.batch_index, m.traceparent FROM messages m
 WHERE m.routing_key = ? AND (m.created_at, m.id) > (?, ?) AND EXISTS (
     SELECT 1 FROM deliveries d WHERE d.message_id = m.id AND d.state IN ('queued', 'deferred'))
 ORDER BY m.created_at, m.id LIMIT ?
@@ -896,7 +916,7 @@ WITH picked AS (
     WHERE routing_key = ? AND state IN ('queued', 'deferred') AND next_attempt_at <= ?
     GROUP BY message_id ORDER BY due, first LIMIT ?
 )
-SELECT m.id, m.sender, m.data, d.id, d.recipient, d.attempts, m.created_at, m.traceparent
+SELECT m.id, m.sender, d.id, d.recipient, d.attempts, m.created_at, m.traceparent
 FROM picked JOIN messages m ON m.id = picked.message_id JOIN deliveries d ON d.message_id = m.id
 WHERE d.routing_key = ? AND d.state IN ('queued', 'deferred') AND d.next_attempt_at <= ?
 ORDER BY picked.due, picked.first, d.id
@@ -963,9 +983,13 @@ SELECT routing_key, MIN(next_attempt_at) FROM deliveries WHERE state = 'deferred
 _NEXT_DEFERRED_OF_KEY = """
 SELECT routing_key, MIN(next_attempt_at) FROM deliveries WHERE routing_key = ? AND state = 'deferred'
 """
-_MESSAGE_COLUMNS = "m.id, m.routing_key, m.sender, m.created_at, length(m.data), substr(m.data, 1, ?)"
+# A listed message's size and head come from its body, looked up (by primary key) for the rows
+# listed only: the listing's scan and order are the messages table's.
+_MESSAGE_COLUMNS = "m.id, m.routing_key, m.sender, m.created_at, length(b.data), substr(b.data, 1, ?)"
 _LIST = f"""
-SELECT {_MESSAGE_COLUMNS} FROM messages m
+SELECT {_MESSAGE_COLUMNS} FROM messages m JOIN bodies b ON b.message_id = m.id
 WHERE {{where}} ORDER BY m.created_at, m.id LIMIT ?
 """
-_MESSAGE = f"SELECT {_MESSAGE_COLUMNS} FROM messages m WHERE m.id = ?"
+_MESSAGE = f"SELECT {_MESSAGE_COLUMNS} FROM messages m JOIN bodies b ON b.message_id = m.id WHERE m.id = ?"
+_ADD_BODY = "INSERT INTO bodies (message_id, data) VALUES (?, ?)"
+_BODIES_OF = "SELECT message_id, data FROM bodies WHERE message_id IN ({})"

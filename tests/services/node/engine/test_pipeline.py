@@ -90,17 +90,31 @@ async def test_a_full_batch_goes_without_waiting_for_the_timeout(
     assert await settled(p) == Counts(delivered=2)
 
 
+async def test_one_message_on_an_idle_pipeline_goes_without_waiting_for_the_timeout(
+    make_pipeline: MakePipeline, sink: Sink
+) -> None:
+    p = make_pipeline(fast_policy(batch_size=10, batch_timeout=3600.0))
+    await enqueue(p, "a@example.com")  # one of ten, and nothing else sending: it goes at once
+    await sink.wait_for(1)
+    assert await settled(p) == Counts(delivered=1)
+    await enqueue(p, "b@example.com")  # idle again after the first: the next goes at once too
+    await sink.wait_for(2)
+    assert sink.recipients() == ["a@example.com", "b@example.com"]
+
+
 async def test_stopping_keeps_undelivered_mail_in_the_spool(
     make_pipeline: MakePipeline, spool: Spool, sink: Sink
 ) -> None:
-    waiting = make_pipeline(fast_policy(batch_size=10, batch_timeout=3600.0))
-    await enqueue(waiting, "a@example.com")  # one of ten: the pipeline waits for the batch to fill
+    waiting = make_pipeline(fast_policy(allowed_messages=1, message_interval=3600.0))
+    await enqueue(waiting, "a@example.com", "b@example.com")  # the second waits for the rate limit
+    await sink.wait_for(1)
     await waiting.stop()
-    assert await spool.counts(KEY) == Counts(queued=1)
-    assert sink.received == []
+    assert await spool.counts(KEY) == Counts(queued=1, delivered=1)
+    assert sink.recipients() == ["a@example.com"]
 
     p = make_pipeline(fast_policy())
-    assert await settled(p) == Counts(delivered=1)
+    assert await settled(p) == Counts(delivered=2)
+    assert sink.recipients() == ["a@example.com", "b@example.com"]
 
 
 async def test_a_crashed_pipeline_reports_the_failure_and_restarts(

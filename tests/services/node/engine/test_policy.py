@@ -55,27 +55,7 @@ async def test_batches_hold_at_most_batch_size_messages(
     assert spool.batch_ids() == [ids[0:2], ids[2:4], ids[4:5]]
 
 
-async def test_a_full_batch_goes_at_once_and_a_partial_one_waits(
-    make_pipeline: MakePipeline, spool: RecordingSpool, sink: Sink
-) -> None:
-    p = make_pipeline(fast_policy(batch_size=3, batch_timeout=3600.0))
-    first = await enqueue(p, "a@example.com", "b@example.com")
-    await asyncio.sleep(0.2)
-    assert (spool.batch_ids(), sink.received) == ([], [])  # two of three: waiting for the batch to fill
-    last = await enqueue(p, "c@example.com")
-    assert await settled(p) == Counts(delivered=3)
-    assert spool.batch_ids() == [first + last]
-
-
-async def test_what_arrives_within_the_batch_timeout_goes_together(
-    make_pipeline: MakePipeline, spool: RecordingSpool
-) -> None:
-    p = make_pipeline(fast_policy(batch_size=10, batch_timeout=1.0))
-    first = await enqueue(p, "a@example.com")
-    await asyncio.sleep(0.1)
-    second = await enqueue(p, "b@example.com")
-    assert await settled(p) == Counts(delivered=2)
-    assert spool.batch_ids() == [first + second]  # one partial batch, sent when the timeout ran out
+# When a partial batch waits and when it goes at once: test_pipeline_flow.py.
 
 
 # allowed_messages per message_interval
@@ -113,18 +93,6 @@ async def test_a_4xx_is_retried_max_retries_times(
 
 
 # apply_policy
-
-
-async def test_a_waiting_batch_follows_a_new_batch_size(
-    make_pipeline: MakePipeline, spool: RecordingSpool
-) -> None:
-    p = make_pipeline(fast_policy(batch_size=10, batch_timeout=3600.0))
-    ids = await enqueue(p, "a@example.com", "b@example.com")
-    await asyncio.sleep(0.1)
-    assert spool.batch_ids() == []
-    p.apply_policy(fast_policy(batch_size=2, batch_timeout=3600.0))
-    assert await settled(p) == Counts(delivered=2)
-    assert spool.batch_ids() == [ids]
 
 
 async def test_a_new_rate_limit_applies_to_waiting_mail(make_pipeline: MakePipeline, sink: Sink) -> None:
