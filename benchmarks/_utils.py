@@ -3,9 +3,11 @@ and the start/stop context of the processes they run."""
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import os
 import socket
+import time
 from collections.abc import Sequence
 from typing import Self
 
@@ -31,6 +33,26 @@ class Started:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+class Counted(Started):
+    """A sink that counts the messages it received: ``count``, and ``await wait_for(n, seconds)``."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._changed = asyncio.Event()
+
+    def counted(self, count: int) -> None:
+        self.count = count
+        self._changed.set()
+
+    async def wait_for(self, count: int, seconds: float) -> float:
+        """Wait up to ``seconds`` until ``count`` messages arrived; the ``time.perf_counter()`` when they had."""
+        async with asyncio.timeout(seconds):
+            while self.count < count:
+                self._changed.clear()
+                await self._changed.wait()
+        return time.perf_counter()
 
 
 def free_port(host: str = "127.0.0.1") -> int:

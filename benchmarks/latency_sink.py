@@ -15,7 +15,7 @@ import contextlib
 import re
 import time
 
-from benchmarks._utils import Started, free_port
+from benchmarks._utils import Counted, free_port
 from benchmarks.workload import TRACK_HEADER
 
 _TRACKED = re.compile(rb"(?:^|\r\n)" + re.escape(TRACK_HEADER.encode()) + rb":[ \t]*([^\r\n]*)", re.I)
@@ -24,7 +24,7 @@ _END_OF_DATA = b"\r\n.\r\n"
 _MAX_COMMAND = 4096
 
 
-class LatencySink(Started):
+class LatencySink(Counted):
     """``async with LatencySink() as sink``: ``sink.address``, ``sink.count``, ``sink.replied``,
     ``await sink.wait_for(n, seconds)``."""
 
@@ -32,9 +32,8 @@ class LatencySink(Started):
         self.host = host
         self.port = 0
         self.hostname = hostname
-        self.count = 0
+        super().__init__()
         self.replied: dict[str, float] = {}
-        self._changed = asyncio.Event()
         self._server: asyncio.Server | None = None
         self._sessions: set[_Session] = set()
 
@@ -72,16 +71,7 @@ class LatencySink(Started):
         found = _TRACKED.search(message, 0, end if end >= 0 else len(message))
         if found:
             self.replied[found.group(1).decode("ascii", "replace")] = time.time()
-        self.count += 1
-        self._changed.set()
-
-    async def wait_for(self, count: int, seconds: float) -> float:
-        """Wait up to ``seconds`` until ``count`` messages arrived; the ``time.perf_counter()`` when they had."""
-        async with asyncio.timeout(seconds):
-            while self.count < count:
-                self._changed.clear()
-                await self._changed.wait()
-        return time.perf_counter()
+        self.counted(self.count + 1)
 
 
 class _Session(asyncio.Protocol):

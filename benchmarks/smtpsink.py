@@ -21,12 +21,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from benchmarks._utils import Started, free_port
+from benchmarks._utils import Counted, free_port
 
 _MESG = re.compile(rb"mesg=(\d+)")
 
 
-class SmtpSink(Started):
+class SmtpSink(Counted):
     """Use ``async with SmtpSink() as sink``; ``sink.port``, ``sink.count``, ``await sink.wait_for(n)``."""
 
     def __init__(
@@ -43,8 +43,7 @@ class SmtpSink(Started):
         self.options = list(options)
         self.dump = dump
         self.hostname = hostname
-        self.count = 0
-        self._changed = asyncio.Event()
+        super().__init__()
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
 
@@ -104,16 +103,7 @@ class SmtpSink(Started):
             found = _MESG.findall(data, 0, cut)
             tail = data[cut + 1 :]
             if found:
-                self.count = int(found[-1])
-                self._changed.set()
-
-    async def wait_for(self, count: int, seconds: float) -> float:
-        """Wait up to ``seconds`` until ``count`` messages arrived; the ``time.perf_counter()`` when they had."""
-        async with asyncio.timeout(seconds):
-            while self.count < count:
-                self._changed.clear()
-                await self._changed.wait()
-        return time.perf_counter()
+                self.counted(int(found[-1]))
 
     def dumps(self) -> list[bytes]:
         """Each transaction kept so far (``dump``), by file time (ties by name): smtp-sink's
