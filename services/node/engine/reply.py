@@ -32,7 +32,7 @@ class Reply:
         """The reply ``code`` ``text``: an enhanced code leads the text when its class is the
         code's first digit (RFC 3463); a code 0 reply (the node's own) may lead with any."""
         if not text.isascii():
-            # aiosmtplib keeps octets that are not UTF-8 as surrogates, which the spool (UTF-8)
+            # The client keeps octets that are not UTF-8 as surrogates, which the spool (UTF-8)
             # cannot store: they become U+FFFD.
             text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         m = _ENHANCED.match(text)

@@ -1,9 +1,10 @@
-"""Sending mail: the small ``Sender`` interface, and its real implementation, SMTP over aiosmtplib.
+"""Sending mail: the small ``Sender`` interface, and its real implementation, SMTP (``smtp_client``).
 
 A ``Sender`` opens ``Connection``s for a (domain, source IP) pair. A connection sends one
 message per SMTP transaction and reports a ``Reply`` per recipient; it connects lazily, binds the
 source address, greets with the EHLO name of that address, upgrades with STARTTLS when offered,
-and stays open for the next message until it has carried ``max_messages_per_connection``.
+and stays open for the next message until it has carried ``max_messages_per_connection``. When
+the server offers PIPELINING, a transaction's envelope and DATA go in one write.
 It tries the domain's hosts in order; a host it could not connect to is left alone for a while
 (``HostBackoff``). Transport failures never raise: they become temporary replies of the node's
 own, as RFC 5321 treats them. What the server's extensions cannot carry (a UTF-8 address or
@@ -29,7 +30,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import aiosmtplib
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
@@ -40,6 +40,7 @@ from services.node.engine.host_backoff import HostBackoff
 from services.node.engine.instruments import NO_INSTRUMENTS, Instruments
 from services.node.engine.mx import Destinations, DnsUnavailable, Host, NoRoute, family_of
 from services.node.engine.reply import BAD_CONNECTION, NO_ANSWER, ROUTING_FAILURE, Reply
+from services.node.engine.smtp_client import Disconnected, Response, SmtpClient, SmtpError, mailbox
 from services.node.engine.tls import TlsPolicy
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ class SmtpSender:
         return SmtpConnection(self, domain, source_ip)
 
 
-class _TlsFailed(aiosmtplib.SMTPException):
+class _TlsFailed(SmtpError):
     """STARTTLS was refused, the handshake failed, or TLS is required and was not offered."""
 
 
@@ -100,7 +101,7 @@ class SmtpConnection:
         self._sender = sender
         self._domain = domain
         self._source_ip = source_ip
-        self._smtp: aiosmtplib.SMTP | None = None
+        self._smtp: SmtpClient | None = None
         self._host = ""
         self._port = 0
         self._address = ""
@@ -110,15 +111,12 @@ class SmtpConnection:
 
     @property
     def connected(self) -> bool:
-        return self._smtp is not None and self._smtp.is_connected
+        return self._smtp is not None and self._smtp.connected
 
     @property
     def local_address(self) -> tuple[str, int] | None:
         """The (source IP, port) of the open connection, if any."""
-        if self._smtp is None or self._smtp.transport is None:
-            return None
-        host, port, *_ = self._smtp.transport.get_extra_info("sockname")
-        return str(host), int(port)
+        return None if self._smtp is None else self._smtp.sockname
 
     async def send(self, sender: str, recipients: Sequence[str], data: bytes) -> dict[str, Reply]:
         reused = self.connected
@@ -144,7 +142,7 @@ class SmtpConnection:
             )
         try:
             results = await self._transaction(sender, recipients, data)
-        except aiosmtplib.SMTPServerDisconnected as e:
+        except Disconnected as e:
             if not reused:
                 return _transient(recipients, f"connection lost: {e}", BAD_CONNECTION)
             # The server dropped the idle connection we kept; try once on a fresh one.
@@ -161,7 +159,7 @@ class SmtpConnection:
         assert smtp is not None
         host = self._host
         needs = Needs.of(sender, recipients, data)
-        offers = smtp.supports_extension
+        offers = smtp.offers
         refused: dict[str, Reply] = {}
         for rcpt in recipients:
             if (refusal := needs.refusal(rcpt, offers, host)) is not None:
@@ -170,42 +168,48 @@ class SmtpConnection:
         if not to:
             return refused
         options, encoding = needs.sent_with(to, offers)
-        results: dict[str, Reply] = {}
         try:
+            mail_from = mailbox(sender, encoding)
+        except ValueError as e:  # it cannot go on the command line: nothing sent
+            return refused | dict.fromkeys(to, Reply.local(f"not sent: {e}", BAD_SENDER))
+        sendable: list[str] = []
+        results: dict[str, Reply] = {}
+        lines: list[bytes] = []
+        for rcpt in to:
             try:
-                await smtp.mail(sender, options=options, encoding=encoding)
-            except aiosmtplib.SMTPSenderRefused as e:
-                await self._reset()
-                return refused | dict.fromkeys(to, Reply.parse(e.code, e.message, host))
-            except ValueError as e:  # aiosmtplib would not put it on the command line: nothing sent
-                return refused | dict.fromkeys(to, Reply.local(f"not sent: {e}", BAD_SENDER))
-            for rcpt in to:
-                try:
-                    reply = await smtp.rcpt(rcpt, encoding=encoding)
-                    results[rcpt] = Reply.parse(reply.code, reply.message, host)
-                except aiosmtplib.SMTPRecipientRefused as e:
-                    results[rcpt] = Reply.parse(e.code, e.message, host)
-                except ValueError as e:  # as for the sender: not sent
-                    results[rcpt] = Reply.local(f"not sent: {e}", BAD_RECIPIENT)
-            accepted = [r for r, res in results.items() if res.accepted]
-            if not accepted:
-                await self._reset()
-                return refused | results
-            try:
-                reply = await smtp.data(data)
-            except aiosmtplib.SMTPDataError as e:
-                await self._reset()
-                return refused | results | dict.fromkeys(accepted, Reply.parse(e.code, e.message, host))
-            return refused | results | dict.fromkeys(accepted, Reply.parse(reply.code, reply.message, host))
-        except aiosmtplib.SMTPServerDisconnected:
+                lines.append(mailbox(rcpt, encoding))
+                sendable.append(rcpt)
+            except ValueError as e:  # as for the sender: not sent
+                results[rcpt] = Reply.local(f"not sent: {e}", BAD_RECIPIENT)
+        if not sendable:
+            return refused | results
+        try:
+            t = await smtp.transaction(mail_from, lines, data, options)
+        except Disconnected:
             await self.close()
-            if not results:
-                raise  # nothing was said yet: the caller may retry on a new connection
-            lost = f"connection to {host} lost during the transaction"
-            return refused | _transient(to, lost, BAD_CONNECTION)
-        except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
+            raise  # nothing was recorded yet: the caller may retry on a new connection
+        except (SmtpError, OSError) as e:
             await self.close()
-            return refused | _transient(to, f"transaction with {host} failed: {e}", BAD_CONNECTION)
+            return (
+                refused
+                | results
+                | _transient(sendable, f"transaction with {host} failed: {e}", BAD_CONNECTION)
+            )
+        if t.mail.code // 100 != 2:
+            await self._reset()
+            return refused | results | dict.fromkeys(sendable, _parsed(t.mail, host))
+        accepted: list[str] = []
+        for rcpt, reply in zip(sendable, t.rcpts, strict=True):
+            results[rcpt] = _parsed(reply, host)
+            if results[rcpt].accepted:
+                accepted.append(rcpt)
+        if t.data is None:
+            await self._reset()
+            return refused | results
+        final = _parsed(t.data, host)
+        if not final.accepted:
+            await self._reset()
+        return refused | results | dict.fromkeys(accepted, final)
 
     async def _connect(self) -> None:
         """Connect to the first host that answers, in MX order; skip hosts that failed recently."""
@@ -233,7 +237,7 @@ class SmtpConnection:
                     continue
                 try:
                     self._smtp, self.tls = await self._open(host, address)
-                except (aiosmtplib.SMTPException, OSError) as e:
+                except (SmtpError, OSError) as e:
                     self._sender.backoff.failed(key)
                     self._measures.host_backoff()
                     errors.append(f"{where}: {e}")
@@ -246,7 +250,7 @@ class SmtpConnection:
                 return
         raise _Unreachable("; ".join(errors) or f"no host for {self._domain}")
 
-    async def _open(self, host: Host, address: str) -> tuple[aiosmtplib.SMTP, bool]:
+    async def _open(self, host: Host, address: str) -> tuple[SmtpClient, bool]:
         """A greeted session, over TLS when possible; a failed handshake is retried once in plaintext."""
         tls = self._sender.tls
         if tls.enabled:
@@ -258,60 +262,62 @@ class SmtpConnection:
                 log.info("%s[%s]: %s; retrying without TLS", host.host, address, e)
         return await self._session(host, address, starttls=False)
 
-    async def _session(self, host: Host, address: str, *, starttls: bool) -> tuple[aiosmtplib.SMTP, bool]:
-        smtp = aiosmtplib.SMTP(
-            hostname=address,
-            port=host.port,
-            source_address=(self._source_ip, 0),
-            local_hostname=self._sender.ehlo_for(self._source_ip),
-            timeout=self._sender.timeout,
-            start_tls=False,
-        )
+    async def _session(self, host: Host, address: str, *, starttls: bool) -> tuple[SmtpClient, bool]:
+        with _span(
+            "smtp connect",
+            lambda: {
+                "server.address": host.host,
+                "server.port": host.port,
+                "network.peer.address": address,
+                "network.local.address": self._source_ip,
+            },
+            SpanKind.CLIENT,
+        ):
+            smtp, greeting = await SmtpClient.open(
+                address, host.port, source_address=(self._source_ip, 0), within=self._sender.timeout
+            )
+            try:
+                if greeting.code != 220:
+                    raise SmtpError(f"{host.host} greeted with {greeting.code} {greeting.text}")
+                await _greet(smtp, self._sender.ehlo_for(self._source_ip))
+            except BaseException:
+                smtp.close()
+                raise
         try:
-            with _span(
-                "smtp connect",
-                lambda: {
-                    "server.address": host.host,
-                    "server.port": host.port,
-                    "network.peer.address": address,
-                    "network.local.address": self._source_ip,
-                },
-                SpanKind.CLIENT,
-            ):
-                await smtp.connect()
-                await _greet(smtp)
             if not starttls:
                 return smtp, False
-            if not smtp.supports_extension("starttls"):
+            if not smtp.offers("starttls"):
                 if self._sender.tls.required:
                     raise _TlsFailed(f"{host.host} does not offer STARTTLS, and TLS is required")
                 return smtp, False
             with _span("smtp starttls", lambda: {"server.address": host.host}, SpanKind.CLIENT):
                 try:
-                    await smtp.starttls(server_hostname=host.host, tls_context=self._sender.tls.context)
-                except (aiosmtplib.SMTPException, ssl.SSLError, OSError) as e:
+                    reply = await smtp.starttls(self._sender.tls.context, server_hostname=host.host)
+                except (SmtpError, ssl.SSLError, OSError) as e:
                     raise _TlsFailed(f"STARTTLS with {host.host} failed: {e}") from e
-                await _greet(smtp)  # RFC 3207 4.2: forget what was said before TLS
+                if reply.code != 220:
+                    raise _TlsFailed(f"STARTTLS with {host.host} failed: {reply.code} {reply.text}")
+                await _greet(smtp, self._sender.ehlo_for(self._source_ip))  # RFC 3207 4.2
             return smtp, True
         except BaseException:
             smtp.close()
             raise
 
     async def _reset(self) -> None:
-        if self._smtp is not None and self._smtp.is_connected:
+        if self._smtp is not None and self._smtp.connected:
             try:
                 await self._smtp.rset()
-            except (aiosmtplib.SMTPException, OSError):
+            except (SmtpError, OSError):
                 await self.close()
 
     async def close(self) -> None:
         smtp, self._smtp = self._smtp, None
         self.tls = False
-        if smtp is None or not smtp.is_connected:
+        if smtp is None or not smtp.connected:
             return
         try:
             await smtp.quit()
-        except (aiosmtplib.SMTPException, OSError):
+        except (SmtpError, OSError):
             smtp.close()
 
 
@@ -336,11 +342,15 @@ def _span(
             raise
 
 
-async def _greet(smtp: aiosmtplib.SMTP) -> None:
-    try:
-        await smtp.ehlo()
-    except aiosmtplib.SMTPHeloError:
-        await smtp.helo()
+async def _greet(smtp: SmtpClient, name: str) -> None:
+    """EHLO (HELO when refused); a refusal of both ends the session."""
+    reply = await smtp.ehlo(name)
+    if reply.code != 250:
+        raise SmtpError(f"HELO refused: {reply.code} {reply.text}")
+
+
+def _parsed(response: Response, host: str) -> Reply:
+    return Reply.parse(response.code, response.text, host)
 
 
 def _transient(recipients: Sequence[str], text: str, enhanced: str) -> dict[str, Reply]:

@@ -296,9 +296,6 @@ async def test_without_pipelining_each_command_waits_for_its_reply(
     assert all(len(read) == 1 for read in reads), reads
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 11: aiosmtplib does not pipeline; remove this mark when the client does"
-)
 @pytest.mark.parametrize("server", ["aiosmtpd"], indirect=True)
 async def test_with_pipelining_the_envelope_goes_in_one_write(
     server: RealServer, conn: SmtpConnection, tag: str

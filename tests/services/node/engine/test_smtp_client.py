@@ -1,0 +1,224 @@
+"""The wire client against small scripted servers that record each read: what is pipelined, how
+replies split across reads are matched, and what happens when the server misbehaves."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import pytest
+
+from services.node.engine.smtp_client import (
+    BadReply,
+    Disconnected,
+    ReplyTimeout,
+    SmtpClient,
+    dot_stuffed,
+    mailbox,
+)
+
+
+@dataclass
+class Scripted:
+    """A server that answers each command line: by the first of ``answers`` its line starts with,
+    else as a plain server would; it never answers a line that starts with one of ``silent``."""
+
+    extensions: Sequence[str] = ("PIPELINING",)
+    answers: dict[bytes, bytes] = field(default_factory=dict)
+    silent: Sequence[bytes] = ()
+    reads: list[bytes] = field(default_factory=list)
+    writers: list[asyncio.StreamWriter] = field(default_factory=list)
+    split_replies: bool = False
+    port: int = 0
+
+    def answer(self, line: bytes) -> bytes | None:
+        if line.startswith(tuple(self.silent)):
+            return None
+        for prefix, reply in self.answers.items():
+            if line.startswith(prefix):
+                return reply
+        if line.startswith(b"EHLO"):
+            return b"".join(
+                [
+                    b"250-scripted\r\n",
+                    *(b"250-" + e.encode() + b"\r\n" for e in self.extensions),
+                    b"250 OK\r\n",
+                ]
+            )
+        if line == b"DATA":
+            return b"354 go on\r\n"
+        if line == b"QUIT":
+            return b"221 bye\r\n"
+        return b"250 2.0.0 ok\r\n"
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        writer.write(b"220 scripted ESMTP\r\n")
+        buffer, in_data = b"", False
+        while chunk := await reader.read(65536):
+            self.reads.append(chunk)
+            buffer += chunk
+            out = b""
+            while True:
+                if in_data:
+                    end = buffer.find(b"\r\n.\r\n")
+                    if end < 0:
+                        break
+                    buffer, in_data = buffer[end + 5 :], False
+                    out += b"250 2.0.0 queued\r\n"
+                    continue
+                end = buffer.find(b"\r\n")
+                if end < 0:
+                    break
+                line, buffer = buffer[:end], buffer[end + 2 :]
+                reply = self.answer(line)
+                if reply is None:
+                    continue
+                out += reply
+                in_data = line == b"DATA" and reply.startswith(b"354")
+            if out:
+                if self.split_replies:  # one octet at a time
+                    for i in range(len(out)):
+                        writer.write(out[i : i + 1])
+                        await writer.drain()
+                else:
+                    writer.write(out)
+        writer.close()
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[Callable[..., Awaitable[Scripted]]]:
+    servers: list[tuple[asyncio.Server, Scripted]] = []
+
+    async def start(**options: object) -> Scripted:
+        s = Scripted(**options)  # type: ignore[arg-type]
+        server = await asyncio.start_server(s.handle, "127.0.0.1", 0)
+        s.port = server.sockets[0].getsockname()[1]
+        servers.append((server, s))
+        return s
+
+    yield start
+    for server, s in servers:
+        for w in s.writers:
+            w.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def session(s: Scripted, within: float = 5.0) -> SmtpClient:
+    client, greeting = await SmtpClient.open("127.0.0.1", s.port, source_address=None, within=within)
+    assert greeting.code == 220
+    assert (await client.ehlo("node.epoxi.test")).code == 250
+    return client
+
+
+async def test_with_pipelining_envelope_and_data_go_in_one_write(
+    scripted: Callable[..., Awaitable[Scripted]],
+) -> None:
+    s = await scripted()
+    client = await session(s)
+    s.reads.clear()
+    t = await client.transaction(b"a@x.test", [b"b@y.test", b"c@y.test"], b"Subject: hi\r\n\r\nbody\r\n")
+    assert s.reads[0] == b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nRCPT TO:<c@y.test>\r\nDATA\r\n"
+    assert (t.mail.code, [r.code for r in t.rcpts], t.data and t.data.code) == (250, [250, 250], 250)
+    await client.quit()
+
+
+async def test_without_pipelining_each_command_waits_for_its_reply(
+    scripted: Callable[..., Awaitable[Scripted]],
+) -> None:
+    s = await scripted(extensions=())
+    client = await session(s)
+    s.reads.clear()
+    await client.transaction(b"a@x.test", [b"b@y.test", b"c@y.test"], b"body\r\n")
+    assert s.reads[:4] == [
+        b"MAIL FROM:<a@x.test>\r\n",
+        b"RCPT TO:<b@y.test>\r\n",
+        b"RCPT TO:<c@y.test>\r\n",
+        b"DATA\r\n",
+    ]
+    await client.quit()
+
+
+async def test_refused_recipients_keep_their_own_replies_and_data_goes_for_the_rest(
+    scripted: Callable[..., Awaitable[Scripted]],
+) -> None:
+    s = await scripted(answers={b"RCPT TO:<no@": b"550 5.1.1 no such user\r\n"})
+    client = await session(s)
+    t = await client.transaction(b"a@x.test", [b"no@y.test", b"yes@y.test"], b"body\r\n")
+    assert [(r.code, r.text) for r in t.rcpts] == [(550, "5.1.1 no such user"), (250, "2.0.0 ok")]
+    assert t.data is not None and (t.data.code, t.data.text) == (250, "2.0.0 queued")
+
+
+async def test_when_every_recipient_is_refused_no_body_is_sent(
+    scripted: Callable[..., Awaitable[Scripted]],
+) -> None:
+    s = await scripted(
+        answers={b"RCPT": b"550 5.1.1 no such user\r\n", b"DATA": b"554 5.5.1 no valid recipients\r\n"}
+    )
+    client = await session(s)
+    s.reads.clear()
+    t = await client.transaction(b"a@x.test", [b"no@y.test"], b"SECRET BODY\r\n")
+    assert t.data is None and t.rcpts[0].code == 550
+    assert (await client.rset()).code == 250  # the session goes on
+    assert b"SECRET BODY" not in b"".join(s.reads)
+
+
+async def test_replies_split_across_reads_and_multi_line_replies_are_matched_in_order(
+    scripted: Callable[..., Awaitable[Scripted]],
+) -> None:
+    s = await scripted(
+        split_replies=True, answers={b"MAIL": b"250-first line\r\n250-second\r\n250 2.1.0 third\r\n"}
+    )
+    client = await session(s)
+    assert client.offers("pipelining") and client.offers("PIPELINING")
+    t = await client.transaction(b"a@x.test", [b"b@y.test"], b"body\r\n")
+    assert t.mail.text == "first line\nsecond\n2.1.0 third"
+    assert [r.code for r in t.rcpts] == [250] and t.data is not None and t.data.code == 250
+
+
+async def test_a_refused_ehlo_falls_back_to_helo(scripted: Callable[..., Awaitable[Scripted]]) -> None:
+    s = await scripted(answers={b"EHLO": b"502 5.5.1 no EHLO here\r\n"})
+    client, _ = await SmtpClient.open("127.0.0.1", s.port, source_address=None, within=5)
+    assert (await client.ehlo("node.epoxi.test")).code == 250
+    assert client.extensions == {} and not client.offers("pipelining")
+
+
+async def test_a_silent_server_times_out(scripted: Callable[..., Awaitable[Scripted]]) -> None:
+    s = await scripted(silent=(b"MAIL",))
+    client = await session(s, within=0.2)
+    with pytest.raises(ReplyTimeout, match="Timed out"):
+        await client.transaction(b"a@x.test", [b"b@y.test"], b"body\r\n")
+
+
+async def test_garbage_is_a_bad_reply_and_a_closed_connection_is_disconnected(
+    scripted: Callable[..., Awaitable[Scripted]],
+) -> None:
+    s = await scripted(answers={b"MAIL": b"hello there\r\n"})
+    client = await session(s)
+    with pytest.raises(BadReply):
+        await client.transaction(b"a@x.test", [b"b@y.test"], b"body\r\n")
+    s2 = await scripted()
+    client2 = await session(s2)
+    await client2.quit()  # the server closes after 221
+    with pytest.raises(Disconnected):
+        await client2.transaction(b"a@x.test", [b"b@y.test"], b"body\r\n")
+
+
+def test_dot_stuffing_and_line_ends() -> None:
+    assert dot_stuffed(b".lead\r\nmid\r\n.\r\nend") == b"..lead\r\nmid\r\n..\r\nend\r\n.\r\n"
+    assert dot_stuffed(b"lf\nonly\n.dot") == b"lf\r\nonly\r\n..dot\r\n.\r\n"
+    assert dot_stuffed(b"cr\ralone\r\n") == b"cr\r\nalone\r\n.\r\n"
+    assert dot_stuffed(b"") == b"\r\n.\r\n"
+
+
+@pytest.mark.parametrize(
+    "address", ["a b@x.test", "a\r\nRCPT TO:<evil@x.test>", "<a@x.test>", "a\x00@x.test"]
+)
+def test_an_address_that_cannot_go_on_a_command_line_is_refused(address: str) -> None:
+    with pytest.raises(ValueError, match="not permitted in an SMTP mailbox"):
+        mailbox(address, "ascii")
+    with pytest.raises(UnicodeEncodeError):
+        mailbox("grüße@x.test", "ascii")
+    assert mailbox("grüße@x.test", "utf-8") == "grüße@x.test".encode()
