@@ -67,7 +67,7 @@ class PipelinePolicy(_message.Message):
     """Messages allowed per message_interval. Default 1000."""
     @_builtins.property
     def batch_timeout(self) -> _duration_pb2.Duration:
-        """Longest wait to fill a batch. Default 5s."""
+        """Longest wait to fill a batch while the pipeline's lanes are busy; an idle pipeline sends at once. Default 5s."""
 
     @_builtins.property
     def message_interval(self) -> _duration_pb2.Duration:
