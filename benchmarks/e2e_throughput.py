@@ -204,7 +204,7 @@ async def run_ceiling(args: argparse.Namespace, es: Sequence[email_pb2.Email], k
     messages = rendered(es, ks)
     async with SmtpSink() as sink:
         start = time.perf_counter()
-        result = await blast(messages, sink.address, args.connections)
+        result = await blast(messages, sink.address, args.connections, chunking=args.chunking)
         done = await sink.wait_for(len(messages), args.timeout)
     if result.failed:
         raise RuntimeError(f"SMTP ceiling: {result.failed} messages were not accepted by the sink")
@@ -212,7 +212,7 @@ async def run_ceiling(args: argparse.Namespace, es: Sequence[email_pb2.Email], k
         CEILING,
         len(messages),
         done - start,
-        note=f"SmtpSender, {args.connections} x {len(ks)} connections, one process",
+        note=f"SmtpSender{' with BDAT' if args.chunking else ''}, {args.connections} x {len(ks)} connections, one process",
     )
 
 
@@ -738,6 +738,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--nodes", type=int, default=2)
     p.add_argument("--ips-per-node", type=int, default=2, help="egress IPs 127.0.0.2, .3, ... per node")
+    p.add_argument(
+        "--chunking",
+        action="store_true",
+        help="the ceiling phase sends with BDAT (RFC 3030) where the sink offers CHUNKING",
+    )
     p.add_argument(
         "--connections", type=int, default=DEFAULT_MAX_CONNECTIONS, help="max_connections per pipeline"
     )

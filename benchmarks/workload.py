@@ -1,6 +1,6 @@
 """The benchmark's mail: N emails of about ``size`` bytes, one recipient each, spread round-robin
 over routing keys (recipient domain x source IP), and an SMTP blaster that sends them with the
-node's own client code (``services.node.engine.smtp.SmtpSender``: aiosmtplib, source-bound,
+node's own client code (``services.node.engine.smtp.SmtpSender``: the pipelining client, source-bound,
 connections reused)."""
 
 from __future__ import annotations
@@ -106,11 +106,12 @@ async def blast(
     connections_per_key: int,
     bind_source: bool = True,
     ehlo_name: str = "bench.epoxi.test",
+    chunking: bool = False,
 ) -> BlastResult:
     """Send every message to ``target`` over ``connections_per_key`` reused connections per key,
     each bound to its key's source IP (as a pipeline's lanes are), all keys at once."""
     host, _, port = target.rpartition(":")
-    sender = SmtpSender(Destinations({"*": Host(host, int(port))}), ehlo_name)
+    sender = SmtpSender(Destinations({"*": Host(host, int(port))}), ehlo_name, chunking=chunking)
     queues: dict[Key, deque[Rendered]] = {}
     for m in messages:
         queues.setdefault(m.key, deque()).append(m)

@@ -75,6 +75,8 @@ class SmtpSender:
     tls: TlsPolicy = field(default_factory=TlsPolicy)
     backoff: HostBackoff = field(default_factory=HostBackoff)
     instruments: Instruments = NO_INSTRUMENTS
+    # BDAT (RFC 3030) where the server offers CHUNKING, instead of DATA.
+    chunking: bool = False
 
     def __post_init__(self) -> None:
         self.ehlo_names = {str(ipaddress.ip_address(ip)): name for ip, name in self.ehlo_names.items()}
@@ -184,7 +186,7 @@ class SmtpConnection:
         if not sendable:
             return refused | results
         try:
-            t = await smtp.transaction(mail_from, lines, data, options)
+            t = await smtp.transaction(mail_from, lines, data, options, chunking=self._sender.chunking)
         except Disconnected:
             await self.close()
             raise  # nothing was recorded yet: the caller may retry on a new connection

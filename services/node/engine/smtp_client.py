@@ -153,17 +153,21 @@ def mailbox(address: str, encoding: str) -> bytes:
     return encoded
 
 
+def crlf_lines(data: bytes) -> bytes:
+    """``data`` with CRLF line ends (a lone CR or LF becomes CRLF), its last line ended."""
+    bare = data.replace(b"\r\n", b"")
+    if b"\r" in bare or b"\n" in bare:
+        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+    return data if data.endswith(b"\r\n") else data + b"\r\n"
+
+
 def dot_stuffed(data: bytes) -> bytes:
     """``data`` as DATA carries it: CRLF line ends, a "." doubled at the start of a line, the
     final CRLF and the ".\\r\\n" that ends it."""
-    if b"\r" in data.replace(b"\r\n", b"") or b"\n" in data.replace(b"\r\n", b""):
-        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+    data = crlf_lines(data)
     if data.startswith(b"."):
         data = b"." + data
-    data = data.replace(b"\r\n.", b"\r\n..")
-    if not data.endswith(b"\r\n"):
-        data += b"\r\n"
-    return data + b".\r\n"
+    return data.replace(b"\r\n.", b"\r\n..") + b".\r\n"
 
 
 class SmtpClient:
@@ -257,14 +261,25 @@ class SmtpClient:
         return reply
 
     async def transaction(
-        self, sender: bytes, recipients: Sequence[bytes], data: bytes, mail_options: Sequence[str] = ()
+        self,
+        sender: bytes,
+        recipients: Sequence[bytes],
+        data: bytes,
+        mail_options: Sequence[str] = (),
+        *,
+        chunking: bool = False,
     ) -> Transaction:
         """MAIL FROM:<sender>, RCPT TO:<r> for each of ``recipients`` and, when any was accepted,
-        DATA with ``data`` (dot-stuffed here). Pipelined when the server offers PIPELINING."""
+        DATA with ``data`` (dot-stuffed here). Pipelined when the server offers PIPELINING.
+        With ``chunking``, and CHUNKING offered (RFC 3030), the content goes as one
+        ``BDAT <size> LAST`` instead: no dot-stuffing, and with PIPELINING the whole transaction
+        is one write and one round trip (the body is sent even if every RCPT is then refused)."""
         mail = b"MAIL FROM:<" + sender + b">"
         if mail_options:
             mail += b" " + " ".join(mail_options).encode("ascii")
         rcpts = [b"RCPT TO:<" + r + b">" for r in recipients]
+        if chunking and self.offers("chunking"):
+            return await self._chunked(mail, rcpts, crlf_lines(data))
         if self.offers("pipelining"):
             return await self._pipelined(mail, rcpts, data)
         mail_reply = await self.command(mail)
@@ -295,6 +310,26 @@ class SmtpClient:
             return Transaction(mail_reply, rcpt_replies, None)
         self._write(dot_stuffed(data))
         return Transaction(mail_reply, rcpt_replies, await replies.next(self.timeout))
+
+    async def _chunked(self, mail: bytes, rcpts: list[bytes], body: bytes) -> Transaction:
+        bdat = b"BDAT %d LAST\r\n" % len(body) + body
+        replies = self._replies
+        if self.offers("pipelining"):
+            self._write(b"\r\n".join([mail, *rcpts]) + b"\r\n" + bdat)
+            mail_reply = await replies.next(self.timeout)
+            rcpt_replies = [await replies.next(self.timeout) for _ in rcpts]
+            end = await replies.next(self.timeout)
+        else:
+            mail_reply = await self.command(mail)
+            if mail_reply.code // 100 != 2:
+                return Transaction(mail_reply, [], None)
+            rcpt_replies = [await self.command(r) for r in rcpts]
+            if not any(r.code // 100 == 2 for r in rcpt_replies):
+                return Transaction(mail_reply, rcpt_replies, None)
+            self._write(bdat)
+            end = await replies.next(self.timeout)
+        accepted = mail_reply.code // 100 == 2 and any(r.code // 100 == 2 for r in rcpt_replies)
+        return Transaction(mail_reply, rcpt_replies, end if accepted else None)
 
     async def rset(self) -> Response:
         return await self.command(b"RSET")

@@ -29,6 +29,7 @@ class Scripted:
     silent: Sequence[bytes] = ()
     reads: list[bytes] = field(default_factory=list)
     writers: list[asyncio.StreamWriter] = field(default_factory=list)
+    chunks: list[bytes] = field(default_factory=list)
     split_replies: bool = False
     port: int = 0
 
@@ -55,12 +56,19 @@ class Scripted:
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.writers.append(writer)
         writer.write(b"220 scripted ESMTP\r\n")
-        buffer, in_data = b"", False
+        buffer, in_data, bdat = b"", False, None
         while chunk := await reader.read(65536):
             self.reads.append(chunk)
             buffer += chunk
             out = b""
             while True:
+                if bdat is not None:
+                    if len(buffer) < bdat:
+                        break
+                    self.chunks.append(buffer[:bdat])
+                    buffer, bdat = buffer[bdat:], None
+                    out += b"250 2.0.0 chunk queued\r\n"
+                    continue
                 if in_data:
                     end = buffer.find(b"\r\n.\r\n")
                     if end < 0:
@@ -72,6 +80,9 @@ class Scripted:
                 if end < 0:
                     break
                 line, buffer = buffer[:end], buffer[end + 2 :]
+                if line.startswith(b"BDAT "):
+                    bdat = int(line.split()[1])
+                    continue
                 reply = self.answer(line)
                 if reply is None:
                     continue
@@ -204,6 +215,22 @@ async def test_garbage_is_a_bad_reply_and_a_closed_connection_is_disconnected(
     await client2.quit()  # the server closes after 221
     with pytest.raises(Disconnected):
         await client2.transaction(b"a@x.test", [b"b@y.test"], b"body\r\n")
+
+
+async def test_with_chunking_the_whole_transaction_is_one_write_and_the_content_verbatim(
+    scripted: Callable[..., Awaitable[Scripted]],
+) -> None:
+    s = await scripted(extensions=("PIPELINING", "CHUNKING"))
+    client = await session(s)
+    s.reads.clear()
+    body = b".not stuffed\r\n.\r\nlf\nend"
+    t = await client.transaction(b"a@x.test", [b"b@y.test"], body, chunking=True)
+    sent = b".not stuffed\r\n.\r\nlf\r\nend\r\n"
+    assert s.reads[0] == b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nBDAT %d LAST\r\n" % len(sent) + sent
+    assert s.chunks == [sent] and t.data is not None and t.data.text == "2.0.0 chunk queued"
+    s.reads.clear()
+    await client.transaction(b"a@x.test", [b"b@y.test"], body)  # not asked for: DATA
+    assert s.reads[0].endswith(b"DATA\r\n")
 
 
 def test_dot_stuffing_and_line_ends() -> None:

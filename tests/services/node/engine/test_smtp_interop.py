@@ -306,3 +306,35 @@ async def test_with_pipelining_the_envelope_goes_in_one_write(
     results = await conn.send(SENDER, recipients, message("pipelined"))
     assert codes(results) == {r: server.refusal(r) or ACCEPTED for r in recipients}
     assert ["MAIL", "RCPT", "RCPT", "RCPT", "DATA"] in _commands_since(server, start)
+
+
+@pytest.mark.parametrize("server", ["postfix"], indirect=True)
+async def test_with_chunking_the_content_goes_as_bdat_byte_exact(server: RealServer, tag: str) -> None:
+    assert isinstance(server, PostfixServer)
+    source_ip = "127.0.0.10"  # this test's sessions, told apart in Postfix's log
+    sender = SmtpSender(Destinations({"*": server.route}), "node.epoxi.test", timeout=10, chunking=True)
+    conn = sender.connection(DOMAIN, source_ip)
+    dotted = message("chunked", b".starts with a dot\r\n.\r\n" + _hundred_kb() + b"no final line end")
+    refused_only = [address(NOBODY, tag)]
+    mixed = [address(u, tag) for u in ("ann", NOBODY, "bob")]
+    try:
+        results = await conn.send(SENDER, mixed, dotted)
+        assert codes(results) == {r: server.refusal(r) or ACCEPTED for r in mixed}
+        results = await conn.send(SENDER, refused_only, message("refused"))
+        assert codes(results) == {r: server.refusal(r) for r in refused_only}
+        ann = address("ann", tag)
+        after = message("after the refusal")
+        assert codes(await conn.send(SENDER, [ann], after)) == {ann: ACCEPTED}
+    finally:
+        await conn.close()
+    assert await tagged(server, tag) == {
+        ann: sorted([as_sent(dotted), after]),
+        address("bob", tag): [as_sent(dotted)],
+    }
+
+    async def ours() -> list[dict[str, str]]:
+        return [counts for ip, counts in server.postfix.sessions() if ip == source_ip]
+
+    [session] = await eventually(ours)
+    # Three BDATs, the one after every RCPT was refused refused too (its content still sent).
+    assert (session["bdat"], session.get("data")) == ("2/3", None), session
