@@ -93,8 +93,9 @@ class SmtpSink(Counted):
 
     async def _read(self) -> None:
         assert self._proc is not None and self._proc.stdout is not None
+        stdout = self._proc.stdout  # stop() lets go of the process while this still reads
         tail = b""
-        while chunk := await self._proc.stdout.read(65536):
+        while chunk := await stdout.read(65536):
             data = tail + chunk
             cut = data.rfind(b"\r")
             if cut < 0:

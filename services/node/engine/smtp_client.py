@@ -37,6 +37,11 @@ class Disconnected(SmtpError):
     """The server closed the connection, or it broke."""
 
 
+class LostInTransaction(SmtpError):
+    """The connection broke after the server had answered part of a transaction: what it did
+    with the message is not known, so it must not be sent again at once on another connection."""
+
+
 class ReplyTimeout(SmtpError, TimeoutError):
     """No (complete) reply within the timeout."""
 
@@ -77,6 +82,7 @@ class _Replies(asyncio.Protocol):
         self._ready: collections.deque[Response] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
         self._error: SmtpError | None = None
+        self.taken = 0  # replies handed out so far
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -137,6 +143,7 @@ class _Replies(asyncio.Protocol):
                 raise ReplyTimeout(f"Timed out waiting {within:g}s for a reply") from None
             finally:
                 self._waiter = None
+        self.taken += 1
         return self._ready.popleft()
 
     @property
@@ -278,10 +285,19 @@ class SmtpClient:
         if mail_options:
             mail += b" " + " ".join(mail_options).encode("ascii")
         rcpts = [b"RCPT TO:<" + r + b">" for r in recipients]
-        if chunking and self.offers("chunking"):
-            return await self._chunked(mail, rcpts, crlf_lines(data))
-        if self.offers("pipelining"):
-            return await self._pipelined(mail, rcpts, data)
+        heard = self._replies.taken
+        try:
+            if chunking and self.offers("chunking"):
+                return await self._chunked(mail, rcpts, crlf_lines(data))
+            if self.offers("pipelining"):
+                return await self._pipelined(mail, rcpts, data)
+            return await self._sequential(mail, rcpts, data)
+        except Disconnected as e:
+            if self._replies.taken == heard:
+                raise  # the server said nothing to it: an idle connection it had dropped
+            raise LostInTransaction(f"connection lost during the transaction: {e}") from e
+
+    async def _sequential(self, mail: bytes, rcpts: list[bytes], data: bytes) -> Transaction:
         mail_reply = await self.command(mail)
         if mail_reply.code // 100 != 2:
             return Transaction(mail_reply, [], None)

@@ -12,6 +12,7 @@ import pytest
 from services.node.engine.smtp_client import (
     BadReply,
     Disconnected,
+    LostInTransaction,
     ReplyTimeout,
     SmtpClient,
     dot_stuffed,
@@ -231,6 +232,27 @@ async def test_with_chunking_the_whole_transaction_is_one_write_and_the_content_
     s.reads.clear()
     await client.transaction(b"a@x.test", [b"b@y.test"], body)  # not asked for: DATA
     assert s.reads[0].endswith(b"DATA\r\n")
+
+
+async def test_a_connection_lost_after_part_of_a_transaction_is_not_a_dropped_idle_one(
+    scripted: Callable[..., Awaitable[Scripted]],
+) -> None:
+    """Only a connection that broke before the server answered anything may be retried at once
+    on a new one; after that the message's fate is unknown."""
+    s = await scripted(extensions=())  # MAIL and RCPT answered one by one, then the hang-up
+    client = await session(s)
+    original = s.answer
+
+    def hang_up_after_rcpt(line: bytes) -> bytes | None:
+        if line.startswith(b"DATA"):
+            for w in s.writers:
+                w.close()
+            return None
+        return original(line)
+
+    s.answer = hang_up_after_rcpt  # type: ignore[method-assign]
+    with pytest.raises(LostInTransaction):
+        await client.transaction(b"a@x.test", [b"b@y.test"], b"body\r\n")
 
 
 def test_dot_stuffing_and_line_ends() -> None:
