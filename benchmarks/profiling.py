@@ -89,8 +89,13 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ),
     ("router: plan and route", ("services/router/servicer.py", "services/router/batching.py")),
     (
-        "SMTP delivery (pipeline, aiosmtplib)",
-        ("aiosmtplib/", "services/node/engine/smtp.py", "services/node/engine/reply.py", "Pipeline."),
+        "SMTP delivery (pipeline, smtp_client)",
+        (
+            "services/node/engine/smtp_client.py",
+            "services/node/engine/smtp.py",
+            "services/node/engine/reply.py",
+            "Pipeline.",
+        ),
     ),
     ("node: other handler work", ("services/node/supervisor.py", "services/node/servicer.py")),
     ("gRPC and protobuf", ("grpc/", "_pb2", "google/protobuf/")),
