@@ -297,12 +297,18 @@ class SmtpClient:
                 raise  # the server said nothing to it: an idle connection it had dropped
             raise LostInTransaction(f"connection lost during the transaction: {e}") from e
 
-    async def _sequential(self, mail: bytes, rcpts: list[bytes], data: bytes) -> Transaction:
+    async def _envelope(self, mail: bytes, rcpts: list[bytes]) -> tuple[Response, list[Response], bool]:
+        """MAIL, then each RCPT, one reply at a time (no RCPT after a refused MAIL); whether the
+        content may follow (MAIL and at least one RCPT accepted)."""
         mail_reply = await self.command(mail)
         if mail_reply.code // 100 != 2:
-            return Transaction(mail_reply, [], None)
+            return mail_reply, [], False
         rcpt_replies = [await self.command(r) for r in rcpts]
-        if not any(r.code // 100 == 2 for r in rcpt_replies):
+        return mail_reply, rcpt_replies, any(r.code // 100 == 2 for r in rcpt_replies)
+
+    async def _sequential(self, mail: bytes, rcpts: list[bytes], data: bytes) -> Transaction:
+        mail_reply, rcpt_replies, accepted = await self._envelope(mail, rcpts)
+        if not accepted:
             return Transaction(mail_reply, rcpt_replies, None)
         start = await self.command(b"DATA")
         if start.code != 354:
@@ -336,11 +342,8 @@ class SmtpClient:
             rcpt_replies = [await replies.next(self.timeout) for _ in rcpts]
             end = await replies.next(self.timeout)
         else:
-            mail_reply = await self.command(mail)
-            if mail_reply.code // 100 != 2:
-                return Transaction(mail_reply, [], None)
-            rcpt_replies = [await self.command(r) for r in rcpts]
-            if not any(r.code // 100 == 2 for r in rcpt_replies):
+            mail_reply, rcpt_replies, accepted = await self._envelope(mail, rcpts)
+            if not accepted:
                 return Transaction(mail_reply, rcpt_replies, None)
             self._write(bdat)
             end = await replies.next(self.timeout)
