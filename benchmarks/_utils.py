@@ -84,6 +84,28 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
 
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """User + system CPU time so far of each of the process's threads, by thread name (threads of
+    one name, e.g. a pool's, summed; the main thread as "main")."""
+    seconds: dict[str, float] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except (FileNotFoundError, ProcessLookupError):
+        return seconds
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                name, _, rest = f.read().partition("(")[2].rpartition(")")
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        fields = rest.split()
+        name = (
+            "main" if tid == str(pid) else name.rstrip("0123456789_") or name
+        )  # "spool_0" -> "spool", "asyncio_3" -> "asyncio"
+        seconds[name] = seconds.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+    return seconds
+
+
 def machine() -> dict[str, str]:
     """nproc, CPU model, RAM and load, for the report."""
     model = "unknown"

@@ -63,6 +63,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from google.protobuf import duration_pb2
+from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks import _utils
 from benchmarks.latency_sink import LatencySink
@@ -129,6 +130,10 @@ class ProcessStats:
     peak_rss_mib: float
     cpu_seconds: float
     cpu_seconds_per_1000: float
+    # Thread name -> its CPU seconds per 1,000 msgs (where the process's CPU went).
+    threads: dict[str, float] = field(default_factory=dict)
+    # Spool operation -> commits (fsyncs) per 1,000 msgs, from the node's /metrics.
+    commits: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -333,6 +338,21 @@ async def scrape_every(mesh: Mesh, seconds: float, run: Run) -> None:
                 run.scrapes += 1
 
 
+async def spool_commits(mesh: Mesh, node: str) -> dict[str, float]:
+    """Spool commits so far by operation, from ``node``'s /metrics (none when it serves none)."""
+    url = mesh.metrics_url(node)
+    if not url:
+        return {}
+    text = (await asyncio.to_thread(_fetch, url)).decode()
+    return {
+        sample.labels["operation"]: sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "epoxi_node_spool_commit_seconds"
+        for sample in family.samples
+        if sample.name.endswith("_count")
+    }
+
+
 def _mesh(
     args: argparse.Namespace, work: Path, specs: list[NodeSpec], sink: str, variant: str, otlp: str
 ) -> Mesh:
@@ -371,6 +391,8 @@ async def run_epoxi(
                     spies.append(await PySpy(mesh.processes[name].proc.pid, out, args.profile_rate).start())
             pids = {name: p.proc.pid for name, p in mesh.processes.items()}
             cpu_before = {name: _utils.cpu_seconds(pid) for name, pid in pids.items()}
+            threads_before = {name: _utils.thread_cpu_seconds(pid) for name, pid in pids.items()}
+            commits_before = {s.id: await spool_commits(mesh, s.id) for s in specs}
             if variant in ("metrics", "all"):
                 scraper = asyncio.create_task(scrape_every(mesh, args.scrape_interval, run))
             async with channel(mesh.address("router")) as ch:
@@ -379,10 +401,17 @@ async def run_epoxi(
                 accepted = await submit(stub, es, run.batch, args.in_flight, args.timeout)
                 acked = time.perf_counter()
                 done = await sink.wait_for(len(es), args.timeout)
+            per_1000 = 1000 / len(es)
             for name, pid in pids.items():
                 cpu = _utils.cpu_seconds(pid) - cpu_before[name]
+                threads = _utils.thread_cpu_seconds(pid)
+                commits = await spool_commits(mesh, name) if name in commits_before else {}
                 run.processes[name] = ProcessStats(
-                    _utils.status_kib(pid, "VmHWM") / 1024, cpu, cpu * 1000 / len(es)
+                    _utils.status_kib(pid, "VmHWM") / 1024,
+                    cpu,
+                    cpu * per_1000,
+                    {t: (c - threads_before[name].get(t, 0.0)) * per_1000 for t, c in threads.items()},
+                    {op: (n - commits_before[name].get(op, 0.0)) * per_1000 for op, n in commits.items()},
                 )
         finally:
             if scraper is not None:
@@ -616,6 +645,15 @@ def render_run(r: Run) -> list[str]:
             for n, s in r.processes.items()
         ]
         lines += ["", _utils.table(rows)]
+        for name, stats in r.processes.items():
+            busy = sorted(((c, t) for t, c in stats.threads.items() if c >= 0.001), reverse=True)
+            if len(busy) > 1:
+                by_thread = ", ".join(f"{t} {c:.3f}" for c, t in busy)
+                lines.append(f"  {name} CPU s / 1,000 msgs by thread: {by_thread}")
+            if stats.commits:
+                total = sum(stats.commits.values())
+                parts = ", ".join(f"{op} {c:.1f}" for op, c in sorted(stats.commits.items()) if c)
+                lines.append(f"  {name} spool commits / 1,000 msgs: {total:.1f} ({parts})")
     return lines
 
 
