@@ -17,9 +17,10 @@ the sender, the bouncer and, through the supervisor, each pipeline):
   with STARTTLS), ``epoxi_node_host_backoffs_total`` (a host refused a connection and now rests),
   all ``{routing_key}``;
 - ``epoxi_node_spool_fsyncs_total`` and ``epoxi_node_spool_commit_seconds{operation}``: spool
-  transactions that wrote rows (each is one commit, one fsync of the WAL under
-  ``synchronous=FULL``; WAL checkpoints are not counted), and how long each took, statements
-  and commit; ``operation`` is the spool method (``enqueue``, ``record``, ``claim``, ...);
+  transactions that wrote rows and were synced (each is one commit, one fsync of the WAL under
+  ``synchronous=FULL``; WAL checkpoints are not counted; a claim commits unsynced), and how long
+  each transaction that wrote rows took, statements and commit; ``operation`` is the spool
+  method (``enqueue``, ``record``, ``claim``, ...);
 - ``epoxi_node_dsns_total``: DSNs spooled.
 
 Read at scrape time (``refresh``, from ``Spool.backlog``):
@@ -163,7 +164,7 @@ class NodeMetrics(Instruments):
         )
         self._fsyncs = Counter(
             "epoxi_node_spool_fsyncs_total",
-            "Spool transactions that wrote rows: one commit, one fsync of the WAL each.",
+            "Synced spool transactions that wrote rows: one commit, one fsync of the WAL each.",
             registry=registry,
         )
         self._commit = Histogram(
@@ -201,10 +202,11 @@ class NodeMetrics(Instruments):
             found = self._keys[routing_key] = _KeyMetrics(self, routing_key)
         return found
 
-    def committed(self, operation: str, seconds: float) -> None:
+    def committed(self, operation: str, seconds: float, *, synced: bool = True) -> None:
         if not self.on:
             return
-        self._fsyncs.inc()
+        if synced:
+            self._fsyncs.inc()
         child = self._commit_children.get(operation)
         if child is None:
             child = self._commit_children[operation] = self._commit.labels(operation)

@@ -45,9 +45,9 @@ class Instruments:
         """The measurements of ``routing_key`` (cached by whoever overrides this)."""
         return NO_KEY_INSTRUMENTS
 
-    def committed(self, operation: str, seconds: float) -> None:
-        """A spool transaction that wrote rows committed (one fsync of the WAL) in ``seconds``.
-        Called on the spool's thread."""
+    def committed(self, operation: str, seconds: float, *, synced: bool = True) -> None:
+        """A spool transaction that wrote rows committed in ``seconds``: with one fsync of the WAL
+        when ``synced`` (a claim's is not). Called on the spool's thread."""
 
     def dsn(self) -> None:
         """A DSN was spooled."""

@@ -248,7 +248,7 @@ class Pipeline:
                     await self._wait(None)  # every lane has work: wait for one to go idle
                     continue
                 now = time.time()
-                due = await self.spool.due(self.routing_key, now)
+                due = await self.spool.due(self.routing_key, now, policy.batch_size)
                 if due.count == 0 or due.oldest is None:
                     await self._idle(due.next_at)
                     continue

@@ -20,10 +20,15 @@ tracing``), so its delivery attempts, whenever they happen, join the trace that 
 handed-over message keeps the one it came with. Spool files from before get the column when
 opened (``_migrate``), empty for the mail already in them.
 
-Every transaction that writes rows is one commit and so one fsync of the WAL: it is timed and
-counted through ``instruments`` (``engine.instruments``), on the spool's thread. A transaction
-that changed nothing (a duplicate batch, a claim with nothing due) writes no WAL frame and is
-not counted.
+Every transaction that writes rows is one commit and so one fsync of the WAL, but a claim's:
+mail in flight goes back to the queue when a node restarts, so a claim lost in a crash changes
+nothing, and it commits without an fsync (the next synced commit covers its WAL frames). Each is
+timed and counted through ``instruments`` (``engine.instruments``), on the spool's thread. A
+transaction that changed nothing (a duplicate batch, a claim with nothing due) writes no WAL
+frame and is not counted.
+
+What is due is read in the order of the ``deliveries_due`` index, per state, and merged: a claim
+and ``due`` read the messages they take or count, not the whole backlog of their key.
 
 Retention (``purge``) deletes finished mail, a chunk per transaction, and adds what it deleted
 to per-routing-key totals in the same transaction, so delivered and bounced counts are "since
@@ -34,9 +39,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import heapq
+import os
 import sqlite3
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -50,6 +57,7 @@ from services.node.engine.instruments import NO_INSTRUMENTS, Instruments
 from services.node.engine.reply import Reply
 
 T = TypeVar("T")
+_PR_SET_NAME = 15  # prctl(2)
 
 
 class State(StrEnum):
@@ -342,7 +350,7 @@ class Spool:
     @classmethod
     async def open(cls, path: str | Path, instruments: Instruments | None = None) -> Self:
         path = Path(path)
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool")
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool", initializer=_name_os_thread)
         loop = asyncio.get_running_loop()
         try:
             db = await loop.run_in_executor(executor, _connect, path)
@@ -362,14 +370,21 @@ class Spool:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     @contextlib.contextmanager
-    def _writing(self, operation: str) -> Iterator[None]:
-        """One transaction (``with self._db``), measured as a commit when it wrote rows."""
+    def _writing(self, operation: str, *, synced: bool = True) -> Iterator[None]:
+        """One transaction (``with self._db``), measured as a commit when it wrote rows; one that
+        need not survive a crash (``synced=False``) commits without an fsync of the WAL."""
         changes = self._db.total_changes
         started = time.perf_counter()
-        with self._db:
-            yield
+        if not synced:
+            self._db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            with self._db:
+                yield
+        finally:
+            if not synced:
+                self._db.execute("PRAGMA synchronous=FULL")
         if self._db.total_changes != changes:
-            self.instruments.committed(operation, time.perf_counter() - started)
+            self.instruments.committed(operation, time.perf_counter() - started, synced=synced)
 
     # Pipelines
 
@@ -409,7 +424,7 @@ class Spool:
     ) -> Spooled:
         """Like ``enqueue``; a ``batch_key`` the spool knows stores nothing and answers the IDs
         it was stored under (an ID the spool never held, e.g. still being handed over, is "")."""
-        ids = [uuid.uuid4().hex for _ in messages]
+        ids = new_ids(len(messages))
         return await self._run(
             self._enqueue, routing_key, ids, messages, batch_key, traceparent or None, time.time()
         )
@@ -571,21 +586,53 @@ class Spool:
         with self._writing("forget_batches"):
             return self._db.execute("DELETE FROM batches WHERE created_at < ?", (before,)).rowcount
 
-    async def due(self, routing_key: str, now: float) -> Due:
-        return await self._run(self._due, routing_key, now)
+    async def due(self, routing_key: str, now: float, up_to: int = 1) -> Due:
+        """Whether mail is due: the due messages counted up to ``up_to`` (a pipeline asks for its
+        batch size, not for the whole backlog), the oldest's due time, and the next time due."""
+        return await self._run(self._due, routing_key, now, max(1, up_to))
 
-    def _due(self, routing_key: str, now: float) -> Due:
-        count, oldest = self._db.execute(_DUE_NOW, (routing_key, now)).fetchone()
-        (next_at,) = self._db.execute(_DUE_LATER, (routing_key, now)).fetchone()
-        return Due(count, oldest, next_at)
+    def _due(self, routing_key: str, now: float, up_to: int) -> Due:
+        picked = self._first_due(routing_key, now, up_to)
+        later = [
+            t for state in _DUE_STATES for (t,) in self._db.execute(_NEXT_DUE, (routing_key, state, now))
+        ]
+        return Due(len(picked), min(picked.values(), default=None), min(later, default=None))
+
+    def _first_due(self, routing_key: str, now: float, limit: int) -> dict[str, float]:
+        """The first ``limit`` messages due by ``now``, oldest first, each with its due time.
+
+        Each state's due deliveries are read in the order of the deliveries_due index (due time,
+        then id) and merged, stopping at the ``limit``-th message: a claim reads what it takes,
+        however long the backlog is."""
+        cursors = [self._db.execute(_DUE_IN_STATE, (routing_key, state, now)) for state in _DUE_STATES]
+        picked: dict[str, float] = {}
+        try:
+            for due_at, _, message_id in heapq.merge(*cursors):
+                if message_id not in picked:
+                    picked[message_id] = due_at
+                    if len(picked) == limit:
+                        break
+        finally:
+            for c in cursors:
+                c.close()
+        return picked
 
     async def claim(self, routing_key: str, now: float, limit: int) -> list[Job]:
         """Mark up to ``limit`` due messages ``inflight`` and return them, oldest first."""
         return await self._run(self._claim, routing_key, now, limit)
 
     def _claim(self, routing_key: str, now: float, limit: int) -> list[Job]:
-        with self._writing("claim"):
-            rows = self._db.execute(_CLAIM, (routing_key, now, limit, routing_key, now)).fetchall()
+        # Not synced: a claim lost in a crash leaves its mail queued, as restarting makes it anyway
+        # (``_RELEASE_ALL``); the next synced commit makes the WAL durable up to it.
+        with self._writing("claim", synced=False):
+            picked = list(self._first_due(routing_key, now, limit))
+            rows: list[Any] = []
+            for start in range(0, len(picked), BODIES_PER_QUERY):
+                chunk = picked[start : start + BODIES_PER_QUERY]
+                query = _CLAIM.format(",".join("?" * len(chunk)))
+                rows += self._db.execute(query, (*chunk, routing_key, now)).fetchall()
+            order = {m: n for n, m in enumerate(picked)}
+            rows.sort(key=lambda r: order[r[0]])  # oldest message first, its deliveries by id
             self._db.executemany(
                 "UPDATE deliveries SET state = 'inflight', updated_at = ? WHERE id = ?",
                 [(now, r[2]) for r in rows],
@@ -809,6 +856,28 @@ def _counts(rows: list[Any]) -> dict[str, Counts]:
     }
 
 
+def new_ids(n: int) -> list[str]:
+    """``n`` spool IDs: UUIDv7 (RFC 9562) in 32 hex digits, a millisecond timestamp first.
+
+    Time-ordered keys land at the right edge of the B-trees they index (messages, bodies,
+    deliveries by message, batches) instead of at random pages, which makes a commit write fewer
+    pages (an eighth less spool CPU per message than UUIDv4, by benchmark)."""
+    ms = time.time_ns() // 1_000_000
+    ids = []
+    for _ in range(n):
+        rand = int.from_bytes(os.urandom(10))
+        value = ms << 80 | 0x7 << 76 | (rand >> 68) << 64 | 0b10 << 62 | rand & (1 << 62) - 1
+        ids.append(f"{value:032x}")
+    return ids
+
+
+def _name_os_thread() -> None:
+    """Name the spool's thread for the OS too, so ``top -H`` and /proc show where CPU goes."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_NAME, b"epoxi-spool", 0, 0, 0)
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level="DEFERRED")
     try:
@@ -902,24 +971,24 @@ _RESUME = f"""
 SELECT p.routing_key, p.domain, p.source_ip, p.policy FROM pipelines p
 WHERE p.routing_key IN ({_UNFINISHED_KEYS}) ORDER BY p.routing_key
 """
-_DUE_NOW = """
-SELECT COUNT(DISTINCT message_id), MIN(next_attempt_at) FROM deliveries
-WHERE routing_key = ? AND state IN ('queued', 'deferred') AND next_attempt_at <= ?
+_DUE_STATES = ("queued", "deferred")
+# One state's due deliveries in the deliveries_due index's order (its rowid is the id).
+_DUE_IN_STATE = """
+SELECT next_attempt_at, id, message_id FROM deliveries
+WHERE routing_key = ? AND state = ? AND next_attempt_at <= ? ORDER BY next_attempt_at, id
 """
-_DUE_LATER = """
-SELECT MIN(next_attempt_at) FROM deliveries
-WHERE routing_key = ? AND state IN ('queued', 'deferred') AND next_attempt_at > ?
+_NEXT_DUE = """
+SELECT next_attempt_at FROM deliveries WHERE routing_key = ? AND state = ? AND next_attempt_at > ?
+ORDER BY next_attempt_at LIMIT 1
 """
+# The due deliveries of the messages a claim picked, with their envelopes: by message (the
+# planner would otherwise walk the key's whole due range on deliveries_due).
 _CLAIM = """
-WITH picked AS (
-    SELECT message_id, MIN(next_attempt_at) AS due, MIN(id) AS first FROM deliveries
-    WHERE routing_key = ? AND state IN ('queued', 'deferred') AND next_attempt_at <= ?
-    GROUP BY message_id ORDER BY due, first LIMIT ?
-)
 SELECT m.id, m.sender, d.id, d.recipient, d.attempts, m.created_at, m.traceparent
-FROM picked JOIN messages m ON m.id = picked.message_id JOIN deliveries d ON d.message_id = m.id
-WHERE d.routing_key = ? AND d.state IN ('queued', 'deferred') AND d.next_attempt_at <= ?
-ORDER BY picked.due, picked.first, d.id
+FROM deliveries d INDEXED BY deliveries_message JOIN messages m ON m.id = d.message_id
+WHERE d.message_id IN ({}) AND d.routing_key = ? AND d.state IN ('queued', 'deferred')
+    AND d.next_attempt_at <= ?
+ORDER BY d.id
 """
 _RECORD = """
 UPDATE deliveries SET state = ?, attempts = ?, next_attempt_at = ?, reply_code = ?, enhanced_code = ?,

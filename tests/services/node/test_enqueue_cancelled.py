@@ -46,8 +46,8 @@ class SlowCommitSpool(Spool):
         self.finish.wait(10)
         return super()._enqueue(*args)
 
-    async def due(self, routing_key: str, now: float) -> Due:
-        due = await super().due(routing_key, now)
+    async def due(self, routing_key: str, now: float, up_to: int = 1) -> Due:
+        due = await super().due(routing_key, now, up_to)
         if due.count == 0 and due.next_at is None:
             self.nothing_due += 1
         return due

@@ -132,18 +132,27 @@ async def test_a_stop_hands_queued_and_deferred_mail_to_a_peer(nodes: Nodes, sin
 
 
 async def test_a_node_back_after_its_key_moved_hands_its_mail_to_the_owner(nodes: Nodes, sink: Sink) -> None:
-    slow = pipeline_pb2.PipelinePolicy(batch_size=100, batch_timeout=duration_pb2.Duration(seconds=3600))
-    n1 = await nodes.start("n1", SOURCE_IP)
+    n1 = await nodes.start("n1", SOURCE_IP, retry_base=0.2)
     await nodes.start("n2", SOURCE_IP)
+    sink.replies = {"held@example.com": "451 4.3.0 try again"}  # so that n1 still holds it
     await nodes.stub("n1").StartPipeline(
-        node_pb2.StartPipelineRequest(domain="example.com", source_ip=SOURCE_IP, policy=slow), timeout=5
+        node_pb2.StartPipelineRequest(domain="example.com", source_ip=SOURCE_IP, policy=FAST), timeout=5
     )
     held = await nodes.stub("n1").EnqueueBatch(batch("held@example.com"), timeout=5)
+
+    async def deferred() -> bool:
+        stats: node_pb2.GetQueueStatsResponse = await nodes.stub("n1").GetQueueStats(
+            node_pb2.GetQueueStatsRequest(routing_key=KEY)
+        )
+        return stats.totals.deferred == 1
+
+    await eventually(deferred)
     await n1.close()  # its mail stays in its spool; its record is released
     del nodes.running["n1"]
     taken = await nodes.stub("n2").EnqueueBatch(batch("new@example.com"), timeout=5)
     assert taken.pipeline.node == "n2"
     await sink.wait_for(1)
+    sink.replies = {}
 
     await nodes.start("n1", SOURCE_IP)  # resumes: the key is n2's, so the mail goes there
 

@@ -82,8 +82,9 @@ async def test_claim_takes_due_mail_oldest_first_up_to_the_limit(spool: Spool) -
     await spool.record([Outcome(d.id, State.DEFERRED, 1, now + 3600, Reply.parse(451, "4.3.0 try later"))])
     assert await spool.counts(KEY) == Counts(queued=2, deferred=1)
 
-    due = await spool.due(KEY, time.time())
+    due = await spool.due(KEY, time.time(), up_to=10)
     assert due.count == 2 and due.next_at == now + 3600
+    assert (await spool.due(KEY, time.time(), up_to=1)).count == 1  # counted up to what was asked
     jobs = await spool.claim(KEY, time.time(), 10)
     assert [j.message_id for j in jobs] == [second[0], third[0]]  # the deferred one is not due yet
     assert await spool.claim(KEY, now + 3601, 10) != []

@@ -1,0 +1,96 @@
+"""What the spool's hot path reads does not grow with the backlog, and its IDs are time-ordered.
+
+Work is counted in SQLite virtual-machine steps (a progress handler called on every step), so the
+tests assert how much is read, never how long it took."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from services.node.engine.reply import Reply
+from services.node.engine.spool import NewMessage, Outcome, Spool, State, new_ids
+
+KEY = "example.com_127_0_0_2"
+
+
+def messages(n: int, start: int = 0) -> list[NewMessage]:
+    return [
+        NewMessage("ann@sender.test", [f"r{start + i}@example.com"], b"Subject: hi\r\n\r\nhi\r\n")
+        for i in range(n)
+    ]
+
+
+async def steps(spool: Spool, call: Callable[[], Awaitable[object]]) -> int:
+    """SQLite VM steps that ``call`` runs on the spool's connection."""
+    count = [0]
+
+    def step() -> int:
+        count[0] += 1
+        return 0
+
+    await spool._run(spool._db.set_progress_handler, step, 1)
+    try:
+        await call()
+    finally:
+        await spool._run(spool._db.set_progress_handler, None, 1)
+    return count[0]
+
+
+async def test_claim_and_due_read_what_they_take_not_the_backlog(tmp_path: Path) -> None:
+    spool = await Spool.open(tmp_path / "spool.db")
+    try:
+        await spool.enqueue(KEY, messages(40))
+        now = time.time()
+        small = (
+            await steps(spool, lambda: spool.due(KEY, now, 5)),
+            await steps(spool, lambda: spool.claim(KEY, now, 5)),
+        )
+        for start in range(40, 4040, 500):  # a backlog a hundred times longer
+            await spool.enqueue(KEY, messages(500, start))
+        now = time.time()
+        large = (
+            await steps(spool, lambda: spool.due(KEY, now, 5)),
+            await steps(spool, lambda: spool.claim(KEY, now, 5)),
+        )
+        assert large[0] < 2 * small[0] and large[1] < 2 * small[1], (small, large)
+        # And what they answer is still exact: the count up to what was asked, the oldest first.
+        assert (await spool.due(KEY, now, 10_000)).count == 4040 - 10
+        [job] = await spool.claim(KEY, now, 1)
+        assert job.deliveries[0].recipient == "r10@example.com"
+    finally:
+        await spool.close()
+
+
+async def test_a_claim_merges_queued_and_deferred_mail_by_when_it_is_due(tmp_path: Path) -> None:
+    spool = await Spool.open(tmp_path / "spool.db")
+    try:
+        [early, late] = await spool.enqueue(KEY, messages(2))
+        jobs = await spool.claim(KEY, time.time(), 2)
+        retry = Reply.parse(451, "4.3.0 try later")
+        d = {j.message_id: j.deliveries[0].id for j in jobs}
+        await spool.record(
+            [
+                Outcome(d[early], State.DEFERRED, 1, time.time() - 60, retry),  # due before any queued
+                Outcome(d[late], State.DEFERRED, 1, time.time() + 1.0, retry),  # due after the queued
+            ]
+        )
+        [queued] = await spool.enqueue(KEY, messages(1, 2))
+        now = time.time() + 1.5
+        assert (await spool.due(KEY, now, 10)).count == 3
+        assert [j.message_id for j in await spool.claim(KEY, now, 10)] == [early, queued, late]
+    finally:
+        await spool.close()
+
+
+def test_spool_ids_are_uuid7_in_time_order() -> None:
+    first = new_ids(100)
+    time.sleep(0.002)
+    second = new_ids(100)
+    ids = first + second
+    assert len(set(ids)) == 200 and all(len(i) == 32 for i in ids)
+    assert all(uuid.UUID(i).version == 7 and uuid.UUID(i).variant == uuid.RFC_4122 for i in ids)
+    assert max(first) < min(second)  # a later millisecond sorts after
+    assert all(i[:12] == first[0][:12] for i in first)  # one timestamp for one batch
