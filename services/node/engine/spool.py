@@ -28,7 +28,10 @@ transaction that changed nothing (a duplicate batch, a claim with nothing due) w
 frame and is not counted.
 
 What is due is read in the order of the ``deliveries_due`` index, per state, and merged: a claim
-and ``due`` read the messages they take or count, not the whole backlog of their key.
+and ``due`` read the messages they take or count, not the whole backlog of their key. Counts per
+routing key and state (what every EnqueueBatch answers, health and stats read) are a tally: the
+file is counted once when opened, and each transaction then moves what it changed, once it has
+committed, so reading them costs nothing however much history retention keeps.
 
 Retention (``purge``) deletes finished mail, a chunk per transaction, and adds what it deleted
 to per-routing-key totals in the same transaction, so delivered and bounced counts are "since
@@ -44,6 +47,7 @@ import heapq
 import os
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -346,6 +350,10 @@ class Spool:
         self._db = db
         self.path = path
         self.instruments: Instruments = NO_INSTRUMENTS
+        # (routing key, state) -> deliveries, purged ones included: what ``_COUNTS`` would read,
+        # counted once when opened and then moved by each transaction as it commits (``_moved``).
+        self._tally: Counter[tuple[str, str]] = Counter()
+        self._moved: Counter[tuple[str, str]] = Counter()
 
     @classmethod
     async def open(cls, path: str | Path, instruments: Instruments | None = None) -> Self:
@@ -358,6 +366,7 @@ class Spool:
             executor.shutdown(wait=False)
             raise
         spool = cls(executor, db, path)
+        await spool._run(spool._count_all)
         if instruments is not None:
             spool.instruments = instruments
         return spool
@@ -372,9 +381,11 @@ class Spool:
     @contextlib.contextmanager
     def _writing(self, operation: str, *, synced: bool = True) -> Iterator[None]:
         """One transaction (``with self._db``), measured as a commit when it wrote rows; one that
-        need not survive a crash (``synced=False``) commits without an fsync of the WAL."""
+        need not survive a crash (``synced=False``) commits without an fsync of the WAL. What it
+        adds to ``_moved`` joins the tally once it has committed."""
         changes = self._db.total_changes
         started = time.perf_counter()
+        self._moved.clear()
         if not synced:
             self._db.execute("PRAGMA synchronous=NORMAL")
         try:
@@ -383,6 +394,7 @@ class Spool:
         finally:
             if not synced:
                 self._db.execute("PRAGMA synchronous=FULL")
+        self._tally.update(self._moved)  # committed: the deliveries it moved are counted
         if self._db.total_changes != changes:
             self.instruments.committed(operation, time.perf_counter() - started, synced=synced)
 
@@ -457,15 +469,17 @@ class Spool:
                 ],
             )
             self._db.executemany(_ADD_BODY, [(i, m.data) for i, m in zip(ids, messages, strict=True)])
+            deliveries = [
+                (i, routing_key, r, now, now)
+                for i, m in zip(ids, messages, strict=True)
+                for r in dict.fromkeys(m.recipients)
+            ]
             self._db.executemany(
                 "INSERT INTO deliveries (message_id, routing_key, recipient, state, next_attempt_at, updated_at)"
                 " VALUES (?, ?, ?, 'queued', ?, ?)",
-                [
-                    (i, routing_key, r, now, now)
-                    for i, m in zip(ids, messages, strict=True)
-                    for r in dict.fromkeys(m.recipients)
-                ],
+                deliveries,
             )
+            self._moved[routing_key, State.QUEUED] += len(deliveries)
         return Spooled(ids)
 
     # Hand-over between nodes
@@ -539,22 +553,24 @@ class Spool:
                         m.traceparent or None,
                     ),
                 )
+                pending = [
+                    (
+                        m.id,
+                        routing_key,
+                        d.recipient,
+                        State.DEFERRED if d.attempts else State.QUEUED,
+                        d.attempts,
+                        d.next_attempt_at,
+                        now,
+                    )
+                    for d in m.pending
+                ]
                 self._db.executemany(
                     "INSERT INTO deliveries (message_id, routing_key, recipient, state, attempts,"
                     " next_attempt_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [
-                        (
-                            m.id,
-                            routing_key,
-                            d.recipient,
-                            "deferred" if d.attempts else "queued",
-                            d.attempts,
-                            d.next_attempt_at,
-                            now,
-                        )
-                        for d in m.pending
-                    ],
+                    pending,
                 )
+                self._moved.update((routing_key, state) for _, _, _, state, *_ in pending)
                 if m.batch_key:
                     self._db.execute(
                         "INSERT OR IGNORE INTO batches (batch_key, batch_index, message_id, created_at)"
@@ -572,6 +588,10 @@ class Spool:
 
     def _remove_handed(self, ids: list[tuple[str]]) -> None:
         with self._writing("remove_handed"):
+            for start in range(0, len(ids), BODIES_PER_QUERY):
+                chunk = [i for (i,) in ids[start : start + BODIES_PER_QUERY]]
+                query = _PENDING_COUNTS.format(",".join("?" * len(chunk)))
+                self._moved.subtract({(k, state): n for k, state, n in self._db.execute(query, chunk)})
             self._db.executemany(_DELETE_PENDING_ATTEMPTS, ids)
             self._db.executemany(
                 "DELETE FROM deliveries WHERE message_id = ? AND state IN ('queued', 'deferred')", ids
@@ -637,9 +657,11 @@ class Spool:
                 "UPDATE deliveries SET state = 'inflight', updated_at = ? WHERE id = ?",
                 [(now, r[2]) for r in rows],
             )
+            self._moved.subtract((routing_key, r[7]) for r in rows)
+            self._moved[routing_key, State.INFLIGHT] += len(rows)
         heads: dict[str, tuple[str, float, str]] = {}
         deliveries: dict[str, list[Delivery]] = {}
-        for message_id, sender, delivery_id, recipient, attempts, created, tp in rows:
+        for message_id, sender, delivery_id, recipient, attempts, created, tp, _ in rows:
             if message_id not in heads:
                 heads[message_id] = (sender, created, tp or "")
                 deliveries[message_id] = []
@@ -658,6 +680,7 @@ class Spool:
 
     def _record(self, outcomes: list[Outcome], now: float) -> None:
         with self._writing("record"):
+            self._move(outcomes)
             self._db.executemany(
                 _RECORD,
                 [
@@ -689,6 +712,19 @@ class Spool:
                     for o in outcomes
                 ],
             )
+
+    def _move(self, outcomes: list[Outcome]) -> None:
+        """Count the deliveries ``outcomes`` move, from the state each is in to its outcome's (the
+        last, for a delivery with several)."""
+        final = {o.delivery_id: o.state for o in outcomes}
+        ids = list(final)
+        for start in range(0, len(ids), BODIES_PER_QUERY):
+            chunk = ids[start : start + BODIES_PER_QUERY]
+            for delivery_id, key, state in self._db.execute(
+                _STATES_OF.format(",".join("?" * len(chunk))), chunk
+            ):
+                self._moved[key, state] -= 1
+                self._moved[key, final[delivery_id]] += 1
 
     async def purge(self, finished_before: float, limit: int, *, chunk: int = PURGE_CHUNK) -> int:
         """Delete up to ``limit`` finished messages (every recipient delivered or bounced, the last
@@ -723,16 +759,32 @@ class Spool:
 
     async def release(self, routing_key: str) -> None:
         """Put ``routing_key``'s in-flight deliveries back in the queue (after a stop or a crash)."""
-        await self._run(self._tx, "release", _RELEASE, [(time.time(), routing_key)])
+        await self._run(self._release, routing_key, time.time())
+
+    def _release(self, routing_key: str, now: float) -> None:
+        with self._writing("release"):
+            released = self._db.execute(_RELEASE, (now, routing_key)).rowcount
+            self._moved[routing_key, State.INFLIGHT] -= released
+            self._moved[routing_key, State.QUEUED] += released
 
     # Reading
 
     async def counts(self, routing_key: str) -> Counts:
-        rows = await self._run(self._query, _COUNTS_OF_KEY, (routing_key,))
-        return _counts(rows).get(routing_key, Counts())
+        return (await self._run(self._counted, routing_key)).get(routing_key, Counts())
 
     async def all_counts(self) -> dict[str, Counts]:
-        return _counts(await self._run(self._query, _COUNTS, ()))
+        return await self._run(self._counted, None)
+
+    def _counted(self, routing_key: str | None) -> dict[str, Counts]:
+        """The tally (on the spool's thread, so as of the last commit), for one key or all."""
+        rows = [(k, state, n) for (k, state), n in self._tally.items() if n and routing_key in (None, k)]
+        return _counts(rows)
+
+    def _count_all(self) -> None:
+        """Count every routing key's deliveries in the file: once, when it is opened."""
+        self._tally = Counter()
+        for k, state, n in self._db.execute(_COUNTS):  # a state twice: in the file and purged
+            self._tally[k, state] += n
 
     async def backlog(self) -> list[Backlog]:
         """Per routing key and unfinished state, its deliveries and the oldest one's accepted
@@ -765,11 +817,10 @@ class Spool:
         return await self._run(self._queue_stats, routing_key)
 
     def _queue_stats(self, routing_key: str | None) -> dict[str, KeyStats]:
+        counts = self._counted(routing_key)
         if routing_key is None:
-            counts = _counts(self._db.execute(_COUNTS).fetchall())
             nexts = dict(self._db.execute(_NEXT_DEFERRED).fetchall())
         else:
-            counts = _counts(self._db.execute(_COUNTS_OF_KEY, (routing_key,)).fetchall())
             nexts = dict(self._db.execute(_NEXT_DEFERRED_OF_KEY, (routing_key,)).fetchall())
         return {k: KeyStats(c, nexts.get(k)) for k, c in counts.items()}
 
@@ -977,6 +1028,11 @@ _DUE_IN_STATE = """
 SELECT next_attempt_at, id, message_id FROM deliveries
 WHERE routing_key = ? AND state = ? AND next_attempt_at <= ? ORDER BY next_attempt_at, id
 """
+_STATES_OF = "SELECT id, routing_key, state FROM deliveries WHERE id IN ({})"
+_PENDING_COUNTS = """
+SELECT routing_key, state, COUNT(*) FROM deliveries
+WHERE message_id IN ({}) AND state IN ('queued', 'deferred') GROUP BY routing_key, state
+"""
 _NEXT_DUE = """
 SELECT next_attempt_at FROM deliveries WHERE routing_key = ? AND state = ? AND next_attempt_at > ?
 ORDER BY next_attempt_at LIMIT 1
@@ -984,7 +1040,7 @@ ORDER BY next_attempt_at LIMIT 1
 # The due deliveries of the messages a claim picked, with their envelopes: by message (the
 # planner would otherwise walk the key's whole due range on deliveries_due).
 _CLAIM = """
-SELECT m.id, m.sender, d.id, d.recipient, d.attempts, m.created_at, m.traceparent
+SELECT m.id, m.sender, d.id, d.recipient, d.attempts, m.created_at, m.traceparent, d.state
 FROM deliveries d INDEXED BY deliveries_message JOIN messages m ON m.id = d.message_id
 WHERE d.message_id IN ({}) AND d.routing_key = ? AND d.state IN ('queued', 'deferred')
     AND d.next_attempt_at <= ?
@@ -1003,11 +1059,6 @@ _COUNTS = """
 SELECT routing_key, state, COUNT(*) FROM deliveries GROUP BY routing_key, state
 UNION ALL SELECT routing_key, 'delivered', delivered FROM purged
 UNION ALL SELECT routing_key, 'bounced', bounced FROM purged
-"""
-_COUNTS_OF_KEY = """
-SELECT routing_key, state, COUNT(*) FROM deliveries WHERE routing_key = ?1 GROUP BY state
-UNION ALL SELECT routing_key, 'delivered', delivered FROM purged WHERE routing_key = ?1
-UNION ALL SELECT routing_key, 'bounced', bounced FROM purged WHERE routing_key = ?1
 """
 # Finished deliveries that finished before ?1, after the cursor (?2, ?3), in the order of the
 # deliveries_finished index; each with whether its whole message is finished before ?1.

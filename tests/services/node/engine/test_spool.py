@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -115,3 +116,11 @@ async def test_counts_are_per_routing_key(spool: Spool) -> None:
     await spool.enqueue("example.org_127_0_0_3", [message("a@example.org", "b@example.org")])
     assert await spool.all_counts() == {KEY: Counts(queued=1), "example.org_127_0_0_3": Counts(queued=2)}
     assert await spool.counts("nothing.test_127_0_0_2") == Counts()
+
+
+async def test_the_spools_thread_is_named_for_the_os(spool: Spool) -> None:
+    def comm() -> str:
+        with open(f"/proc/self/task/{threading.get_native_id()}/comm") as f:
+            return f.read().strip()
+
+    assert await spool._run(comm) == "epoxi-spool"  # what top -H and /proc show

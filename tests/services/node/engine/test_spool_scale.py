@@ -5,13 +5,14 @@ tests assert how much is read, never how long it took."""
 
 from __future__ import annotations
 
+import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from services.node.engine.reply import Reply
-from services.node.engine.spool import NewMessage, Outcome, Spool, State, new_ids
+from services.node.engine.spool import _COUNTS, Counts, NewMessage, Outcome, Spool, State, _counts, new_ids
 
 KEY = "example.com_127_0_0_2"
 
@@ -94,3 +95,68 @@ def test_spool_ids_are_uuid7_in_time_order() -> None:
     assert all(uuid.UUID(i).version == 7 and uuid.UUID(i).variant == uuid.RFC_4122 for i in ids)
     assert max(first) < min(second)  # a later millisecond sorts after
     assert all(i[:12] == first[0][:12] for i in first)  # one timestamp for one batch
+
+
+async def test_counts_kept_as_mail_moves_equal_a_fresh_count_of_the_file(tmp_path: Path) -> None:
+    """Counts are a tally kept by each transaction, not a scan of every delivery ever recorded:
+    after every kind of write, in random order, they equal what counting the file says."""
+    rng = random.Random(11)
+    path = tmp_path / "spool.db"
+    spool = await Spool.open(path)
+    peer = await Spool.open(tmp_path / "peer.db")
+    keys = [KEY, "example.org_127_0_0_2"]
+    replies = {
+        State.DELIVERED: Reply.parse(250, "2.0.0 OK"),
+        State.DEFERRED: Reply.parse(451, "4.3.0 later"),
+        State.BOUNCED: Reply.parse(550, "5.1.1 no such user"),
+    }
+    n = 0
+
+    async def fresh(s: Spool) -> dict[str, Counts]:
+        counted = await s._run(lambda: _counts(s._db.execute(_COUNTS).fetchall()))
+        return {k: c for k, c in counted.items() if c != Counts()}
+
+    try:
+        for _ in range(150):
+            key = rng.choice(keys)
+            op = rng.choice(["enqueue", "enqueue", "claim", "record", "record", "release", "hand", "purge"])
+            if op == "enqueue":
+                k = rng.randint(1, 4)
+                batch = [
+                    NewMessage(
+                        "a@sender.test",
+                        [f"r{n + i}@x.test", f"s{n + i}@x.test"][: rng.randint(1, 2)],
+                        b"hi\r\n",
+                    )
+                    for i in range(k)
+                ]
+                n += k
+                await spool.enqueue_batch(key, batch, batch_key=rng.choice(["", f"b{n}", "b-dup"]))
+            elif op in ("claim", "record"):
+                jobs = await spool.claim(key, time.time() + 7200, rng.randint(1, 5))
+                if op == "record":
+                    outcomes = [
+                        Outcome(d.id, state, d.attempts + 1, time.time() - 1, replies[state])
+                        for j in jobs
+                        for d in j.deliveries
+                        for state in [rng.choice(list(replies))]
+                    ]
+                    await spool.record(outcomes + outcomes[:1])  # a delivery twice: its last one counts
+            elif op == "release":
+                await spool.release(key)
+            elif op == "hand":
+                taken = await spool.take_queued(key, rng.randint(1, 3))
+                await peer.receive(key, taken)
+                await spool.remove_handed([m.id for m in taken])
+            else:
+                await spool.purge(time.time() + 7200, rng.randint(1, 10))
+            assert await spool.all_counts() == await fresh(spool), op
+            assert await peer.all_counts() == await fresh(peer)
+        await spool.close()
+        spool = await Spool.open(path)  # counted afresh when opened: in flight is queued again
+        assert await spool.all_counts() == await fresh(spool)
+        assert all(c.in_flight == 0 for c in (await spool.all_counts()).values())
+        assert sum(c.delivered + c.bounced for c in (await spool.all_counts()).values()) > 0
+    finally:
+        await spool.close()
+        await peer.close()
