@@ -1,7 +1,8 @@
 """The node's durable spool: SQLite in WAL mode with ``synchronous=FULL``.
 
-Every write is one transaction, so a whole ``EnqueueBatch`` costs one fsync (group commit) and
-is acknowledged only once it returns. A message is stored once (its envelope sender in
+Every write is one transaction, so a whole ``EnqueueBatch`` costs one fsync and is acknowledged
+only once it returns; batches (and outcome groups) asked for while the spool's thread is busy
+share the next transaction, and so its fsync (group commit, ``_grouped``). A message is stored once (its envelope sender in
 ``messages``, its rendered RFC 5322 bytes in ``bodies``, in the same transaction) with one
 delivery row per recipient. Queue scans, counts, ``due`` and the scans behind listings read
 envelopes and deliveries only, so their cost does not grow with the size of the mail; a body is
@@ -46,6 +47,7 @@ import ctypes
 import heapq
 import os
 import sqlite3
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -354,6 +356,9 @@ class Spool:
         # counted once when opened and then moved by each transaction as it commits (``_moved``).
         self._tally: Counter[tuple[str, str]] = Counter()
         self._moved: Counter[tuple[str, str]] = Counter()
+        # Operation -> the calls waiting to be done together in its next transaction.
+        self._groups: dict[str, list[tuple[Callable[..., Any], tuple[object, ...], asyncio.Future[Any]]]] = {}
+        self._groups_lock = threading.Lock()
 
     @classmethod
     async def open(cls, path: str | Path, instruments: Instruments | None = None) -> Self:
@@ -377,6 +382,47 @@ class Spool:
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def _grouped(self, operation: str, fn: Callable[..., T], *args: object) -> T:
+        """``fn(*args)`` in one transaction with every other ``operation`` asked for before the
+        spool's thread gets to it (group commit: one fsync for them all, as concurrent
+        EnqueueBatch calls and pipelines' outcome groups arrive). Each runs in a savepoint of its
+        own, so one that fails fails alone; none returns before the commit is durable."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        with self._groups_lock:
+            group = self._groups.setdefault(operation, [])
+            group.append((fn, args, future))
+            first = len(group) == 1
+        if first:
+            try:
+                self._executor.submit(self._commit_group, operation, loop)
+            except RuntimeError:  # the spool is closed
+                with self._groups_lock:
+                    self._groups.pop(operation, None)
+                raise
+        return await future
+
+    def _commit_group(self, operation: str, loop: asyncio.AbstractEventLoop) -> None:
+        with self._groups_lock:
+            group = self._groups.pop(operation)
+        settled: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        try:
+            with self._writing(operation):
+                self._db.execute("BEGIN IMMEDIATE")  # lookups and inserts are one transaction
+                for fn, args, future in group:
+                    moved = self._moved.copy()
+                    self._db.execute("SAVEPOINT one")
+                    try:
+                        settled.append((future, fn(*args), None))
+                    except Exception as e:
+                        self._db.execute("ROLLBACK TO one")
+                        self._moved = moved
+                        settled.append((future, None, e))
+                    self._db.execute("RELEASE one")
+        except BaseException as e:  # the commit failed: nothing of the group is durable
+            settled = [(future, None, e) for _, _, future in group]
+        loop.call_soon_threadsafe(_settle, settled)
 
     @contextlib.contextmanager
     def _writing(self, operation: str, *, synced: bool = True) -> Iterator[None]:
@@ -437,8 +483,8 @@ class Spool:
         """Like ``enqueue``; a ``batch_key`` the spool knows stores nothing and answers the IDs
         it was stored under (an ID the spool never held, e.g. still being handed over, is "")."""
         ids = new_ids(len(messages))
-        return await self._run(
-            self._enqueue, routing_key, ids, messages, batch_key, traceparent or None, time.time()
+        return await self._grouped(
+            "enqueue", self._enqueue, routing_key, ids, messages, batch_key, traceparent or None, time.time()
         )
 
     def _enqueue(
@@ -450,36 +496,35 @@ class Spool:
         traceparent: str | None,
         now: float,
     ) -> Spooled:
-        with self._writing("enqueue"):
-            if batch_key:
-                self._db.execute("BEGIN IMMEDIATE")  # the lookup and the insert are one transaction
-                known = dict(self._db.execute(_BATCH, (batch_key,)).fetchall())
-                if known:
-                    return Spooled([known.get(i, "") for i in range(len(messages))], duplicate=True)
-                self._db.executemany(
-                    "INSERT INTO batches (batch_key, batch_index, message_id, created_at) VALUES (?, ?, ?, ?)",
-                    [(batch_key, n, i, now) for n, i in enumerate(ids)],
-                )
+        """One batch, inside its group's transaction (``_grouped``)."""
+        if batch_key:
+            known = dict(self._db.execute(_BATCH, (batch_key,)).fetchall())
+            if known:
+                return Spooled([known.get(i, "") for i in range(len(messages))], duplicate=True)
             self._db.executemany(
-                "INSERT INTO messages (id, routing_key, sender, created_at, batch_key, batch_index,"
-                " traceparent) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (i, routing_key, m.sender, now, batch_key or None, n if batch_key else None, traceparent)
-                    for n, (i, m) in enumerate(zip(ids, messages, strict=True))
-                ],
+                "INSERT INTO batches (batch_key, batch_index, message_id, created_at) VALUES (?, ?, ?, ?)",
+                [(batch_key, n, i, now) for n, i in enumerate(ids)],
             )
-            self._db.executemany(_ADD_BODY, [(i, m.data) for i, m in zip(ids, messages, strict=True)])
-            deliveries = [
-                (i, routing_key, r, now, now)
-                for i, m in zip(ids, messages, strict=True)
-                for r in dict.fromkeys(m.recipients)
-            ]
-            self._db.executemany(
-                "INSERT INTO deliveries (message_id, routing_key, recipient, state, next_attempt_at, updated_at)"
-                " VALUES (?, ?, ?, 'queued', ?, ?)",
-                deliveries,
-            )
-            self._moved[routing_key, State.QUEUED] += len(deliveries)
+        self._db.executemany(
+            "INSERT INTO messages (id, routing_key, sender, created_at, batch_key, batch_index,"
+            " traceparent) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                (i, routing_key, m.sender, now, batch_key or None, n if batch_key else None, traceparent)
+                for n, (i, m) in enumerate(zip(ids, messages, strict=True))
+            ],
+        )
+        self._db.executemany(_ADD_BODY, [(i, m.data) for i, m in zip(ids, messages, strict=True)])
+        deliveries = [
+            (i, routing_key, r, now, now)
+            for i, m in zip(ids, messages, strict=True)
+            for r in dict.fromkeys(m.recipients)
+        ]
+        self._db.executemany(
+            "INSERT INTO deliveries (message_id, routing_key, recipient, state, next_attempt_at, updated_at)"
+            " VALUES (?, ?, ?, 'queued', ?, ?)",
+            deliveries,
+        )
+        self._moved[routing_key, State.QUEUED] += len(deliveries)
         return Spooled(ids)
 
     # Hand-over between nodes
@@ -676,42 +721,42 @@ class Spool:
     async def record(self, outcomes: Iterable[Outcome]) -> None:
         """Update the deliveries and append the attempts to their history, all in one transaction
         (one fsync however many outcomes there are); returns once it is durable."""
-        await self._run(self._record, list(outcomes), time.time())
+        await self._grouped("record", self._record, list(outcomes), time.time())
 
     def _record(self, outcomes: list[Outcome], now: float) -> None:
-        with self._writing("record"):
-            self._move(outcomes)
-            self._db.executemany(
-                _RECORD,
-                [
-                    (
-                        o.state.value,
-                        o.attempts,
-                        o.next_attempt_at,
-                        o.reply.code,
-                        o.reply.enhanced,
-                        o.text,
-                        now,
-                        o.delivery_id,
-                    )
-                    for o in outcomes
-                ],
-            )
-            self._db.executemany(
-                _ATTEMPT,
-                [
-                    (
-                        o.attempts,
-                        now if o.attempted_at is None else o.attempted_at,
-                        o.state.value,
-                        o.reply.code,
-                        o.reply.enhanced,
-                        o.text,
-                        o.delivery_id,
-                    )
-                    for o in outcomes
-                ],
-            )
+        """One group of outcomes, inside its group's transaction (``_grouped``)."""
+        self._move(outcomes)
+        self._db.executemany(
+            _RECORD,
+            [
+                (
+                    o.state.value,
+                    o.attempts,
+                    o.next_attempt_at,
+                    o.reply.code,
+                    o.reply.enhanced,
+                    o.text,
+                    now,
+                    o.delivery_id,
+                )
+                for o in outcomes
+            ],
+        )
+        self._db.executemany(
+            _ATTEMPT,
+            [
+                (
+                    o.attempts,
+                    now if o.attempted_at is None else o.attempted_at,
+                    o.state.value,
+                    o.reply.code,
+                    o.reply.enhanced,
+                    o.text,
+                    o.delivery_id,
+                )
+                for o in outcomes
+            ],
+        )
 
     def _move(self, outcomes: list[Outcome]) -> None:
         """Count the deliveries ``outcomes`` move, from the state each is in to its outcome's (the
@@ -905,6 +950,17 @@ def _counts(rows: list[Any]) -> dict[str, Counts]:
         )
         for k, c in by_key.items()
     }
+
+
+def _settle(settled: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    """On the event loop: each grouped call's result (a caller that stopped waiting has none)."""
+    for future, result, error in settled:
+        if future.done():
+            continue
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
 
 
 def new_ids(n: int) -> list[str]:

@@ -126,10 +126,10 @@ async def test_the_scrape_shows_the_workload(worked: RunningNode) -> None:
     assert value(samples, "epoxi_node_smtp_tls_total", routing_key=KEY) == 0  # the sink offers none
     assert value(samples, "epoxi_node_host_backoffs_total", routing_key=KEY) == 0
 
-    # One commit for the batch, one per DSN; every counted commit is timed under its operation,
-    # and every one is synced but the claims'.
+    # One commit for the batch, and the DSNs' (those spooled at once share a commit); every
+    # counted commit is timed under its operation, and every one is synced but the claims'.
     commits = "epoxi_node_spool_commit_seconds_count"
-    assert value(samples, commits, operation="enqueue") == 4
+    assert 2 <= (value(samples, commits, operation="enqueue") or 0) <= 4
     claims = value(samples, commits, operation="claim") or 0
     assert claims >= 1
     assert sum(labelled(samples, commits).values()) - claims == value(

@@ -5,14 +5,28 @@ tests assert how much is read, never how long it took."""
 
 from __future__ import annotations
 
+import asyncio
 import random
+import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from services.node.engine.instruments import Instruments
 from services.node.engine.reply import Reply
-from services.node.engine.spool import _COUNTS, Counts, NewMessage, Outcome, Spool, State, _counts, new_ids
+from services.node.engine.spool import (
+    _COUNTS,
+    Counts,
+    NewMessage,
+    Outcome,
+    Spool,
+    Spooled,
+    State,
+    _counts,
+    new_ids,
+)
 
 KEY = "example.com_127_0_0_2"
 
@@ -160,3 +174,36 @@ async def test_counts_kept_as_mail_moves_equal_a_fresh_count_of_the_file(tmp_pat
     finally:
         await spool.close()
         await peer.close()
+
+
+async def test_batches_asked_for_while_the_spool_is_busy_share_one_commit(tmp_path: Path) -> None:
+    commits: list[str] = []
+
+    class Commits(Instruments):
+        def committed(self, operation: str, seconds: float, *, synced: bool = True) -> None:
+            commits.append(operation)
+
+    spool = await Spool.open(tmp_path / "spool.db", Commits())
+    busy = threading.Event()
+    try:
+        hold = asyncio.create_task(spool._run(busy.wait, 10))  # the spool's thread is busy
+        good = [spool.enqueue_batch(KEY, messages(2, 10 * i), batch_key=f"b{i}") for i in range(5)]
+        again = spool.enqueue_batch(KEY, messages(2), batch_key="b0")  # a retried batch, same group
+        bad = spool.enqueue_batch(KEY, [NewMessage("a@sender.test", [object()], b"hi")])  # type: ignore[list-item]
+        calls = asyncio.gather(*good, again, bad, return_exceptions=True)
+        await asyncio.sleep(0.05)
+        busy.set()
+        await hold
+        *spooled, retried, failed = await calls
+        assert commits == ["enqueue"]  # seven batches, one commit (one fsync)
+        ok = [s for s in spooled if isinstance(s, Spooled)]
+        assert len(ok) == 5 and all(len(s.ids) == 2 and not s.duplicate for s in ok)
+        assert isinstance(retried, Spooled) and retried.duplicate and retried.ids == ok[0].ids
+        assert isinstance(failed, sqlite3.Error)  # it failed alone: its savepoint rolled back
+        assert await spool.counts(KEY) == Counts(queued=10)
+        for table in ("messages", "bodies"):  # nothing of the failed batch is left
+            assert await spool._run(spool._query, f"SELECT COUNT(*) FROM {table}", ()) == [(10,)]
+        assert len(await spool.claim(KEY, time.time(), 100)) == 10
+    finally:
+        busy.set()
+        await spool.close()
