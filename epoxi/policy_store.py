@@ -23,6 +23,7 @@ from google.protobuf import json_format
 from epoxi import policy as policy_rules
 from epoxi.policy import Policy
 from epoxi.registry.client import Consul
+from epoxi.shaping import ShapingTable
 from epoxi.v1 import pipeline_pb2
 
 POLICIES = "epoxi/policies/"
@@ -72,6 +73,8 @@ class PolicyTable:
 
     policies: Mapping[str, Policy] = field(default_factory=dict)
     assignments: Mapping[str, str] = field(default_factory=dict)
+    # Shaping rules and MX sites (``epoxi.shaping``), kept beside the policies.
+    shaping: ShapingTable = field(default_factory=ShapingTable)
 
     def named(self, name: str) -> Policy | None:
         return self.policies.get(name)

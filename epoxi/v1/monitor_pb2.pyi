@@ -7,6 +7,7 @@ from collections import abc as _abc
 from epoxi.v1 import node_pb2 as _node_pb2
 from epoxi.v1 import pipeline_pb2 as _pipeline_pb2
 from epoxi.v1 import queue_pb2 as _queue_pb2
+from epoxi.v1 import shaping_pb2 as _shaping_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
@@ -954,6 +955,94 @@ class GetClusterQueueStatsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetClusterQueueStatsResponse: _TypeAlias = GetClusterQueueStatsResponse  # noqa: Y015
+
+@_typing.final
+class ListClusterShapingRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListClusterShapingRequest: _TypeAlias = ListClusterShapingRequest  # noqa: Y015
+
+@_typing.final
+class ListClusterShapingResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADJUSTMENTS_FIELD_NUMBER: _builtins.int
+    UNREACHABLE_NODES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def adjustments(self) -> _containers.RepeatedCompositeFieldContainer[_shaping_pb2.ShapingAdjustment]:
+        """Sorted by site, source IP, then node."""
+
+    @_builtins.property
+    def unreachable_nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___UnreachableNode]: ...
+    def __init__(
+        self,
+        *,
+        adjustments: _abc.Iterable[_shaping_pb2.ShapingAdjustment] | None = ...,
+        unreachable_nodes: _abc.Iterable[Global___UnreachableNode] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adjustments", b"adjustments", "unreachable_nodes", b"unreachable_nodes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListClusterShapingResponse: _TypeAlias = ListClusterShapingResponse  # noqa: Y015
+
+@_typing.final
+class ClearClusterShapingRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SITE_FIELD_NUMBER: _builtins.int
+    SOURCE_IP_FIELD_NUMBER: _builtins.int
+    site: _builtins.str
+    source_ip: _builtins.str
+    """Empty: every source IP of the site."""
+    def __init__(
+        self,
+        *,
+        site: _builtins.str = ...,
+        source_ip: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["site", b"site", "source_ip", b"source_ip"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClearClusterShapingRequest: _TypeAlias = ClearClusterShapingRequest  # noqa: Y015
+
+@_typing.final
+class ClearClusterShapingResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLEARED_FIELD_NUMBER: _builtins.int
+    UNREACHABLE_NODES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def cleared(self) -> _containers.RepeatedCompositeFieldContainer[_shaping_pb2.ShapingAdjustment]: ...
+    @_builtins.property
+    def unreachable_nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___UnreachableNode]: ...
+    def __init__(
+        self,
+        *,
+        cleared: _abc.Iterable[_shaping_pb2.ShapingAdjustment] | None = ...,
+        unreachable_nodes: _abc.Iterable[Global___UnreachableNode] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cleared", b"cleared", "unreachable_nodes", b"unreachable_nodes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClearClusterShapingResponse: _TypeAlias = ClearClusterShapingResponse  # noqa: Y015
 
 @_typing.final
 class UnreachableNode(_message.Message):

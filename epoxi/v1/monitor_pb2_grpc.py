@@ -90,6 +90,16 @@ class MonitorServiceStub:
                 request_serializer=epoxi_dot_v1_dot_monitor__pb2.GetClusterQueueStatsRequest.SerializeToString,
                 response_deserializer=epoxi_dot_v1_dot_monitor__pb2.GetClusterQueueStatsResponse.FromString,
                 _registered_method=True)
+        self.ListClusterShaping = channel.unary_unary(
+                '/epoxi.v1.MonitorService/ListClusterShaping',
+                request_serializer=epoxi_dot_v1_dot_monitor__pb2.ListClusterShapingRequest.SerializeToString,
+                response_deserializer=epoxi_dot_v1_dot_monitor__pb2.ListClusterShapingResponse.FromString,
+                _registered_method=True)
+        self.ClearClusterShaping = channel.unary_unary(
+                '/epoxi.v1.MonitorService/ClearClusterShaping',
+                request_serializer=epoxi_dot_v1_dot_monitor__pb2.ClearClusterShapingRequest.SerializeToString,
+                response_deserializer=epoxi_dot_v1_dot_monitor__pb2.ClearClusterShapingResponse.FromString,
+                _registered_method=True)
         self.ListQueuedMessages = channel.unary_unary(
                 '/epoxi.v1.MonitorService/ListQueuedMessages',
                 request_serializer=epoxi_dot_v1_dot_monitor__pb2.ListQueuedMessagesRequest.SerializeToString,
@@ -190,6 +200,22 @@ class MonitorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListClusterShaping(self, request, context):
+        """The shaping adjustments in force on every passing node (NodeService.ListShaping), merged.
+        A node that does not answer is named in unreachable_nodes; UNAVAILABLE when none answers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClearClusterShaping(self, request, context):
+        """Clears a site's adjustments (for one source IP, or all) on every passing node
+        (NodeService.ClearShaping). NOT_FOUND when no node had one in force.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListQueuedMessages(self, request, context):
         """One routing key's spooled messages on every node that holds some, a page at a time.
         """
@@ -262,6 +288,16 @@ def add_MonitorServiceServicer_to_server(servicer, server):
                     servicer.GetClusterQueueStats,
                     request_deserializer=epoxi_dot_v1_dot_monitor__pb2.GetClusterQueueStatsRequest.FromString,
                     response_serializer=epoxi_dot_v1_dot_monitor__pb2.GetClusterQueueStatsResponse.SerializeToString,
+            ),
+            'ListClusterShaping': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListClusterShaping,
+                    request_deserializer=epoxi_dot_v1_dot_monitor__pb2.ListClusterShapingRequest.FromString,
+                    response_serializer=epoxi_dot_v1_dot_monitor__pb2.ListClusterShapingResponse.SerializeToString,
+            ),
+            'ClearClusterShaping': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClearClusterShaping,
+                    request_deserializer=epoxi_dot_v1_dot_monitor__pb2.ClearClusterShapingRequest.FromString,
+                    response_serializer=epoxi_dot_v1_dot_monitor__pb2.ClearClusterShapingResponse.SerializeToString,
             ),
             'ListQueuedMessages': grpc.unary_unary_rpc_method_handler(
                     servicer.ListQueuedMessages,
@@ -572,6 +608,60 @@ class MonitorService:
             '/epoxi.v1.MonitorService/GetClusterQueueStats',
             epoxi_dot_v1_dot_monitor__pb2.GetClusterQueueStatsRequest.SerializeToString,
             epoxi_dot_v1_dot_monitor__pb2.GetClusterQueueStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListClusterShaping(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epoxi.v1.MonitorService/ListClusterShaping',
+            epoxi_dot_v1_dot_monitor__pb2.ListClusterShapingRequest.SerializeToString,
+            epoxi_dot_v1_dot_monitor__pb2.ListClusterShapingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClearClusterShaping(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epoxi.v1.MonitorService/ClearClusterShaping',
+            epoxi_dot_v1_dot_monitor__pb2.ClearClusterShapingRequest.SerializeToString,
+            epoxi_dot_v1_dot_monitor__pb2.ClearClusterShapingResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -67,6 +67,14 @@ class MonitorServiceStub:
     view) concurrently and merges the answers. A node that does not answer is named in
     unreachable_nodes; the call fails only when none answers (UNAVAILABLE).
     """
+    ListClusterShaping: _grpc.UnaryUnaryMultiCallable[_monitor_pb2.ListClusterShapingRequest, _monitor_pb2.ListClusterShapingResponse]
+    """The shaping adjustments in force on every passing node (NodeService.ListShaping), merged.
+    A node that does not answer is named in unreachable_nodes; UNAVAILABLE when none answers.
+    """
+    ClearClusterShaping: _grpc.UnaryUnaryMultiCallable[_monitor_pb2.ClearClusterShapingRequest, _monitor_pb2.ClearClusterShapingResponse]
+    """Clears a site's adjustments (for one source IP, or all) on every passing node
+    (NodeService.ClearShaping). NOT_FOUND when no node had one in force.
+    """
     ListQueuedMessages: _grpc.UnaryUnaryMultiCallable[_monitor_pb2.ListQueuedMessagesRequest, _monitor_pb2.ListQueuedMessagesResponse]
     """One routing key's spooled messages on every node that holds some, a page at a time."""
     GetQueuedMessage: _grpc.UnaryUnaryMultiCallable[_monitor_pb2.GetQueuedMessageRequest, _monitor_pb2.GetQueuedMessageResponse]
@@ -112,6 +120,14 @@ class MonitorServiceAsyncStub(MonitorServiceStub):
     """Queue inspection across the cluster: the monitor asks every passing node (the registry's
     view) concurrently and merges the answers. A node that does not answer is named in
     unreachable_nodes; the call fails only when none answers (UNAVAILABLE).
+    """
+    ListClusterShaping: _aio.UnaryUnaryMultiCallable[_monitor_pb2.ListClusterShapingRequest, _monitor_pb2.ListClusterShapingResponse]  # type: ignore[assignment]
+    """The shaping adjustments in force on every passing node (NodeService.ListShaping), merged.
+    A node that does not answer is named in unreachable_nodes; UNAVAILABLE when none answers.
+    """
+    ClearClusterShaping: _aio.UnaryUnaryMultiCallable[_monitor_pb2.ClearClusterShapingRequest, _monitor_pb2.ClearClusterShapingResponse]  # type: ignore[assignment]
+    """Clears a site's adjustments (for one source IP, or all) on every passing node
+    (NodeService.ClearShaping). NOT_FOUND when no node had one in force.
     """
     ListQueuedMessages: _aio.UnaryUnaryMultiCallable[_monitor_pb2.ListQueuedMessagesRequest, _monitor_pb2.ListQueuedMessagesResponse]  # type: ignore[assignment]
     """One routing key's spooled messages on every node that holds some, a page at a time."""
@@ -221,6 +237,26 @@ class MonitorServiceServicer(metaclass=_abc_1.ABCMeta):
         """Queue inspection across the cluster: the monitor asks every passing node (the registry's
         view) concurrently and merges the answers. A node that does not answer is named in
         unreachable_nodes; the call fails only when none answers (UNAVAILABLE).
+        """
+
+    @_abc_1.abstractmethod
+    def ListClusterShaping(
+        self,
+        request: _monitor_pb2.ListClusterShapingRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_monitor_pb2.ListClusterShapingResponse, _abc.Awaitable[_monitor_pb2.ListClusterShapingResponse]]:
+        """The shaping adjustments in force on every passing node (NodeService.ListShaping), merged.
+        A node that does not answer is named in unreachable_nodes; UNAVAILABLE when none answers.
+        """
+
+    @_abc_1.abstractmethod
+    def ClearClusterShaping(
+        self,
+        request: _monitor_pb2.ClearClusterShapingRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_monitor_pb2.ClearClusterShapingResponse, _abc.Awaitable[_monitor_pb2.ClearClusterShapingResponse]]:
+        """Clears a site's adjustments (for one source IP, or all) on every passing node
+        (NodeService.ClearShaping). NOT_FOUND when no node had one in force.
         """
 
     @_abc_1.abstractmethod

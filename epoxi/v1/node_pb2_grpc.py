@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from epoxi.v1 import node_pb2 as epoxi_dot_v1_dot_node__pb2
+from epoxi.v1 import shaping_pb2 as epoxi_dot_v1_dot_shaping__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -81,6 +82,16 @@ class NodeServiceStub:
                 request_serializer=epoxi_dot_v1_dot_node__pb2.GetMessageRequest.SerializeToString,
                 response_deserializer=epoxi_dot_v1_dot_node__pb2.GetMessageResponse.FromString,
                 _registered_method=True)
+        self.ListShaping = channel.unary_unary(
+                '/epoxi.v1.NodeService/ListShaping',
+                request_serializer=epoxi_dot_v1_dot_shaping__pb2.ListShapingRequest.SerializeToString,
+                response_deserializer=epoxi_dot_v1_dot_shaping__pb2.ListShapingResponse.FromString,
+                _registered_method=True)
+        self.ClearShaping = channel.unary_unary(
+                '/epoxi.v1.NodeService/ClearShaping',
+                request_serializer=epoxi_dot_v1_dot_shaping__pb2.ClearShapingRequest.SerializeToString,
+                response_deserializer=epoxi_dot_v1_dot_shaping__pb2.ClearShapingResponse.FromString,
+                _registered_method=True)
 
 
 class NodeServiceServicer:
@@ -155,6 +166,21 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListShaping(self, request, context):
+        """The shaping adjustments in force on this node, one per (site, source IP).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClearShaping(self, request, context):
+        """Ends the adjustments of a site (and source IP): its limits are the site's own again and
+        suspended mail is due at once. NOT_FOUND when none is in force.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -202,6 +228,16 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.GetMessage,
                     request_deserializer=epoxi_dot_v1_dot_node__pb2.GetMessageRequest.FromString,
                     response_serializer=epoxi_dot_v1_dot_node__pb2.GetMessageResponse.SerializeToString,
+            ),
+            'ListShaping': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListShaping,
+                    request_deserializer=epoxi_dot_v1_dot_shaping__pb2.ListShapingRequest.FromString,
+                    response_serializer=epoxi_dot_v1_dot_shaping__pb2.ListShapingResponse.SerializeToString,
+            ),
+            'ClearShaping': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClearShaping,
+                    request_deserializer=epoxi_dot_v1_dot_shaping__pb2.ClearShapingRequest.FromString,
+                    response_serializer=epoxi_dot_v1_dot_shaping__pb2.ClearShapingResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -449,6 +485,60 @@ class NodeService:
             '/epoxi.v1.NodeService/GetMessage',
             epoxi_dot_v1_dot_node__pb2.GetMessageRequest.SerializeToString,
             epoxi_dot_v1_dot_node__pb2.GetMessageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListShaping(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epoxi.v1.NodeService/ListShaping',
+            epoxi_dot_v1_dot_shaping__pb2.ListShapingRequest.SerializeToString,
+            epoxi_dot_v1_dot_shaping__pb2.ListShapingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClearShaping(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epoxi.v1.NodeService/ClearShaping',
+            epoxi_dot_v1_dot_shaping__pb2.ClearShapingRequest.SerializeToString,
+            epoxi_dot_v1_dot_shaping__pb2.ClearShapingResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from epoxi.v1 import node_pb2 as _node_pb2
+from epoxi.v1 import shaping_pb2 as _shaping_pb2
 from grpc import aio as _aio
 import abc as _abc_1
 import grpc as _grpc
@@ -61,6 +62,12 @@ class NodeServiceStub:
     """Spooled messages of a routing key and state, a page at a time."""
     GetMessage: _grpc.UnaryUnaryMultiCallable[_node_pb2.GetMessageRequest, _node_pb2.GetMessageResponse]
     """One spooled message with every delivery attempt made for it."""
+    ListShaping: _grpc.UnaryUnaryMultiCallable[_shaping_pb2.ListShapingRequest, _shaping_pb2.ListShapingResponse]
+    """The shaping adjustments in force on this node, one per (site, source IP)."""
+    ClearShaping: _grpc.UnaryUnaryMultiCallable[_shaping_pb2.ClearShapingRequest, _shaping_pb2.ClearShapingResponse]
+    """Ends the adjustments of a site (and source IP): its limits are the site's own again and
+    suspended mail is due at once. NOT_FOUND when none is in force.
+    """
 
 @_typing.type_check_only
 class NodeServiceAsyncStub(NodeServiceStub):
@@ -95,6 +102,12 @@ class NodeServiceAsyncStub(NodeServiceStub):
     """Spooled messages of a routing key and state, a page at a time."""
     GetMessage: _aio.UnaryUnaryMultiCallable[_node_pb2.GetMessageRequest, _node_pb2.GetMessageResponse]  # type: ignore[assignment]
     """One spooled message with every delivery attempt made for it."""
+    ListShaping: _aio.UnaryUnaryMultiCallable[_shaping_pb2.ListShapingRequest, _shaping_pb2.ListShapingResponse]  # type: ignore[assignment]
+    """The shaping adjustments in force on this node, one per (site, source IP)."""
+    ClearShaping: _aio.UnaryUnaryMultiCallable[_shaping_pb2.ClearShapingRequest, _shaping_pb2.ClearShapingResponse]  # type: ignore[assignment]
+    """Ends the adjustments of a site (and source IP): its limits are the site's own again and
+    suspended mail is due at once. NOT_FOUND when none is in force.
+    """
 
 class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
     """Runs delivery pipelines: spools accepted mail durably and delivers it over SMTP. Called by the
@@ -180,5 +193,23 @@ class NodeServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_node_pb2.GetMessageResponse, _abc.Awaitable[_node_pb2.GetMessageResponse]]:
         """One spooled message with every delivery attempt made for it."""
+
+    @_abc_1.abstractmethod
+    def ListShaping(
+        self,
+        request: _shaping_pb2.ListShapingRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_shaping_pb2.ListShapingResponse, _abc.Awaitable[_shaping_pb2.ListShapingResponse]]:
+        """The shaping adjustments in force on this node, one per (site, source IP)."""
+
+    @_abc_1.abstractmethod
+    def ClearShaping(
+        self,
+        request: _shaping_pb2.ClearShapingRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_shaping_pb2.ClearShapingResponse, _abc.Awaitable[_shaping_pb2.ClearShapingResponse]]:
+        """Ends the adjustments of a site (and source IP): its limits are the site's own again and
+        suspended mail is due at once. NOT_FOUND when none is in force.
+        """
 
 def add_NodeServiceServicer_to_server(servicer: NodeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

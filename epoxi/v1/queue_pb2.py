@@ -23,24 +23,25 @@ _sym_db = _symbol_database.Default()
 
 
 from epoxi.v1 import pipeline_pb2 as epoxi_dot_v1_dot_pipeline__pb2
+from epoxi.v1 import shaping_pb2 as epoxi_dot_v1_dot_shaping__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x65poxi/v1/queue.proto\x12\x08\x65poxi.v1\x1a\x17\x65poxi/v1/pipeline.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x95\x01\n\nQueueStats\x12\x13\n\x0brouting_key\x18\x01 \x01(\t\x12,\n\x08\x63ounters\x18\x02 \x01(\x0b\x32\x1a.epoxi.v1.PipelineCounters\x12\x33\n\x0fnext_attempt_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07running\x18\x04 \x01(\x08\"\xcb\x01\n\x0fRecipientStatus\x12\x11\n\trecipient\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.epoxi.v1.DeliveryState\x12\x10\n\x08\x61ttempts\x18\x03 \x01(\r\x12\x33\n\x0fnext_attempt_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tsmtp_code\x18\x05 \x01(\r\x12\x15\n\renhanced_code\x18\x06 \x01(\t\x12\x0c\n\x04text\x18\x07 \x01(\t\"\xe0\x01\n\rQueuedMessage\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0brouting_key\x18\x02 \x01(\t\x12\x0e\n\x06sender\x18\x03 \x01(\t\x12/\n\x0b\x61\x63\x63\x65pted_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nsize_bytes\x18\x05 \x01(\x04\x12\x0f\n\x07subject\x18\x06 \x01(\t\x12\x19\n\x11message_id_header\x18\x07 \x01(\t\x12-\n\nrecipients\x18\x08 \x03(\x0b\x32\x19.epoxi.v1.RecipientStatus\"\xc8\x01\n\x0f\x44\x65liveryAttempt\x12\x30\n\x0c\x61ttempted_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\trecipient\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\'\n\x06result\x18\x04 \x01(\x0e\x32\x17.epoxi.v1.DeliveryState\x12\x11\n\tsmtp_code\x18\x05 \x01(\r\x12\x15\n\renhanced_code\x18\x06 \x01(\t\x12\x0c\n\x04text\x18\x07 \x01(\t*\xbf\x01\n\rDeliveryState\x12\x1e\n\x1a\x44\x45LIVERY_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x44\x45LIVERY_STATE_QUEUED\x10\x01\x12\x1c\n\x18\x44\x45LIVERY_STATE_IN_FLIGHT\x10\x02\x12\x1b\n\x17\x44\x45LIVERY_STATE_DEFERRED\x10\x03\x12\x1c\n\x18\x44\x45LIVERY_STATE_DELIVERED\x10\x04\x12\x1a\n\x16\x44\x45LIVERY_STATE_BOUNCED\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x65poxi/v1/queue.proto\x12\x08\x65poxi.v1\x1a\x17\x65poxi/v1/pipeline.proto\x1a\x16\x65poxi/v1/shaping.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd1\x01\n\nQueueStats\x12\x13\n\x0brouting_key\x18\x01 \x01(\t\x12,\n\x08\x63ounters\x18\x02 \x01(\x0b\x32\x1a.epoxi.v1.PipelineCounters\x12\x33\n\x0fnext_attempt_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07running\x18\x04 \x01(\x08\x12\x0c\n\x04site\x18\x05 \x01(\t\x12,\n\x07shaping\x18\x06 \x01(\x0b\x32\x1b.epoxi.v1.ShapingAdjustment\"\xcb\x01\n\x0fRecipientStatus\x12\x11\n\trecipient\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.epoxi.v1.DeliveryState\x12\x10\n\x08\x61ttempts\x18\x03 \x01(\r\x12\x33\n\x0fnext_attempt_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tsmtp_code\x18\x05 \x01(\r\x12\x15\n\renhanced_code\x18\x06 \x01(\t\x12\x0c\n\x04text\x18\x07 \x01(\t\"\xe0\x01\n\rQueuedMessage\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0brouting_key\x18\x02 \x01(\t\x12\x0e\n\x06sender\x18\x03 \x01(\t\x12/\n\x0b\x61\x63\x63\x65pted_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nsize_bytes\x18\x05 \x01(\x04\x12\x0f\n\x07subject\x18\x06 \x01(\t\x12\x19\n\x11message_id_header\x18\x07 \x01(\t\x12-\n\nrecipients\x18\x08 \x03(\x0b\x32\x19.epoxi.v1.RecipientStatus\"\xc8\x01\n\x0f\x44\x65liveryAttempt\x12\x30\n\x0c\x61ttempted_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\trecipient\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\'\n\x06result\x18\x04 \x01(\x0e\x32\x17.epoxi.v1.DeliveryState\x12\x11\n\tsmtp_code\x18\x05 \x01(\r\x12\x15\n\renhanced_code\x18\x06 \x01(\t\x12\x0c\n\x04text\x18\x07 \x01(\t*\xbf\x01\n\rDeliveryState\x12\x1e\n\x1a\x44\x45LIVERY_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x44\x45LIVERY_STATE_QUEUED\x10\x01\x12\x1c\n\x18\x44\x45LIVERY_STATE_IN_FLIGHT\x10\x02\x12\x1b\n\x17\x44\x45LIVERY_STATE_DEFERRED\x10\x03\x12\x1c\n\x18\x44\x45LIVERY_STATE_DELIVERED\x10\x04\x12\x1a\n\x16\x44\x45LIVERY_STATE_BOUNCED\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'epoxi.v1.queue_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DELIVERYSTATE']._serialized_start=881
-  _globals['_DELIVERYSTATE']._serialized_end=1072
-  _globals['_QUEUESTATS']._serialized_start=93
-  _globals['_QUEUESTATS']._serialized_end=242
-  _globals['_RECIPIENTSTATUS']._serialized_start=245
-  _globals['_RECIPIENTSTATUS']._serialized_end=448
-  _globals['_QUEUEDMESSAGE']._serialized_start=451
-  _globals['_QUEUEDMESSAGE']._serialized_end=675
-  _globals['_DELIVERYATTEMPT']._serialized_start=678
-  _globals['_DELIVERYATTEMPT']._serialized_end=878
+  _globals['_DELIVERYSTATE']._serialized_start=965
+  _globals['_DELIVERYSTATE']._serialized_end=1156
+  _globals['_QUEUESTATS']._serialized_start=117
+  _globals['_QUEUESTATS']._serialized_end=326
+  _globals['_RECIPIENTSTATUS']._serialized_start=329
+  _globals['_RECIPIENTSTATUS']._serialized_end=532
+  _globals['_QUEUEDMESSAGE']._serialized_start=535
+  _globals['_QUEUEDMESSAGE']._serialized_end=759
+  _globals['_DELIVERYATTEMPT']._serialized_start=762
+  _globals['_DELIVERYATTEMPT']._serialized_end=962
 # @@protoc_insertion_point(module_scope)

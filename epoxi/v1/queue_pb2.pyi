@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from epoxi.v1 import pipeline_pb2 as _pipeline_pb2
+from epoxi.v1 import shaping_pb2 as _shaping_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -61,15 +62,23 @@ class QueueStats(_message.Message):
     COUNTERS_FIELD_NUMBER: _builtins.int
     NEXT_ATTEMPT_AT_FIELD_NUMBER: _builtins.int
     RUNNING_FIELD_NUMBER: _builtins.int
+    SITE_FIELD_NUMBER: _builtins.int
+    SHAPING_FIELD_NUMBER: _builtins.int
     routing_key: _builtins.str
     running: _builtins.bool
     """True when a pipeline for the routing key runs on this node now."""
+    site: _builtins.str
+    """The MX site the key's mail goes to (empty until its pipeline has looked it up), and the
+    shaping adjustment in force for the site and the key's source IP, if any.
+    """
     @_builtins.property
     def counters(self) -> _pipeline_pb2.PipelineCounters: ...
     @_builtins.property
     def next_attempt_at(self) -> _timestamp_pb2.Timestamp:
         """Earliest retry among deferred recipients; unset when none is deferred."""
 
+    @_builtins.property
+    def shaping(self) -> _shaping_pb2.ShapingAdjustment: ...
     def __init__(
         self,
         *,
@@ -77,10 +86,12 @@ class QueueStats(_message.Message):
         counters: _pipeline_pb2.PipelineCounters | None = ...,
         next_attempt_at: _timestamp_pb2.Timestamp | None = ...,
         running: _builtins.bool = ...,
+        site: _builtins.str = ...,
+        shaping: _shaping_pb2.ShapingAdjustment | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["counters", b"counters", "next_attempt_at", b"next_attempt_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["counters", b"counters", "next_attempt_at", b"next_attempt_at", "shaping", b"shaping"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["counters", b"counters", "next_attempt_at", b"next_attempt_at", "routing_key", b"routing_key", "running", b"running"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counters", b"counters", "next_attempt_at", b"next_attempt_at", "routing_key", b"routing_key", "running", b"running", "shaping", b"shaping", "site", b"site"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

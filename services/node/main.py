@@ -49,6 +49,7 @@ from services.node.engine.dsn import Bouncer
 from services.node.engine.hooks import PipelineHooks
 from services.node.engine.mx import Host
 from services.node.engine.retry import Retry
+from services.node.engine.shaping import Shaper
 from services.node.engine.spool import Spool
 from services.node.handoff import ClusterPeers
 from services.node.idle import IdleReaper
@@ -291,11 +292,14 @@ async def start_node(config: NodeConfig) -> RunningNode:
             ownership=ownership,
             peers=peers,
             instruments=metrics,
+            shaper=Shaper(sender.destinations, policies.shaping, node=config.id),
         )
         running.on_close(supervisor.close)
 
         async def scraped() -> None:
-            await metrics.refresh(spool, [p.status for p in supervisor.pipelines.values()])
+            await metrics.refresh(
+                spool, [p.status for p in supervisor.pipelines.values()], supervisor.shaper.adjustments()
+            )
 
         await running.expose_metrics(config.telemetry, registry, before_scrape=[scraped])
         if registrar is not None:

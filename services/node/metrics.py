@@ -30,6 +30,8 @@ Read at scrape time (``refresh``, from ``Spool.backlog``):
 - ``epoxi_node_oldest_queued_age_seconds{routing_key}``: how long ago the oldest unfinished
   delivery's message was accepted; a key with nothing unfinished has no sample;
 - ``epoxi_node_pipelines{state}``: the node's pipelines by status (``running``, ``failed``, ...).
+- ``epoxi_node_shaping_factor{routing_key}`` and ``epoxi_node_shaping_active{routing_key,action}``:
+  the shaping rule in force for the key's (MX site, source IP) budget, if any.
 
 ``NodeMetrics(None)`` (metrics off) creates nothing, and its methods return at once.
 """
@@ -42,7 +44,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from epoxi.v1 import pipeline_pb2
+from epoxi.shaping import action_name
+from epoxi.v1 import pipeline_pb2, shaping_pb2
 from services.node.engine.instruments import NO_KEY_INSTRUMENTS, Instruments, KeyInstruments
 from services.node.engine.spool import Job, Outcome, Spool, State
 
@@ -189,6 +192,19 @@ class NodeMetrics(Instruments):
             registry=registry,
         )
         self._pipelines = Gauge("epoxi_node_pipelines", "Pipelines by status.", ["state"], registry=registry)
+        self._shaping_factor = Gauge(
+            "epoxi_node_shaping_factor",
+            "What the limits of the key's (MX site, source IP) budget are multiplied by, while a"
+            " shaping rule is in force.",
+            key,
+            registry=registry,
+        )
+        self._shaping_active = Gauge(
+            "epoxi_node_shaping_active",
+            "1 while a shaping rule's action (throttle, suspend, bounce) is in force for the key's site.",
+            [*key, "action"],
+            registry=registry,
+        )
         for state in PIPELINE_STATES:
             self._pipelines.labels(state).set(0)
 
@@ -218,13 +234,25 @@ class NodeMetrics(Instruments):
 
     # At scrape time
 
-    async def refresh(self, spool: Spool, statuses: Iterable[pipeline_pb2.PipelineStatus.ValueType]) -> None:
-        """Set the queue gauges from one spool query, and the pipeline gauge from ``statuses``."""
+    async def refresh(
+        self,
+        spool: Spool,
+        statuses: Iterable[pipeline_pb2.PipelineStatus.ValueType],
+        shaping: Iterable[shaping_pb2.ShapingAdjustment] = (),
+    ) -> None:
+        """Set the queue gauges from one spool query, the pipeline gauge from ``statuses``, and
+        the shaping gauges from the adjustments in force."""
         if not self.on:
             return
         backlog = await spool.backlog()
         now = time.time()
         # No await from here on: a scrape in between never sees the gauges half set.
+        self._shaping_factor.clear()
+        self._shaping_active.clear()
+        for a in shaping:
+            for routing_key in a.routing_keys:
+                self._shaping_factor.labels(routing_key).set(a.factor)
+                self._shaping_active.labels(routing_key, action_name(a.action)).set(1)
         self._queue.clear()
         self._oldest.clear()
         oldest: dict[str, float] = {}

@@ -1,7 +1,7 @@
 """Keeps the node's ``PolicyTable`` in step with the registry's KV store.
 
-One Consul blocking query per prefix (``epoxi/policies/``, ``epoxi/policy-assignments/``)
-re-reads it whenever its index moves, then hands the new table to ``run``'s ``on_change``. A
+One Consul blocking query per prefix (``epoxi/policies/``, ``epoxi/policy-assignments/``, and
+the shaping rules and sites, ``epoxi/shaping/rules/`` and ``epoxi/shaping/sites/``) re-reads it whenever its index moves, then hands the new table to ``run``'s ``on_change``. A
 policy that does not validate is logged and ignored (its last valid version stays); a registry
 that is down is retried with backoff (``epoxi.backoff``), and the node keeps the table it has.
 ``load`` reads the table once before the node is built, so its pipelines start with it.
@@ -18,6 +18,8 @@ from typing import Any
 from epoxi.backoff import Backoff
 from epoxi.policy_store import ASSIGNMENTS, POLICIES, PolicyTable, read_assignments, read_policies
 from epoxi.registry.client import Consul, RegistryError
+from epoxi.shaping import RULES, SITES
+from epoxi.shaping import read_table as read_shaping
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +34,13 @@ class PolicyFeed:
         self._consul = consul
         self._wait = wait
         self.table = PolicyTable()
-        self._indexes = {POLICIES: 0, ASSIGNMENTS: 0}
+        self._indexes = {POLICIES: 0, ASSIGNMENTS: 0, RULES: 0, SITES: 0}
+        self._shaping_entries: dict[str, list[dict[str, Any]] | None] = {RULES: None, SITES: None}
 
     async def load(self) -> bool:
         """Read both prefixes now (not blocking); False when the registry could not be read."""
         try:
-            for prefix in (POLICIES, ASSIGNMENTS):
+            for prefix in self._indexes:
                 index, entries = await self._consul.kv.get(prefix, recurse=True)
                 self._store(prefix, int(index), entries)
         except RegistryError as e:
@@ -55,9 +58,15 @@ class PolicyFeed:
         if prefix == POLICIES:
             policies, problems = read_policies(entries, self.table.policies)
             self.table = replace(self.table, policies=policies)
-        else:
+        elif prefix == ASSIGNMENTS:
             assignments, problems = read_assignments(entries)
             self.table = replace(self.table, assignments=assignments)
+        else:
+            self._shaping_entries[prefix] = entries
+            shaping, problems = read_shaping(
+                self._shaping_entries[RULES], self._shaping_entries[SITES], self.table.shaping
+            )
+            self.table = replace(self.table, shaping=shaping)
         for problem in problems:
             log.warning("stored policies: %s", problem)
 

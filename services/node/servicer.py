@@ -30,9 +30,9 @@ from epoxi.registry import ownership
 from epoxi.registry.ownership import ClaimError, Owner
 from epoxi.routing import routing_key
 from epoxi.runtime.status import abort, summary
-from epoxi.v1 import node_pb2, node_pb2_grpc, pipeline_pb2, queue_pb2
+from epoxi.v1 import node_pb2, node_pb2_grpc, pipeline_pb2, queue_pb2, shaping_pb2
 from services.node import handoff, queue
-from services.node.engine.spool import Counts
+from services.node.engine.spool import Counts, KeyStats
 from services.node.supervisor import OwnedElsewhere, PipelineSupervisor, Unrenderable
 
 log = logging.getLogger(__name__)
@@ -276,11 +276,41 @@ class NodeService(node_pb2_grpc.NodeServiceServicer):
                 f"routing key {key!r} has no pipeline and no mail on node {self.supervisor.id}",
             )
         return node_pb2.GetQueueStatsResponse(
-            pipelines=[
-                queue.stats_proto(k, stats[k], self.supervisor.pipeline(k) is not None) for k in sorted(stats)
-            ],
+            pipelines=[self._stats(k, stats[k]) for k in sorted(stats)],
             totals=sum((s.counts for s in stats.values()), Counts()).to_proto(),
         )
+
+    def _stats(self, key: str, stats: KeyStats) -> queue_pb2.QueueStats:
+        p = self.supervisor.pipeline(key)
+        out = queue.stats_proto(key, stats, p is not None)
+        if p is not None and p.budget is not None:
+            out.site = p.site
+            if p.budget.adjustment is not None:
+                out.shaping.CopyFrom(p.budget.to_proto(self.supervisor.id))
+        return out
+
+    async def ListShaping(
+        self, request: shaping_pb2.ListShapingRequest, context: grpc.aio.ServicerContext
+    ) -> shaping_pb2.ListShapingResponse:
+        return shaping_pb2.ListShapingResponse(adjustments=self.supervisor.shaper.adjustments())
+
+    async def ClearShaping(
+        self, request: shaping_pb2.ClearShapingRequest, context: grpc.aio.ServicerContext
+    ) -> shaping_pb2.ClearShapingResponse:
+        if not request.site:
+            await abort(context, _INVALID, "site is empty: give a site as ListShaping names it")
+        if request.source_ip and not routing.is_ip(request.source_ip):
+            await abort(context, _INVALID, f"source_ip {request.source_ip!r} is not an IP address")
+        cleared = self.supervisor.shaper.clear(request.site, request.source_ip)
+        if not cleared:
+            where = f" from {request.source_ip}" if request.source_ip else ""
+            await abort(
+                context,
+                grpc.StatusCode.NOT_FOUND,
+                f"no shaping adjustment in force for site {request.site!r}{where} on node {self.supervisor.id}",
+            )
+        log.info("shaping of %s cleared by an operator: %d adjustments", request.site, len(cleared))
+        return shaping_pb2.ClearShapingResponse(cleared=cleared)
 
     async def ListMessages(
         self, request: node_pb2.ListMessagesRequest, context: grpc.aio.ServicerContext

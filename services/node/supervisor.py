@@ -65,6 +65,7 @@ from services.node.engine.hooks import HookChain, PipelineHooks
 from services.node.engine.instruments import NO_INSTRUMENTS, Instruments
 from services.node.engine.pipeline import FAILED, RUNNING, Pipeline
 from services.node.engine.retry import Retry
+from services.node.engine.shaping import Shaper
 from services.node.engine.smtp import Sender
 from services.node.engine.spool import (
     AttemptRow,
@@ -159,6 +160,7 @@ class PipelineSupervisor:
         ownership: Ownership | None = None,
         peers: Peers | None = None,
         instruments: Instruments = NO_INSTRUMENTS,
+        shaper: Shaper | None = None,
     ) -> None:
         self.id = id
         self.instruments = instruments
@@ -171,6 +173,8 @@ class PipelineSupervisor:
         # Routing keys that hooks spooled mail for (DSNs); drained by ``_take_spooled``.
         self.spooled: asyncio.Queue[str] = spooled if spooled is not None else asyncio.Queue()
         self.policies = policies or PolicyTable()
+        self.shaper = shaper or Shaper(node=id)
+        self.shaper.apply_table(self.policies.shaping)
         self.retry = retry or Retry()
         self.connection_idle_timeout = connection_idle_timeout
         self.restart_delay = restart_delay
@@ -244,6 +248,7 @@ class PipelineSupervisor:
                 hooks=self.hooks,
                 node=self.id,
                 instruments=self.instruments,
+                shaper=self.shaper,
             )
             self.pipelines[key] = p
             self.idle_stopped.pop(key, None)
@@ -499,6 +504,8 @@ class PipelineSupervisor:
         """Adopt ``table`` and give each running pipeline the policy it now follows; the routing
         keys whose policy changed. The new policy is saved, so a restart resumes with it."""
         self.policies = table
+        if table.shaping != self.shaper.table:
+            self.shaper.apply_table(table.shaping)
         changed = []
         async with self._lock:
             for key, p in list(self.pipelines.items()):

@@ -32,6 +32,13 @@ a lowered ``max_connections`` end after their message). If the task crashes it i
 after a growing delay (``epoxi.backoff``), and the failure is reported meanwhile
 (``PipelineHooks.pipeline_failed``, ``status``, ``state_line``).
 
+With a ``shaper`` (``engine.shaping``) the pipeline looks up its MX site when it starts and
+shares that (site, source IP)'s budget with the node's other pipelines sending there: a
+connection opens only within the site's cap, a send needs a slot of the site's rate as well as
+its own, and each transaction's reply steers the budget. While the site is suspended the
+pipeline claims nothing and defers what it had claimed to the suspension's end (attempts
+unspent); while it blocks the source IP, claimed mail bounces unsent with the blocking reply.
+
 Each attempt's outcomes are counted through ``instruments`` (``engine.instruments``), and
 while tracing is on each attempt is a CLIENT span ``smtp send`` whose parent is the context the
 message was spooled under, so an attempt hours later joins the trace that submitted the mail;
@@ -57,6 +64,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from epoxi.backoff import Backoff
 from epoxi.observability import tracing
 from epoxi.policy import Policy
+from epoxi.shaping import THROTTLE, action_name
 from epoxi.v1 import pipeline_pb2
 from services.node.engine.hooks import PipelineHooks
 from services.node.engine.instruments import NO_INSTRUMENTS, Instruments
@@ -64,6 +72,7 @@ from services.node.engine.ratelimit import RateLimiter
 from services.node.engine.recorder import RECORD_DELAY, RECORD_GROUP, Recorder
 from services.node.engine.reply import Reply
 from services.node.engine.retry import Retry
+from services.node.engine.shaping import Adjustment, Budget, Shaper, decisive
 from services.node.engine.smtp import Connection, Sender
 from services.node.engine.spool import Counts, Delivery, Job, Outcome, Spool, State
 from services.node.engine.trace_context import outside_spans
@@ -98,6 +107,7 @@ class Pipeline:
         record_delay: float = RECORD_DELAY,
         node: str = "",
         instruments: Instruments = NO_INSTRUMENTS,
+        shaper: Shaper | None = None,
     ) -> None:
         self.routing_key = routing_key
         self.node = node  # the node's ID, for spans
@@ -126,6 +136,14 @@ class Pipeline:
         self._stop_requested = asyncio.Event()
         self._crashes = 0
         self._task: asyncio.Task[None] | None = None
+        self.shaper = shaper
+        self.site = ""  # the MX site, once looked up (``shaper``)
+        self._budget: Budget | None = None
+
+    @property
+    def budget(self) -> Budget | None:
+        """The (site, source IP) budget this pipeline shares, once it has looked its site up."""
+        return self._budget
 
     def start(self) -> None:
         if self._task is None:
@@ -167,6 +185,9 @@ class Pipeline:
         await self._record_pending()
         await self._close_connections()
         await self.spool.release(self.routing_key)
+        if self.shaper is not None and self._budget is not None:
+            self.shaper.leave(self._budget, self.routing_key)
+            self._budget = None
         self.status = STOPPED
 
     async def counts(self) -> Counts:
@@ -181,6 +202,11 @@ class Pipeline:
         )
         if self.status == FAILED:
             return f"{word} ({self.last_error}), restarting: {counts}"
+        a = self._budget.adjustment if self._budget is not None else None
+        if a is not None:
+            until = time.strftime("%H:%M:%SZ", time.gmtime(max(a.until, a.suspended_until, a.blocked_until)))
+            shaped = f"x{a.factor:g}" if a.rule.action == THROTTLE else action_name(a.rule.action)
+            return f"{word}: {counts}; {self.site} {shaped} by rule {a.rule.name} until {until}"
         return f"{word}: {counts}"
 
     # Supervision
@@ -235,6 +261,9 @@ class Pipeline:
         is due or the oldest due message has waited ``batch_timeout`` (see the module's docstring)."""
         self._queue.clear()
         self._busy.clear()
+        if self.shaper is not None and self._budget is None:
+            self.site = await self.shaper.site_of(self.domain)
+            self._budget = self.shaper.join(self.site, self.source_ip, self.routing_key, self.wake)
         async with asyncio.TaskGroup() as lanes:
             while not self._stopping:
                 policy = self.policy  # apply_policy may change it between claims
@@ -248,6 +277,10 @@ class Pipeline:
                     await self._wait(None)  # every lane has work: wait for one to go idle
                     continue
                 now = time.time()
+                held = self._budget.holding(now) if self._budget is not None else None
+                if held is not None and held.suspended_until > now:
+                    await self._wait(held.suspended_until)  # the site said wait: claim nothing
+                    continue
                 due = await self.spool.due(self.routing_key, now, policy.batch_size)
                 if due.count == 0 or due.oldest is None:
                     await self._idle(due.next_at)
@@ -271,6 +304,8 @@ class Pipeline:
             if idle:
                 conn = idle.pop()
             elif len(self._connections) < policy.max_connections:
+                if self._budget is not None and not self._budget.try_open(self.wake):
+                    return  # the site's connections are all taken: woken when one closes
                 conn = self.sender.connection(self.domain, self.source_ip)
                 self._connections.append(conn)
             else:
@@ -281,7 +316,13 @@ class Pipeline:
     async def _close_surplus(self, policy: Policy) -> None:
         """Close idle connections beyond a lowered ``max_connections``; busy ones finish first."""
         idle = self._idle_connections()
-        surplus = idle[: max(0, len(self._connections) - policy.max_connections)]
+        over = len(self._connections) - policy.max_connections
+        if self._budget is not None:
+            # Beyond a throttled site's limit; or idle while another pipeline of the site waits.
+            over = max(
+                over, self._budget.surplus(), len(idle) if self._budget.wanted() and not self._queue else 0
+            )
+        surplus = idle[: max(0, over)]
         if surplus:
             self._connections = [c for c in self._connections if not any(c is s for s in surplus)]
             await self._close(surplus)
@@ -327,12 +368,18 @@ class Pipeline:
                 self._crashes = 0
                 if not self._queue or self._stopping or len(self._busy) > self.policy.max_connections:
                     return
+                if self._budget is not None and self._budget.surplus():
+                    return
                 job = self._queue.popleft()
         finally:
             self._busy = [b for b in self._busy if b is not conn]
             self._wake.set()
 
     async def _send(self, conn: Connection, job: Job) -> None:
+        held = self._budget.holding(time.time()) if self._budget is not None else None
+        if held is not None:
+            await self._withhold(job, held)
+            return
         if not await self._take_slot():
             return  # stopping: the job stays in flight until stop() releases it
         if not tracing.enabled():
@@ -360,8 +407,12 @@ class Pipeline:
             results = await conn.send(job.sender, [d.recipient for d in job.deliveries], job.data)
         finally:
             self._limiter.release()
+            if self._budget is not None:
+                self._budget.release()
             self._slot_freed.set()
         now = time.time()
+        if self._budget is not None and self.shaper is not None:
+            self._budget.observe(decisive(results), self.shaper.rules, now)
         missing = Reply.local("no result from the sender")
         outcomes = [self._outcome(d, results.get(d.recipient, missing), now) for d in job.deliveries]
         self._measures.attempted(job, outcomes, now)
@@ -415,15 +466,43 @@ class Pipeline:
                 )
 
     async def _take_slot(self) -> bool:
-        """Wait until the rate limit allows one more send; False when the pipeline is stopping."""
+        """Wait until the rate limit, and the site's, allow one more send; False when the
+        pipeline is stopping."""
         while not self._stopping:
             self._slot_freed.clear()
             wait = self._limiter.take()
             if wait == 0.0:
-                return True
+                if self._budget is None:
+                    return True
+                wait = self._budget.take(self._slot_freed)  # it sets _slot_freed when a slot frees
+                if wait == 0.0:
+                    return True
+                self._limiter.give_back()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._slot_freed.wait(), wait)
         return False
+
+    async def _withhold(self, job: Job, held: Adjustment) -> None:
+        """Not sent while the site is held: deferred to the suspension's end, attempts unspent;
+        bounced with the blocking reply while the site blocks the source IP."""
+        now = time.time()
+        rule = held.rule.name
+        if held.blocked_by is not None and now < held.blocked_until:
+            r = held.blocked_by
+            note = f"not sent: {self.site} blocks {self.source_ip} (rule {rule})"
+            reply = Reply(r.code, r.enhanced, f"{r.text} ({note})" if r.text else note, r.host)
+            outcomes = [Outcome(d.id, State.BOUNCED, d.attempts, now, reply, now) for d in job.deliveries]
+            self._log_failures(job, outcomes)
+            await self.hooks.bounced(self, job, outcomes)
+        else:
+            until = held.suspended_until
+            said = " ".join(filter(None, (str(held.reply.code), held.reply.line)))
+            reply = Reply.local(
+                f"not sent: {self.site} suspended for {until - now:.0f}s by rule {rule} after {said!r}",
+                "4.7.0",
+            )
+            outcomes = [Outcome(d.id, State.DEFERRED, d.attempts, until, reply, now) for d in job.deliveries]
+        self._recorder.add(outcomes)
 
     def _outcome(self, d: Delivery, r: Reply, now: float) -> Outcome:
         """Delivered on a 2xx; bounced on a 5xx, or a temporary failure past ``max_retries``
@@ -440,6 +519,8 @@ class Pipeline:
         await self._close(conns)
 
     async def _close(self, conns: list[Connection]) -> None:
+        if self._budget is not None:
+            self._budget.closed(len(conns))  # at once, so other pipelines see the room now
         for conn in conns:
             try:
                 await conn.close()

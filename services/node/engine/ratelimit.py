@@ -42,6 +42,10 @@ class RateLimiter:
         self._held = max(0, self._held - 1)
         self._done.append(self._clock())
 
+    def give_back(self) -> None:
+        """A slot taken was not used: it is free again at once."""
+        self._held = max(0, self._held - 1)
+
     def resized(self, allowed: int, interval: float) -> RateLimiter:
         """A limiter with new limits that remembers the sends of this one (in flight and recent)."""
         new = RateLimiter(allowed, interval, self._clock)

@@ -167,3 +167,26 @@ async def test_with_metrics_off_the_node_serves_none(node_config: NodeConfig) ->
         assert node.metrics_address == ""
         assert node.metrics.registry is None
         assert node.metrics.key(KEY) is node.metrics.key("other_127_0_0_2")  # the no-op one
+
+
+async def test_a_shaping_rule_in_force_shows_in_the_scrape_and_the_state_line(
+    node: RunningNode, sink: Sink
+) -> None:
+    sink.replies["slow@example.com"] = "421 4.7.0 Try again later"  # the built-in try-again-later
+    async with channel(node.address) as ch:
+        stub = node_pb2_grpc.NodeServiceStub(ch)
+        await start(stub)
+        await enqueue_batch(stub, KEY, email("slow@example.com"))
+        url = f"http://{node.metrics_address}/metrics"
+
+        async def shaped() -> Samples | None:
+            samples = await scrape(url)
+            return samples if value(samples, "epoxi_node_shaping_factor", routing_key=KEY) else None
+
+        samples = await eventually(shaped)
+        assert value(samples, "epoxi_node_shaping_factor", routing_key=KEY) == 0.5
+        assert value(samples, "epoxi_node_shaping_active", routing_key=KEY, action="throttle") == 1
+        p = node.supervisor.pipeline(KEY)
+        assert p is not None
+        line = p.state_line(await p.counts())
+        assert f"; {sink.address} x0.5 by rule try-again-later until " in line
