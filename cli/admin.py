@@ -1,5 +1,5 @@
-"""The admin commands: ``epoxi pipelines|rebalance|queue|message|health|stats`` over the
-monitor's gRPC API (MonitorService).
+"""The admin commands: ``epoxi pipelines|rebalance|queue|message|health|stats|shaping`` over
+the monitor's gRPC API (MonitorService).
 
 Each dials ``--monitor`` (EPOXI_MONITOR; default the dev mesh's monitor, 127.0.0.1:50052) as
 the shared security settings say (``epoxi.runtime.security``), prints an aligned table
@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
-from google.protobuf import json_format, timestamp_pb2
+from google.protobuf import duration_pb2, json_format, timestamp_pb2
 from google.protobuf.message import Message
 
 from cli import exits
@@ -28,7 +28,8 @@ from epoxi import settings
 from epoxi.routing import split_routing_key
 from epoxi.runtime.channels import channel
 from epoxi.runtime.security import SecurityConfig, SecurityError, load_security
-from epoxi.v1 import monitor_pb2, monitor_pb2_grpc, pipeline_pb2, queue_pb2
+from epoxi.shaping import action_name
+from epoxi.v1 import monitor_pb2, monitor_pb2_grpc, pipeline_pb2, queue_pb2, shaping_pb2
 
 # What `epoxi dev` runs the monitor on (devmesh/launch.py --monitor).
 DEV_MONITOR = "127.0.0.1:50052"
@@ -494,6 +495,87 @@ async def _stats(stub: Stub, args: argparse.Namespace) -> int:
     return exits.OK
 
 
+# --- shaping ---
+
+
+SHAPING_HEADERS = (
+    "SITE",
+    "SOURCE IP",
+    "NODE",
+    "RULE",
+    "ACTION",
+    "FACTOR",
+    "LIMITS",
+    "UNTIL",
+    "REPLY",
+    "ROUTING KEYS",
+)
+
+
+def _seconds(d: duration_pb2.Duration) -> str:
+    return f"{d.ToNanoseconds() / 1e9:g}s"
+
+
+def _limits(a: shaping_pb2.ShapingAdjustment) -> str:
+    """The limits in force, e.g. "2 connections, 5 per 1s"; "none" when nothing limits the site."""
+    parts = []
+    if a.max_connections:
+        parts.append(f"{a.max_connections} connection" + ("s" if a.max_connections != 1 else ""))
+    if a.allowed_messages:
+        parts.append(f"{a.allowed_messages} per {_seconds(a.message_interval)}")
+    return ", ".join(parts) or "none"
+
+
+def _shaping_table(adjustments: Sequence[shaping_pb2.ShapingAdjustment]) -> str:
+    rows = [
+        [
+            a.site,
+            a.source_ip,
+            a.node,
+            a.rule,
+            action_name(a.action),
+            round(a.factor, 4),
+            _limits(a),
+            _when(a.until),
+            a.reply,
+            ", ".join(a.routing_keys),
+        ]
+        for a in adjustments
+    ]
+    return table(SHAPING_HEADERS, rows)
+
+
+def _unreachable(command: str, unreachable: Sequence[monitor_pb2.UnreachableNode]) -> None:
+    for u in unreachable:
+        print(
+            f"epoxi {command}: node {u.node} did not answer: {u.error_code}: {u.error_message}",
+            file=sys.stderr,
+        )
+
+
+async def _shaping_ls(stub: Stub, args: argparse.Namespace) -> int:
+    reply = await stub.ListClusterShaping(monitor_pb2.ListClusterShapingRequest(), timeout=args.timeout)
+    if args.json:
+        print_json(to_json(reply))
+    else:
+        print(_shaping_table(reply.adjustments) if reply.adjustments else "no shaping adjustments in force")
+    _unreachable("shaping ls", reply.unreachable_nodes)
+    return exits.OK
+
+
+async def _shaping_clear(stub: Stub, args: argparse.Namespace) -> int:
+    reply = await stub.ClearClusterShaping(
+        monitor_pb2.ClearClusterShapingRequest(site=args.site, source_ip=args.ip), timeout=args.timeout
+    )
+    if args.json:
+        print_json(to_json(reply))
+    else:
+        print(_shaping_table(reply.cleared))
+        print(f"cleared {len(reply.cleared)} adjustment(s)")
+    _unreachable("shaping clear", reply.unreachable_nodes)
+    return exits.OK
+
+
 # --- entry points (cli.main's PROGRAMS) ---
 
 
@@ -583,3 +665,23 @@ def stats(argv: list[str]) -> int:
     )
     _common(parser)
     return _run("stats", parser.parse_args(argv), _stats)
+
+
+def shaping(argv: list[str]) -> int:
+    parser = _parser(
+        "epoxi shaping",
+        "List and clear the shaping adjustments providers' replies put in force, per (MX site, source IP).",
+    )
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ls|clear")
+    ls = _subcommand(sub, "ls", "every adjustment in force, on every node, by site, source IP and node")
+    ls.set_defaults(work=_shaping_ls)
+    clear = _subcommand(
+        sub, "clear", "end a site's adjustments on every node: its own limits again (exit 3: none in force)"
+    )
+    clear.add_argument("site", metavar="SITE", help="the site, as `epoxi shaping ls` names it")
+    clear.add_argument("--ip", default="", metavar="IP", help="only this source IP's (default: every IP's)")
+    clear.set_defaults(work=_shaping_clear)
+    for p in (ls, clear):
+        _common(p)
+    args = parser.parse_args(argv)
+    return _run(f"shaping {args.action}", args, args.work)

@@ -33,7 +33,7 @@ EPILOG = """exit codes:
   1  the operation ran but reports failure (unhealthy pipelines, a failed stop or move,
      emails not accepted), or the service failed otherwise (e.g. ABORTED, INTERNAL)
   2  usage error, or an argument the service refused (INVALID_ARGUMENT)
-  3  not found (NOT_FOUND: unknown routing key or message id)
+  3  not found (NOT_FOUND: unknown routing key or message id, no shaping to clear)
   4  cannot reach the service (UNAVAILABLE, DEADLINE_EXCEEDED)
   5  not allowed (UNAUTHENTICATED, PERMISSION_DENIED)"""
 

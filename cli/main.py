@@ -26,6 +26,7 @@ PROGRAMS = {
     "message": ("cli.admin:message", "show one spooled message and its delivery attempts"),
     "health": ("cli.admin:health", "every pipeline's health, problems first"),
     "stats": ("cli.admin:stats", "cluster totals, nodes, load and queues"),
+    "shaping": ("cli.admin:shaping", "list and clear the traffic shaping providers' replies put in force"),
 }
 
 

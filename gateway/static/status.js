@@ -1,11 +1,14 @@
 // The Epoxi status page: polls the gateway's own HTTP API and draws the mesh.
 //
-// Every POLL_MS it asks, at once (both scope read, so open reads need no token):
+// Every POLL_MS it asks, at once (the first two scope read, so open reads need no token):
 //   GET /admin/pipelines         nodes (address, egress IPs, load), mesh totals, every pipeline
 //                                with its node's live status and counters, and each node's
 //                                health: its registry checks and whether it answered
 //   GET /admin/pipelines/health  each pipeline's registry check status and outputs: the words
 //                                shown with an unhealthy pipeline
+//   GET /admin/shaping           the shaping adjustments in force on every node (scope admin).
+//                                Refused (401/403), it is not asked again until the token changes:
+//                                the section says why it is empty instead.
 // Throughput is computed here: the delivered counter of successive polls, per pipeline, drawn
 // as an SVG sparkline.
 //
@@ -29,6 +32,8 @@
   // Pipeline ("node routing-key") to its samples [{t, delivered}], oldest first.
   const history = new Map();
   let lastUpdated = null;
+  // {token, failure}: GET /admin/shaping refused this token; asked again once the token changes.
+  let shapingRefused = null;
 
   const $ = (id) => document.getElementById(id);
 
@@ -108,6 +113,9 @@
     const message = body && typeof body.message === "string" && body.message ? body.message : response.statusText;
     return { ok: false, status: response.status, path, message };
   }
+
+  // The token was missing, or not one that may make the call.
+  const refused = (answer) => answer.status === 401 || answer.status === 403;
 
   const num = (v) => {
     const n = Number(v);
@@ -403,6 +411,58 @@
     table.append(...bodies);
   }
 
+  // "SHAPING_ACTION_THROTTLE" → "throttle".
+  const actionName = (a) => String(a || "SHAPING_ACTION_UNSPECIFIED").replace(/^SHAPING_ACTION_/, "").toLowerCase();
+  const actionClass = { throttle: "warn", suspend: "warn", bounce: "bad" };
+  const formatFactor = (f) => String(Number(num(f).toFixed(4)));
+
+  // An RFC 3339 timestamp (nanoseconds cut to milliseconds, which Date reads) as a <time>.
+  function when(stamp) {
+    if (!stamp) return "–";
+    const at = new Date(String(stamp).replace(/(\.\d{3})\d+/, "$1"));
+    if (Number.isNaN(at.getTime())) return String(stamp);
+    return h("time", { datetime: String(stamp), title: String(stamp) }, at.toLocaleString("en-GB"));
+  }
+
+  // shaping: the answer of GET /admin/shaping ({ok, body} or a failure).
+  function drawShaping(shaping) {
+    const table = $("shaping");
+    const state = $("shaping-state");
+    if (!shaping.ok) {
+      table.hidden = true;
+      table.tBodies[0].replaceChildren();
+      $("shaping-unreachable").replaceChildren();
+      state.textContent = "Not shown: " + describe(shaping) + (refused(shaping) ? ". Paste a token with scope admin above to see them." : "");
+      return;
+    }
+    const adjustments = shaping.body.adjustments || [];
+    const rows = adjustments.map((a) => {
+      const action = actionName(a.action);
+      return h(
+        "tr",
+        { "data-site": a.site || "", "data-source-ip": a.sourceIp || "", "data-node": a.node || "" },
+        h("th", { scope: "row", "data-field": "site" }, a.site || ""),
+        h("td", { "data-field": "sourceIp" }, a.sourceIp || ""),
+        h("td", { "data-field": "node" }, a.node || ""),
+        h("td", { "data-field": "rule" }, a.rule || ""),
+        h("td", { "data-field": "action" }, h("span", { class: "badge " + (actionClass[action] || "idle") }, action)),
+        h("td", { class: "number", "data-field": "factor" }, formatFactor(a.factor)),
+        h("td", { "data-field": "until" }, when(a.until)),
+        h("td", { "data-field": "reply" }, h("span", { class: "detail" }, a.reply || ""))
+      );
+    });
+    table.tBodies[0].replaceChildren(...rows);
+    table.hidden = rows.length === 0;
+    state.textContent = rows.length
+      ? (rows.length === 1 ? "1 adjustment" : rows.length + " adjustments") + ": providers' replies have slowed or held these sites and source IPs."
+      : "None: no provider's reply has slowed the mesh down.";
+    $("shaping-unreachable").replaceChildren(
+      ...(shaping.body.unreachableNodes || []).map((u) =>
+        h("li", { "data-node": u.node || "" }, "Node ", h("span", { class: "name" }, u.node || ""), " did not answer: ", (u.errorCode || "") + ": " + (u.errorMessage || ""))
+      )
+    );
+  }
+
   // --- the banners and "last updated" ------------------------------------------------------------
 
   function describe(failure) {
@@ -420,7 +480,7 @@
       return;
     }
     const lines = failures.map((f) => h("p", {}, describe(f)));
-    if (failures.some((f) => f.status === 401 || f.status === 403)) {
+    if (failures.some(refused)) {
       lines.push(h("p", {}, "Paste a bearer token with scope read above."));
     }
     if (drawn) {
@@ -441,14 +501,27 @@
 
   // --- the loop ----------------------------------------------------------------------------------
 
+  async function askShaping() {
+    const t = token();
+    if (shapingRefused && shapingRefused.token === t) return shapingRefused.failure;
+    const answer = await getJson("/admin/shaping");
+    shapingRefused = refused(answer) ? { token: t, failure: answer } : null;
+    return answer;
+  }
+
   async function refresh() {
-    const [cluster, health] = await Promise.all(["/admin/pipelines", "/admin/pipelines/health"].map(getJson));
+    const [cluster, health, shaping] = await Promise.all([
+      getJson("/admin/pipelines"),
+      getJson("/admin/pipelines/health"),
+      askShaping(),
+    ]);
     showError([cluster, health].filter((r) => !r.ok), cluster.ok);
     if (!cluster.ok) return;
     const now = Date.now();
     const model = buildModel(cluster.body, health.ok ? health.body : null);
     record(model.pipelines, now);
     drawProblems(model);
+    drawShaping(shaping);
     drawTotals(model.cluster);
     drawNodes(model);
     drawPipelines(model, now);

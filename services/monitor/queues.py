@@ -15,71 +15,26 @@ Refusals are raised as ``epoxi.runtime.status.Refusal``.
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from collections.abc import Sequence
-from typing import Any
 
 import grpc
 
-from epoxi.runtime.channels import Channels
 from epoxi.runtime.status import Refusal
-from epoxi.v1 import monitor_pb2, node_pb2, node_pb2_grpc, queue_pb2
+from epoxi.v1 import monitor_pb2, node_pb2, queue_pb2
 from services.monitor.cluster import add_counters
+from services.monitor.fanout import NodeCalls, Unreachable, nobody, none_answered, reasons, reraise
 from services.monitor.queue_pages import BadPageToken, Position, merge, page_size, spool_id_problem
-
-log = logging.getLogger(__name__)
 
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT
 _NOT_FOUND = grpc.StatusCode.NOT_FOUND
 
 
-class Unreachable(Exception):
-    """A node's call failed; ``outcome`` says how, as the response names it."""
-
-    def __init__(self, outcome: monitor_pb2.UnreachableNode, code: grpc.StatusCode) -> None:
-        super().__init__(outcome.error_message)
-        self.outcome = outcome
-        self.code = code
-
-
-class NodeQueues:
-    def __init__(self, channels: Channels, node_timeout: float) -> None:
-        self.channels = channels
-        self.node_timeout = node_timeout
-
-    async def _ask(self, node: node_pb2.NodeInfo, method: str, request: Any) -> Any:
-        stub = node_pb2_grpc.NodeServiceStub(self.channels.get(node.address))
-        try:
-            return await getattr(stub, method)(request, timeout=self.node_timeout)
-        except grpc.aio.AioRpcError as e:
-            if e.code() != _NOT_FOUND:
-                log.warning(
-                    "node %s at %s: %s failed: %s %s",
-                    node.id,
-                    node.address,
-                    method,
-                    e.code().name,
-                    e.details(),
-                )
-            outcome = monitor_pb2.UnreachableNode(
-                node=node.id, error_code=e.code().name, error_message=str(e.details() or "")
-            )
-            raise Unreachable(outcome, e.code()) from e
-
-    async def _ask_all(
-        self, nodes: Sequence[node_pb2.NodeInfo], method: str, requests: Sequence[Any]
-    ) -> list[Any]:
-        """Each node's answer, or its ``Unreachable``."""
-        return await asyncio.gather(
-            *(self._ask(n, method, r) for n, r in zip(nodes, requests, strict=True)), return_exceptions=True
-        )
-
+class NodeQueues(NodeCalls):
     async def stats(
         self, nodes: Sequence[node_pb2.NodeInfo], routing_key: str
     ) -> monitor_pb2.GetClusterQueueStatsResponse:
         request = node_pb2.GetQueueStatsRequest(routing_key=routing_key)
-        answers = await self._ask_all(nodes, "GetQueueStats", [request] * len(nodes))
+        answers = await self.ask_all(nodes, "GetQueueStats", [request] * len(nodes))
         response = monitor_pb2.GetClusterQueueStatsResponse()
         response.totals.SetInParent()
         holders = 0
@@ -90,11 +45,11 @@ class NodeQueues:
             if isinstance(answer, Unreachable):
                 response.unreachable_nodes.append(answer.outcome)
                 continue
-            _reraise(answer)
+            reraise(answer)
             response.nodes[node.id].CopyFrom(answer)
             add_counters(response.totals, answer.totals)
             holders += 1
-        _none_answered(nodes, response.nodes, response.unreachable_nodes)
+        none_answered(nodes, response.nodes, response.unreachable_nodes)
         if routing_key and not holders:
             raise Refusal(_NOT_FOUND, f"routing key {routing_key} has no pipeline and no mail on any node")
         return response
@@ -130,7 +85,7 @@ class NodeQueues:
                     node=gone, error_code="UNAVAILABLE", error_message="not passing in the registry"
                 )
             )
-        answers = await self._ask_all(
+        answers = await self.ask_all(
             asked, "ListMessages", [self._page(routing_key, request, position, n, size) for n in asked]
         )
         pages: dict[str, node_pb2.ListMessagesResponse] = {}
@@ -142,10 +97,10 @@ class NodeQueues:
                     )
                 response.unreachable_nodes.append(answer.outcome)
                 continue
-            _reraise(answer)
+            reraise(answer)
             pages[node.id] = answer
         if asked or not request.page_token:
-            _none_answered(nodes, pages, response.unreachable_nodes)
+            none_answered(nodes, pages, response.unreachable_nodes)
         messages, taken = merge({n: list(p.messages) for n, p in pages.items()}, size)
         response.messages.extend(messages)
         await self._advance(
@@ -192,7 +147,7 @@ class NodeQueues:
             else:
                 position.nodes.setdefault(node.id, position.at(node.id))
         # Those that gave part of their page: their own token after just that part.
-        again = await self._ask_all(
+        again = await self.ask_all(
             partial,
             "ListMessages",
             [self._page(routing_key, request, position, n, taken[n.id]) for n in partial],
@@ -202,7 +157,7 @@ class NodeQueues:
                 # Its position stays: the next page may show some of this page's messages again.
                 response.unreachable_nodes.append(answer.outcome)
                 continue
-            _reraise(answer)
+            reraise(answer)
             if answer.next_page_token:
                 position.nodes[node.id] = answer.next_page_token
             else:
@@ -216,7 +171,7 @@ class NodeQueues:
         if problem is not None:
             raise Refusal(_INVALID, problem)
         request = node_pb2.GetMessageRequest(message_id=message_id)
-        answers = await self._ask_all(nodes, "GetMessage", [request] * len(nodes))
+        answers = await self.ask_all(nodes, "GetMessage", [request] * len(nodes))
         unreachable = []
         answered = 0
         for node, answer in sorted(zip(nodes, answers, strict=True), key=lambda na: na[0].id):
@@ -226,34 +181,11 @@ class NodeQueues:
                 else:
                     unreachable.append(answer.outcome)
                 continue
-            _reraise(answer)
+            reraise(answer)
             return monitor_pb2.GetQueuedMessageResponse(
                 node=node.id, message=answer.message, attempts=answer.attempts
             )
         if not answered:
-            raise Refusal(grpc.StatusCode.UNAVAILABLE, _nobody(nodes, unreachable))
-        silent = f"; {_reasons(unreachable)} did not answer" if unreachable else ""
+            raise Refusal(grpc.StatusCode.UNAVAILABLE, nobody(nodes, unreachable))
+        silent = f"; {reasons(unreachable)} did not answer" if unreachable else ""
         raise Refusal(_NOT_FOUND, f"no reachable node has message {message_id}{silent}")
-
-
-def _reraise(answer: Any) -> None:
-    """An exception ``gather`` returned that is not a node's failed call is a bug: raise it."""
-    if isinstance(answer, BaseException):
-        raise answer
-
-
-def _reasons(unreachable: Sequence[monitor_pb2.UnreachableNode]) -> str:
-    return ", ".join(f"node {u.node} ({u.error_code}: {u.error_message})" for u in unreachable)
-
-
-def _nobody(nodes: Sequence[node_pb2.NodeInfo], unreachable: Sequence[monitor_pb2.UnreachableNode]) -> str:
-    if not nodes:
-        return "no passing node in the registry to ask"
-    return f"no node answered: {_reasons(unreachable)}"
-
-
-def _none_answered(
-    nodes: Sequence[node_pb2.NodeInfo], answered: Any, unreachable: Sequence[monitor_pb2.UnreachableNode]
-) -> None:
-    if not answered:
-        raise Refusal(grpc.StatusCode.UNAVAILABLE, _nobody(nodes, unreachable))

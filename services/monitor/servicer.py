@@ -8,7 +8,8 @@ goes to every node the registry shows running the key and to the holder of its p
 (``epoxi.registry.ownership``); the node drains and hands the queued mail over, and its answer
 says where the mail went. A rebalance moves each pipeline by one such stop, with the target named
 (``hand_to_node``), under the cluster-wide lock of ``services.monitor.lock``. Queue inspection
-asks every passing node's spool and merges the answers (``services.monitor.queues``).
+asks every passing node's spool and merges the answers (``services.monitor.queues``); so do the
+shaping calls, which list and clear the nodes' shaping adjustments (``services.monitor.shaping``).
 
 A call that cannot reach the registry ends in one UNAVAILABLE naming the query that failed,
 however many queries it had under way (``epoxi.runtime.status.refusals``).
@@ -34,6 +35,7 @@ from epoxi.runtime.status import Refusal, abort, refusals
 from epoxi.v1 import monitor_pb2, monitor_pb2_grpc, node_pb2, node_pb2_grpc
 from services.monitor import cluster, lock
 from services.monitor.queues import NodeQueues
+from services.monitor.shaping import NodeShaping, clear_request
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,7 @@ class MonitorService(monitor_pb2_grpc.MonitorServiceServicer):
         # Seconds for a node's StartPipeline or StopPipeline (a stop drains the pipeline first).
         self.admin_timeout = admin_timeout
         self.queues = NodeQueues(channels, node_timeout)
+        self.shaping = NodeShaping(channels, node_timeout)
 
     @refusals
     async def FindAllPipelines(
@@ -186,6 +189,19 @@ class MonitorService(monitor_pb2_grpc.MonitorServiceServicer):
     ) -> monitor_pb2.GetClusterQueueStatsResponse:
         key = (await self._key(context, request.routing_key))[0] if request.routing_key else ""
         return await self.queues.stats(await self._passing_nodes(), key)
+
+    @refusals
+    async def ListClusterShaping(
+        self, request: monitor_pb2.ListClusterShapingRequest, context: grpc.aio.ServicerContext
+    ) -> monitor_pb2.ListClusterShapingResponse:
+        return await self.shaping.list(await self._passing_nodes())
+
+    @refusals
+    async def ClearClusterShaping(
+        self, request: monitor_pb2.ClearClusterShapingRequest, context: grpc.aio.ServicerContext
+    ) -> monitor_pb2.ClearClusterShapingResponse:
+        forward = clear_request(request)  # refused before the registry is read
+        return await self.shaping.clear(await self._passing_nodes(), forward)
 
     @refusals
     async def ListQueuedMessages(

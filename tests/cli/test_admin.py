@@ -1,5 +1,6 @@
 """``epoxi pipelines|rebalance|queue|message|health|stats`` against one running mesh: the
-tables, the ``--json`` output and the exit codes, the real command as a subprocess."""
+tables, the ``--json`` output and the exit codes, the real command as a subprocess
+(``epoxi shaping`` needs a sink that refuses: tests/cli/test_shaping.py)."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ async def pipelines_json(mesh: Mesh) -> dict[str, str]:
 async def test_epoxi_help_lists_the_admin_commands() -> None:
     run = await epoxi("--help")
     assert run.code == 0
-    for command in ("pipelines", "rebalance", "queue", "message", "health", "stats", "send"):
+    for command in ("pipelines", "rebalance", "queue", "message", "health", "stats", "shaping", "send"):
         assert f"    {command}" in run.out
     run = await epoxi("health", "--help")
     assert "3  not found" in run.out and "4  cannot reach the service" in run.out

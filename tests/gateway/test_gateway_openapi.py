@@ -10,7 +10,7 @@ import jsonschema_rs
 import pytest
 from google.protobuf import message
 
-from epoxi.v1 import monitor_pb2, node_pb2, pipeline_pb2, queue_pb2, router_pb2
+from epoxi.v1 import monitor_pb2, node_pb2, pipeline_pb2, queue_pb2, router_pb2, shaping_pb2
 from gateway import openapi
 from gateway.app import HEALTH_PATH, OPENAPI_PATH, Gateway
 from gateway.main import MEDIA_TYPES, SERVICES
@@ -144,6 +144,24 @@ def _queued() -> queue_pb2.QueuedMessage:
     return m
 
 
+def _adjustment() -> shaping_pb2.ShapingAdjustment:
+    a = shaping_pb2.ShapingAdjustment(
+        site="google",
+        source_ip="192.0.2.1",
+        node="n1",
+        rule="gmail-rate-limited",
+        action=shaping_pb2.SHAPING_ACTION_THROTTLE,
+        reply="421 4.7.28 slow down",
+        factor=0.25,
+        max_connections=2,
+        allowed_messages=5,
+        routing_keys=["gmail.com_192_0_2_1"],
+    )
+    a.until.FromSeconds(1_700_000_600)
+    a.message_interval.FromSeconds(1)
+    return a
+
+
 SAMPLES: list[tuple[str, str, message.Message]] = [
     (
         "get",
@@ -161,6 +179,15 @@ SAMPLES: list[tuple[str, str, message.Message]] = [
         monitor_pb2.GetClusterQueueStatsResponse(
             nodes={"n1": node_pb2.GetQueueStatsResponse(pipelines=[queue_pb2.QueueStats(routing_key="k")])},
             totals=pipeline_pb2.PipelineCounters(queued=3),
+            unreachable_nodes=[monitor_pb2.UnreachableNode(node="n2", error_code="UNAVAILABLE")],
+        ),
+    ),
+    ("get", "/admin/shaping", monitor_pb2.ListClusterShapingResponse(adjustments=[_adjustment()])),
+    (
+        "post",
+        "/admin/shaping:clear",
+        monitor_pb2.ClearClusterShapingResponse(
+            cleared=[_adjustment()],
             unreachable_nodes=[monitor_pb2.UnreachableNode(node="n2", error_code="UNAVAILABLE")],
         ),
     ),

@@ -1,11 +1,13 @@
 """The status page at the gateway's ``/``, in a real browser: Debian's Chromium driven by Playwright.
 
-A whole mesh (``devmesh.supervisor.Mesh``: registry, sink, two nodes, router, monitor, gateway,
-each a process) runs with bearer tokens and open reads (``EPOXI_OPEN_READ=1``). Known mail goes
-to two routing keys, one on each node; the page, loaded with no token, shows both pipelines on
-their nodes with their delivered counts and throughput, from scope-read calls alone. A pasted
-token goes with every call. Then a node dies, and it and its pipeline move to the top as
-problems. A gateway whose monitor is not there shows the error banner. The page's own answers
+A whole mesh (``devmesh.supervisor.Mesh``: registry, two nodes, router, monitor, gateway, each a
+process, delivering to a sink in this process) runs with bearer tokens and open reads
+(``EPOXI_OPEN_READ=1``). Known mail goes to two routing keys, one on each node; the page, loaded
+with no token, shows both pipelines on their nodes with their delivered counts and throughput,
+from scope-read calls alone (the shaping call, scope admin, is refused once and not asked again).
+A pasted token goes with every call. Mail the sink answers ``421 4.7.0 Try again later`` puts a
+shaping adjustment in force, and the page shows it. Then a node dies, and it and its pipeline
+move to the top as problems. A gateway whose monitor is not there shows the error banner. The page's own answers
 (headers, 304, 404, 405) are checked over plain HTTP.
 """
 
@@ -24,6 +26,7 @@ import pytest
 import pytest_asyncio
 from playwright.async_api import BrowserContext, Page, async_playwright, expect
 
+from devmesh.sink import Sink
 from devmesh.supervisor import Mesh
 from epoxi.registry import client, services
 from epoxi.v1 import pipeline_pb2
@@ -52,6 +55,12 @@ ORG = ("example.org", "127.0.0.2", "example.org_127_0_0_2", "node1")
 NET = ("example.net", "127.0.0.4", "example.net_127_0_0_4", "node2")
 SENT = {ORG[2]: 3, NET[2]: 5}
 NO_VALUE = "\u2013"  # an en dash: what the page shows for a value it does not have
+MARKUP = '<img src="/x" onerror="window.injected = 1">'
+# Mail to this domain is answered with a provider's "slow down" (and markup, shown as text);
+# node1 alone sends from .3, so the adjustment is node1's, and the other keys' budgets are not.
+SLOW = ("slow.example", "127.0.0.3", "slow.example_127_0_0_3", "node1")
+TRY_AGAIN = "421 4.7.0 Try again later"
+SLOW_REPLY = f"{TRY_AGAIN} {MARKUP}"
 
 pytestmark = [
     pytest.mark.asyncio(loop_scope="module"),
@@ -64,6 +73,7 @@ class LiveGateway:
     mesh: Mesh
     url: str
     http: aiohttp.ClientSession
+    sink: Sink
 
 
 async def send(http: aiohttp.ClientSession, url: str, domain: str, ip: str, count: int, tag: str) -> None:
@@ -108,19 +118,21 @@ async def live(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LiveGa
         {"mesh": ("mesh", MESH_TOKEN), "ops": ("read,admin", OPS_TOKEN), "app": ("submit", APP_TOKEN)},
     )
     env = {"EPOXI_TOKENS_FILE": str(tokens), "EPOXI_TOKEN": MESH_TOKEN, "EPOXI_OPEN_READ": "1"}
-    mesh = Mesh(data / "mesh", check_interval="200ms", env=env)
-    await mesh.start()
+    sink = await Sink(reply_rule=lambda rcpt: SLOW_REPLY if rcpt.endswith("@" + SLOW[0]) else None).start()
+    mesh = Mesh(data / "mesh", check_interval="200ms", env=env, route=f"*={sink.address}")
     try:
+        await mesh.start()
         assert mesh.consul is not None
         await batch_without_waiting(mesh.consul)
         async with aiohttp.ClientSession() as http:
-            gateway = LiveGateway(mesh, f"http://{mesh.address('gateway')}", http)
+            gateway = LiveGateway(mesh, f"http://{mesh.address('gateway')}", http, sink)
             for domain, ip, key, _ in (ORG, NET):
                 await send(http, gateway.url, domain, ip, SENT[key], "first")
             await wait_delivered(gateway, {(ORG[3], ORG[2]): SENT[ORG[2]], (NET[3], NET[2]): SENT[NET[2]]})
             yield gateway
     finally:
         await mesh.stop()
+        await sink.stop()
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -200,8 +212,17 @@ async def test_the_page_shows_the_pipelines_and_their_delivered_counts(
     await expect(page.locator("#totals [data-total=Delivered]")).to_have_text(str(sum(SENT.values())))
     await expect(page.locator("#problem-list li")).to_have_count(0)
     await expect(page.locator("#no-problems")).to_be_visible()
-    # Scope read is all it asks for.
-    assert set(tab.calls) == {"/admin/pipelines", "/admin/pipelines/health"}, tab.calls
+    # Scope read is all it needs: the shaping call (scope admin) is refused once, not asked again
+    # (the next poll draws without it), and the section says why it is empty.
+    drawn = await page.locator("#updated time").get_attribute("datetime")
+    await expect(page.locator("#updated time")).not_to_have_attribute(
+        "datetime", drawn or "", timeout=UI_TIMEOUT_MS
+    )
+    assert set(tab.calls) == {"/admin/pipelines", "/admin/pipelines/health", "/admin/shaping"}, tab.calls
+    assert tab.calls.count("/admin/shaping") == 1 < tab.calls.count("/admin/pipelines"), tab.calls
+    await expect(page.locator("#shaping-state")).to_contain_text("Not shown: GET /admin/shaping: HTTP 401: ")
+    await expect(page.locator("#shaping-state")).to_contain_text("Paste a token with scope admin")
+    await expect(page.locator("#shaping")).to_be_hidden()
 
     # A pasted token stays in the tab and goes with every call.
     async with page.expect_request(lambda r: urlsplit(r.url).path == "/admin/pipelines") as sent:
@@ -209,6 +230,10 @@ async def test_the_page_shows_the_pipelines_and_their_delivered_counts(
     assert (await sent.value).headers.get("authorization") == f"Bearer {OPS_TOKEN}"
     assert await page.evaluate("sessionStorage.getItem('epoxi.status.token')") == OPS_TOKEN
     await expect(page.locator("#token-state")).to_have_text("A token is set for this tab.")
+    # With scope admin the shaping call is asked again: nothing is in force.
+    await expect(page.locator("#shaping-state")).to_have_text(
+        "None: no provider's reply has slowed the mesh down.", timeout=UI_TIMEOUT_MS
+    )
 
     # More mail while the page watches: the counter follows and the throughput shows it.
     more = 4
@@ -224,9 +249,6 @@ async def test_the_page_shows_the_pipelines_and_their_delivered_counts(
     await page.screenshot(path=shot, full_page=True)
     png = shot.read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 20_000
-
-
-MARKUP = '<img src="/x" onerror="window.injected = 1">'
 
 
 async def test_values_from_the_api_are_shown_as_text_never_as_markup(live: LiveGateway, tab: Tab) -> None:
@@ -257,6 +279,54 @@ async def test_values_from_the_api_are_shown_as_text_never_as_markup(live: LiveG
     finally:
         await consul.agent.service.deregister(info.name)
         await consul.close()
+
+
+async def shaping_in_force(live: LiveGateway) -> list[dict[str, Any]] | None:
+    headers = {"Authorization": f"Bearer {OPS_TOKEN}"}
+    async with live.http.get(f"{live.url}/admin/shaping", headers=headers) as resp:
+        listed = await resp.json()
+    assert resp.status == 200, listed
+    found: list[dict[str, Any]] = listed["adjustments"]
+    return found or None
+
+
+async def test_a_shaping_adjustment_in_force_is_shown(live: LiveGateway, tab: Tab, tmp_path: Path) -> None:
+    domain, ip, key, node = SLOW
+    await send(live.http, live.url, domain, ip, 1, "slow")
+    [adjustment] = await eventually(lambda: shaping_in_force(live))
+    site = live.sink.address  # a route's site is its host:port
+    assert (adjustment["site"], adjustment["sourceIp"], adjustment["node"]) == (site, ip, node)
+    assert adjustment["routingKeys"] == [key]
+    page = tab.page
+    await page.goto(live.url + "/")
+    await use_token(page, OPS_TOKEN)
+    row = page.locator(f'#shaping tr[data-site="{site}"][data-source-ip="{ip}"][data-node="{node}"]')
+    await expect(row).to_have_count(1, timeout=UI_TIMEOUT_MS)
+    await expect(page.locator("#shaping tbody tr")).to_have_count(1)
+
+    def field(name: str) -> Any:
+        return row.locator(f'[data-field="{name}"]')
+
+    await expect(field("site")).to_have_text(site)
+    await expect(field("sourceIp")).to_have_text(ip)
+    await expect(field("node")).to_have_text(node)
+    await expect(field("rule")).to_have_text("try-again-later")
+    await expect(field("action").locator(".badge")).to_have_text("throttle")
+    await expect(field("factor")).to_have_text("0.5")
+    await expect(field("until").locator("time")).to_have_attribute("datetime", adjustment["until"])
+    await expect(field("until")).not_to_be_empty()
+    # A provider's words are text, never markup.
+    await expect(field("reply")).to_have_text(SLOW_REPLY)
+    assert await page.locator("main img").count() == 0
+    assert await page.evaluate("window.injected") is None
+    await expect(page.locator("#shaping-state")).to_contain_text("1 adjustment")
+    # Health problems still come first; an adjustment is not one.
+    assert await page.evaluate(
+        "Boolean(document.getElementById('problems').compareDocumentPosition("
+        "document.getElementById('shaping-section')) & Node.DOCUMENT_POSITION_FOLLOWING)"
+    )
+    await expect(page.locator("#no-problems")).to_be_visible()
+    await page.screenshot(path=tmp_path / "shaping.png", full_page=True)
 
 
 async def test_a_dead_node_and_its_pipeline_are_listed_first_as_problems(

@@ -124,3 +124,11 @@ async def register_pipeline(
     )
     await consul.agent.service.register(**services.pipeline_registration(info, "1m", "1m"))
     return services.pipeline_check_id(info.name)
+
+
+async def register_ghost(consul: Any) -> None:
+    """A node the registry shows passing that nothing answers for."""
+    ghost = node_pb2.NodeInfo(id="ghost", address="127.0.0.1:1", egress_ips=["127.0.0.2"])
+    registration = services.node_registration(ghost, "1s", "1m")
+    registration["check"] = {"Name": "always passing", "TTL": "1m", "Status": "passing"}
+    await consul.agent.service.register(**registration)

@@ -21,7 +21,7 @@ from epoxi.registry import services
 from epoxi.v1 import monitor_pb2 as m
 from epoxi.v1 import monitor_pb2_grpc, node_pb2, queue_pb2
 from services.monitor import queue_pages
-from tests.services.monitor.support import FAST_RETRY, Hold, equals, key_of, mail
+from tests.services.monitor.support import FAST_RETRY, Hold, equals, key_of, mail, register_ghost
 from tests.support import CHECK_INTERVAL, Nodes, eventually, passing_nodes
 
 Stub = monitor_pb2_grpc.MonitorServiceStub
@@ -206,14 +206,6 @@ async def test_cluster_queue_stats_refusals(spooled: Spooled, monitor_stub: Stub
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await monitor_stub.GetClusterQueueStats(m.GetClusterQueueStatsRequest(routing_key="nope"), timeout=10)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-
-
-async def register_ghost(consul: Any) -> None:
-    """A node the registry shows passing that nothing answers for."""
-    ghost = node_pb2.NodeInfo(id="ghost", address="127.0.0.1:1", egress_ips=["127.0.0.2"])
-    registration = services.node_registration(ghost, "1s", "1m")
-    registration["check"] = {"Name": "always passing", "TTL": "1m", "Status": "passing"}
-    await consul.agent.service.register(**registration)
 
 
 async def test_a_node_that_does_not_answer_is_named_and_the_rest_answer(
