@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import grpc
 import pytest
+from google.protobuf import duration_pb2
 
 from devmesh.registry.app import RunningRegistry
 from devmesh.sink import Sink
@@ -55,7 +56,7 @@ async def test_a_rule_put_in_kv_while_mail_flows_takes_effect_and_loses_nothing(
         code="451",
         text="slow down",
         action=shaping_pb2.SHAPING_ACTION_SUSPEND,
-        duration={"nanos": 300_000_000},
+        duration=duration_pb2.Duration(nanos=300_000_000),
     )
     await consul.kv.put(shaping.RULES + "slow-down", shaping.encode(rule))
 
@@ -96,7 +97,7 @@ async def test_clear_shaping_over_grpc(consul: Consul, node: RunningNode, stub: 
 
     # A long suspension, triggered by the first message, then cleared: the mail goes at once.
     rule = shaping_pb2.ShapingRule(
-        code="421", action=shaping_pb2.SHAPING_ACTION_SUSPEND, duration={"seconds": 3600}
+        code="421", action=shaping_pb2.SHAPING_ACTION_SUSPEND, duration=duration_pb2.Duration(seconds=3600)
     )
     await consul.kv.put(shaping.RULES + "hold", shaping.encode(rule))
     first = {"done": False}
