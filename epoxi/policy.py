@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from google.protobuf import duration_pb2
-
+from epoxi import proto_time
 from epoxi.v1 import pipeline_pb2
 
 DEFAULT_MAX_CONNECTIONS = 10
@@ -38,10 +37,14 @@ class Policy:
             max_connections=p.max_connections or DEFAULT_MAX_CONNECTIONS,
             max_retries=p.max_retries if p.HasField("max_retries") else DEFAULT_MAX_RETRIES,
             batch_size=p.batch_size or DEFAULT_BATCH_SIZE,
-            batch_timeout=_seconds(p.batch_timeout) if p.HasField("batch_timeout") else DEFAULT_BATCH_TIMEOUT,
+            batch_timeout=proto_time.seconds(p.batch_timeout)
+            if p.HasField("batch_timeout")
+            else DEFAULT_BATCH_TIMEOUT,
             allowed_messages=p.allowed_messages or DEFAULT_ALLOWED_MESSAGES,
             message_interval=(
-                _seconds(p.message_interval) if p.HasField("message_interval") else DEFAULT_MESSAGE_INTERVAL
+                proto_time.seconds(p.message_interval)
+                if p.HasField("message_interval")
+                else DEFAULT_MESSAGE_INTERVAL
             ),
         )
 
@@ -51,9 +54,9 @@ class Policy:
             max_connections=self.max_connections,
             max_retries=self.max_retries,
             batch_size=self.batch_size,
-            batch_timeout=_duration(self.batch_timeout),
+            batch_timeout=proto_time.duration(self.batch_timeout),
             allowed_messages=self.allowed_messages,
-            message_interval=_duration(self.message_interval),
+            message_interval=proto_time.duration(self.message_interval),
         )
 
 
@@ -66,13 +69,3 @@ def validate(p: pipeline_pb2.PipelinePolicy) -> list[str]:
             if d.seconds < 0 or d.nanos < 0 or (d.seconds == 0 and d.nanos == 0):
                 problems.append(f"policy.{name} must be a positive duration")
     return problems
-
-
-def _seconds(d: duration_pb2.Duration) -> float:
-    return d.seconds + d.nanos / 1e9
-
-
-def _duration(seconds: float) -> duration_pb2.Duration:
-    d = duration_pb2.Duration()
-    d.FromNanoseconds(round(seconds * 1e9))
-    return d

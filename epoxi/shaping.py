@@ -24,8 +24,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from google.protobuf import duration_pb2, json_format
+from google.protobuf import json_format
 
+from epoxi import proto_time
 from epoxi.v1 import shaping_pb2
 
 RULES = "epoxi/shaping/rules/"
@@ -93,7 +94,7 @@ class Rule:
         return cls(
             name=name,
             action=p.action,
-            duration=_seconds(p.duration),
+            duration=proto_time.seconds(p.duration),
             code=p.code.lower(),
             enhanced_code=p.enhanced_code,
             text=p.text,
@@ -101,7 +102,7 @@ class Rule:
             factor=p.factor if p.action == THROTTLE else 1.0,
             recovery_step=p.recovery_step or DEFAULT_RECOVERY_STEP,
             recovery_interval=(
-                _seconds(p.recovery_interval)
+                proto_time.seconds(p.recovery_interval)
                 if p.HasField("recovery_interval")
                 else DEFAULT_RECOVERY_INTERVAL
             ),
@@ -115,12 +116,12 @@ class Rule:
             text=self.text,
             site=self.site,
             action=self.action,  # type: ignore[arg-type]
-            duration=_duration(self.duration),
+            duration=proto_time.duration(self.duration),
         )
         if self.action == THROTTLE:
             p.factor = self.factor
             p.recovery_step = self.recovery_step
-            p.recovery_interval.CopyFrom(_duration(self.recovery_interval))
+            p.recovery_interval.CopyFrom(proto_time.duration(self.recovery_interval))
         return p
 
 
@@ -195,7 +196,7 @@ class Site:
             mx=tuple(m.lower() for m in p.mx),
             max_connections=p.max_connections,
             allowed_messages=p.allowed_messages,
-            message_interval=_seconds(p.message_interval),
+            message_interval=proto_time.seconds(p.message_interval),
         )
 
 
@@ -360,13 +361,3 @@ def _named(entries: list[Entry] | None, prefix: str) -> Iterable[tuple[str, byte
 
 def encode(p: shaping_pb2.ShapingRule | shaping_pb2.ShapingSite) -> bytes:
     return json_format.MessageToJson(p, indent=None).encode()
-
-
-def _seconds(d: duration_pb2.Duration) -> float:
-    return d.seconds + d.nanos / 1e9
-
-
-def _duration(seconds: float) -> duration_pb2.Duration:
-    d = duration_pb2.Duration()
-    d.FromNanoseconds(round(seconds * 1e9))
-    return d

@@ -15,9 +15,8 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import grpc
-from google.protobuf import timestamp_pb2
 
-from epoxi import placement
+from epoxi import placement, proto_time
 from epoxi.policy import Policy
 from epoxi.registry import services
 from epoxi.registry.client import Consul, RegistryError
@@ -103,23 +102,17 @@ class ClusterPeers:
         return list(reply.message_ids)
 
 
-def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
-    t = timestamp_pb2.Timestamp()
-    t.FromNanoseconds(round(seconds * 1e9))
-    return t
-
-
 def to_proto(m: Handed) -> node_pb2.HandedMessage:
     return node_pb2.HandedMessage(
         id=m.id,
         sender=m.sender,
         recipients=[p.recipient for p in m.pending],
         content=m.data,
-        accepted_at=_timestamp(m.accepted_at),
+        accepted_at=proto_time.timestamp(m.accepted_at),
         batch_key=m.batch_key,
         batch_index=m.batch_index,
         attempts=[p.attempts for p in m.pending],
-        next_attempts=[_timestamp(p.next_attempt_at) for p in m.pending],
+        next_attempts=[proto_time.timestamp(p.next_attempt_at) for p in m.pending],
         traceparent=m.traceparent,
     )
 

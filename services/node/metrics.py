@@ -30,8 +30,9 @@ Read at scrape time (``refresh``, from ``Spool.backlog``):
 - ``epoxi_node_oldest_queued_age_seconds{routing_key}``: how long ago the oldest unfinished
   delivery's message was accepted; a key with nothing unfinished has no sample;
 - ``epoxi_node_pipelines{state}``: the node's pipelines by status (``running``, ``failed``, ...).
-- ``epoxi_node_shaping_factor{routing_key}`` and ``epoxi_node_shaping_active{routing_key,action}``:
-  the shaping rule in force for the key's (MX site, source IP) budget, if any.
+- ``epoxi_node_shaping_factor{routing_key}``, ``epoxi_node_shaping_active{routing_key,action,rule}``
+  and ``epoxi_node_shaping_until_timestamp_seconds{routing_key}``: the shaping rule in force for
+  the key's (MX site, source IP) budget, if any, and when its action ends.
 
 ``NodeMetrics(None)`` (metrics off) creates nothing, and its methods return at once.
 """
@@ -202,7 +203,13 @@ class NodeMetrics(Instruments):
         self._shaping_active = Gauge(
             "epoxi_node_shaping_active",
             "1 while a shaping rule's action (throttle, suspend, bounce) is in force for the key's site.",
-            [*key, "action"],
+            [*key, "action", "rule"],
+            registry=registry,
+        )
+        self._shaping_until = Gauge(
+            "epoxi_node_shaping_until_timestamp_seconds",
+            "When the shaping action in force for the key's site ends (Unix time); recovery follows a throttle.",
+            key,
             registry=registry,
         )
         for state in PIPELINE_STATES:
@@ -249,10 +256,12 @@ class NodeMetrics(Instruments):
         # No await from here on: a scrape in between never sees the gauges half set.
         self._shaping_factor.clear()
         self._shaping_active.clear()
+        self._shaping_until.clear()
         for a in shaping:
             for routing_key in a.routing_keys:
                 self._shaping_factor.labels(routing_key).set(a.factor)
-                self._shaping_active.labels(routing_key, action_name(a.action)).set(1)
+                self._shaping_active.labels(routing_key, action_name(a.action), a.rule).set(1)
+                self._shaping_until.labels(routing_key).set(a.until.ToNanoseconds() / 1e9)
         self._queue.clear()
         self._oldest.clear()
         oldest: dict[str, float] = {}

@@ -13,8 +13,7 @@ import email.policy
 import json
 from dataclasses import dataclass
 
-from google.protobuf import timestamp_pb2
-
+from epoxi.proto_time import timestamp
 from epoxi.v1 import queue_pb2
 from services.node.engine.reply import Reply
 from services.node.engine.spool import (
@@ -79,12 +78,6 @@ def page_size(requested: int) -> int:
     if requested < 0:
         raise ValueError(f"page_size must not be negative (got {requested})")
     return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-
-
-def timestamp(seconds: float) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromNanoseconds(round(seconds * 1e9))
-    return ts
 
 
 def stats_proto(key: str, stats: KeyStats, running: bool) -> queue_pb2.QueueStats:

@@ -30,9 +30,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from google.protobuf import duration_pb2, timestamp_pb2
-
-from epoxi import shaping
+from epoxi import proto_time, shaping
 from epoxi.shaping import BOUNCE, SUSPEND, THROTTLE, Rule, ShapingTable, Site
 from epoxi.v1 import shaping_pb2
 from services.node.engine.mx import Destinations, DnsUnavailable, NoRoute
@@ -259,15 +257,15 @@ class Budget:
             rule=a.rule.name,
             action=a.rule.action,  # type: ignore[arg-type]
             reply=" ".join(filter(None, (str(a.reply.code), a.reply.line))),
-            triggered_at=_timestamp(a.triggered_at),
-            until=_timestamp(max(a.until, a.suspended_until, a.blocked_until)),
+            triggered_at=proto_time.timestamp(a.triggered_at),
+            until=proto_time.timestamp(max(a.until, a.suspended_until, a.blocked_until)),
             factor=a.factor,
             max_connections=self.connection_limit() or 0,
             routing_keys=sorted(self.keys),
         )
         if (allowed, interval) != _UNLIMITED:
             p.allowed_messages = allowed
-            p.message_interval.CopyFrom(_duration(interval))
+            p.message_interval.CopyFrom(proto_time.duration(interval))
         return p
 
 
@@ -347,15 +345,3 @@ class Shaper:
 def decisive(replies: dict[str, Reply]) -> Reply | None:
     """What a transaction tells the budget: the first provider reply that refused, else None."""
     return next((r for r in replies.values() if 400 <= r.code < 600), None)
-
-
-def _timestamp(t: float) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromNanoseconds(round(t * 1e9))
-    return ts
-
-
-def _duration(seconds: float) -> duration_pb2.Duration:
-    d = duration_pb2.Duration()
-    d.FromNanoseconds(round(seconds * 1e9))
-    return d

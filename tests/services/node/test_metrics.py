@@ -6,6 +6,7 @@ refuses three (550); the node sends the three DSNs too. Every figure is asserted
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
@@ -185,7 +186,10 @@ async def test_a_shaping_rule_in_force_shows_in_the_scrape_and_the_state_line(
 
         samples = await eventually(shaped)
         assert value(samples, "epoxi_node_shaping_factor", routing_key=KEY) == 0.5
-        assert value(samples, "epoxi_node_shaping_active", routing_key=KEY, action="throttle") == 1
+        active = {"routing_key": KEY, "action": "throttle", "rule": "try-again-later"}
+        assert value(samples, "epoxi_node_shaping_active", **active) == 1
+        until = value(samples, "epoxi_node_shaping_until_timestamp_seconds", routing_key=KEY)
+        assert until is not None and time.time() < until <= time.time() + 300  # the rule's 5 minutes
         p = node.supervisor.pipeline(KEY)
         assert p is not None
         line = p.state_line(await p.counts())

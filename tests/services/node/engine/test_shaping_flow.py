@@ -53,13 +53,6 @@ class Provider:
 
 
 @pytest.fixture
-async def sink() -> AsyncIterator[Sink]:
-    s = await Sink().start()
-    yield s
-    await s.stop()
-
-
-@pytest.fixture
 async def pipelines(spool: Spool) -> AsyncIterator[Callable[..., Pipeline]]:
     started: list[Pipeline] = []
 
