@@ -317,11 +317,10 @@ class Pipeline:
         """Close idle connections beyond a lowered ``max_connections``; busy ones finish first."""
         idle = self._idle_connections()
         over = len(self._connections) - policy.max_connections
-        if self._budget is not None:
+        b = self._budget
+        if b is not None and (b.adjustment is not None or b.site.max_connections or b.wanted()):
             # Beyond a throttled site's limit; or idle while another pipeline of the site waits.
-            over = max(
-                over, self._budget.surplus(), len(idle) if self._budget.wanted() and not self._queue else 0
-            )
+            over = max(over, b.surplus(), len(idle) if b.wanted() and not self._queue else 0)
         surplus = idle[: max(0, over)]
         if surplus:
             self._connections = [c for c in self._connections if not any(c is s for s in surplus)]
@@ -376,10 +375,12 @@ class Pipeline:
             self._wake.set()
 
     async def _send(self, conn: Connection, job: Job) -> None:
-        held = self._budget.holding(time.time()) if self._budget is not None else None
-        if held is not None:
-            await self._withhold(job, held)
-            return
+        budget = self._budget
+        if budget is not None and budget.adjustment is not None:
+            held = budget.holding(time.time())
+            if held is not None:
+                await self._withhold(job, held)
+                return
         if not await self._take_slot():
             return  # stopping: the job stays in flight until stop() releases it
         if not tracing.enabled():
@@ -411,14 +412,16 @@ class Pipeline:
                 self._budget.release()
             self._slot_freed.set()
         now = time.time()
-        if self._budget is not None and self.shaper is not None:
-            self._budget.observe(decisive(results), self.shaper.rules, now)
         missing = Reply.local("no result from the sender")
         outcomes = [self._outcome(d, results.get(d.recipient, missing), now) for d in job.deliveries]
         self._measures.attempted(job, outcomes, now)
         if span is not None:
             _describe(span, outcomes)
         failed = [o for o in outcomes if o.state is not State.DELIVERED]
+        budget = self._budget
+        # A clean transaction tells a budget something only while a rule is in force (recovery).
+        if budget is not None and self.shaper is not None and (failed or budget.adjustment is not None):
+            budget.observe(decisive(results), self.shaper.rules, now)
         if failed:
             self._log_failures(job, failed)
         bounced = [o for o in failed if o.state is State.BOUNCED]

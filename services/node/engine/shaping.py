@@ -40,6 +40,7 @@ from services.node.engine.reply import Reply
 # How far back a site with no limits of its own is measured when a rule first throttles it.
 MEASURE_WINDOW = 10.0
 MIN_FACTOR = 1 / 64
+RECENT_SENDS = 1024
 # No limit: a limiter that never refuses (its window is empty at once).
 _UNLIMITED = (10**9, 0.0)
 
@@ -75,12 +76,15 @@ class Budget:
     # Routing key -> its pipeline's wake-up, called when the limits change or a hold ends.
     keys: dict[str, Callable[[], None]] = field(default_factory=dict)
     _limiter: RateLimiter = field(init=False)
-    _recent: deque[float] = field(default_factory=deque)  # when recent sends started
+    # When the latest sends started, to measure a site with no limits when a rule first fires.
+    _recent: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_SENDS))
+    _unlimited: bool = field(init=False, default=True)
     _open_waiters: dict[int, Callable[[], None]] = field(default_factory=dict)
     _slot_waiters: dict[int, asyncio.Event] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._limiter = RateLimiter(*self.rate(), clock=self.clock)
+        self._unlimited = self.rate() == _UNLIMITED
 
     # The limits in force
 
@@ -135,17 +139,19 @@ class Budget:
 
     def take(self, freed: asyncio.Event) -> float | None:
         """Like ``RateLimiter.take``; on a refusal ``freed`` is set when a slot may be free."""
+        if self._unlimited:  # the common case: no limit and no rule in force
+            self._recent.append(self.clock())
+            return 0.0
         wait = self._limiter.take()
         if wait == 0.0:
-            now = self.clock()
-            self._recent.append(now)
-            while self._recent[0] < now - MEASURE_WINDOW:
-                self._recent.popleft()
+            self._recent.append(self.clock())
         else:
             self._slot_waiters[id(freed)] = freed
         return wait
 
     def release(self) -> None:
+        if self._unlimited:
+            return
         self._limiter.release()
         if self._slot_waiters:
             self._release_waiters()
@@ -229,7 +235,10 @@ class Budget:
         return (max(1, round(per_second)), 1.0) if per_second >= 1 else (1, 1 / per_second)
 
     def _changed(self) -> None:
-        self._limiter = self._limiter.resized(*self.rate())
+        rate = self.rate()
+        self._unlimited = rate == _UNLIMITED
+        # Unlimited sends skip the limiter, so it starts afresh: none it counts goes unreleased.
+        self._limiter = RateLimiter(*rate, self.clock) if self._unlimited else self._limiter.resized(*rate)
         self._wake_openers()
         self._release_waiters()
         for wake in list(self.keys.values()):

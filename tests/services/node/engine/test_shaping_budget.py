@@ -145,3 +145,22 @@ def test_the_decisive_reply_is_the_first_provider_refusal() -> None:
     local = Reply.local("connection refused")
     assert decisive({"a": ok, "b": local}) is None
     assert decisive({"a": ok, "b": SLOW, "c": BLOCKED}) == SLOW
+
+
+def test_slots_held_across_a_clear_and_a_new_throttle_do_not_wedge_the_budget() -> None:
+    clock = Clock()
+    b = budget(clock)  # no limits of its own: sends skip the limiter
+    freed = asyncio.Event()
+    for _ in range(4):
+        assert b.take(freed) == 0.0
+    b.observe(SLOW, RULES, clock.now)  # throttled while 4 sends are under way
+    for _ in range(4):
+        b.release()
+    b.clear()
+    assert b.take(freed) == 0.0  # unlimited again
+    clock.now += 1
+    b.observe(SLOW, RULES, clock.now)  # a new throttle, with that send still under way
+    b.release()
+    clock.now += 10
+    allowed, _ = b.rate()
+    assert [b.take(freed) for _ in range(allowed)] == [0.0] * allowed
