@@ -24,6 +24,7 @@ the KV store changes), what each domain's site is (from the MX cache), and the o
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections import deque
@@ -36,6 +37,8 @@ from epoxi.v1 import shaping_pb2
 from services.node.engine.mx import Destinations, DnsUnavailable, NoRoute
 from services.node.engine.ratelimit import RateLimiter
 from services.node.engine.reply import Reply
+
+log = logging.getLogger(__name__)
 
 # How far back a site with no limits of its own is measured when a rule first throttles it.
 MEASURE_WINDOW = 10.0
@@ -310,6 +313,9 @@ class Shaper:
         try:
             hosts = await self._destinations.hosts(domain)
         except (NoRoute, DnsUnavailable):
+            return domain.lower()
+        except Exception:  # a lookup that fails oddly must not stop the pipeline: shape it alone
+            log.exception("looking up the MX site of %s failed; it is a site of its own", domain)
             return domain.lower()
         return self.table.site_for([h.host if h.resolve else f"{h.host}:{h.port}" for h in hosts])
 
