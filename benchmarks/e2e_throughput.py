@@ -62,7 +62,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from google.protobuf import duration_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks import _utils
@@ -72,7 +71,7 @@ from benchmarks.smtpsink import SmtpSink
 from benchmarks.workload import SENDER, Key, blast, emails, keys, rendered, track_id
 from devmesh.postfix import PostfixRelay
 from devmesh.supervisor import Mesh, NodeSpec, Process, spawn
-from epoxi import address, rendering
+from epoxi import address, proto_time, rendering
 from epoxi.policy import DEFAULT_MAX_CONNECTIONS
 from epoxi.registry.services import PIPELINE_SERVICE, pipeline_service_id
 from epoxi.runtime.channels import RPC_TIMEOUT, Channels, channel
@@ -175,11 +174,11 @@ def node_specs(nodes: int, ips_per_node: int) -> list[NodeSpec]:
 def pipeline_policy(args: argparse.Namespace) -> pipeline_pb2.PipelinePolicy:
     policy = pipeline_pb2.PipelinePolicy(max_connections=args.connections, batch_size=args.batch_size)
     if args.batch_timeout is not None:
-        policy.batch_timeout.CopyFrom(_duration(args.batch_timeout))
+        policy.batch_timeout.CopyFrom(proto_time.duration(args.batch_timeout))
     if not args.throttle:
         # Lift the default rate limit (1000 messages a minute per pipeline): we measure the pipeline.
         policy.allowed_messages = UNTHROTTLED
-        policy.message_interval.CopyFrom(_duration(1.0))
+        policy.message_interval.CopyFrom(proto_time.duration(1.0))
     return policy
 
 
@@ -188,12 +187,6 @@ def call_batch(requested: int | None, rendered_bytes: int) -> int:
     if requested is not None:
         return requested
     return max(1, min(MAX_BATCH, CALL_BYTES // max(1, rendered_bytes)))
-
-
-def _duration(seconds: float) -> duration_pb2.Duration:
-    d = duration_pb2.Duration()
-    d.FromNanoseconds(round(seconds * 1e9))
-    return d
 
 
 def percentile(values: Sequence[float], q: float) -> float:

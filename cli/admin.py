@@ -19,12 +19,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
-from google.protobuf import duration_pb2, json_format, timestamp_pb2
+from google.protobuf import json_format, timestamp_pb2
 from google.protobuf.message import Message
 
 from cli import exits
 from cli.tables import fields, table
-from epoxi import settings
+from epoxi import proto_time, settings
 from epoxi.routing import split_routing_key
 from epoxi.runtime.channels import channel
 from epoxi.runtime.security import SecurityConfig, SecurityError, load_security
@@ -512,17 +512,13 @@ SHAPING_HEADERS = (
 )
 
 
-def _seconds(d: duration_pb2.Duration) -> str:
-    return f"{d.ToNanoseconds() / 1e9:g}s"
-
-
 def _limits(a: shaping_pb2.ShapingAdjustment) -> str:
     """The limits in force, e.g. "2 connections, 5 per 1s"; "none" when nothing limits the site."""
     parts = []
     if a.max_connections:
         parts.append(f"{a.max_connections} connection" + ("s" if a.max_connections != 1 else ""))
     if a.allowed_messages:
-        parts.append(f"{a.allowed_messages} per {_seconds(a.message_interval)}")
+        parts.append(f"{a.allowed_messages} per {proto_time.seconds(a.message_interval):g}s")
     return ", ".join(parts) or "none"
 
 

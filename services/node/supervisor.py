@@ -47,10 +47,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 
-from google.protobuf import timestamp_pb2
 from opentelemetry import trace
 
-from epoxi import envelope, raw_message, rendering
+from epoxi import envelope, proto_time, raw_message, rendering
 from epoxi.envelope import recipients_in
 from epoxi.excerpt import shown
 from epoxi.observability import tracing
@@ -173,8 +172,7 @@ class PipelineSupervisor:
         # Routing keys that hooks spooled mail for (DSNs); drained by ``_take_spooled``.
         self.spooled: asyncio.Queue[str] = spooled if spooled is not None else asyncio.Queue()
         self.policies = policies or PolicyTable()
-        self.shaper = shaper or Shaper(node=id)
-        self.shaper.apply_table(self.policies.shaping)
+        self.shaper = shaper if shaper is not None else Shaper(table=self.policies.shaping, node=id)
         self.retry = retry or Retry()
         self.connection_idle_timeout = connection_idle_timeout
         self.restart_delay = restart_delay
@@ -630,8 +628,7 @@ class PipelineSupervisor:
 
     async def pipeline_info(self, p: Pipeline, counts: Counts | None = None) -> pipeline_pb2.PipelineInfo:
         counts = await p.counts() if counts is None else counts
-        started = timestamp_pb2.Timestamp()
-        started.FromNanoseconds(round(p.started_at * 1e9))
+        started = proto_time.timestamp(p.started_at)
         return pipeline_pb2.PipelineInfo(
             name=self.pipeline_name(p.routing_key),
             routing_key=p.routing_key,
