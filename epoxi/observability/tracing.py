@@ -9,24 +9,32 @@ the rest of the ``OTEL_*`` variables themselves. Without one, ``tracer`` hands o
 non-recording spans and the gRPC interceptors are not installed, so tracing costs next to nothing.
 
 Context travels as W3C ``traceparent`` (gRPC metadata, HTTP headers), and is stored with spooled
-mail as that same string (``traceparent``/``context_of``).
+mail as that same string (``traceparent``); a delivery attempt's span is the child of the stored
+one (``child_of``, built by ``hot_spans`` for the hot path).
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+if TYPE_CHECKING:
+    from epoxi.observability.hot_spans import HotSpans
 
 log = logging.getLogger(__name__)
 
 tracer = trace.get_tracer("epoxi")
 _propagator = TraceContextTextMapPropagator()
 _provider: object | None = None  # the SDK's TracerProvider, once configured
+_hot: HotSpans | None = None
 
 
 def wanted() -> bool:
@@ -49,7 +57,7 @@ def enabled() -> bool:
 def configure(service_name: str, instance_id: str | None = None) -> bool:
     """Export this process's spans over OTLP/gRPC as ``service_name`` (``OTEL_SERVICE_NAME``
     overrides it), if the environment asks for it (``wanted``); True when it does."""
-    global _provider
+    global _provider, _hot
     if _provider is not None:
         return True
     if not wanted():
@@ -58,6 +66,7 @@ def configure(service_name: str, instance_id: str | None = None) -> bool:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
+    from epoxi.observability.hot_spans import HotSpans
     from epoxi.observability.otlp_encoding import FastOTLPSpanExporter
 
     attributes: dict[str, str] = {}
@@ -69,14 +78,15 @@ def configure(service_name: str, instance_id: str | None = None) -> bool:
     provider.add_span_processor(BatchSpanProcessor(FastOTLPSpanExporter()))
     trace.set_tracer_provider(provider)
     _provider = provider
+    _hot = HotSpans(provider, "epoxi")
     log.info("tracing: exporting spans over OTLP as %s", service_name)
     return True
 
 
 def shutdown() -> None:
     """Export what is still buffered, and stop (at the end of a process)."""
-    global _provider
-    provider, _provider = _provider, None
+    global _provider, _hot
+    provider, _provider, _hot = _provider, None, None
     if provider is not None:
         provider.shutdown()  # type: ignore[attr-defined]
 
@@ -88,16 +98,13 @@ def traceparent() -> str:
     return carrier.get("traceparent", "")
 
 
-@functools.lru_cache(maxsize=1024)
-def context_of(traceparent: str) -> otel_context.Context | None:
-    """The context a stored ``traceparent`` names, to parent a span on; None when it names none.
-    (Cached: a batch's messages share one, and a Context is immutable.)"""
-    if not traceparent:
-        return None
-    ctx = _propagator.extract({"traceparent": traceparent})
-    if not trace.get_current_span(ctx).get_span_context().is_valid:
-        return None
-    return ctx
+@contextmanager
+def child_of(traceparent: str, name: str, kind: SpanKind, attributes: dict[str, Any]) -> Iterator[trace.Span]:
+    """A span that is current while the block runs, the child of a stored ``traceparent`` (mail
+    spooled with none, while tracing was off, starts a trace of its own); tracing must be on."""
+    assert _hot is not None, "tracing is off"
+    with _hot.child_of(traceparent, name, kind, attributes) as span:
+        yield span
 
 
 def inject(carrier: dict[str, str]) -> dict[str, str]:

@@ -57,7 +57,6 @@ from collections import deque
 from collections.abc import Sequence
 from typing import TypeAlias
 
-from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
@@ -386,13 +385,12 @@ class Pipeline:
         if not tracing.enabled():
             await self._attempt(conn, job, None)
             return
-        with tracing.tracer.start_as_current_span(
+        with tracing.child_of(
+            job.traceparent,
             "smtp send",
-            # Mail spooled with no context (tracing was off) starts a trace of its own.
-            context=tracing.context_of(job.traceparent) or otel_context.Context(),
-            kind=SpanKind.CLIENT,
+            SpanKind.CLIENT,
             # The node is the resource's service.instance.id; the connection adds its addresses.
-            attributes={
+            {
                 "epoxi.routing_key": self.routing_key,
                 "epoxi.message_id": job.message_id,
                 "epoxi.attempt": max(d.attempts for d in job.deliveries) + 1,

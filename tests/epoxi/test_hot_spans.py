@@ -1,0 +1,121 @@
+"""Hot-path spans are the SDK's spans: same parent, sampling, attributes, status, resource and
+scope as ``Tracer.start_as_current_span`` gives, through the provider's own processors."""
+
+from __future__ import annotations
+
+import pytest
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from epoxi.observability.hot_spans import HotSpans
+
+SAMPLED = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+UNSAMPLED = "00-0af7651916cd43dd8448eb211c80319d-b7ad6b7169203332-00"
+
+
+def provider(sampler: object | None = None) -> tuple[TracerProvider, InMemorySpanExporter]:
+    exported = InMemorySpanExporter()
+    p = TracerProvider(resource=Resource.create({"service.name": "epoxi-test"}), sampler=sampler)  # type: ignore[arg-type]
+    p.add_span_processor(SimpleSpanProcessor(exported))
+    return p, exported
+
+
+def sdk_span(p: TracerProvider, traceparent: str, attributes: dict[str, object]) -> ReadableSpan:
+    context = TraceContextTextMapPropagator().extract({"traceparent": traceparent})
+    with p.get_tracer("epoxi").start_as_current_span(
+        "smtp send",
+        context=context,
+        kind=SpanKind.CLIENT,
+        attributes=attributes,  # type: ignore[arg-type]
+    ) as span:
+        span.set_attribute("epoxi.smtp.reply_code", 250)
+    assert isinstance(span, ReadableSpan)
+    return span
+
+
+def test_a_hot_span_is_exported_as_the_sdk_would_export_it() -> None:
+    p, exported = provider()
+    attributes = {"epoxi.routing_key": "a.com_1_2_3_4", "epoxi.attempt": 1}
+    expected = sdk_span(p, SAMPLED, dict(attributes))
+    with HotSpans(p, "epoxi").child_of(SAMPLED, "smtp send", SpanKind.CLIENT, dict(attributes)) as span:
+        assert trace.get_current_span() is span
+        span.set_attribute("epoxi.smtp.reply_code", 250)
+    assert trace.get_current_span() is not span
+    sdk, hot = exported.get_finished_spans()
+    assert hot.name == sdk.name == "smtp send"
+    assert hot.kind is SpanKind.CLIENT
+    assert hot.parent == sdk.parent and hot.parent is not None and hot.parent.is_remote
+    assert hot.context.trace_id == sdk.context.trace_id == expected.context.trace_id
+    assert hot.context.span_id not in (0, sdk.context.span_id)
+    assert hot.context.trace_flags.sampled
+    assert dict(hot.attributes or {}) == dict(sdk.attributes or {})
+    assert hot.resource == sdk.resource
+    assert hot.instrumentation_scope == sdk.instrumentation_scope
+    assert hot.status.status_code is StatusCode.UNSET
+    assert hot.start_time is not None and hot.end_time is not None and hot.start_time <= hot.end_time
+
+
+def test_children_of_a_hot_span_are_its_children() -> None:
+    p, exported = provider()
+    with HotSpans(p, "epoxi").child_of(SAMPLED, "smtp send", SpanKind.CLIENT, {}) as parent:
+        with p.get_tracer("epoxi").start_as_current_span("smtp connect"):
+            pass
+    child, sent = exported.get_finished_spans()
+    assert child.parent is not None and child.parent.span_id == parent.get_span_context().span_id
+    assert sent.context.span_id == parent.get_span_context().span_id
+
+
+def test_an_unsampled_parent_makes_an_unrecorded_span_and_unrecorded_children() -> None:
+    p, exported = provider()
+    with HotSpans(p, "epoxi").child_of(UNSAMPLED, "smtp send", SpanKind.CLIENT, {}) as span:
+        assert not span.is_recording()
+        with p.get_tracer("epoxi").start_as_current_span("smtp connect") as child:
+            assert not child.is_recording()
+    assert exported.get_finished_spans() == ()
+
+
+def test_mail_stored_with_no_context_starts_a_trace_the_sampler_decides() -> None:
+    p, exported = provider(ParentBased(TraceIdRatioBased(0.5)))
+    hot = HotSpans(p, "epoxi")
+    kept = 0
+    for _ in range(400):
+        with hot.child_of("", "smtp send", SpanKind.CLIENT, {}) as span:
+            kept += span.is_recording()
+    spans = exported.get_finished_spans()
+    assert len(spans) == kept and 120 < kept < 280  # about half, and each a root of its own trace
+    assert all(s.parent is None for s in spans)
+    assert len({s.context.trace_id for s in spans}) == kept
+
+
+def test_a_garbled_stored_context_starts_a_new_trace() -> None:
+    p, exported = provider()
+    with HotSpans(p, "epoxi").child_of("00-nonsense", "smtp send", SpanKind.CLIENT, {}):
+        pass
+    (span,) = exported.get_finished_spans()
+    assert span.parent is None and span.context.is_valid
+
+
+def test_attributes_the_sdk_would_refuse_are_dropped_and_sequences_kept() -> None:
+    p, exported = provider()
+    with HotSpans(p, "epoxi").child_of(SAMPLED, "smtp send", SpanKind.CLIENT, {"a": 1}) as span:
+        span.set_attributes({"none": None, "dict": {"x": 1}, "list": ["a", "b"], "ok": True})
+    (sent,) = exported.get_finished_spans()
+    assert dict(sent.attributes or {}) == {"a": 1, "list": ("a", "b"), "ok": True}
+
+
+def test_an_exception_marks_the_span_failed_and_still_ends_it() -> None:
+    p, exported = provider()
+    with pytest.raises(ConnectionResetError):
+        with HotSpans(p, "epoxi").child_of(SAMPLED, "smtp send", SpanKind.CLIENT, {}):
+            raise ConnectionResetError("peer went away")
+    (sent,) = exported.get_finished_spans()
+    assert sent.status.status_code is StatusCode.ERROR
+    assert sent.status.description == "ConnectionResetError: peer went away"
+    assert otel_context.get_current() == otel_context.Context()
