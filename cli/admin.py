@@ -256,8 +256,12 @@ async def _pipelines_stop(stub: Stub, args: argparse.Namespace) -> int:
     if args.json:
         print_json(to_json(reply))
     else:
+        # The keys of the pipeline's MX site on a node stop with it (they move only together).
+        outcomes = [(args.key, o) for o in reply.outcomes]
+        outcomes += [(m.pipeline.routing_key, m) for o in reply.outcomes for m in o.moved_with]
         rows = [
             [
+                key,
                 o.node,
                 o.stopped,
                 o.messages_handed_off,
@@ -266,10 +270,14 @@ async def _pipelines_stop(stub: Stub, args: argparse.Namespace) -> int:
                 o.kept_reason,
                 f"{o.error_code}: {o.error_message}" if o.error_code else "",
             ]
-            for o in reply.outcomes
+            for key, o in outcomes
         ]
-        print(table(("NODE", "STOPPED", "HANDED OFF", "TO", "KEPT", "KEPT BECAUSE", "ERROR"), rows))
+        print(table(("KEY", "NODE", "STOPPED", "HANDED OFF", "TO", "KEPT", "KEPT BECAUSE", "ERROR"), rows))
         print(f"stopped on {reply.stopped_count} node(s)")
+        for o in reply.outcomes:
+            if o.moved_with:
+                also = ", ".join(m.pipeline.routing_key for m in o.moved_with)
+                print(f"{also} stopped with it on {o.node}: same MX site ({o.pipeline.site}) and source IP")
     return exits.FAILED if failed else exits.OK
 
 

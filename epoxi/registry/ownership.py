@@ -10,6 +10,12 @@ releases the node's records, and after ``LOCK_DELAY`` another node may take them
 ``ConsulOwnership`` is the node's side (claim, release, notice a lost session);
 ``LocalOwnership`` is a node alone, with no registry, which owns every key it is asked for.
 Readers (the router, the monitor) use ``owner_of``.
+
+A second kind of record keeps the routing keys that share a shaping budget on one node: keys
+with the same MX site and source IP (``epoxi.shaping``) are placed together, so the budget is
+enforced where they all send. ``epoxi/site-placement/<source_ip>/<site>`` is held, in the same
+session, by the node that runs any key of that (site, IP); another node asked to start such a
+key refuses, naming the holder, exactly as it does for a key held elsewhere.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import urllib.parse
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -26,6 +33,7 @@ from epoxi.registry.client import Consul, RegistryError
 log = logging.getLogger(__name__)
 
 PREFIX = "epoxi/placement/"
+SITE_PREFIX = "epoxi/site-placement/"
 LOCK_PREFIX = "epoxi/locks/"
 # Seconds a record freed by a dead node's session stays untaken (Consul's default is 15 s): long
 # enough for a node that only missed a check to notice, short enough to fail over within 10 s.
@@ -67,6 +75,11 @@ def record_key(routing_key: str) -> str:
     return PREFIX + routing_key
 
 
+def site_record_key(site: str, source_ip: str) -> str:
+    """The record of the node that runs (site, source IP)'s keys (a site name may hold any text)."""
+    return f"{SITE_PREFIX}{source_ip}/{urllib.parse.quote(site, safe='')}"
+
+
 def owner_from_entry(entry: dict[str, Any] | None) -> Owner | None:
     """The owner a KV entry names, when a session holds it; None for a free or missing record."""
     if not entry or not entry.get("Session") or not entry.get("Value"):
@@ -97,6 +110,13 @@ class Ownership(Protocol):
 
     async def release(self, routing_key: str) -> None: ...
 
+    async def claim_site(self, site: str, source_ip: str) -> Owner | None:
+        """Take (site, source IP) for this node: None once it is ours, else the node that runs
+        its keys. Raises ``ClaimError`` when that cannot be known now."""
+        ...
+
+    async def release_site(self, site: str, source_ip: str) -> None: ...
+
     async def owner(self, routing_key: str) -> Owner | None:
         """Who holds ``routing_key`` now; raises ``ClaimError`` when that cannot be known."""
         ...
@@ -126,6 +146,12 @@ class LocalOwnership:
     async def release(self, routing_key: str) -> None:
         self._held.discard(routing_key)
 
+    async def claim_site(self, site: str, source_ip: str) -> Owner | None:
+        return None
+
+    async def release_site(self, site: str, source_ip: str) -> None:
+        pass
+
     async def owner(self, routing_key: str) -> Owner | None:
         return self.me if routing_key in self._held else None
 
@@ -149,7 +175,7 @@ class ConsulOwnership:
         self._session_lock = asyncio.Lock()
 
     def holds(self, routing_key: str) -> bool:
-        return routing_key in self._held
+        return record_key(routing_key) in self._held
 
     async def _session(self) -> str:
         async with self._session_lock:
@@ -180,38 +206,50 @@ class ConsulOwnership:
             log.warning("cannot end earlier sessions of node %s: %s", self.me.node, e)
 
     async def claim(self, routing_key: str) -> Owner | None:
-        if routing_key in self._held:
+        return await self._acquire(record_key(routing_key), f"routing key {routing_key!r}")
+
+    async def claim_site(self, site: str, source_ip: str) -> Owner | None:
+        return await self._acquire(site_record_key(site, source_ip), f"site {site!r} from {source_ip}")
+
+    async def release(self, routing_key: str) -> None:
+        await self._release(record_key(routing_key))
+
+    async def release_site(self, site: str, source_ip: str) -> None:
+        await self._release(site_record_key(site, source_ip))
+
+    async def _acquire(self, record: str, what: str) -> Owner | None:
+        if record in self._held:
             return None
         session = await self._session()
         try:
-            taken = await self.consul.kv.put(record_key(routing_key), self._value, acquire=session)
+            taken = await self.consul.kv.put(record, self._value, acquire=session)
             if taken:
-                self._held.add(routing_key)
+                self._held.add(record)
                 return None
-            _, entry = await self.consul.kv.get(record_key(routing_key))
+            _, entry = await self.consul.kv.get(record)
         except RegistryError as e:
             if "invalid session" in str(e):
                 self._lost(session)
-            raise ClaimError(f"cannot claim routing key {routing_key!r}: registry: {e}") from e
+            raise ClaimError(f"cannot claim {what}: registry: {e}") from e
         holder = owner_from_entry(entry)
         if holder is None:
-            raise ClaimError(f"routing key {routing_key!r} was released moments ago and is in its lock-delay")
+            raise ClaimError(f"{what} was released moments ago and is in its lock-delay")
         if holder == self.me:  # an earlier session of ours (the registry restarted, or we did)
-            self._held.discard(routing_key)
-            raise ClaimError(f"routing key {routing_key!r} is held by a previous session of this node")
+            self._held.discard(record)
+            raise ClaimError(f"{what} is held by a previous session of this node")
         return holder
 
-    async def release(self, routing_key: str) -> None:
-        self._held.discard(routing_key)
+    async def _release(self, record: str) -> None:
+        self._held.discard(record)
         if self.session is None:
             return
         try:
-            await self.consul.kv.put(record_key(routing_key), self._value, release=self.session)
+            await self.consul.kv.put(record, self._value, release=self.session)
         except RegistryError as e:
-            log.warning("releasing routing key %s failed: %s", routing_key, e)
+            log.warning("releasing %s failed: %s", record, e)
 
     async def owner(self, routing_key: str) -> Owner | None:
-        if routing_key in self._held:
+        if self.holds(routing_key):
             return self.me
         try:
             return await owner_of(self.consul, routing_key)
@@ -246,8 +284,8 @@ class ConsulOwnership:
 
     async def close(self) -> None:
         """Release every record, then end the session (releasing first arms no lock-delay)."""
-        for key in sorted(self._held):
-            await self.release(key)
+        for record in sorted(self._held):
+            await self._release(record)
         session, self.session = self.session, None
         if session is not None:
             try:

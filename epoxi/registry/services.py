@@ -78,6 +78,7 @@ def pipeline_registration(p: pipeline_pb2.PipelineInfo, ttl: str, deregister_aft
             "source_ip": p.source_ip,
             "started_at": p.started_at.ToJsonString(),
             "policy": json_format.MessageToJson(p.policy, indent=None),
+            "site": p.site,
         },
         "check": {
             "Name": "pipeline state",
@@ -130,6 +131,7 @@ def pipeline_from_entry(entry: Entry) -> pipeline_pb2.PipelineInfo:
         address=_address(service, entry),
         domain=meta.get("domain", ""),
         source_ip=meta.get("source_ip", ""),
+        site=meta.get("site", ""),
         healthy=passing(entry),
         status=pipeline_pb2.PIPELINE_STATUS_RUNNING
         if passing(entry)

@@ -695,6 +695,7 @@ class NodeStopOutcome(_message.Message):
     HANDED_TO_NODE_FIELD_NUMBER: _builtins.int
     MESSAGES_KEPT_FIELD_NUMBER: _builtins.int
     KEPT_REASON_FIELD_NUMBER: _builtins.int
+    MOVED_WITH_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     address: _builtins.str
     stopped: _builtins.bool
@@ -710,6 +711,12 @@ class NodeStopOutcome(_message.Message):
     def pipeline(self) -> _pipeline_pb2.PipelineInfo:
         """The stopped pipeline, when stopped."""
 
+    @_builtins.property
+    def moved_with(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeStopOutcome]:
+        """The other routing keys of the pipeline's MX site and source IP that stopped with it on this
+        node (NodeService.StopPipelineResponse.moved_with): node and address are this one's.
+        """
+
     def __init__(
         self,
         *,
@@ -723,10 +730,11 @@ class NodeStopOutcome(_message.Message):
         handed_to_node: _builtins.str = ...,
         messages_kept: _builtins.int = ...,
         kept_reason: _builtins.str = ...,
+        moved_with: _abc.Iterable[Global___NodeStopOutcome] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["pipeline", b"pipeline"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "error_code", b"error_code", "error_message", b"error_message", "handed_to_node", b"handed_to_node", "kept_reason", b"kept_reason", "messages_handed_off", b"messages_handed_off", "messages_kept", b"messages_kept", "node", b"node", "pipeline", b"pipeline", "stopped", b"stopped"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "error_code", b"error_code", "error_message", b"error_message", "handed_to_node", b"handed_to_node", "kept_reason", b"kept_reason", "messages_handed_off", b"messages_handed_off", "messages_kept", b"messages_kept", "moved_with", b"moved_with", "node", b"node", "pipeline", b"pipeline", "stopped", b"stopped"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -30,7 +30,7 @@ from epoxi.v1 import shaping_pb2 as epoxi_dot_v1_dot_shaping__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x65poxi/v1/node.proto\x12\x08\x65poxi.v1\x1a\x15\x65poxi/v1/access.proto\x1a\x14\x65poxi/v1/email.proto\x1a\x17\x65poxi/v1/pipeline.proto\x1a\x14\x65poxi/v1/queue.proto\x1a\x16\x65poxi/v1/shaping.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"r\n\x08NodeInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x12\n\negress_ips\x18\x03 \x03(\t\x12\x16\n\x0epipeline_count\x18\x04 \x01(\r\x12\x0c\n\x04load\x18\x05 \x01(\x04\x12\x0f\n\x07ip_pool\x18\x06 \x01(\t\"x\n\x14StartPipelineRequest\x12\x0e\n\x06\x64omain\x18\x01 \x01(\t\x12\x11\n\tsource_ip\x18\x02 \x01(\t\x12(\n\x06policy\x18\x03 \x01(\x0b\x32\x18.epoxi.v1.PipelinePolicy\x12\x13\n\x0bpolicy_name\x18\x04 \x01(\t\"R\n\x15StartPipelineResponse\x12(\n\x08pipeline\x18\x01 \x01(\x0b\x32\x16.epoxi.v1.PipelineInfo\x12\x0f\n\x07started\x18\x02 \x01(\x08\"@\n\x13StopPipelineRequest\x12\x13\n\x0brouting_key\x18\x01 \x01(\t\x12\x14\n\x0chand_to_node\x18\x02 \x01(\t\"\xa1\x01\n\x14StopPipelineResponse\x12(\n\x08pipeline\x18\x01 \x01(\x0b\x32\x16.epoxi.v1.PipelineInfo\x12\x1b\n\x13messages_handed_off\x18\x02 \x01(\r\x12\x16\n\x0ehanded_to_node\x18\x03 \x01(\t\x12\x15\n\rmessages_kept\x18\x04 \x01(\r\x12\x13\n\x0bkept_reason\x18\x05 \x01(\t\"\x16\n\x14ListPipelinesRequest\"B\n\x15ListPipelinesResponse\x12)\n\tpipelines\x18\x01 \x03(\x0b\x32\x16.epoxi.v1.PipelineInfo\"d\n\x13\x45nqueueBatchRequest\x12\x13\n\x0brouting_key\x18\x01 \x01(\t\x12\x1f\n\x06\x65mails\x18\x02 \x03(\x0b\x32\x0f.epoxi.v1.Email\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\"\x82\x01\n\x14\x45nqueueBatchResponse\x12\x13\n\x0bmessage_ids\x18\x01 \x03(\t\x12(\n\x08pipeline\x18\x02 \x01(\x0b\x32\x16.epoxi.v1.PipelineInfo\x12\x18\n\x10pipeline_started\x18\x03 \x01(\x08\x12\x11\n\tduplicate\x18\x04 \x01(\x08\"\x92\x01\n\x13TakeMessagesRequest\x12\x13\n\x0brouting_key\x18\x01 \x01(\t\x12\x11\n\tfrom_node\x18\x02 \x01(\t\x12)\n\x08messages\x18\x03 \x03(\x0b\x32\x17.epoxi.v1.HandedMessage\x12(\n\x06policy\x18\x04 \x01(\x0b\x32\x18.epoxi.v1.PipelinePolicy\"\x83\x02\n\rHandedMessage\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06sender\x18\x02 \x01(\t\x12\x12\n\nrecipients\x18\x03 \x03(\t\x12\x0f\n\x07\x63ontent\x18\x04 \x01(\x0c\x12/\n\x0b\x61\x63\x63\x65pted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tbatch_key\x18\x06 \x01(\t\x12\x13\n\x0b\x62\x61tch_index\x18\x07 \x01(\r\x12\x10\n\x08\x61ttempts\x18\x08 \x03(\r\x12\x31\n\rnext_attempts\x18\t \x03(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0btraceparent\x18\n \x01(\t\"U\n\x14TakeMessagesResponse\x12\x13\n\x0bmessage_ids\x18\x01 \x03(\t\x12(\n\x08pipeline\x18\x02 \x01(\x0b\x32\x16.epoxi.v1.PipelineInfo\"\x15\n\x13GetNodeStateRequest\"c\n\x14GetNodeStateResponse\x12 \n\x04node\x18\x01 \x01(\x0b\x32\x12.epoxi.v1.NodeInfo\x12)\n\tpipelines\x18\x02 \x03(\x0b\x32\x16.epoxi.v1.PipelineInfo\"+\n\x14GetQueueStatsRequest\x12\x13\n\x0brouting_key\x18\x01 \x01(\t\"l\n\x15GetQueueStatsResponse\x12\'\n\tpipelines\x18\x01 \x03(\x0b\x32\x14.epoxi.v1.QueueStats\x12*\n\x06totals\x18\x02 \x01(\x0b\x32\x1a.epoxi.v1.PipelineCounters\"y\n\x13ListMessagesRequest\x12\x13\n\x0brouting_key\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.epoxi.v1.DeliveryState\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"Z\n\x14ListMessagesResponse\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.epoxi.v1.QueuedMessage\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\'\n\x11GetMessageRequest\x12\x12\n\nmessage_id\x18\x01 \x01(\t\"k\n\x12GetMessageResponse\x12(\n\x07message\x18\x01 \x01(\x0b\x32\x17.epoxi.v1.QueuedMessage\x12+\n\x08\x61ttempts\x18\x02 \x03(\x0b\x32\x19.epoxi.v1.DeliveryAttempt2\xb4\x07\n\x0bNodeService\x12V\n\rStartPipeline\x12\x1e.epoxi.v1.StartPipelineRequest\x1a\x1f.epoxi.v1.StartPipelineResponse\"\x04\xc8\xf3\x18\x04\x12S\n\x0cStopPipeline\x12\x1d.epoxi.v1.StopPipelineRequest\x1a\x1e.epoxi.v1.StopPipelineResponse\"\x04\xc8\xf3\x18\x04\x12V\n\rListPipelines\x12\x1e.epoxi.v1.ListPipelinesRequest\x1a\x1f.epoxi.v1.ListPipelinesResponse\"\x04\xc8\xf3\x18\x04\x12S\n\x0c\x45nqueueBatch\x12\x1d.epoxi.v1.EnqueueBatchRequest\x1a\x1e.epoxi.v1.EnqueueBatchResponse\"\x04\xc8\xf3\x18\x04\x12S\n\x0cTakeMessages\x12\x1d.epoxi.v1.TakeMessagesRequest\x1a\x1e.epoxi.v1.TakeMessagesResponse\"\x04\xc8\xf3\x18\x04\x12S\n\x0cGetNodeState\x12\x1d.epoxi.v1.GetNodeStateRequest\x1a\x1e.epoxi.v1.GetNodeStateResponse\"\x04\xc8\xf3\x18\x04\x12V\n\rGetQueueStats\x12\x1e.epoxi.v1.GetQueueStatsRequest\x1a\x1f.epoxi.v1.GetQueueStatsResponse\"\x04\xc8\xf3\x18\x04\x12S\n\x0cListMessages\x12\x1d.epoxi.v1.ListMessagesRequest\x1a\x1e.epoxi.v1.ListMessagesResponse\"\x04\xc8\xf3\x18\x04\x12M\n\nGetMessage\x12\x1b.epoxi.v1.GetMessageRequest\x1a\x1c.epoxi.v1.GetMessageResponse\"\x04\xc8\xf3\x18\x04\x12P\n\x0bListShaping\x12\x1c.epoxi.v1.ListShapingRequest\x1a\x1d.epoxi.v1.ListShapingResponse\"\x04\xc8\xf3\x18\x04\x12S\n\x0c\x43learShaping\x12\x1d.epoxi.v1.ClearShapingRequest\x1a\x1e.epoxi.v1.ClearShapingResponse\"\x04\xc8\xf3\x18\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x65poxi/v1/node.proto\x12\x08\x65poxi.v1\x1a\x15\x65poxi/v1/access.proto\x1a\x14\x65poxi/v1/email.proto\x1a\x17\x65poxi/v1/pipeline.proto\x1a\x14\x65poxi/v1/queue.proto\x1a\x16\x65poxi/v1/shaping.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"r\n\x08NodeInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x12\n\negress_ips\x18\x03 \x03(\t\x12\x16\n\x0epipeline_count\x18\x04 \x01(\r\x12\x0c\n\x04load\x18\x05 \x01(\x04\x12\x0f\n\x07ip_pool\x18\x06 \x01(\t\"x\n\x14StartPipelineRequest\x12\x0e\n\x06\x64omain\x18\x01 \x01(\t\x12\x11\n\tsource_ip\x18\x02 \x01(\t\x12(\n\x06policy\x18\x03 \x01(\x0b\x32\x18.epoxi.v1.PipelinePolicy\x12\x13\n\x0bpolicy_name\x18\x04 \x01(\t\"R\n\x15StartPipelineResponse\x12(\n\x08pipeline\x18\x01 \x01(\x0b\x32\x16.epoxi.v1.PipelineInfo\x12\x0f\n\x07started\x18\x02 \x01(\x08\"@\n\x13StopPipelineRequest\x12\x13\n\x0brouting_key\x18\x01 \x01(\t\x12\x14\n\x0chand_to_node\x18\x02 \x01(\t\"\xd5\x01\n\x14StopPipelineResponse\x12(\n\x08pipeline\x18\x01 \x01(\x0b\x32\x16.epoxi.v1.PipelineInfo\x12\x1b\n\x13messages_handed_off\x18\x02 \x01(\r\x12\x16\n\x0ehanded_to_node\x18\x03 \x01(\t\x12\x15\n\rmessages_kept\x18\x04 \x01(\r\x12\x13\n\x0bkept_reason\x18\x05 \x01(\t\x12\x32\n\nmoved_with\x18\x06 \x03(\x0b\x32\x1e.epoxi.v1.StopPipelineResponse\"\x16\n\x14ListPipelinesRequest\"B\n\x15ListPipelinesResponse\x12)\n\tpipelines\x18\x01 \x03(\x0b\x32\x16.epoxi.v1.PipelineInfo\"d\n\x13\x45nqueueBatchRequest\x12\x13\n\x0brouting_key\x18\x01 \x01(\t\x12\x1f\n\x06\x65mails\x18\x02 \x03(\x0b\x32\x0f.epoxi.v1.Email\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\"\x82\x01\n\x14\x45nqueueBatchResponse\x12\x13\n\x0bmessage_ids\x18\x01 \x03(\t\x12(\n\x08pipeline\x18\x02 \x01(\x0b\x32\x16.epoxi.v1.PipelineInfo\x12\x18\n\x10pipeline_started\x18\x03 \x01(\x08\x12\x11\n\tduplicate\x18\x04 \x01(\x08\"\x92\x01\n\x13TakeMessagesRequest\x12\x13\n\x0brouting_key\x18\x01 \x01(\t\x12\x11\n\tfrom_node\x18\x02 \x01(\t\x12)\n\x08messages\x18\x03 \x03(\x0b\x32\x17.epoxi.v1.HandedMessage\x12(\n\x06policy\x18\x04 \x01(\x0b\x32\x18.epoxi.v1.PipelinePolicy\"\x83\x02\n\rHandedMessage\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06sender\x18\x02 \x01(\t\x12\x12\n\nrecipients\x18\x03 \x03(\t\x12\x0f\n\x07\x63ontent\x18\x04 \x01(\x0c\x12/\n\x0b\x61\x63\x63\x65pted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tbatch_key\x18\x06 \x01(\t\x12\x13\n\x0b\x62\x61tch_index\x18\x07 \x01(\r\x12\x10\n\x08\x61ttempts\x18\x08 \x03(\r\x12\x31\n\rnext_attempts\x18\t \x03(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0btraceparent\x18\n \x01(\t\"U\n\x14TakeMessagesResponse\x12\x13\n\x0bmessage_ids\x18\x01 \x03(\t\x12(\n\x08pipeline\x18\x02 \x01(\x0b\x32\x16.epoxi.v1.PipelineInfo\"\x15\n\x13GetNodeStateRequest\"c\n\x14GetNodeStateResponse\x12 \n\x04node\x18\x01 \x01(\x0b\x32\x12.epoxi.v1.NodeInfo\x12)\n\tpipelines\x18\x02 \x03(\x0b\x32\x16.epoxi.v1.PipelineInfo\"+\n\x14GetQueueStatsRequest\x12\x13\n\x0brouting_key\x18\x01 \x01(\t\"l\n\x15GetQueueStatsResponse\x12\'\n\tpipelines\x18\x01 \x03(\x0b\x32\x14.epoxi.v1.QueueStats\x12*\n\x06totals\x18\x02 \x01(\x0b\x32\x1a.epoxi.v1.PipelineCounters\"y\n\x13ListMessagesRequest\x12\x13\n\x0brouting_key\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.epoxi.v1.DeliveryState\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"Z\n\x14ListMessagesResponse\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.epoxi.v1.QueuedMessage\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\'\n\x11GetMessageRequest\x12\x12\n\nmessage_id\x18\x01 \x01(\t\"k\n\x12GetMessageResponse\x12(\n\x07message\x18\x01 \x01(\x0b\x32\x17.epoxi.v1.QueuedMessage\x12+\n\x08\x61ttempts\x18\x02 \x03(\x0b\x32\x19.epoxi.v1.DeliveryAttempt2\xb4\x07\n\x0bNodeService\x12V\n\rStartPipeline\x12\x1e.epoxi.v1.StartPipelineRequest\x1a\x1f.epoxi.v1.StartPipelineResponse\"\x04\xc8\xf3\x18\x04\x12S\n\x0cStopPipeline\x12\x1d.epoxi.v1.StopPipelineRequest\x1a\x1e.epoxi.v1.StopPipelineResponse\"\x04\xc8\xf3\x18\x04\x12V\n\rListPipelines\x12\x1e.epoxi.v1.ListPipelinesRequest\x1a\x1f.epoxi.v1.ListPipelinesResponse\"\x04\xc8\xf3\x18\x04\x12S\n\x0c\x45nqueueBatch\x12\x1d.epoxi.v1.EnqueueBatchRequest\x1a\x1e.epoxi.v1.EnqueueBatchResponse\"\x04\xc8\xf3\x18\x04\x12S\n\x0cTakeMessages\x12\x1d.epoxi.v1.TakeMessagesRequest\x1a\x1e.epoxi.v1.TakeMessagesResponse\"\x04\xc8\xf3\x18\x04\x12S\n\x0cGetNodeState\x12\x1d.epoxi.v1.GetNodeStateRequest\x1a\x1e.epoxi.v1.GetNodeStateResponse\"\x04\xc8\xf3\x18\x04\x12V\n\rGetQueueStats\x12\x1e.epoxi.v1.GetQueueStatsRequest\x1a\x1f.epoxi.v1.GetQueueStatsResponse\"\x04\xc8\xf3\x18\x04\x12S\n\x0cListMessages\x12\x1d.epoxi.v1.ListMessagesRequest\x1a\x1e.epoxi.v1.ListMessagesResponse\"\x04\xc8\xf3\x18\x04\x12M\n\nGetMessage\x12\x1b.epoxi.v1.GetMessageRequest\x1a\x1c.epoxi.v1.GetMessageResponse\"\x04\xc8\xf3\x18\x04\x12P\n\x0bListShaping\x12\x1c.epoxi.v1.ListShapingRequest\x1a\x1d.epoxi.v1.ListShapingResponse\"\x04\xc8\xf3\x18\x04\x12S\n\x0c\x43learShaping\x12\x1d.epoxi.v1.ClearShapingRequest\x1a\x1e.epoxi.v1.ClearShapingResponse\"\x04\xc8\xf3\x18\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -68,37 +68,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STOPPIPELINEREQUEST']._serialized_start=504
   _globals['_STOPPIPELINEREQUEST']._serialized_end=568
   _globals['_STOPPIPELINERESPONSE']._serialized_start=571
-  _globals['_STOPPIPELINERESPONSE']._serialized_end=732
-  _globals['_LISTPIPELINESREQUEST']._serialized_start=734
-  _globals['_LISTPIPELINESREQUEST']._serialized_end=756
-  _globals['_LISTPIPELINESRESPONSE']._serialized_start=758
-  _globals['_LISTPIPELINESRESPONSE']._serialized_end=824
-  _globals['_ENQUEUEBATCHREQUEST']._serialized_start=826
-  _globals['_ENQUEUEBATCHREQUEST']._serialized_end=926
-  _globals['_ENQUEUEBATCHRESPONSE']._serialized_start=929
-  _globals['_ENQUEUEBATCHRESPONSE']._serialized_end=1059
-  _globals['_TAKEMESSAGESREQUEST']._serialized_start=1062
-  _globals['_TAKEMESSAGESREQUEST']._serialized_end=1208
-  _globals['_HANDEDMESSAGE']._serialized_start=1211
-  _globals['_HANDEDMESSAGE']._serialized_end=1470
-  _globals['_TAKEMESSAGESRESPONSE']._serialized_start=1472
-  _globals['_TAKEMESSAGESRESPONSE']._serialized_end=1557
-  _globals['_GETNODESTATEREQUEST']._serialized_start=1559
-  _globals['_GETNODESTATEREQUEST']._serialized_end=1580
-  _globals['_GETNODESTATERESPONSE']._serialized_start=1582
-  _globals['_GETNODESTATERESPONSE']._serialized_end=1681
-  _globals['_GETQUEUESTATSREQUEST']._serialized_start=1683
-  _globals['_GETQUEUESTATSREQUEST']._serialized_end=1726
-  _globals['_GETQUEUESTATSRESPONSE']._serialized_start=1728
-  _globals['_GETQUEUESTATSRESPONSE']._serialized_end=1836
-  _globals['_LISTMESSAGESREQUEST']._serialized_start=1838
-  _globals['_LISTMESSAGESREQUEST']._serialized_end=1959
-  _globals['_LISTMESSAGESRESPONSE']._serialized_start=1961
-  _globals['_LISTMESSAGESRESPONSE']._serialized_end=2051
-  _globals['_GETMESSAGEREQUEST']._serialized_start=2053
-  _globals['_GETMESSAGEREQUEST']._serialized_end=2092
-  _globals['_GETMESSAGERESPONSE']._serialized_start=2094
-  _globals['_GETMESSAGERESPONSE']._serialized_end=2201
-  _globals['_NODESERVICE']._serialized_start=2204
-  _globals['_NODESERVICE']._serialized_end=3152
+  _globals['_STOPPIPELINERESPONSE']._serialized_end=784
+  _globals['_LISTPIPELINESREQUEST']._serialized_start=786
+  _globals['_LISTPIPELINESREQUEST']._serialized_end=808
+  _globals['_LISTPIPELINESRESPONSE']._serialized_start=810
+  _globals['_LISTPIPELINESRESPONSE']._serialized_end=876
+  _globals['_ENQUEUEBATCHREQUEST']._serialized_start=878
+  _globals['_ENQUEUEBATCHREQUEST']._serialized_end=978
+  _globals['_ENQUEUEBATCHRESPONSE']._serialized_start=981
+  _globals['_ENQUEUEBATCHRESPONSE']._serialized_end=1111
+  _globals['_TAKEMESSAGESREQUEST']._serialized_start=1114
+  _globals['_TAKEMESSAGESREQUEST']._serialized_end=1260
+  _globals['_HANDEDMESSAGE']._serialized_start=1263
+  _globals['_HANDEDMESSAGE']._serialized_end=1522
+  _globals['_TAKEMESSAGESRESPONSE']._serialized_start=1524
+  _globals['_TAKEMESSAGESRESPONSE']._serialized_end=1609
+  _globals['_GETNODESTATEREQUEST']._serialized_start=1611
+  _globals['_GETNODESTATEREQUEST']._serialized_end=1632
+  _globals['_GETNODESTATERESPONSE']._serialized_start=1634
+  _globals['_GETNODESTATERESPONSE']._serialized_end=1733
+  _globals['_GETQUEUESTATSREQUEST']._serialized_start=1735
+  _globals['_GETQUEUESTATSREQUEST']._serialized_end=1778
+  _globals['_GETQUEUESTATSRESPONSE']._serialized_start=1780
+  _globals['_GETQUEUESTATSRESPONSE']._serialized_end=1888
+  _globals['_LISTMESSAGESREQUEST']._serialized_start=1890
+  _globals['_LISTMESSAGESREQUEST']._serialized_end=2011
+  _globals['_LISTMESSAGESRESPONSE']._serialized_start=2013
+  _globals['_LISTMESSAGESRESPONSE']._serialized_end=2103
+  _globals['_GETMESSAGEREQUEST']._serialized_start=2105
+  _globals['_GETMESSAGEREQUEST']._serialized_end=2144
+  _globals['_GETMESSAGERESPONSE']._serialized_start=2146
+  _globals['_GETMESSAGERESPONSE']._serialized_end=2253
+  _globals['_NODESERVICE']._serialized_start=2256
+  _globals['_NODESERVICE']._serialized_end=3204
 # @@protoc_insertion_point(module_scope)

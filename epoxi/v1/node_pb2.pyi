@@ -156,6 +156,7 @@ class StopPipelineResponse(_message.Message):
     HANDED_TO_NODE_FIELD_NUMBER: _builtins.int
     MESSAGES_KEPT_FIELD_NUMBER: _builtins.int
     KEPT_REASON_FIELD_NUMBER: _builtins.int
+    MOVED_WITH_FIELD_NUMBER: _builtins.int
     messages_handed_off: _builtins.int
     """Messages now in the spool of handed_to_node, and deleted here."""
     handed_to_node: _builtins.str
@@ -164,6 +165,12 @@ class StopPipelineResponse(_message.Message):
     kept_reason: _builtins.str
     @_builtins.property
     def pipeline(self) -> _pipeline_pb2.PipelineInfo: ...
+    @_builtins.property
+    def moved_with(self) -> _containers.RepeatedCompositeFieldContainer[Global___StopPipelineResponse]:
+        """The other routing keys of the pipeline's MX site and source IP that ran here: they share
+        its shaping budget, so they stopped too and their mail went to the same node.
+        """
+
     def __init__(
         self,
         *,
@@ -172,10 +179,11 @@ class StopPipelineResponse(_message.Message):
         handed_to_node: _builtins.str = ...,
         messages_kept: _builtins.int = ...,
         kept_reason: _builtins.str = ...,
+        moved_with: _abc.Iterable[Global___StopPipelineResponse] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["pipeline", b"pipeline"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["handed_to_node", b"handed_to_node", "kept_reason", b"kept_reason", "messages_handed_off", b"messages_handed_off", "messages_kept", b"messages_kept", "pipeline", b"pipeline"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["handed_to_node", b"handed_to_node", "kept_reason", b"kept_reason", "messages_handed_off", b"messages_handed_off", "messages_kept", b"messages_kept", "moved_with", b"moved_with", "pipeline", b"pipeline"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

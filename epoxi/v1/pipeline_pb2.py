@@ -26,19 +26,19 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65poxi/v1/pipeline.proto\x12\x08\x65poxi.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf6\x01\n\x0ePipelinePolicy\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0fmax_connections\x18\x02 \x01(\r\x12\x18\n\x0bmax_retries\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x12\n\nbatch_size\x18\x04 \x01(\r\x12\x30\n\rbatch_timeout\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x18\n\x10\x61llowed_messages\x18\x06 \x01(\r\x12\x33\n\x10message_interval\x18\x07 \x01(\x0b\x32\x19.google.protobuf.DurationB\x0e\n\x0c_max_retries\"k\n\x10PipelineCounters\x12\x0e\n\x06queued\x18\x01 \x01(\x04\x12\x11\n\tin_flight\x18\x02 \x01(\x04\x12\x10\n\x08\x64\x65\x66\x65rred\x18\x03 \x01(\x04\x12\x11\n\tdelivered\x18\x04 \x01(\x04\x12\x0f\n\x07\x62ounced\x18\x05 \x01(\x04\"\xb6\x02\n\x0cPipelineInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0brouting_key\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12(\n\x06policy\x18\x05 \x01(\x0b\x32\x18.epoxi.v1.PipelinePolicy\x12.\n\nstarted_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x06status\x18\x07 \x01(\x0e\x32\x18.epoxi.v1.PipelineStatus\x12,\n\x08\x63ounters\x18\x08 \x01(\x0b\x32\x1a.epoxi.v1.PipelineCounters\x12\x0e\n\x06\x64omain\x18\t \x01(\t\x12\x11\n\tsource_ip\x18\n \x01(\t\x12\x0f\n\x07healthy\x18\x0b \x01(\x08*\xc3\x01\n\x0ePipelineStatus\x12\x1f\n\x1bPIPELINE_STATUS_UNSPECIFIED\x10\x00\x12\x1c\n\x18PIPELINE_STATUS_STARTING\x10\x01\x12\x1b\n\x17PIPELINE_STATUS_RUNNING\x10\x02\x12\x1c\n\x18PIPELINE_STATUS_STOPPING\x10\x03\x12\x1b\n\x17PIPELINE_STATUS_STOPPED\x10\x04\x12\x1a\n\x16PIPELINE_STATUS_FAILED\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65poxi/v1/pipeline.proto\x12\x08\x65poxi.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf6\x01\n\x0ePipelinePolicy\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0fmax_connections\x18\x02 \x01(\r\x12\x18\n\x0bmax_retries\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x12\n\nbatch_size\x18\x04 \x01(\r\x12\x30\n\rbatch_timeout\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x18\n\x10\x61llowed_messages\x18\x06 \x01(\r\x12\x33\n\x10message_interval\x18\x07 \x01(\x0b\x32\x19.google.protobuf.DurationB\x0e\n\x0c_max_retries\"k\n\x10PipelineCounters\x12\x0e\n\x06queued\x18\x01 \x01(\x04\x12\x11\n\tin_flight\x18\x02 \x01(\x04\x12\x10\n\x08\x64\x65\x66\x65rred\x18\x03 \x01(\x04\x12\x11\n\tdelivered\x18\x04 \x01(\x04\x12\x0f\n\x07\x62ounced\x18\x05 \x01(\x04\"\xc4\x02\n\x0cPipelineInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0brouting_key\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12(\n\x06policy\x18\x05 \x01(\x0b\x32\x18.epoxi.v1.PipelinePolicy\x12.\n\nstarted_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x06status\x18\x07 \x01(\x0e\x32\x18.epoxi.v1.PipelineStatus\x12,\n\x08\x63ounters\x18\x08 \x01(\x0b\x32\x1a.epoxi.v1.PipelineCounters\x12\x0e\n\x06\x64omain\x18\t \x01(\t\x12\x11\n\tsource_ip\x18\n \x01(\t\x12\x0f\n\x07healthy\x18\x0b \x01(\x08\x12\x0c\n\x04site\x18\x0c \x01(\t*\xc3\x01\n\x0ePipelineStatus\x12\x1f\n\x1bPIPELINE_STATUS_UNSPECIFIED\x10\x00\x12\x1c\n\x18PIPELINE_STATUS_STARTING\x10\x01\x12\x1b\n\x17PIPELINE_STATUS_RUNNING\x10\x02\x12\x1c\n\x18PIPELINE_STATUS_STOPPING\x10\x03\x12\x1b\n\x17PIPELINE_STATUS_STOPPED\x10\x04\x12\x1a\n\x16PIPELINE_STATUS_FAILED\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'epoxi.v1.pipeline_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PIPELINESTATUS']._serialized_start=774
-  _globals['_PIPELINESTATUS']._serialized_end=969
+  _globals['_PIPELINESTATUS']._serialized_start=788
+  _globals['_PIPELINESTATUS']._serialized_end=983
   _globals['_PIPELINEPOLICY']._serialized_start=103
   _globals['_PIPELINEPOLICY']._serialized_end=349
   _globals['_PIPELINECOUNTERS']._serialized_start=351
   _globals['_PIPELINECOUNTERS']._serialized_end=458
   _globals['_PIPELINEINFO']._serialized_start=461
-  _globals['_PIPELINEINFO']._serialized_end=771
+  _globals['_PIPELINEINFO']._serialized_end=785
 # @@protoc_insertion_point(module_scope)

@@ -142,6 +142,7 @@ class PipelineInfo(_message.Message):
     DOMAIN_FIELD_NUMBER: _builtins.int
     SOURCE_IP_FIELD_NUMBER: _builtins.int
     HEALTHY_FIELD_NUMBER: _builtins.int
+    SITE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Registry service ID of the pipeline, e.g. "epoxi-pipeline-node1-gmail.com_192_168_1_1"."""
     routing_key: _builtins.str
@@ -155,6 +156,11 @@ class PipelineInfo(_message.Message):
     source_ip: _builtins.str
     healthy: _builtins.bool
     """True when the registry's checks for the pipeline are all passing."""
+    site: _builtins.str
+    """The MX site its mail goes to (its MX host names, or a configured site name such as
+    "google"). The keys of one site and source IP share a shaping budget, so they run on one
+    node, and move together.
+    """
     @_builtins.property
     def policy(self) -> Global___PipelinePolicy: ...
     @_builtins.property
@@ -175,10 +181,11 @@ class PipelineInfo(_message.Message):
         domain: _builtins.str = ...,
         source_ip: _builtins.str = ...,
         healthy: _builtins.bool = ...,
+        site: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["counters", b"counters", "policy", b"policy", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "counters", b"counters", "domain", b"domain", "healthy", b"healthy", "name", b"name", "node", b"node", "policy", b"policy", "routing_key", b"routing_key", "source_ip", b"source_ip", "started_at", b"started_at", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "counters", b"counters", "domain", b"domain", "healthy", b"healthy", "name", b"name", "node", b"node", "policy", b"policy", "routing_key", b"routing_key", "site", b"site", "source_ip", b"source_ip", "started_at", b"started_at", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

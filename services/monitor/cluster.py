@@ -140,15 +140,18 @@ def plan_rebalance(
 ) -> tuple[list[monitor_pb2.PipelineMove], list[monitor_pb2.SkippedPipeline], dict[str, int]]:
     """Moves that even out pipeline counts, from the passing nodes' live states.
 
-    Repeatedly takes the most-loaded node (most pipelines, then ID) that has a pipeline whose
-    least-loaded other owner of its source IP (fewest pipelines, then least mail, then ID; not
-    already running the key) has at least two pipelines fewer, and moves the pipeline with the
-    least-loaded such target there (ties: the first routing key). Queued mail does not hold a
-    pipeline back: the stop hands that mail to the target. A pipeline on a node with two or
-    more pipelines above the least-loaded one that no other node can take (none sends from its
-    IP, or each that does runs the key already) is skipped, once, with the reason. Each move
-    lowers the sum of squared counts, so the loop ends. Returns (moves in order, skipped, node
-    ID → pipeline count after the moves).
+    Pipelines move in groups: the keys of one MX site and source IP on a node (``site``, as the
+    node reports it) share a shaping budget and move only together; a pipeline with no site is
+    a group of its own. Repeatedly takes the most-loaded node (most pipelines, then ID) that has
+    a group whose least-loaded other owner of its source IP (fewest pipelines, then least mail,
+    then ID; running none of the group's keys) would still have fewer pipelines than the node
+    once the group moved, and moves the group with the least-loaded such target there (ties: the
+    first routing key). Queued mail does not hold a pipeline back: the stop hands that mail to
+    the target. A group on a node with two or more pipelines above the least-loaded one that no
+    other node can take (none sends from its IP, or each that does runs one of its keys, or it is
+    too big to move without making things worse) is skipped, once, with the reason. Each move
+    lowers the sum of squared counts, so the loop ends. Returns (moves in order, each group's
+    keys one after the other; skipped; node ID -> pipeline count after the moves).
     """
     states = sorted(states, key=lambda s: s.node.id)
     nodes = {s.node.id: s.node for s in states}
@@ -158,51 +161,104 @@ def plan_rebalance(
     counts = {n: len(keys) for n, keys in running.items()}
     moves: list[monitor_pb2.PipelineMove] = []
     skipped: list[monitor_pb2.SkippedPipeline] = []
-    settled: set[tuple[str, str]] = set()  # (node, routing key) skipped: not looked at again
+    settled: set[tuple[str, str]] = set()  # (node, first routing key of a group) skipped
 
-    def owners(source: str, p: pipeline_pb2.PipelineInfo) -> list[str]:
-        return [n for n in nodes if n != source and p.source_ip in nodes[n].egress_ips]
+    def groups(node: str) -> list[list[pipeline_pb2.PipelineInfo]]:
+        """The node's pipelines by (site, source IP), each sorted by key, in order of first key."""
+        found: dict[tuple[str, str], list[pipeline_pb2.PipelineInfo]] = {}
+        for key in sorted(running[node]):
+            p = running[node][key]
+            found.setdefault((p.site or f"key {key}", p.source_ip), []).append(p)
+        return list(found.values())
 
-    def why_not(source: str, p: pipeline_pb2.PipelineInfo) -> str:
-        if not owners(source, p):
+    def owners(source: str, ip: str) -> list[str]:
+        return [n for n in nodes if n != source and ip in nodes[n].egress_ips]
+
+    def why_not(source: str, group: list[pipeline_pb2.PipelineInfo], free: list[str]) -> str:
+        p = group[0]
+        if not owners(source, p.source_ip):
             return f"no other passing node sends from {p.source_ip}"
-        return f"every other passing node that sends from {p.source_ip} runs {p.routing_key} already"
+        if not free:
+            keys = " or ".join(g.routing_key for g in group)
+            return f"every other passing node that sends from {p.source_ip} runs {keys} already"
+        return (
+            f"shares MX site {p.site} from {p.source_ip} with {len(group) - 1} more pipelines here; "
+            f"they move only together, and moving all {len(group)} would not even out the counts"
+        )
 
-    def next_move() -> tuple[str, str, pipeline_pb2.PipelineInfo] | None:
+    def next_move() -> tuple[str, str, list[pipeline_pb2.PipelineInfo]] | None:
         fewest = min(counts.values(), default=0)
         for source in sorted(counts, key=lambda n: (-counts[n], n)):
-            options = []  # (target's rank, routing key, target)
-            for key in sorted(running[source]):
-                if (source, key) in settled:
+            options = []  # (target's rank, first routing key, target, group)
+            for group in groups(source):
+                first = group[0].routing_key
+                if (source, first) in settled:
                     continue
-                p = running[source][key]
-                free = [n for n in owners(source, p) if key not in running[n]]
-                if not free:
-                    if counts[source] - fewest > 1:
-                        settled.add((source, key))
-                        skipped.append(monitor_pb2.SkippedPipeline(pipeline=p, reason=why_not(source, p)))
-                    continue
-                target = min(free, key=lambda n: (counts[n], nodes[n].load, n))
-                if counts[target] + 1 < counts[source]:
-                    options.append(((counts[target], nodes[target].load, target), key, target))
+                keys = {p.routing_key for p in group}
+                free = [n for n in owners(source, group[0].source_ip) if not keys & running[n].keys()]
+                target = min(free, key=lambda n: (counts[n], nodes[n].load, n)) if free else None
+                if target is not None and counts[target] + len(group) < counts[source]:
+                    options.append(((counts[target], nodes[target].load, target), first, target, group))
+                elif counts[source] - fewest > 1 and (target is None or counts[target] + 1 < counts[source]):
+                    # Nowhere to go, or only too big to go: one key alone would have moved.
+                    settled.add((source, first))
+                    reason = why_not(source, group, free)
+                    skipped.extend(monitor_pb2.SkippedPipeline(pipeline=p, reason=reason) for p in group)
             if options:
-                _, key, target = min(options)
-                return source, target, running[source][key]
+                _, _, target, group = min(options, key=lambda o: (o[0], o[1]))
+                return source, target, group
         return None
 
     while (move := next_move()) is not None:
-        source, target, p = move
-        del running[source][p.routing_key]
-        running[target][p.routing_key] = p
-        counts[source] -= 1
-        counts[target] += 1
-        moves.append(
-            monitor_pb2.PipelineMove(
-                routing_key=p.routing_key,
-                from_node=source,
-                to_node=target,
-                state=monitor_pb2.PIPELINE_MOVE_STATE_PLANNED,
-                pipeline=p,
+        source, target, group = move
+        for p in group:
+            del running[source][p.routing_key]
+            running[target][p.routing_key] = p
+            moves.append(
+                monitor_pb2.PipelineMove(
+                    routing_key=p.routing_key,
+                    from_node=source,
+                    to_node=target,
+                    state=monitor_pb2.PIPELINE_MOVE_STATE_PLANNED,
+                    pipeline=p,
+                )
             )
-        )
+        counts[source] -= len(group)
+        counts[target] += len(group)
     return moves, skipped, counts
+
+
+def move_groups(moves: Iterable[monitor_pb2.PipelineMove]) -> list[list[monitor_pb2.PipelineMove]]:
+    """Planned moves as the groups that go together: consecutive moves between the same nodes
+    of pipelines with one (site, source IP); a pipeline with no site goes alone."""
+    groups: list[list[monitor_pb2.PipelineMove]] = []
+    for move in moves:
+        last = groups[-1][0] if groups else None
+        p = move.pipeline
+        if (
+            last is not None
+            and p.site
+            and (last.from_node, last.to_node, last.pipeline.site, last.pipeline.source_ip)
+            == (move.from_node, move.to_node, p.site, p.source_ip)
+        ):
+            groups[-1].append(move)
+        else:
+            groups.append([move])
+    return groups
+
+
+def stop_outcome(
+    node: str, address: str, response: node_pb2.StopPipelineResponse
+) -> monitor_pb2.NodeStopOutcome:
+    """A node's StopPipeline answer as the monitor reports it, with the keys that moved with it."""
+    return monitor_pb2.NodeStopOutcome(
+        node=node,
+        address=address,
+        stopped=True,
+        pipeline=response.pipeline,
+        messages_handed_off=response.messages_handed_off,
+        handed_to_node=response.handed_to_node,
+        messages_kept=response.messages_kept,
+        kept_reason=response.kept_reason,
+        moved_with=[stop_outcome(node, address, also) for also in response.moved_with],
+    )

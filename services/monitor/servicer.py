@@ -27,7 +27,7 @@ import grpc
 from epoxi import routing
 from epoxi.registry import services
 from epoxi.registry.client import RegistryError
-from epoxi.registry.ownership import Owner, owner_of
+from epoxi.registry.ownership import Owner, owner_from_metadata, owner_of
 from epoxi.routing import routing_key, split_routing_key
 from epoxi.runtime import status
 from epoxi.runtime.channels import Channels
@@ -38,6 +38,9 @@ from services.monitor.queues import NodeQueues
 from services.monitor.shaping import NodeShaping, clear_request
 
 log = logging.getLogger(__name__)
+
+# Refusals naming another node that StartPipelineOptimal follows before it gives up.
+FOLLOWED_REFUSALS = 3
 
 
 class MonitorService(monitor_pb2_grpc.MonitorServiceServicer):
@@ -134,10 +137,30 @@ class MonitorService(monitor_pb2_grpc.MonitorServiceServicer):
         )
         if request.HasField("policy"):
             forward.policy.CopyFrom(request.policy)
-        try:
-            started = await self._start(node, forward)
-        except grpc.aio.AioRpcError as e:
-            await abort(context, e.code(), f"node {node.id} at {node.address}: {e.details()}")
+        for hop in range(FOLLOWED_REFUSALS + 1):
+            try:
+                started = await self._start(node, forward)
+                break
+            except grpc.aio.AioRpcError as e:
+                # A node that may not run the key names the one that does (the key, or its site).
+                owner = owner_from_metadata(
+                    (k, v) for k, v in (e.trailing_metadata() or ()) if isinstance(v, str)
+                )
+                if (
+                    e.code() != grpc.StatusCode.FAILED_PRECONDITION
+                    or owner is None
+                    or hop == FOLLOWED_REFUSALS
+                ):
+                    await abort(context, e.code(), f"node {node.id} at {node.address}: {e.details()}")
+                    raise
+                log.info(
+                    "StartPipelineOptimal %s: node %s names node %s: %s",
+                    key,
+                    node.id,
+                    owner.node,
+                    e.details(),
+                )
+                node = node_pb2.NodeInfo(id=owner.node, address=owner.address)
         return monitor_pb2.StartPipelineOptimalResponse(
             pipeline=started.pipeline, node=node, started=started.started
         )
@@ -170,12 +193,12 @@ class MonitorService(monitor_pb2_grpc.MonitorServiceServicer):
             async with lock.held(self.consul, lock.REBALANCE, self.name, self.address) as held:
                 # Planned under the lock: no other rebalance moves pipelines meanwhile.
                 response, addresses = await self._plan()
-                for move in response.moves:
+                for group in cluster.move_groups(response.moves):
                     if held.lost:
                         log.warning("rebalance: %s was lost; the later moves stay planned", lock.REBALANCE)
                         break
-                    await self._move(move, addresses)
-                    if move.state != monitor_pb2.PIPELINE_MOVE_STATE_MOVED:
+                    await self._move(group, addresses)
+                    if any(move.state != monitor_pb2.PIPELINE_MOVE_STATE_MOVED for move in group):
                         break  # later moves assumed this one; leave them planned
                 return response
         except lock.LockHeld as e:
@@ -232,13 +255,31 @@ class MonitorService(monitor_pb2_grpc.MonitorServiceServicer):
         )
         return response, {n.id: n.address for n in nodes}
 
-    async def _move(self, move: monitor_pb2.PipelineMove, addresses: dict[str, str]) -> None:
-        """Stop ``move``'s pipeline on from_node, handing its queued mail to to_node, then make
-        sure to_node runs it (started with the source's policy when nothing was queued)."""
-        p = move.pipeline
+    async def _move(self, group: list[monitor_pb2.PipelineMove], addresses: dict[str, str]) -> None:
+        """Stop a group's pipelines on from_node with one StopPipeline (a node stops the keys of
+        one site together), handing their queued mail to to_node, then make sure to_node runs
+        each (started with the source's policy when nothing was queued)."""
+        first = group[0]
         outcome = await self._stop_on(
-            move.from_node, addresses[move.from_node], move.routing_key, hand_to=move.to_node
+            first.from_node, addresses[first.from_node], first.routing_key, hand_to=first.to_node
         )
+        outcomes = {first.routing_key: outcome}
+        outcomes.update((o.pipeline.routing_key, o) for o in outcome.moved_with)
+        for move in group:
+            found = outcomes.get(move.routing_key)
+            if found is None:
+                move.state = monitor_pb2.PIPELINE_MOVE_STATE_STOP_FAILED
+                move.error_message = f"node {move.from_node} did not stop it with {first.routing_key}"
+                if outcome.stopped:
+                    move.error_message += " (it is no longer of the same site there)"
+                continue
+            await self._moved(move, found, addresses)
+
+    async def _moved(
+        self, move: monitor_pb2.PipelineMove, outcome: monitor_pb2.NodeStopOutcome, addresses: dict[str, str]
+    ) -> None:
+        """Record where ``move``'s stop put the mail, and start the key on to_node."""
+        p = move.pipeline
         if not outcome.stopped:
             move.state = monitor_pb2.PIPELINE_MOVE_STATE_STOP_FAILED
             move.error_code, move.error_message = outcome.error_code, outcome.error_message
@@ -299,12 +340,14 @@ class MonitorService(monitor_pb2_grpc.MonitorServiceServicer):
             )
             outcome.error_code, outcome.error_message = e.code().name, str(e.details())
             return outcome
-        outcome.stopped = True
-        outcome.pipeline.CopyFrom(response.pipeline)
-        outcome.messages_handed_off = response.messages_handed_off
-        outcome.handed_to_node = response.handed_to_node
-        outcome.messages_kept = response.messages_kept
-        outcome.kept_reason = response.kept_reason
+        outcome = cluster.stop_outcome(node, address, response)
+        for also in outcome.moved_with:
+            log.info(
+                "pipeline %s stopped with it on node %s: %s",
+                also.pipeline.routing_key,
+                node,
+                where_mail_went(also),
+            )
         log.info("pipeline %s stopped on node %s: %s", key, node, where_mail_went(outcome))
         return outcome
 

@@ -33,7 +33,7 @@ from epoxi.runtime.status import abort, summary
 from epoxi.v1 import node_pb2, node_pb2_grpc, pipeline_pb2, queue_pb2, shaping_pb2
 from services.node import handoff, queue
 from services.node.engine.spool import Counts, KeyStats
-from services.node.supervisor import OwnedElsewhere, PipelineSupervisor, Unrenderable
+from services.node.supervisor import OwnedElsewhere, PipelineSupervisor, Stopped, Unrenderable
 
 log = logging.getLogger(__name__)
 
@@ -127,24 +127,30 @@ class NodeService(node_pb2_grpc.NodeServiceServicer):
                     f"the source IP of {request.routing_key!r}",
                 )
         try:
-            p, handed = await self.supervisor.stop_pipeline(request.routing_key, to)
+            stopped = await self.supervisor.stop_pipeline(request.routing_key, to)
         except OwnedElsewhere as e:
             await abort(context, grpc.StatusCode.ABORTED, f"{e}: a stop or hand-off is under way")
             raise
-        if p is None and not (handed.moved or handed.kept):
+        if stopped.pipeline is None and not (stopped.handed.moved or stopped.handed.kept):
             await abort(
                 context,
                 grpc.StatusCode.NOT_FOUND,
                 f"no pipeline {request.routing_key!r} runs on node {self.supervisor.id}",
             )
+        reply = await self._stopped(stopped)
+        reply.moved_with.extend([await self._stopped(s) for s in stopped.moved_with])
+        return reply
+
+    async def _stopped(self, stopped: Stopped) -> node_pb2.StopPipelineResponse:
+        handed = stopped.handed
         reply = node_pb2.StopPipelineResponse(
             messages_handed_off=handed.moved,
             handed_to_node=handed.to,
             messages_kept=handed.kept,
             kept_reason=handed.reason,
         )
-        if p is not None:
-            reply.pipeline.CopyFrom(await self.supervisor.pipeline_info(p))
+        if stopped.pipeline is not None:
+            reply.pipeline.CopyFrom(await self.supervisor.pipeline_info(stopped.pipeline))
         return reply
 
     async def _peer(self, node: str, key: str) -> Owner | None:

@@ -20,6 +20,13 @@ registry round, and at startup as ``resume``) starts or hands off every key with
 mail and no pipeline, and gives up the keys whose record another node took while this node's
 registry session was lost.
 
+Keys that share a shaping budget run on one node: before it claims a key, the node looks up the
+key's MX site (``Shaper.site_of``) and claims (site, source IP)'s record as well
+(``Ownership.claim_site``); another node holding it is named in the refusal, which routers and
+monitors follow. The record is released when the last key of that (site, IP) leaves the node, and
+a stop moves the whole group: ``stop_pipeline`` stops every key of the site here and hands them
+all to one node.
+
 A pipeline stopped for being idle comes back when mail arrives for it (``pipeline_for_mail``).
 Stopping one is safe against a concurrent ``enqueue``: the stop happens only if no enqueue
 began since the spool was seen empty, and an enqueue that finds its pipeline gone restarts it.
@@ -45,7 +52,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from opentelemetry import trace
 
@@ -90,12 +97,32 @@ MAX_HOPS = 3
 
 
 class OwnedElsewhere(Exception):
-    """Another node runs the routing key (``owner``; None while this node hands it over)."""
+    """Another node runs the routing key, or its site's keys (``owner``; None while this node
+    hands it over)."""
 
-    def __init__(self, key: str, owner: Owner | None) -> None:
+    def __init__(self, key: str, owner: Owner | None, site: str = "") -> None:
         where = f"node {owner.node} at {owner.address}" if owner else "the node it is being handed to"
-        super().__init__(f"routing key {key!r} is run by {where}")
+        if site:
+            _, source_ip = split_routing_key(key)
+            message = (
+                f"routing key {key!r} shares MX site {site!r} from {source_ip} with the pipelines on "
+                f"{where}, and keys of one site and IP run on one node (one shaping budget)"
+            )
+        else:
+            message = f"routing key {key!r} is run by {where}"
+        super().__init__(message)
         self.owner = owner
+
+
+@dataclass
+class Stopped:
+    """A routing key stopped here: its pipeline (None when none ran), and where its mail went.
+    ``moved_with``: the other keys of its (site, source IP) that stopped and moved with it."""
+
+    key: str
+    pipeline: Pipeline | None
+    handed: HandOff
+    moved_with: list[Stopped] = field(default_factory=list)
 
 
 class Unrenderable(Exception):
@@ -186,6 +213,9 @@ class PipelineSupervisor:
         # Keys being stopped or handed over, with where their mail goes (once known): new mail
         # for them is refused, naming that node.
         self.leaving: dict[str, Owner | None] = {}
+        # The MX site of each routing key running or starting here (``_join_site``).
+        self.sites: dict[str, str] = {}
+        self._site_lock = asyncio.Lock()
         # Per routing key: when mail last arrived or was seen unfinished (time.monotonic()),
         # how many enqueues began, and how many are under way.
         self.last_active: dict[str, float] = {}
@@ -226,7 +256,7 @@ class PipelineSupervisor:
         domain = domain.lower()
         source_ip = str(ipaddress.ip_address(source_ip))
         key = routing_key(domain, source_ip)
-        await self._claim(key)
+        site = await self._claim(key)
         async with self._lock:
             running = self.pipelines.get(key)
             if running is not None:
@@ -247,6 +277,7 @@ class PipelineSupervisor:
                 node=self.id,
                 instruments=self.instruments,
                 shaper=self.shaper,
+                site=site,
             )
             self.pipelines[key] = p
             self.idle_stopped.pop(key, None)
@@ -260,54 +291,125 @@ class PipelineSupervisor:
         await self.hooks.pipeline_started(p)
         return p, True
 
-    async def _claim(self, key: str) -> None:
-        """Hold ``key``'s placement record, or raise ``OwnedElsewhere`` / ``ClaimError``."""
+    async def _claim(self, key: str) -> str:
+        """Hold ``key``'s placement record and its site's; the key's MX site. Raises
+        ``OwnedElsewhere`` / ``ClaimError`` when this node may not run it."""
         if self._closed:
             raise ClaimError(f"node {self.id} is shutting down")
         if key in self.leaving:
             raise OwnedElsewhere(key, self.leaving[key])
-        if self.ownership.holds(key):
-            return
-        holder = await self.ownership.claim(key)
+        if self.ownership.holds(key) and key in self.sites:
+            return self.sites[key]
+        site = await self._join_site(key)
+        try:
+            holder = await self.ownership.claim(key)
+        except ClaimError:
+            await self._leave_site(key)
+            raise
         if holder is not None:
+            await self._leave_site(key)
             raise OwnedElsewhere(key, holder)
         if key in self.leaving:  # a stop began while the claim was under way
             await self.ownership.release(key)
+            await self._leave_site(key)
             raise OwnedElsewhere(key, self.leaving[key])
+        return site
+
+    async def _join_site(self, key: str) -> str:
+        """Count ``key`` among its (site, source IP)'s keys here, holding that record; its site.
+        Raises ``OwnedElsewhere`` naming the node that runs the site's keys."""
+        domain, source_ip = split_routing_key(key)
+        site = self.sites.get(key) or await self.shaper.site_of(domain)
+        async with self._site_lock:  # a join and the last key's leave never interleave
+            self.sites[key] = site
+            try:
+                holder = await self.ownership.claim_site(site, source_ip)
+            except ClaimError:
+                self.sites.pop(key, None)
+                raise
+            if holder is not None:
+                self.sites.pop(key, None)
+        if holder is not None:
+            # Say which it is: the key itself runs there, or only keys of its site do.
+            try:
+                runs_key = await self.ownership.owner(key) == holder
+            except ClaimError:
+                runs_key = False
+            raise OwnedElsewhere(key, holder, "" if runs_key else site)
+        return site
+
+    async def _leave_site(self, key: str) -> None:
+        """``key`` no longer runs here: the last key of its (site, source IP) releases the record."""
+        async with self._site_lock:
+            if key in self.pipelines or self.ownership.holds(key):
+                return  # another start of the key won meanwhile
+            site = self.sites.pop(key, None)
+            if site is None:
+                return
+            _, source_ip = split_routing_key(key)
+            if not self._site_keys(site, source_ip):
+                await self.ownership.release_site(site, source_ip)
+
+    def _site_keys(self, site: str, source_ip: str) -> list[str]:
+        """The keys of (site, source IP) running or starting here, sorted."""
+        return sorted(k for k, s in self.sites.items() if s == site and _source_ip(k) == source_ip)
+
+    def site_group(self, key: str) -> list[str]:
+        """``key`` and the other running keys here of its (site, source IP)."""
+        site = self.sites.get(key)
+        if site is None:
+            return [key]
+        others = [k for k in self._site_keys(site, _source_ip(key)) if k != key and k in self.pipelines]
+        return [key, *others]
 
     def _new_policy(self, key: str) -> Policy:
         return self.policies.for_new_pipeline(key) or Policy(name=key)
 
-    async def stop_pipeline(self, key: str, hand_to: Owner | None = None) -> tuple[Pipeline | None, HandOff]:
+    async def stop_pipeline(self, key: str, hand_to: Owner | None = None) -> Stopped:
         """Stop ``key``'s pipeline and hand its queued mail to ``hand_to`` (default: the best
-        other node that owns the key's IP); the stopped pipeline (None when none ran) and where
-        the mail went. With nowhere to hand it, the mail stays and the pipeline starts again."""
-        if key in self.leaving:
-            raise OwnedElsewhere(key, self.leaving[key])
-        self.leaving[key] = hand_to
+        other node that owns the key's IP). With nowhere to hand it, the mail stays and the
+        pipeline starts again. The other keys of its (site, source IP) here stop and go to the
+        same node (``Stopped.moved_with``): they share a budget, so they move together."""
+        group = self.site_group(key)
+        for k in group:
+            if k in self.leaving:
+                raise OwnedElsewhere(k, self.leaving[k])
+        if hand_to is None and len(group) > 1:
+            found = await self.peers.candidates(_source_ip(key))
+            hand_to = found[0] if found else None
+        for k in group:
+            self.leaving[k] = hand_to
         try:
-            # Mail being committed for the key is in the spool before the hand-off reads it.
-            await asyncio.gather(*self._commits_for(key), return_exceptions=True)
+            # Mail being committed for the keys is in the spool before the hand-off reads it.
+            await asyncio.gather(*(c for k in group for c in self._commits_for(k)), return_exceptions=True)
             async with self._lock:
-                self.idle_stopped.pop(key, None)
-                p = self.pipelines.pop(key, None)
+                stopped = [self.pipelines.pop(k, None) for k in group]
+                for k in group:
+                    self.idle_stopped.pop(k, None)
+                await asyncio.gather(*(p.stop(self.stop_grace) for p in stopped if p is not None))
+            for p in stopped:
                 if p is not None:
-                    await p.stop(self.stop_grace)
-            if p is not None:
-                log.info("pipeline %s stopped", key)
-                await self.hooks.pipeline_stopped(p)
-            await self.ownership.release(key)
-            handed = await self.hand_off(key, hand_to)
+                    log.info("pipeline %s stopped", p.routing_key)
+                    await self.hooks.pipeline_stopped(p)
+            for k in group:
+                await self.ownership.release(k)
+                await self._leave_site(k)
+            handed = [await self.hand_off(k, hand_to) for k in group]
         finally:
-            self.leaving.pop(key, None)
-            self._forget(key)
-        if handed.kept and not handed.to:
-            domain, source_ip = split_routing_key(key)
-            try:
-                await self.start_pipeline(domain, source_ip, p.policy if p is not None else None)
-            except (OwnedElsewhere, ClaimError) as e:
-                log.warning("pipeline %s keeps %d messages for later: %s", key, handed.kept, e)
-        return p, handed
+            for k in group:
+                self.leaving.pop(k, None)
+                self._forget(k)
+        results = [Stopped(k, p, h) for k, p, h in zip(group, stopped, handed, strict=True)]
+        for r in results:
+            if r.handed.kept and not r.handed.to:
+                domain, source_ip = split_routing_key(r.key)
+                try:
+                    await self.start_pipeline(domain, source_ip, r.pipeline.policy if r.pipeline else None)
+                except (OwnedElsewhere, ClaimError) as e:
+                    log.warning("pipeline %s keeps %d messages for later: %s", r.key, r.handed.kept, e)
+        first, *rest = results
+        first.moved_with = rest
+        return first
 
     def _commits_for(self, key: str) -> list[asyncio.Task[Spooled]]:
         return [c for c in self._commits if c.get_name().endswith(f" {key}")]
@@ -387,9 +489,29 @@ class PipelineSupervisor:
                 owner = await self.ownership.owner(key)
             except ClaimError:
                 owner = None
-            if owner is not None and owner.node != self.id:
+            if owner is not None and owner.node != self.id and key in self.pipelines:
                 await self.stop_pipeline(key, owner)
+        await self._reclaim_sites()
         await self.resume()
+
+    async def _reclaim_sites(self) -> None:
+        """Hold the site records of the running keys again (a lost session freed them); a site
+        another node took meanwhile takes this node's keys of it."""
+        groups = {(s, _source_ip(k)): k for k, s in sorted(self.sites.items()) if k in self.pipelines}
+        for (site, source_ip), key in groups.items():
+            try:
+                holder = await self.ownership.claim_site(site, source_ip)
+            except ClaimError as e:
+                log.warning("site %s from %s: %s", site, source_ip, e)
+                continue
+            if holder is not None and holder.node != self.id and key in self.pipelines:
+                log.warning(
+                    "site %s from %s was taken by node %s: handing its keys over",
+                    site,
+                    source_ip,
+                    holder.node,
+                )
+                await self.stop_pipeline(key, holder)
 
     async def stop_if_idle(self, key: str, idle_for: float) -> bool:
         """Stop ``key``'s pipeline if it has had no unfinished mail and no new mail for ``idle_for``
@@ -413,6 +535,7 @@ class PipelineSupervisor:
             self.idle_stopped[key] = PipelineRecord(key, p.domain, p.source_ip, p.policy)
             await p.stop(self.stop_grace)
         await self.ownership.release(key)
+        await self._leave_site(key)
         log.info("pipeline %s stopped: no mail for %gs", key, idle_for)
         await self.hooks.pipeline_stopped(p)
         return True
@@ -641,6 +764,7 @@ class PipelineSupervisor:
             domain=p.domain,
             source_ip=p.source_ip,
             healthy=p.status == RUNNING,
+            site=p.site,
         )
 
     async def node_info(self, counts: dict[str, Counts] | None = None) -> node_pb2.NodeInfo:

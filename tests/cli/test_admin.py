@@ -96,8 +96,8 @@ async def test_pipelines_start_ls_show_and_stop(mesh: Mesh) -> None:
 
     run = await epoxi("pipelines", "stop", "start.test_127_0_0_3", *at(mesh))
     assert run.code == 0, run
-    assert lines(run)[0][:3] == ["NODE", "STOPPED", "HANDED OFF"]
-    assert lines(run)[1][:2] == ["node1", "yes"]
+    assert lines(run)[0][:4] == ["KEY", "NODE", "STOPPED", "HANDED OFF"]
+    assert lines(run)[1][:3] == ["start.test_127_0_0_3", "node1", "yes"]
     assert "stopped on 1 node(s)" in run.out
 
     async def gone() -> Run | None:

@@ -294,7 +294,7 @@ async def test_a_shaping_adjustment_in_force_is_shown(live: LiveGateway, tab: Ta
     domain, ip, key, node = SLOW
     await send(live.http, live.url, domain, ip, 1, "slow")
     [adjustment] = await eventually(lambda: shaping_in_force(live))
-    site = live.sink.address  # a route's site is its host:port
+    site = domain  # sent by the catch-all route: the domain is its own site
     assert (adjustment["site"], adjustment["sourceIp"], adjustment["node"]) == (site, ip, node)
     assert adjustment["routingKeys"] == [key]
     page = tab.page

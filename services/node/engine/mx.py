@@ -181,6 +181,10 @@ class Destinations:
     # The port MX hosts listen on (25; tests point it at a sink).
     port: int = SMTP_PORT
 
+    def by_catch_all(self, domain: str) -> bool:
+        """Whether ``domain``'s mail goes by the ``*`` route (it has no route of its own)."""
+        return domain.lower() not in self.routes and "*" in self.routes
+
     async def hosts(self, domain: str, family: int = 4) -> list[Host]:
         """The hosts to try in order; ``NoRoute`` or ``DnsUnavailable`` when there are none."""
         route = self.routes.get(domain.lower()) or self.routes.get("*")

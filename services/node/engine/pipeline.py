@@ -107,6 +107,7 @@ class Pipeline:
         node: str = "",
         instruments: Instruments = NO_INSTRUMENTS,
         shaper: Shaper | None = None,
+        site: str = "",
     ) -> None:
         self.routing_key = routing_key
         self.node = node  # the node's ID, for spans
@@ -136,7 +137,7 @@ class Pipeline:
         self._crashes = 0
         self._task: asyncio.Task[None] | None = None
         self.shaper = shaper
-        self.site = ""  # the MX site, once looked up (``shaper``)
+        self.site = site  # the MX site: given (the supervisor placed the key by it), or looked up
         self._budget: Budget | None = None
 
     @property
@@ -261,7 +262,7 @@ class Pipeline:
         self._queue.clear()
         self._busy.clear()
         if self.shaper is not None and self._budget is None:
-            self.site = await self.shaper.site_of(self.domain)
+            self.site = self.site or await self.shaper.site_of(self.domain)
             self._budget = self.shaper.join(self.site, self.source_ip, self.routing_key, self.wake)
         async with asyncio.TaskGroup() as lanes:
             while not self._stopping:

@@ -307,8 +307,10 @@ class Shaper:
                 budget.resite(site)
 
     async def site_of(self, domain: str) -> str:
-        """The MX site ``domain``'s mail goes to (a domain that has none yet is its own)."""
-        if self._destinations is None:
+        """The MX site ``domain``'s mail goes to (a domain that has none yet is its own, and so is
+        one sent by the catch-all ``*`` route: that stands for every other domain, the dev sink or a
+        smarthost, and rolling them all into one site would pin every key of an IP to one node)."""
+        if self._destinations is None or self._destinations.by_catch_all(domain):
             return domain.lower()
         try:
             hosts = await self._destinations.hosts(domain)

@@ -1,7 +1,7 @@
 """Shaping across the cluster (ListClusterShaping, ClearClusterShaping) against real nodes whose
 budgets a provider's reply throttled: the sink answers ``421 4.7.0 Try again later``, and the
-built-in rule ``try-again-later`` halves the (site, source IP)'s limits. Every node routes to the
-sink, so the site is the sink's "host:port"; node1 sends from .2 and .3, node2 from .4: three
+built-in rule ``try-again-later`` halves the (site, source IP)'s limits. Every node routes the
+test domains to the sink by name, so the site is the sink's "host:port"; node1 sends from .2 and .3, node2 from .4: three
 adjustments, on two nodes.
 """
 
@@ -54,8 +54,9 @@ async def adjustments(stub: Stub, count: int) -> m.ListClusterShapingResponse | 
 @pytest.fixture
 async def throttled(nodes: Nodes, consul: Any, sink: Sink, monitor_stub: Stub) -> AsyncIterator[Throttled]:
     refuse = Refuse(sink)
-    await nodes.start("node1", "127.0.0.2", "127.0.0.3")
-    await nodes.start("node2", "127.0.0.4")
+    routes = {domain: nodes.sink for domain, _, _ in KEYS}
+    await nodes.start("node1", "127.0.0.2", "127.0.0.3", routes=routes)
+    await nodes.start("node2", "127.0.0.4", routes=routes)
     await eventually(lambda: equals(passing_nodes(consul), {"node1", "node2"}))
     for domain, ip, node in KEYS:
         request = node_pb2.EnqueueBatchRequest(

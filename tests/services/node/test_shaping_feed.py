@@ -21,7 +21,15 @@ from tests.support import CHECK_INTERVAL, eventually
 
 @pytest.fixture
 def node_config(node_config: NodeConfig, registry: RunningRegistry) -> NodeConfig:
-    return replace(node_config, consul=registry.address, check_interval=CHECK_INTERVAL, policy_watch_wait=0.2)
+    # example.com is routed to the sink by name, so its site is the sink's host:port.
+    routes = {**node_config.routes, "example.com": node_config.routes["*"]}
+    return replace(
+        node_config,
+        consul=registry.address,
+        check_interval=CHECK_INTERVAL,
+        policy_watch_wait=0.2,
+        routes=routes,
+    )
 
 
 async def listed(stub: Stub) -> list[shaping_pb2.ShapingAdjustment]:

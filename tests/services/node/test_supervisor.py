@@ -138,6 +138,7 @@ def per_key_state(supervisor: PipelineSupervisor, key: str) -> list[str]:
         "last_active": supervisor.last_active,
         "enqueues_begun": supervisor._enqueues_begun,
         "enqueuing": supervisor._enqueuing,
+        "sites": supervisor.sites,
     }
     return [name for name, m in maps.items() if key in m]
 
@@ -174,7 +175,7 @@ async def test_only_keys_stopped_and_quiet_for_long_enough_are_forgotten(
     assert supervisor.forget_idle(3600.0) == []  # it had mail a moment ago
     assert OTHER in supervisor.idle_stopped
     assert supervisor.forget_idle(0.0) == [OTHER]  # KEY runs: kept
-    assert per_key_state(supervisor, KEY) == ["pipelines", "last_active"]
+    assert per_key_state(supervisor, KEY) == ["pipelines", "last_active", "sites"]
     assert per_key_state(supervisor, OTHER) == []
 
 
@@ -185,8 +186,9 @@ async def test_a_key_stopped_on_request_keeps_no_state_and_new_mail_starts_it(
     p, _ = await supervisor.start_pipeline("example.com", SOURCE_IP, fast_policy())
     await supervisor.enqueue_rendered(p, messages("a@example.com"))
     await sink.wait_for(1)
-    stopped, handed = await supervisor.stop_pipeline(KEY)
-    assert stopped is p and handed == HandOff()  # nothing queued, nothing to hand over
+    stopped = await supervisor.stop_pipeline(KEY)
+    assert stopped.pipeline is p and stopped.handed == HandOff()  # nothing queued, nothing to hand over
+    assert stopped.moved_with == []  # no other key of its site ran here
     assert per_key_state(supervisor, KEY) == []
     assert not supervisor.ownership.holds(KEY)
     again, started = await supervisor.pipeline_for_mail(KEY)  # a stop does not pin the key
