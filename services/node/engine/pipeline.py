@@ -52,6 +52,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -281,12 +282,15 @@ class Pipeline:
                 if held is not None and held.suspended_until > now:
                     await self._wait(held.suspended_until)  # the site said wait: claim nothing
                     continue
-                due = await self.spool.due(self.routing_key, now, policy.batch_size)
+                # While the site blocks the IP, all of the key's mail bounces, deferred mail too.
+                blocked = held is not None and now < held.blocked_until
+                due_by = math.inf if blocked else now
+                due = await self.spool.due(self.routing_key, due_by, policy.batch_size)
                 if due.count == 0 or due.oldest is None:
                     await self._idle(due.next_at)
                     continue
                 fill_until = due.oldest + policy.batch_timeout
-                if self._busy and due.count < policy.batch_size and now < fill_until:
+                if not blocked and self._busy and due.count < policy.batch_size and now < fill_until:
                     # Lanes are sending: let the batch fill. The last lane going idle wakes us.
                     await self._wait(fill_until)
                     continue
@@ -295,7 +299,7 @@ class Pipeline:
                 await self._recorder.flush()
                 if self._stopping:
                     break
-                self._queue.extend(await self.spool.claim(self.routing_key, now, policy.batch_size))
+                self._queue.extend(await self.spool.claim(self.routing_key, now, policy.batch_size, due_by))
 
     def _start_lanes(self, lanes: asyncio.TaskGroup, policy: Policy) -> None:
         """Start a lane for each queued job, up to ``max_connections`` lanes."""

@@ -682,20 +682,21 @@ class Spool:
                 c.close()
         return picked
 
-    async def claim(self, routing_key: str, now: float, limit: int) -> list[Job]:
-        """Mark up to ``limit`` due messages ``inflight`` and return them, oldest first."""
-        return await self._run(self._claim, routing_key, now, limit)
+    async def claim(self, routing_key: str, now: float, limit: int, due_by: float | None = None) -> list[Job]:
+        """Mark up to ``limit`` messages due by ``due_by`` (default ``now``) ``inflight`` and
+        return them, oldest first."""
+        return await self._run(self._claim, routing_key, now, limit, now if due_by is None else due_by)
 
-    def _claim(self, routing_key: str, now: float, limit: int) -> list[Job]:
+    def _claim(self, routing_key: str, now: float, limit: int, due_by: float) -> list[Job]:
         # Not synced: a claim lost in a crash leaves its mail queued, as restarting makes it anyway
         # (``_RELEASE_ALL``); the next synced commit makes the WAL durable up to it.
         with self._writing("claim", synced=False):
-            picked = list(self._first_due(routing_key, now, limit))
+            picked = list(self._first_due(routing_key, due_by, limit))
             rows: list[Any] = []
             for start in range(0, len(picked), BODIES_PER_QUERY):
                 chunk = picked[start : start + BODIES_PER_QUERY]
                 query = _CLAIM.format(",".join("?" * len(chunk)))
-                rows += self._db.execute(query, (*chunk, routing_key, now)).fetchall()
+                rows += self._db.execute(query, (*chunk, routing_key, due_by)).fetchall()
             order = {m: n for n, m in enumerate(picked)}
             rows.sort(key=lambda r: order[r[0]])  # oldest message first, its deliveries by id
             self._db.executemany(

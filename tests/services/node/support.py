@@ -126,8 +126,8 @@ class RecordingSpool(Spool):
         super().__init__(*args)
         self.batches: list[list[Job]] = []
 
-    async def claim(self, routing_key: str, now: float, limit: int) -> list[Job]:
-        jobs = await super().claim(routing_key, now, limit)
+    async def claim(self, routing_key: str, now: float, limit: int, due_by: float | None = None) -> list[Job]:
+        jobs = await super().claim(routing_key, now, limit, due_by)
         if jobs:
             self.batches.append(jobs)
         return jobs

@@ -16,10 +16,11 @@ from epoxi.routing import routing_key
 from epoxi.shaping import BOUNCE, SUSPEND, THROTTLE, Rule, ShapingTable, Site
 from services.node.engine.mx import Destinations, Host
 from services.node.engine.pipeline import Pipeline
+from services.node.engine.reply import Reply
 from services.node.engine.retry import Retry
 from services.node.engine.shaping import Shaper
 from services.node.engine.smtp import SmtpSender
-from services.node.engine.spool import Spool, State
+from services.node.engine.spool import Outcome, Spool, State
 from tests.services.node.support import SOURCE_IP, fast_policy, messages
 from tests.support import eventually
 
@@ -247,3 +248,42 @@ async def test_a_block_bounces_the_sites_mail_from_that_ip_only_with_the_reply(
         assert other_ip.site == blocked.site != elsewhere.site
     finally:
         await other.stop()
+
+
+async def test_a_block_bounces_the_sites_deferred_mail_too_not_only_what_is_due(
+    spool: Spool, sink: Sink, pipelines: Callable[..., Pipeline]
+) -> None:
+    """Mail of the blocked (site, IP) deferred an hour away bounces once the block is in force,
+    by another key of the site that has nothing due: "bounce the queued mail"."""
+    routes = {d: Host(sink.host, sink.port) for d in ("example.com", "example.info")}
+    sender = SmtpSender(Destinations(routes), "node.epoxi.test", timeout=5)
+    rule = Rule("banned", BOUNCE, 60.0, code="550", enhanced_code="5.7.", text="banned sending ip")
+    shaper = Shaper(sender.destinations, ShapingTable(rules={"banned": rule}), "n1")
+    provider = Provider(
+        sink, f"550 5.7.606 Access denied, banned sending IP [{SOURCE_IP}]", lambda _, rcpt: True
+    )
+
+    waiting = routing_key("example.info", SOURCE_IP)
+    await spool.enqueue(waiting, messages(*(f"w{i}@example.info" for i in range(3))))
+    now = time.time()
+    tried = await spool.claim(waiting, now, 10)
+    earlier = Reply.local("an earlier try", "4.4.1")
+    await spool.record(
+        [Outcome(d.id, State.DEFERRED, 1, now + 3600, earlier, now) for job in tried for d in job.deliveries]
+    )
+    later = pipelines("example.info", sender, shaper, max_connections=1)
+    blocking = pipelines("example.com", sender, shaper, max_connections=1)
+    await fill(blocking, 1)
+
+    async def all_bounced() -> bool:
+        c = await later.counts()
+        return c.bounced == 3 and c.unfinished == 0
+
+    await eventually(all_bounced, 30)
+    assert [a[1] for a in provider.arrivals] == ["r0@example.com"]  # the deferred mail was never sent
+    for mid in await spool_ids(spool, waiting):
+        found = await spool.message(mid)
+        assert found is not None
+        last = found[1][-1]
+        assert (last.result, last.reply.code, last.reply.enhanced) == (State.BOUNCED, 550, "5.7.606")
+        assert [d.attempts for d in found[0].deliveries] == [1]  # the try it had; the bounce spent none
