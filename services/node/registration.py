@@ -4,7 +4,7 @@
 ``NodeSnapshot``) and is idempotent: it registers the node (again when its pipeline count or
 load changed), registers new pipelines, passes each running pipeline's TTL check with its state
 line as the output (fails it while the pipeline is restarting after a crash), registers a
-pipeline again when its policy changed (the policy is in the service's metadata), and
+pipeline again when its policy or MX site changed (both are in the service's metadata), and
 deregisters pipelines that stopped. ``run(snapshot)`` calls it every ``interval``. A registry that
 is down is retried on the next round, and a registry that lost our registrations (e.g.
 restarted) gets them again.
@@ -94,8 +94,8 @@ class Registrar(PipelineHooks):
         self.timeout = timeout  # for one round of registry calls
         self._node_meta: tuple[int, int] | None = None
         self._rounds = 0
-        # Registered pipelines, with the policy their registration carries.
-        self._pipelines: dict[str, pipeline_pb2.PipelinePolicy] = {}
+        # Registered pipelines, with the policy and MX site their registration carries.
+        self._pipelines: dict[str, tuple[pipeline_pb2.PipelinePolicy, str]] = {}
         # What each pipeline's TTL check was last passed with, and when (monotonic).
         self._refreshed: dict[str, tuple[tuple[str, bool], float]] = {}
         self._lock = asyncio.Lock()
@@ -189,14 +189,14 @@ class Registrar(PipelineHooks):
         changed, or its TTL was last passed half an interval ago or more (the TTL is three)."""
         last = self._refreshed.get(p.info.name)
         return (
-            self._pipelines.get(p.info.name) != p.info.policy
+            self._pipelines.get(p.info.name) != _meta(p)
             or last is None
             or last[0] != (p.line, p.failing)
             or now - last[1] >= self.interval / 2
         )
 
     async def _update(self, p: PipelineState) -> None:
-        if self._pipelines.get(p.info.name) != p.info.policy:
+        if self._pipelines.get(p.info.name) != _meta(p):
             await self._register_pipeline(p)
         else:
             await self._refresh(p)
@@ -207,7 +207,7 @@ class Registrar(PipelineHooks):
             p.info.node, p.info.routing_key, self.ttl, self.deregister_after
         )
         await self.consul.agent.service.register(**registration)
-        self._pipelines[p.info.name] = p.info.policy
+        self._pipelines[p.info.name] = _meta(p)
         await self._refresh(p, register_if_lost=False)
 
     async def _refresh(self, p: PipelineState, register_if_lost: bool = True) -> None:
@@ -274,3 +274,8 @@ def pipeline_notes(node: str, routing_key: str, ttl: str, deregister_after: str)
 def _done(round_: asyncio.Future[None] | None) -> None:
     if round_ is not None and not round_.done():
         round_.set_result(None)
+
+
+def _meta(p: PipelineState) -> tuple[pipeline_pb2.PipelinePolicy, str]:
+    """What a pipeline's registration carries that can change while it runs."""
+    return p.info.policy, p.info.site

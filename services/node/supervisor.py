@@ -492,7 +492,48 @@ class PipelineSupervisor:
             if owner is not None and owner.node != self.id and key in self.pipelines:
                 await self.stop_pipeline(key, owner)
         await self._reclaim_sites()
+        await self.resite()
         await self.resume()
+
+    async def resite(self) -> list[str]:
+        """Look each running key's MX site up again (the MX cache follows the records' TTLs): a
+        key whose site changed takes the new site's budget and record, or, when another node runs
+        the new site's keys, goes to that node alone. The keys whose site changed."""
+        changed = []
+        for key in sorted(self.pipelines):
+            p = self.pipelines.get(key)
+            old = self.sites.get(key)
+            if p is None or old is None or key in self.leaving:
+                continue
+            new = await self.shaper.looked_up_site(p.domain)
+            if new is None or new == old:
+                continue  # a failed lookup changes nothing
+            try:
+                holder = await self._change_site(key, old, new)
+            except ClaimError as e:
+                log.warning("routing key %s stays with MX site %s for now: %s", key, old, e)
+                continue
+            changed.append(key)
+            if holder is None:
+                log.info("routing key %s: its MX site is %s now (was %s)", key, new, old)
+                p.resite(new)
+            else:
+                log.info(
+                    "routing key %s: its MX site %s runs on node %s: handing it over", key, new, holder.node
+                )
+                await self.stop_pipeline(key, holder)
+        return changed
+
+    async def _change_site(self, key: str, old: str, new: str) -> Owner | None:
+        """Count ``key`` under site ``new``, taking its record (or naming the node that holds
+        it), and free ``old``'s when ``key`` was its last key here."""
+        source_ip = _source_ip(key)
+        async with self._site_lock:
+            holder = await self.ownership.claim_site(new, source_ip)
+            self.sites[key] = new
+            if not self._site_keys(old, source_ip):
+                await self.ownership.release_site(old, source_ip)
+        return holder
 
     async def _reclaim_sites(self) -> None:
         """Hold the site records of the running keys again (a lost session freed them); a site

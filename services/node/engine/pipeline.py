@@ -140,6 +140,25 @@ class Pipeline:
         self.shaper = shaper
         self.site = site  # the MX site: given (the supervisor placed the key by it), or looked up
         self._budget: Budget | None = None
+        self._next_site: str | None = None  # ``resite``: taken once the sends under way end
+
+    def resite(self, site: str) -> None:
+        """Send to ``site`` from now on (the domain's MX changed): once the sends under way end,
+        the connections to the old hosts close and the new site's budget applies."""
+        if site != (self._next_site or self.site):
+            self._next_site = site
+            self.wake()
+
+    async def _take_next_site(self) -> None:
+        site, self._next_site = self._next_site, None
+        if site is None:
+            return
+        await self._close_connections()
+        if self.shaper is not None and self._budget is not None:
+            self.shaper.leave(self._budget, self.routing_key)
+            self._budget = self.shaper.join(site, self.source_ip, self.routing_key, self.wake)
+        log.info("pipeline %s sends to MX site %s now (was %s)", self.routing_key, site, self.site)
+        self.site = site
 
     @property
     def budget(self) -> Budget | None:
@@ -269,6 +288,11 @@ class Pipeline:
             while not self._stopping:
                 policy = self.policy  # apply_policy may change it between claims
                 self._wake.clear()  # set by new mail, a new policy, stop, and a lane going idle
+                if self._next_site is not None:
+                    if self._busy:
+                        await self._wait(None)  # a new site waits for the sends under way
+                        continue
+                    await self._take_next_site()
                 await self._close_surplus(policy)
                 self._start_lanes(lanes, policy)
                 if not self._busy:

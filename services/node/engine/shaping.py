@@ -310,15 +310,21 @@ class Shaper:
         """The MX site ``domain``'s mail goes to (a domain that has none yet is its own, and so is
         one sent by the catch-all ``*`` route: that stands for every other domain, the dev sink or a
         smarthost, and rolling them all into one site would pin every key of an IP to one node)."""
+        return await self.looked_up_site(domain) or domain.lower()
+
+    async def looked_up_site(self, domain: str) -> str | None:
+        """``site_of``, or None when the lookup failed (DNS unavailable): nothing is known."""
         if self._destinations is None or self._destinations.by_catch_all(domain):
             return domain.lower()
         try:
             hosts = await self._destinations.hosts(domain)
-        except (NoRoute, DnsUnavailable):
+        except NoRoute:
             return domain.lower()
-        except Exception:  # a lookup that fails oddly must not stop the pipeline: shape it alone
-            log.exception("looking up the MX site of %s failed; it is a site of its own", domain)
-            return domain.lower()
+        except DnsUnavailable:
+            return None
+        except Exception:  # a lookup that fails oddly must not stop the pipeline
+            log.exception("looking up the MX site of %s failed", domain)
+            return None
         return self.table.site_for([h.host if h.resolve else f"{h.host}:{h.port}" for h in hosts])
 
     def join(self, site: str, source_ip: str, key: str, wake: Callable[[], None]) -> Budget:

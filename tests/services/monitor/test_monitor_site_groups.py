@@ -9,7 +9,7 @@ c.example and d.example go by the catch-all route, each a site of its own."""
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -20,6 +20,9 @@ from epoxi.v1 import monitor_pb2 as m
 from epoxi.v1 import monitor_pb2_grpc, node_pb2, pipeline_pb2
 from services.monitor import cluster as plan
 from services.monitor.main import RunningMonitor
+from services.node.engine.mx import Host
+from services.node.engine.smtp import SmtpSender
+from services.node.main import RunningNode
 from tests.services.monitor.support import (
     FAST_RETRY,
     Hold,
@@ -299,3 +302,95 @@ async def test_start_pipeline_optimal_follows_the_site_to_its_node(
         m.StartPipelineOptimalRequest(domain="c.example", source_ip=IP), timeout=10
     )
     assert own.node.id == "n2"  # a site of its own goes where placement puts it
+
+
+def reroute(node: RunningNode, domain: str, to: Sink) -> None:
+    """``domain``'s mail goes to ``to`` from now on, as when its MX records change."""
+    sender = node.supervisor.sender
+    assert isinstance(sender, SmtpSender)  # whose destinations the node's shaper looks sites up in
+    routes = cast(dict[str, Host], sender.destinations.routes)
+    routes[domain] = Host(to.host, to.port)
+
+
+async def test_a_key_whose_mx_changed_takes_its_new_sites_budget_and_record(
+    two_nodes: Nodes, consul: Any, sink: Sink
+) -> None:
+    nodes = two_nodes
+    n1 = nodes.running["n1"]
+    await send(nodes, "n1", "a.example", "a")
+    await send(nodes, "n1", "b.example", "b")
+    await sink.wait_for(2)
+    other = await Sink().start()
+    try:
+        reroute(n1, "a.example", other)
+        assert await n1.supervisor.resite() == [A]
+        assert await n1.supervisor.resite() == []  # nothing changed since
+        # a.example's new site is n1's (nobody ran it); b.example keeps the old one on n1.
+        assert (await site_holder(consul, other.address), await site_holder(consul, sink.address)) == (
+            "n1",
+            "n1",
+        )
+        accepted = await send(nodes, "n1", "a.example", "a2")
+        await other.wait_for(1)
+        assert [str(r.message()["Message-ID"]) for r in other.received] == accepted
+
+        async def budget_moved() -> bool:
+            p = n1.supervisor.pipeline(A)
+            return (
+                p is not None
+                and p.site == other.address
+                and p.budget is not None
+                and p.budget.site.name == other.address
+            )
+
+        await eventually(budget_moved)
+        # The last key of the old site leaving frees its record.
+        reroute(n1, "b.example", other)
+        assert await n1.supervisor.resite() == [B]
+        assert (await site_holder(consul, other.address), await site_holder(consul, sink.address)) == (
+            "n1",
+            None,
+        )
+    finally:
+        await other.stop()
+
+
+async def test_a_key_whose_new_site_runs_elsewhere_goes_there_with_its_mail(
+    nodes: Nodes, consul: Any, sink: Sink, default_policy: None
+) -> None:
+    other = await Sink().start()
+    try:
+        # n1 sends a.example to the sink; n2 sends it and c.example to the other sink already.
+        n1 = await nodes.start("n1", IP, routes={"*": nodes.sink, "a.example": nodes.sink}, **FAST_RETRY)
+        moved_to = {"*": nodes.sink, "a.example": other.address, "c.example": other.address}
+        await nodes.start("n2", IP, routes=moved_to, **FAST_RETRY)
+        await eventually(lambda: equals(passing_nodes(consul), {"n1", "n2"}))
+        await send(nodes, "n2", "c.example", "c")
+        assert await site_holder(consul, other.address) == "n2"
+        Hold(sink)  # the old MX defers all it gets
+        held = await send(nodes, "n1", "a.example", "held", 2)
+
+        async def deferred() -> bool:
+            s = await nodes.stub("n1").GetNodeState(node_pb2.GetNodeStateRequest(), timeout=5)
+            return sum(int(p.counters.deferred) for p in s.pipelines) == 2
+
+        await eventually(deferred)
+        # The new MX defers too for now, so the mail is still n1's when the site moves.
+        later = Hold(other)
+        reroute(n1, "a.example", other)  # n1's next registry round looks the site up again
+
+        async def moved() -> bool:
+            return (await keys_on(nodes, "n1"), await keys_on(nodes, "n2")) == ([], [A, C])
+
+        await eventually(moved)
+        assert await site_holder(consul, sink.address) is None
+        state = await nodes.stub("n2").GetNodeState(node_pb2.GetNodeStateRequest(), timeout=5)
+        assert {p.routing_key: p.site for p in state.pipelines} == {A: other.address, C: other.address}
+        later.on = False
+        await other.wait_for(3)
+        assert received_ids(other) == dict.fromkeys([*held, "<c-0@epoxi.test>"], 1)
+        assert received_ids(sink) == {}  # the old MX deferred all it got
+        s1 = await nodes.stub("n1").GetQueueStats(node_pb2.GetQueueStatsRequest(), timeout=5)
+        assert (s1.totals.delivered, s1.totals.deferred) == (0, 0)  # n2 delivered it
+    finally:
+        await other.stop()
