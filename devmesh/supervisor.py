@@ -201,6 +201,8 @@ class Mesh:
     nodes: list[NodeSpec] = field(default_factory=lambda: list(DEFAULT_NODES))
     consul: str | None = None
     route: str | None = None
+    # More node routes beyond ``route``, each "DOMAIN=HOST:PORT".
+    routes: list[str] = field(default_factory=list)
     registry_addr: str = "127.0.0.1:0"
     router_addr: str = "127.0.0.1:0"
     monitor_addr: str = "127.0.0.1:0"
@@ -318,7 +320,10 @@ class Mesh:
         args = ["services.node", "--id", spec.id, "--listen", "127.0.0.1:0", "--ip-pool", spec.ip_pool]
         for ip in spec.egress_ips:
             args += ["--egress-ip", ip]
-        args += ["--spool", str(self.data_dir / spec.id / "spool.db"), "--route", self.route, *self._common()]
+        args += ["--spool", str(self.data_dir / spec.id / "spool.db"), "--route", self.route]
+        for route in self.routes:
+            args += ["--route", route]
+        args += self._common()
         (self.data_dir / spec.id).mkdir(parents=True, exist_ok=True)
         return await self._spawn(spec.id, args)
 

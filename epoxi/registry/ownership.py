@@ -76,8 +76,9 @@ def record_key(routing_key: str) -> str:
 
 
 def site_record_key(site: str, source_ip: str) -> str:
-    """The record of the node that runs (site, source IP)'s keys (a site name may hold any text)."""
-    return f"{SITE_PREFIX}{source_ip}/{urllib.parse.quote(site, safe='')}"
+    """The record of the node that runs (site, source IP)'s keys. A site's host names, commas and
+    ports stay as they are; anything else (a "/" in a stored site's name) is %-quoted."""
+    return f"{SITE_PREFIX}{source_ip}/{urllib.parse.quote(site, safe=':,')}"
 
 
 def owner_from_entry(entry: dict[str, Any] | None) -> Owner | None:

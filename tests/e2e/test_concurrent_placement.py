@@ -92,3 +92,79 @@ async def test_five_routers_placing_the_same_keys_at_once_make_one_pipeline_each
     await sink.wait_for(KEYS * len(ROUTERS))
     await asyncio.sleep(0.5)
     assert len(sink.recipients()) == KEYS * len(ROUTERS)
+
+
+SITE_KEYS = 6  # site{k}.test: routed to the sink by name, so one MX site
+OWN_KEYS = 6  # own{k}.test: by the catch-all route, each a site of its own
+
+
+@pytest.fixture
+async def site_mesh(tmp_path: Path, sink: Sink) -> AsyncIterator[Mesh]:
+    nodes = [NodeSpec(id, [IP]) for id in ("node1", "node2", "node3")]
+    routes = [f"site{k}.test={sink.address}" for k in range(SITE_KEYS)]
+    m = await Mesh(
+        data_dir=tmp_path, nodes=nodes, route=f"*={sink.address}", routes=routes, extra_routers=4
+    ).start()
+    yield m
+    await m.stop()
+
+
+async def test_five_routers_placing_one_sites_keys_at_once_put_them_all_on_one_node(
+    site_mesh: Mesh, sink: Sink
+) -> None:
+    mesh = site_mesh
+    domains = [f"site{k}.test" for k in range(SITE_KEYS)] + [f"own{k}.test" for k in range(OWN_KEYS)]
+    channels = [channel(mesh.address(r)) for r in ROUTERS]
+    start = asyncio.Event()
+
+    async def route(i: int) -> router_pb2.RouteEmailsResponse:
+        emails = []
+        for domain in domains[i:] + domains[:i]:  # each router in another order
+            e = new_email("Race <race@epoxi.dev>", to=[f"{ROUTERS[i]}@{domain}"], subject="race", text="x")
+            e.delivery.ip = IP
+            emails.append(e)
+        stub = router_pb2_grpc.RouterServiceStub(channels[i])
+        await start.wait()
+        reply: router_pb2.RouteEmailsResponse = await stub.RouteEmails(
+            router_pb2.RouteEmailsRequest(emails=emails), timeout=30
+        )
+        return reply
+
+    try:
+        calls = [asyncio.create_task(route(i)) for i in range(len(ROUTERS))]
+        await asyncio.sleep(0.2)
+        start.set()
+        replies = await asyncio.gather(*calls)
+        running: dict[str, list[str]] = {}
+        sites: dict[str, str] = {}
+        for node in ("node1", "node2", "node3"):
+            async with channel(mesh.address(node)) as ch:
+                state = await node_pb2_grpc.NodeServiceStub(ch).GetNodeState(
+                    node_pb2.GetNodeStateRequest(), timeout=5
+                )
+            for p in state.pipelines:
+                running.setdefault(p.routing_key, []).append(node)
+                sites[p.routing_key] = p.site
+    finally:
+        await asyncio.gather(*(ch.close() for ch in channels))
+
+    key = {d: f"{d}_127_0_0_2" for d in domains}
+    assert {k: len(nodes) for k, nodes in running.items()} == dict.fromkeys(key.values(), 1)
+    for reply in replies:
+        assert (reply.successful_batches, reply.failed_batches) == (len(domains), 0), reply
+        for b in reply.batches:
+            assert [b.node] == running[b.routing_key]
+    site_keys = [key[d] for d in domains if d.startswith("site")]
+    assert {sites[k] for k in site_keys} == {sink.address}
+    (site_node,) = {running[k][0] for k in site_keys}  # one node runs the whole site
+    own_nodes = {running[key[d]][0] for d in domains if d.startswith("own")}
+    assert len(own_nodes) >= 2, own_nodes  # the others spread as ever
+    assert mesh.consul is not None
+    record = f"epoxi/site-placement/{IP}/{sink.address}"
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://{mesh.consul}/v1/kv/{record}") as resp:
+            [entry] = await resp.json()
+    assert entry["Session"] and json.loads(base64.b64decode(entry["Value"]))["node"] == site_node
+    await sink.wait_for(len(domains) * len(ROUTERS))
+    await asyncio.sleep(0.5)
+    assert len(sink.recipients()) == len(domains) * len(ROUTERS)
