@@ -18,7 +18,7 @@ from devmesh.sink import Sink
 from devmesh.supervisor import Mesh, NodeSpec
 from epoxi.envelope import new_email
 from epoxi.runtime.channels import channel
-from epoxi.v1 import node_pb2, node_pb2_grpc, router_pb2, router_pb2_grpc
+from epoxi.v1 import node_pb2, node_pb2_grpc, pipeline_pb2, router_pb2, router_pb2_grpc
 
 IP = "127.0.0.2"
 KEYS = 20
@@ -42,33 +42,47 @@ def request(router: str) -> router_pb2.RouteEmailsRequest:
     return router_pb2.RouteEmailsRequest(emails=emails)
 
 
-async def test_five_routers_placing_the_same_keys_at_once_make_one_pipeline_each(
-    mesh: Mesh, sink: Sink
-) -> None:
+async def route_at_once(
+    mesh: Mesh, requests: list[router_pb2.RouteEmailsRequest]
+) -> list[router_pb2.RouteEmailsResponse]:
+    """``requests[i]`` to ``ROUTERS[i]``, all let go at the same instant."""
     channels = [channel(mesh.address(r)) for r in ROUTERS]
     start = asyncio.Event()
 
     async def route(i: int) -> router_pb2.RouteEmailsResponse:
         stub = router_pb2_grpc.RouterServiceStub(channels[i])
         await start.wait()
-        reply: router_pb2.RouteEmailsResponse = await stub.RouteEmails(request(ROUTERS[i]), timeout=30)
+        reply: router_pb2.RouteEmailsResponse = await stub.RouteEmails(requests[i], timeout=30)
         return reply
 
     try:
         calls = [asyncio.create_task(route(i)) for i in range(len(ROUTERS))]
         await asyncio.sleep(0.2)
         start.set()
-        replies = await asyncio.gather(*calls)
-        running: dict[str, list[str]] = {}
-        for node in ("node1", "node2", "node3"):
-            async with channel(mesh.address(node)) as ch:
-                state = await node_pb2_grpc.NodeServiceStub(ch).GetNodeState(
-                    node_pb2.GetNodeStateRequest(), timeout=5
-                )
-            for p in state.pipelines:
-                running.setdefault(p.routing_key, []).append(node)
+        return await asyncio.gather(*calls)
     finally:
         await asyncio.gather(*(ch.close() for ch in channels))
+
+
+async def pipelines_running(mesh: Mesh) -> list[pipeline_pb2.PipelineInfo]:
+    """Every pipeline the three nodes run, as they report it."""
+    found = []
+    for node in ("node1", "node2", "node3"):
+        async with channel(mesh.address(node)) as ch:
+            state = await node_pb2_grpc.NodeServiceStub(ch).GetNodeState(
+                node_pb2.GetNodeStateRequest(), timeout=5
+            )
+        found += state.pipelines
+    return found
+
+
+async def test_five_routers_placing_the_same_keys_at_once_make_one_pipeline_each(
+    mesh: Mesh, sink: Sink
+) -> None:
+    replies = await route_at_once(mesh, [request(r) for r in ROUTERS])
+    running: dict[str, list[str]] = {}
+    for p in await pipelines_running(mesh):
+        running.setdefault(p.routing_key, []).append(p.node)
 
     keys = {f"key{k}.test_127_0_0_2" for k in range(KEYS)}
     assert set(running) == keys
@@ -114,39 +128,21 @@ async def test_five_routers_placing_one_sites_keys_at_once_put_them_all_on_one_n
 ) -> None:
     mesh = site_mesh
     domains = [f"site{k}.test" for k in range(SITE_KEYS)] + [f"own{k}.test" for k in range(OWN_KEYS)]
-    channels = [channel(mesh.address(r)) for r in ROUTERS]
-    start = asyncio.Event()
 
-    async def route(i: int) -> router_pb2.RouteEmailsResponse:
+    def site_request(i: int) -> router_pb2.RouteEmailsRequest:
         emails = []
         for domain in domains[i:] + domains[:i]:  # each router in another order
             e = new_email("Race <race@epoxi.dev>", to=[f"{ROUTERS[i]}@{domain}"], subject="race", text="x")
             e.delivery.ip = IP
             emails.append(e)
-        stub = router_pb2_grpc.RouterServiceStub(channels[i])
-        await start.wait()
-        reply: router_pb2.RouteEmailsResponse = await stub.RouteEmails(
-            router_pb2.RouteEmailsRequest(emails=emails), timeout=30
-        )
-        return reply
+        return router_pb2.RouteEmailsRequest(emails=emails)
 
-    try:
-        calls = [asyncio.create_task(route(i)) for i in range(len(ROUTERS))]
-        await asyncio.sleep(0.2)
-        start.set()
-        replies = await asyncio.gather(*calls)
-        running: dict[str, list[str]] = {}
-        sites: dict[str, str] = {}
-        for node in ("node1", "node2", "node3"):
-            async with channel(mesh.address(node)) as ch:
-                state = await node_pb2_grpc.NodeServiceStub(ch).GetNodeState(
-                    node_pb2.GetNodeStateRequest(), timeout=5
-                )
-            for p in state.pipelines:
-                running.setdefault(p.routing_key, []).append(node)
-                sites[p.routing_key] = p.site
-    finally:
-        await asyncio.gather(*(ch.close() for ch in channels))
+    replies = await route_at_once(mesh, [site_request(i) for i in range(len(ROUTERS))])
+    running: dict[str, list[str]] = {}
+    sites: dict[str, str] = {}
+    for p in await pipelines_running(mesh):
+        running.setdefault(p.routing_key, []).append(p.node)
+        sites[p.routing_key] = p.site
 
     key = {d: f"{d}_127_0_0_2" for d in domains}
     assert {k: len(nodes) for k, nodes in running.items()} == dict.fromkeys(key.values(), 1)
