@@ -153,8 +153,8 @@ async def test_five_routers_placing_one_sites_keys_at_once_put_them_all_on_one_n
     site_keys = [key[d] for d in domains if d.startswith("site")]
     assert {sites[k] for k in site_keys} == {sink.address}
     (site_node,) = {running[k][0] for k in site_keys}  # one node runs the whole site
-    own_nodes = {running[key[d]][0] for d in domains if d.startswith("own")}
-    assert len(own_nodes) >= 2, own_nodes  # the others spread as ever
+    # (Where the other keys go is the placement heuristic's, racing five routers: not asserted here;
+    # tests/services/router/test_router_site_placement.py shows them spreading.)
     assert mesh.consul is not None
     record = f"epoxi/site-placement/{IP}/{sink.address}"
     async with aiohttp.ClientSession() as http:
