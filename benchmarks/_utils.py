@@ -4,6 +4,7 @@ and the start/stop context of the processes they run."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import os
 import socket
@@ -53,6 +54,39 @@ class Counted(Started):
                 self._changed.clear()
                 await self._changed.wait()
         return time.perf_counter()
+
+
+async def wait_listening(
+    proc: asyncio.subprocess.Process, host: str, port: int, seconds: float = 10.0
+) -> None:
+    """Until ``proc`` accepts connections on ``host``:``port``; raises if it exits first or does
+    not listen within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if proc.returncode is not None:
+            raise RuntimeError(f"{proc.pid} exited with {proc.returncode} before listening on {host}:{port}")
+        try:
+            _, writer = await asyncio.open_connection(host, port)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+            continue
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return
+
+
+async def terminate(proc: asyncio.subprocess.Process | None, seconds: float = 5.0) -> None:
+    """Stop ``proc`` (SIGTERM, then SIGKILL after ``seconds``), if it still runs."""
+    if proc is not None and proc.returncode is None:
+        proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), seconds)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
 
 
 def free_port(host: str = "127.0.0.1") -> int:

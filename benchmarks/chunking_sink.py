@@ -12,12 +12,10 @@ read in one write, as a pipelining server may (RFC 2920 3.2).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 import sys
-import time
 
-from benchmarks._utils import Started, free_port
+from benchmarks._utils import Started, free_port, terminate, wait_listening
 
 _EHLO = b"250-sink.bench.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250 CHUNKING\r\n"
 _END_OF_DATA = b"\r\n.\r\n"
@@ -114,31 +112,12 @@ class ChunkingSink(Started):
         self._proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "benchmarks.chunking_sink", self.host, str(self.port)
         )
-        deadline = time.monotonic() + 10
-        while True:
-            if self._proc.returncode is not None:
-                raise RuntimeError(f"the chunking sink exited with {self._proc.returncode}")
-            try:
-                _, writer = await asyncio.open_connection(self.host, self.port)
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.05)
-                continue
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-            return self
+        await wait_listening(self._proc, self.host, self.port)
+        return self
 
     async def stop(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is not None and proc.returncode is None:
-            proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), 5)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+        await terminate(proc)
 
 
 if __name__ == "__main__":

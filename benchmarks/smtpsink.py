@@ -17,11 +17,10 @@ import getpass
 import os
 import re
 import shutil
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from benchmarks._utils import Counted, free_port
+from benchmarks._utils import Counted, free_port, terminate, wait_listening
 
 _MESG = re.compile(rb"mesg=(\d+)")
 
@@ -71,25 +70,8 @@ class SmtpSink(Counted):
             *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
         )
         self._reader = asyncio.create_task(self._read())
-        await self._wait_listening()
+        await wait_listening(self._proc, self.host, self.port)
         return self
-
-    async def _wait_listening(self, seconds: float = 10.0) -> None:
-        deadline = time.monotonic() + seconds
-        while True:
-            if self._proc is not None and self._proc.returncode is not None:
-                raise RuntimeError(f"smtp-sink exited with {self._proc.returncode}")
-            try:
-                _, writer = await asyncio.open_connection(self.host, self.port)
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.05)
-                continue
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-            return
 
     async def _read(self) -> None:
         assert self._proc is not None and self._proc.stdout is not None
@@ -118,13 +100,7 @@ class SmtpSink(Counted):
 
     async def stop(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is not None and proc.returncode is None:
-            proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), 5)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+        await terminate(proc)
         if self._reader is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
