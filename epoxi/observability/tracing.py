@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
@@ -98,13 +97,13 @@ def traceparent() -> str:
     return carrier.get("traceparent", "")
 
 
-@contextmanager
-def child_of(traceparent: str, name: str, kind: SpanKind, attributes: dict[str, Any]) -> Iterator[trace.Span]:
+def child_of(
+    traceparent: str, name: str, kind: SpanKind, attributes: dict[str, Any]
+) -> AbstractContextManager[trace.Span]:
     """A span that is current while the block runs, the child of a stored ``traceparent`` (mail
     spooled with none, while tracing was off, starts a trace of its own); tracing must be on."""
     assert _hot is not None, "tracing is off"
-    with _hot.child_of(traceparent, name, kind, attributes) as span:
-        yield span
+    return _hot.child_of(traceparent, name, kind, attributes)
 
 
 def inject(carrier: dict[str, str]) -> dict[str, str]:

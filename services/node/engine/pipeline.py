@@ -149,10 +149,8 @@ class Pipeline:
             self._next_site = site
             self.wake()
 
-    async def _take_next_site(self) -> None:
-        site, self._next_site = self._next_site, None
-        if site is None:
-            return
+    async def _take_site(self, site: str) -> None:
+        self._next_site = None
         await self._close_connections()
         if self.shaper is not None and self._budget is not None:
             self.shaper.leave(self._budget, self.routing_key)
@@ -224,7 +222,7 @@ class Pipeline:
             return f"{word} ({self.last_error}), restarting: {counts}"
         a = self._budget.adjustment if self._budget is not None else None
         if a is not None:
-            until = time.strftime("%H:%M:%SZ", time.gmtime(max(a.until, a.suspended_until, a.blocked_until)))
+            until = time.strftime("%H:%M:%SZ", time.gmtime(a.ends))
             shaped = f"x{a.factor:g}" if a.rule.action == THROTTLE else action_name(a.rule.action)
             return f"{word}: {counts}; {self.site} {shaped} by rule {a.rule.name} until {until}"
         return f"{word}: {counts}"
@@ -292,7 +290,7 @@ class Pipeline:
                     if self._busy:
                         await self._wait(None)  # a new site waits for the sends under way
                         continue
-                    await self._take_next_site()
+                    await self._take_site(self._next_site)
                 await self._close_surplus(policy)
                 self._start_lanes(lanes, policy)
                 if not self._busy:
@@ -303,11 +301,11 @@ class Pipeline:
                     continue
                 now = time.time()
                 held = self._budget.holding(now) if self._budget is not None else None
-                if held is not None and held.suspended_until > now:
+                if held is not None and held.suspends(now):
                     await self._wait(held.suspended_until)  # the site said wait: claim nothing
                     continue
                 # While the site blocks the IP, all of the key's mail bounces, deferred mail too.
-                blocked = held is not None and now < held.blocked_until
+                blocked = held is not None and held.blocks(now)
                 due_by = math.inf if blocked else now
                 due = await self.spool.due(self.routing_key, due_by, policy.batch_size)
                 if due.count == 0 or due.oldest is None:
@@ -517,7 +515,7 @@ class Pipeline:
         bounced with the blocking reply while the site blocks the source IP."""
         now = time.time()
         rule = held.rule.name
-        if held.blocked_by is not None and now < held.blocked_until:
+        if held.blocks(now) and held.blocked_by is not None:
             r = held.blocked_by
             note = f"not sent: {self.site} blocks {self.source_ip} (rule {rule})"
             reply = Reply(r.code, r.enhanced, f"{r.text} ({note})" if r.text else note, r.host)

@@ -68,6 +68,17 @@ class Adjustment:
     blocked_until: float = 0.0
     blocked_by: Reply | None = None
 
+    def suspends(self, now: float) -> bool:
+        return now < self.suspended_until
+
+    def blocks(self, now: float) -> bool:
+        return self.blocked_by is not None and now < self.blocked_until
+
+    @property
+    def ends(self) -> float:
+        """When the last of it ends: the throttle's hold, the suspension or the block."""
+        return max(self.until, self.suspended_until, self.blocked_until)
+
 
 @dataclass
 class Budget:
@@ -164,7 +175,7 @@ class Budget:
     def holding(self, now: float) -> Adjustment | None:
         """The adjustment while it suspends or blocks sending; None when mail may be sent."""
         a = self.adjustment
-        if a is not None and (now < a.suspended_until or now < a.blocked_until):
+        if a is not None and (a.suspends(now) or a.blocks(now)):
             return a
         return None
 
@@ -270,7 +281,7 @@ class Budget:
             action=a.rule.action,  # type: ignore[arg-type]
             reply=" ".join(filter(None, (str(a.reply.code), a.reply.line))),
             triggered_at=proto_time.timestamp(a.triggered_at),
-            until=proto_time.timestamp(max(a.until, a.suspended_until, a.blocked_until)),
+            until=proto_time.timestamp(a.ends),
             factor=a.factor,
             max_connections=self.connection_limit() or 0,
             routing_keys=sorted(self.keys),
