@@ -195,3 +195,10 @@ async def enqueue_batch(stub: Stub, key: str, *emails: email_pb2.Email) -> node_
         node_pb2.EnqueueBatchRequest(routing_key=key, emails=emails), timeout=5
     )
     return reply
+
+
+async def enqueue_numbered(stub: Stub, total: int, per_batch: int = 10) -> None:
+    """``total`` emails to r0@example.com, r1@... for KEY, ``per_batch`` a batch."""
+    for i in range(0, total, per_batch):
+        emails = [email(f"r{i + j}@example.com") for j in range(min(per_batch, total - i))]
+        await enqueue_batch(stub, KEY, *emails)

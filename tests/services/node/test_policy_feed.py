@@ -18,10 +18,10 @@ from epoxi.policy_store import PolicyTable
 from epoxi.registry.client import Consul
 from epoxi.registry.services import pipeline_from_entry
 from epoxi.tasks import cancel_and_wait
-from epoxi.v1 import node_pb2, pipeline_pb2
+from epoxi.v1 import pipeline_pb2
 from services.node.main import NodeConfig, RunningNode
 from services.node.policy_feed import PolicyFeed
-from tests.services.node.support import KEY, OTHER, Stub, email, start, state
+from tests.services.node.support import KEY, OTHER, Stub, enqueue_numbered, start, state
 from tests.support import CHECK_INTERVAL, eventually
 from tests.support import stored_policy as stored
 
@@ -125,13 +125,7 @@ async def test_a_policy_changed_in_kv_reaches_the_running_pipeline_without_losin
     await eventually(lambda: _has_policy(node, "paced"))
     await start(stub, policy=None, policy_name="paced")
     total = 60
-    for i in range(0, total, 10):
-        await stub.EnqueueBatch(
-            node_pb2.EnqueueBatchRequest(
-                routing_key=KEY, emails=[email(f"r{i + j}@example.com") for j in range(10)]
-            ),
-            timeout=5,
-        )
+    await enqueue_numbered(stub, total)
     await sink.wait_for(1)
 
     faster = stored(allowed_messages=1000, max_connections=4, batch_size=25)

@@ -15,7 +15,7 @@ from epoxi import shaping
 from epoxi.registry.client import Consul
 from epoxi.v1 import node_pb2, shaping_pb2
 from services.node.main import NodeConfig, RunningNode
-from tests.services.node.support import KEY, Stub, email, fast_policy, start, state
+from tests.services.node.support import KEY, Stub, email, enqueue_numbered, fast_policy, start, state
 from tests.support import CHECK_INTERVAL, eventually
 
 
@@ -51,13 +51,7 @@ async def test_a_rule_put_in_kv_while_mail_flows_takes_effect_and_loses_nothing(
     # Retries enough that refused mail is still being retried when the rule arrives.
     await start(stub, policy=fast_policy(max_retries=1000).to_proto())
     total = 60
-    for i in range(0, total, 10):
-        await stub.EnqueueBatch(
-            node_pb2.EnqueueBatchRequest(
-                routing_key=KEY, emails=[email(f"r{i + j}@example.com") for j in range(10)]
-            ),
-            timeout=5,
-        )
+    await enqueue_numbered(stub, total)
     await sink.wait_for(5)
     assert await listed(stub) == []  # no built-in rule matches this reply
 
