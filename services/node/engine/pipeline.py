@@ -73,7 +73,7 @@ from services.node.engine.recorder import RECORD_DELAY, RECORD_GROUP, Recorder
 from services.node.engine.reply import Reply
 from services.node.engine.retry import Retry
 from services.node.engine.shaping import Adjustment, Budget, Shaper, decisive
-from services.node.engine.smtp import Connection, Sender
+from services.node.engine.smtp import Connection, Follow, Message, Sender
 from services.node.engine.spool import Counts, Delivery, Job, Outcome, Spool, State
 from services.node.engine.trace_context import outside_spans
 
@@ -386,31 +386,68 @@ class Pipeline:
 
     async def _lane(self, conn: Connection, job: Job) -> None:
         """Send ``job``, then queued jobs while there are any; a lane beyond a lowered
-        ``max_connections`` ends after its message."""
+        ``max_connections`` ends after its message. The lane's next job is taken as a message's
+        content goes out, where the connection can send its envelope with it (``_follow_up``)."""
+        ahead: list[Job] = []
+
+        def follow() -> Message | None:
+            nxt = self._follow_up()
+            if nxt is None:
+                return None
+            ahead.append(nxt)
+            return Message(nxt.sender, [d.recipient for d in nxt.deliveries], nxt.data)
+
+        announced = False
         try:
             while True:
-                await self._send(conn, job)
+                await self._send(conn, job, follow, announced)
                 self._crashes = 0
+                if ahead:
+                    job, announced = ahead.pop(), True
+                    continue
+                announced = False
                 if not self._queue or self._stopping or len(self._busy) > self.policy.max_connections:
                     return
                 if self._budget is not None and self._budget.surplus():
                     return
                 job = self._queue.popleft()
         finally:
+            if ahead:  # taken but never sent (the lane failed): its slot is free again
+                self._slot_done()
             self._busy = [b for b in self._busy if b is not conn]
             self._wake.set()
 
-    async def _send(self, conn: Connection, job: Job) -> None:
+    def _follow_up(self) -> Job | None:
+        """The lane's next job, with its send slot, when the lane would go on to one anyway and
+        the slot is free at once."""
+        if not self._queue or self._stopping or len(self._busy) > self.policy.max_connections:
+            return None
+        budget = self._budget
+        if budget is not None and (budget.surplus() or budget.holding(time.time()) is not None):
+            return None
+        if self._limiter.take() != 0.0:
+            return None
+        if budget is not None and budget.take(self._slot_freed) != 0.0:
+            self._limiter.give_back()
+            return None
+        return self._queue.popleft()
+
+    async def _send(self, conn: Connection, job: Job, follow: Follow, announced: bool = False) -> None:
+        """Send ``job`` on ``conn``; ``announced``: its envelope went with the previous message's
+        content and its slot was taken then."""
         budget = self._budget
         if budget is not None and budget.adjustment is not None:
             held = budget.holding(time.time())
             if held is not None:
+                if announced:
+                    self._slot_done()
+                    await conn.close()  # its DATA is open: closing is what aborts it
                 await self._withhold(job, held)
                 return
-        if not await self._take_slot():
+        if not announced and not await self._take_slot():
             return  # stopping: the job stays in flight until stop() releases it
         if not tracing.enabled():
-            await self._attempt(conn, job, None)
+            await self._attempt(conn, job, follow, None)
             return
         with tracing.child_of(
             job.traceparent,
@@ -424,18 +461,15 @@ class Pipeline:
                 "epoxi.recipients": len(job.deliveries),
             },
         ) as span:
-            await self._attempt(conn, job, span)
+            await self._attempt(conn, job, follow, span)
 
-    async def _attempt(self, conn: Connection, job: Job, span: trace.Span | None) -> None:
+    async def _attempt(self, conn: Connection, job: Job, follow: Follow, span: trace.Span | None) -> None:
         """One SMTP transaction for ``job`` (its rate-limit slot taken), its outcomes counted,
         bounces told to the hooks, and the outcomes added to the next group."""
         try:
-            results = await conn.send(job.sender, [d.recipient for d in job.deliveries], job.data)
+            results = await conn.send(job.sender, [d.recipient for d in job.deliveries], job.data, follow)
         finally:
-            self._limiter.release()
-            if self._budget is not None:
-                self._budget.release()
-            self._slot_freed.set()
+            self._slot_done()
         now = time.time()
         missing = Reply.local("no result from the sender")
         outcomes = [self._outcome(d, results.get(d.recipient, missing), now) for d in job.deliveries]
@@ -492,6 +526,12 @@ class Pipeline:
                     reply,
                     extra=fields,
                 )
+
+    def _slot_done(self) -> None:
+        self._limiter.release()
+        if self._budget is not None:
+            self._budget.release()
+        self._slot_freed.set()
 
     async def _take_slot(self) -> bool:
         """Wait until the rate limit, and the site's, allow one more send; False when the

@@ -4,7 +4,8 @@ A ``Sender`` opens ``Connection``s for a (domain, source IP) pair. A connection 
 message per SMTP transaction and reports a ``Reply`` per recipient; it connects lazily, binds the
 source address, greets with the EHLO name of that address, upgrades with STARTTLS when offered,
 and stays open for the next message until it has carried ``max_messages_per_connection``. When
-the server offers PIPELINING, a transaction's envelope and DATA go in one write.
+the server offers PIPELINING, a transaction's envelope and DATA go in one write, and a caller
+that knows its next message (``follow``) has that message's envelope go with this one's content.
 It tries the domain's hosts in order; a host it could not connect to is left alone for a while
 (``HostBackoff``). Transport failures never raise: they become temporary replies of the node's
 own, as RFC 5321 treats them. What the server's extensions cannot carry (a UTF-8 address or
@@ -28,7 +29,7 @@ import ssl
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -59,9 +60,23 @@ BAD_SENDER = "5.1.7"
 BAD_RECIPIENT = "5.1.3"
 
 
+class Message(NamedTuple):
+    sender: str
+    recipients: Sequence[str]
+    data: bytes
+
+
+# Asked as a message's content is about to go: the message the caller sends next on this
+# connection, committing to it, or None. A connection may never ask.
+Follow = Callable[[], Message | None]
+
+
 class Connection(Protocol):
-    async def send(self, sender: str, recipients: Sequence[str], data: bytes) -> dict[str, Reply]:
-        """Send ``data`` to ``recipients`` in one transaction; a reply for every recipient."""
+    async def send(
+        self, sender: str, recipients: Sequence[str], data: bytes, follow: Follow | None = None
+    ) -> dict[str, Reply]:
+        """Send ``data`` to ``recipients`` in one transaction; a reply for every recipient. When
+        ``follow`` gave a message, the next ``send`` is that message's."""
         ...
 
     async def close(self) -> None: ...
@@ -96,6 +111,15 @@ class SmtpSender:
         return SmtpConnection(self, domain, source_ip)
 
 
+@dataclass
+class _Prepared:
+    results: dict[str, Reply]  # for the recipients that will not be sent to
+    sendable: list[str] = field(default_factory=list)
+    mail_from: bytes = b""
+    lines: list[bytes] = field(default_factory=list)
+    options: list[str] = field(default_factory=list)
+
+
 class _TlsFailed(SmtpError):
     """STARTTLS was refused, the handshake failed, or TLS is required and was not offered."""
 
@@ -128,7 +152,9 @@ class SmtpConnection:
         """The (source IP, port) of the open connection, if any."""
         return None if self._smtp is None else self._smtp.sockname
 
-    async def send(self, sender: str, recipients: Sequence[str], data: bytes) -> dict[str, Reply]:
+    async def send(
+        self, sender: str, recipients: Sequence[str], data: bytes, follow: Follow | None = None
+    ) -> dict[str, Reply]:
         reused = self.connected
         if not reused:
             try:
@@ -151,12 +177,12 @@ class SmtpConnection:
                 }
             )
         try:
-            results = await self._transaction(sender, recipients, data)
+            results = await self._transaction(sender, recipients, data, follow)
         except Disconnected as e:
             if not reused:
                 return _transient(recipients, f"connection lost: {e}", BAD_CONNECTION)
             # The server dropped the idle connection we kept; try once on a fresh one.
-            return await self.send(sender, recipients, data)
+            return await self.send(sender, recipients, data, follow)
         if reused:
             self._measures.connection_reused()
         self._messages += 1
@@ -164,54 +190,78 @@ class SmtpConnection:
             await self.close()  # QUIT; the next message opens a new connection
         return results
 
-    async def _transaction(self, sender: str, recipients: Sequence[str], data: bytes) -> dict[str, Reply]:
-        smtp = self._smtp
-        assert smtp is not None
-        host = self._host
+    def _prepare(self, smtp: SmtpClient, sender: str, recipients: Sequence[str], data: bytes) -> _Prepared:
+        """What of a message can go to this server, and its command lines."""
         needs = Needs.of(sender, recipients, data)
         offers = smtp.offers
         refused: dict[str, Reply] = {}
         for rcpt in recipients:
-            if (refusal := needs.refusal(rcpt, offers, host)) is not None:
+            if (refusal := needs.refusal(rcpt, offers, self._host)) is not None:
                 refused[rcpt] = refusal
         to = [r for r in recipients if r not in refused]
         if not to:
-            return refused
+            return _Prepared(refused)
         options, encoding = needs.sent_with(to, offers)
         try:
             mail_from = mailbox(sender, encoding)
         except ValueError as e:  # it cannot go on the command line: nothing sent
-            return refused | dict.fromkeys(to, Reply.local(f"not sent: {e}", BAD_SENDER))
-        sendable: list[str] = []
-        results: dict[str, Reply] = {}
-        lines: list[bytes] = []
+            return _Prepared(refused | dict.fromkeys(to, Reply.local(f"not sent: {e}", BAD_SENDER)))
+        prepared = _Prepared(refused, mail_from=mail_from, options=options)
         for rcpt in to:
             try:
-                lines.append(mailbox(rcpt, encoding))
-                sendable.append(rcpt)
+                prepared.lines.append(mailbox(rcpt, encoding))
+                prepared.sendable.append(rcpt)
             except ValueError as e:  # as for the sender: not sent
-                results[rcpt] = Reply.local(f"not sent: {e}", BAD_RECIPIENT)
+                prepared.results[rcpt] = Reply.local(f"not sent: {e}", BAD_RECIPIENT)
+        return prepared
+
+    def _then(self, smtp: SmtpClient, follow: Follow | None) -> Callable[[], bytes | None] | None:
+        """The next message's commands to go with this one's content, while the connection will
+        carry it (``max_messages_per_connection``)."""
+        if follow is None or self._messages + 1 >= self._sender.max_messages_per_connection:
+            return None
+
+        def commands() -> bytes | None:
+            message = follow()
+            if message is None:
+                return None
+            p = self._prepare(smtp, *message)
+            return smtp.commands(p.mail_from, p.lines, p.options) if p.sendable else None
+
+        return commands
+
+    async def _transaction(
+        self, sender: str, recipients: Sequence[str], data: bytes, follow: Follow | None
+    ) -> dict[str, Reply]:
+        smtp = self._smtp
+        assert smtp is not None
+        host = self._host
+        p = self._prepare(smtp, sender, recipients, data)
+        results, sendable = p.results, p.sendable
         if not sendable:
-            return refused | results
+            return results
         try:
-            t = await smtp.transaction(mail_from, lines, data, options, chunking=self._sender.chunking)
+            t = await smtp.transaction(
+                p.mail_from,
+                p.lines,
+                data,
+                p.options,
+                chunking=self._sender.chunking,
+                then=self._then(smtp, follow),
+            )
         except Disconnected:
             await self.close()
             raise  # nothing was recorded yet: the caller may retry on a new connection
         except LostInTransaction:
             await self.close()
             lost = f"connection to {host} lost during the transaction"
-            return refused | results | _transient(sendable, lost, BAD_CONNECTION)
+            return results | _transient(sendable, lost, BAD_CONNECTION)
         except (SmtpError, OSError) as e:
             await self.close()
-            return (
-                refused
-                | results
-                | _transient(sendable, f"transaction with {host} failed: {e}", BAD_CONNECTION)
-            )
+            return results | _transient(sendable, f"transaction with {host} failed: {e}", BAD_CONNECTION)
         if t.mail.code // 100 != 2:
             await self._reset()
-            return refused | results | dict.fromkeys(sendable, _parsed(t.mail, host))
+            return results | dict.fromkeys(sendable, _parsed(t.mail, host))
         accepted: list[str] = []
         for rcpt, reply in zip(sendable, t.rcpts, strict=True):
             results[rcpt] = _parsed(reply, host)
@@ -219,11 +269,11 @@ class SmtpConnection:
                 accepted.append(rcpt)
         if t.data is None:
             await self._reset()
-            return refused | results
+            return results
         final = _parsed(t.data, host)
-        if not final.accepted:
+        if not final.accepted and not smtp.ahead:  # with the next transaction open, no RSET
             await self._reset()
-        return refused | results | dict.fromkeys(accepted, final)
+        return results | dict.fromkeys(accepted, final)
 
     async def _connect(self) -> None:
         """Connect to the first host that answers, in MX order; skip hosts that failed recently."""

@@ -17,7 +17,7 @@ from epoxi.v1 import email_pb2, node_pb2, node_pb2_grpc, pipeline_pb2
 from services.node.engine.mx import Destinations, Host
 from services.node.engine.pipeline import Pipeline
 from services.node.engine.reply import Reply
-from services.node.engine.smtp import Connection, SmtpSender
+from services.node.engine.smtp import Connection, Follow, SmtpSender
 from services.node.engine.spool import Counts, Job, NewMessage, Spool
 from tests.support import SOURCE_IP, eventually
 
@@ -157,11 +157,13 @@ class _FlakyConnection:
         self.owner = owner
         self.conn = conn
 
-    async def send(self, sender: str, recipients: Sequence[str], data: bytes) -> dict[str, Reply]:
+    async def send(
+        self, sender: str, recipients: Sequence[str], data: bytes, follow: Follow | None = None
+    ) -> dict[str, Reply]:
         if not self.owner.healed.is_set():
             self.owner.crashes += 1
             raise RuntimeError("boom")
-        return await self.conn.send(sender, recipients, data)
+        return await self.conn.send(sender, recipients, data, follow)
 
     async def close(self) -> None:
         await self.conn.close()

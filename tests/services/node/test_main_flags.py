@@ -15,9 +15,9 @@ def test_connection_and_pipeline_idle_timeouts_are_separate_flags(monkeypatch: p
     for name in ("EPOXI_NODE_CONNECTION_IDLE_TIMEOUT", "EPOXI_NODE_PIPELINE_IDLE_TIMEOUT"):
         monkeypatch.delenv(name, raising=False)
     c = parse(["--egress-ip", "10.0.0.1"])
-    assert (c.connection_idle_timeout, c.pipeline_idle_timeout) == (0.0, 300.0)
-    c = parse(["--connection-idle-timeout", "2s", "--pipeline-idle-timeout", "90s"])
-    assert (c.connection_idle_timeout, c.pipeline_idle_timeout) == (2.0, 90.0)
+    assert (c.connection_idle_timeout, c.pipeline_idle_timeout) == (2.0, 300.0)
+    c = parse(["--connection-idle-timeout", "0", "--pipeline-idle-timeout", "90s"])
+    assert (c.connection_idle_timeout, c.pipeline_idle_timeout) == (0.0, 90.0)
     assert parse(["--pipeline-idle-timeout", "0"]).pipeline_idle_timeout == 0.0  # never stop
 
     monkeypatch.setenv("EPOXI_NODE_CONNECTION_IDLE_TIMEOUT", "500ms")

@@ -21,7 +21,7 @@ import asyncio
 import re
 from abc import ABC, abstractmethod
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,8 +88,8 @@ def _refused_by_address(address: str) -> tuple[int, str] | None:
 
 @dataclass
 class _CommandReads:
-    """The SMTP commands each read from the socket carried, DATA's content aside: a client that
-    waits for each reply (no PIPELINING) never has two in one read."""
+    """The SMTP commands each read from the socket carried, DATA's content aside (its end is
+    ``"."``): a client that waits for each reply (no PIPELINING) never has two in one read."""
 
     reads: list[list[str]] = field(default_factory=list)
     _in_data: bool = False
@@ -104,6 +104,7 @@ class _CommandReads:
                     self._tail = buf[max(pos, len(buf) - 4) :]
                     break
                 pos, self._in_data = end + 5, False
+                verbs.append(".")  # the content's end
                 continue
             nl = buf.find(b"\r\n", pos)
             if nl < 0:
@@ -142,8 +143,11 @@ class AiosmtpdServer(RealServer):
 
     smtputf8 = True
 
-    def __init__(self, *, pipelining: bool) -> None:
+    def __init__(
+        self, *, pipelining: bool, content_reply: Callable[[bytes], str | None] | None = None
+    ) -> None:
         self.pipelining = pipelining
+        self.content_reply = content_reply  # the reply to a content, instead of taking it
         self.name = "aiosmtpd" if pipelining else "aiosmtpd-no-pipelining"
         self.received: list[Transaction] = []
         self.commands = _CommandReads()
@@ -195,6 +199,8 @@ class AiosmtpdServer(RealServer):
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.content_reply is not None and (reply := self.content_reply(envelope.original_content or b"")):
+            return reply
         self.received.append(
             Transaction(
                 str(envelope.mail_from),
@@ -259,6 +265,8 @@ class SmtpSinkServer(RealServer):
     async def delivered(self) -> dict[str, list[bytes]]:
         found: defaultdict[str, list[bytes]] = defaultdict(list)
         for dump in self.sink.dumps():
+            if not dump:
+                continue  # a transaction at DATA: smtp-sink removes it when the client drops it
             fields, content = _leading_fields(dump, _SINK_FIELDS, last="received")
             assert content.endswith(b"\n\n"), "smtp-sink ends each dump with an empty line"
             for value in fields.get("x-rcpt-args", []):

@@ -17,7 +17,7 @@ import pytest
 
 from devmesh.sink import Sink
 from services.node.engine.reply import Reply
-from services.node.engine.smtp import Connection, SmtpSender
+from services.node.engine.smtp import Connection, Follow, SmtpSender
 from services.node.engine.spool import Counts, Outcome, Spool, State
 from tests.services.node.support import (
     KEY,
@@ -124,10 +124,12 @@ class _StuckConnection:
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
 
-    async def send(self, sender: str, recipients: Sequence[str], data: bytes) -> dict[str, Reply]:
+    async def send(
+        self, sender: str, recipients: Sequence[str], data: bytes, follow: Follow | None = None
+    ) -> dict[str, Reply]:
         if any(r.startswith("stuck@") for r in recipients):
             await asyncio.Event().wait()
-        return await self.conn.send(sender, recipients, data)
+        return await self.conn.send(sender, recipients, data, follow)
 
     async def close(self) -> None:
         await self.conn.close()
@@ -169,11 +171,13 @@ class _FailsOnceConnection:
         self.owner = owner
         self.conn = conn
 
-    async def send(self, sender: str, recipients: Sequence[str], data: bytes) -> dict[str, Reply]:
+    async def send(
+        self, sender: str, recipients: Sequence[str], data: bytes, follow: Follow | None = None
+    ) -> dict[str, Reply]:
         if not self.owner.failed and any(r.startswith("boom@") for r in recipients):
             self.owner.failed = True
             raise RuntimeError("boom")
-        return await self.conn.send(sender, recipients, data)
+        return await self.conn.send(sender, recipients, data, follow)
 
     async def close(self) -> None:
         await self.conn.close()

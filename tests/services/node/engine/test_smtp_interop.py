@@ -21,7 +21,7 @@ from benchmarks.smtpsink import SmtpSink
 from devmesh.postfix import PostfixReceiver
 from services.node.engine.mx import Destinations
 from services.node.engine.reply import Reply
-from services.node.engine.smtp import SmtpConnection, SmtpSender
+from services.node.engine.smtp import Message, SmtpConnection, SmtpSender
 from tests.services.node.engine.real_servers import (
     ACCEPTED,
     DOMAIN,
@@ -338,3 +338,102 @@ async def test_with_chunking_the_content_goes_as_bdat_byte_exact(server: RealSer
     [session] = await eventually(ours)
     # Three BDATs, the one after every RCPT was refused refused too (its content still sent).
     assert (session["bdat"], session.get("data")) == ("2/3", None), session
+
+
+class _Queue:
+    """The lane's side of ``follow``: the messages still to send, each handed over when asked."""
+
+    def __init__(self, messages: list[Message]) -> None:
+        self.messages = messages
+        self.announced = 0
+
+    def follow(self) -> Message | None:
+        if len(self.messages) < 2:
+            return None
+        self.announced += 1
+        return self.messages[1]
+
+    async def send_all(self, conn: SmtpConnection) -> list[dict[str, Reply]]:
+        results = []
+        while self.messages:
+            results.append(await conn.send(*self.messages[0], self.follow))
+            self.messages.pop(0)
+        return results
+
+
+def _data_sender(server: RealServer) -> SmtpConnection:
+    # DATA, not BDAT: the next envelope rides on DATA's content (Postfix offers CHUNKING).
+    sender = SmtpSender(Destinations({"*": server.route}), "node.epoxi.test", timeout=10, chunking=False)
+    return sender.connection(DOMAIN, SOURCE_IP)
+
+
+@pytest.mark.parametrize("server", ACCEPTING, indirect=True)
+async def test_the_next_envelope_goes_with_the_content_and_every_reply_stays_exact(
+    server: RealServer, tag: str
+) -> None:
+    batches = [
+        ["ann"],
+        ["bob", NOBODY, "cat"],  # announced with ann's content, one recipient refused
+        [FULL],  # refused everywhere that refuses by address: no content, so nothing rides on it
+        ["ann", "bob"],
+    ]
+    messages = [
+        Message(SENDER, [address(u, tag) for u in users], message(f"chained {i}"))
+        for i, users in enumerate(batches)
+    ]
+    queue = _Queue(list(messages))
+    conn = _data_sender(server)
+    try:
+        results = await queue.send_all(conn)
+        addresses = {conn.local_address}
+    finally:
+        await conn.close()
+    for m, got in zip(messages, results, strict=True):
+        assert codes(got) == {r: server.refusal(r) or ACCEPTED for r in m.recipients}
+    expected: dict[str, list[bytes]] = {}
+    for m in messages:
+        for r in m.recipients:
+            if server.refusal(r) is None:
+                expected.setdefault(r, []).append(as_sent(m.data))
+    assert await tagged(server, tag) == {r: sorted(d) for r, d in expected.items()}
+    # Asked each time a content went, pipelining; the last message had none to follow it.
+    with_content = [m for m in messages[:-1] if any(server.refusal(r) is None for r in m.recipients)]
+    assert queue.announced == (len(with_content) if server.pipelining else 0)
+    assert None not in addresses
+
+
+@pytest.mark.parametrize("server", ["aiosmtpd"], indirect=True)
+async def test_with_pipelining_a_message_is_one_write_on_a_busy_connection(
+    server: RealServer, tag: str
+) -> None:
+    assert isinstance(server, AiosmtpdServer)
+    start = len(server.commands.reads)
+    queue = _Queue([Message(SENDER, [address("ann", tag)], message(f"busy {i}")) for i in range(4)])
+    conn = _data_sender(server)
+    try:
+        await queue.send_all(conn)
+    finally:
+        await conn.close()
+    reads = _commands_since(server, start)
+    assert reads.count([".", "MAIL", "RCPT", "DATA"]) == 3, reads
+    assert len(await tagged(server, tag)) == 1 and len((await tagged(server, tag))[address("ann", tag)]) == 4
+
+
+@pytest.mark.parametrize("server", ["aiosmtpd", "smtp-sink", "postfix"], indirect=True)
+async def test_an_announced_message_is_aborted_when_another_is_sent_or_the_connection_closes(
+    server: RealServer, tag: str
+) -> None:
+    ann, bob, cat = (address(u, tag) for u in ("ann", "bob", "cat"))
+    first, announced, other = (Message(SENDER, [r], message(f"for {r}")) for r in (ann, bob, cat))
+    conn = _data_sender(server)
+    try:
+        assert codes(await conn.send(*first, lambda: announced)) == {ann: ACCEPTED}
+        before = conn.local_address
+        # Not the message announced: its open DATA is dropped with the connection, and this one
+        # goes on a new connection.
+        assert codes(await conn.send(*other)) == {cat: ACCEPTED}
+        assert conn.local_address != before
+        assert codes(await conn.send(*first, lambda: announced)) == {ann: ACCEPTED}
+    finally:
+        await conn.close()  # with bob's DATA open: no QUIT (it would be his content), no mail
+    assert await tagged(server, tag) == {ann: [as_sent(first.data)] * 2, cat: [as_sent(other.data)]}
