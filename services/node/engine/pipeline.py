@@ -406,9 +406,7 @@ class Pipeline:
                     job, announced = ahead.pop(), True
                     continue
                 announced = False
-                if not self._queue or self._stopping or len(self._busy) > self.policy.max_connections:
-                    return
-                if self._budget is not None and self._budget.surplus():
+                if not self._goes_on():
                     return
                 job = self._queue.popleft()
         finally:
@@ -417,13 +415,19 @@ class Pipeline:
             self._busy = [b for b in self._busy if b is not conn]
             self._wake.set()
 
+    def _goes_on(self) -> bool:
+        """Whether a lane that has sent a message goes on to a queued one."""
+        if not self._queue or self._stopping or len(self._busy) > self.policy.max_connections:
+            return False
+        return self._budget is None or not self._budget.surplus()
+
     def _follow_up(self) -> Job | None:
         """The lane's next job, with its send slot, when the lane would go on to one anyway and
         the slot is free at once."""
-        if not self._queue or self._stopping or len(self._busy) > self.policy.max_connections:
+        if not self._goes_on():
             return None
         budget = self._budget
-        if budget is not None and (budget.surplus() or budget.holding(time.time()) is not None):
+        if budget is not None and budget.holding(time.time()) is not None:
             return None
         if self._limiter.take() != 0.0:
             return None
