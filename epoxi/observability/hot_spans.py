@@ -9,7 +9,8 @@ most of what tracing cost.
 ``HotSpans`` makes the same spans for about a fifth of that: the sampler is asked once per
 stored ``traceparent`` (a batch's messages share one, and every sampler the SDK ships decides
 from the parent and the trace ID alone), attributes go into a plain dict (the callers set
-strings, ints and bools; anything else is dropped as the SDK would), and the finished span is
+strings, ints and bools; anything else is dropped as the SDK would), the span is made current
+without ``use_span``'s generators, and the finished span is
 the SDK's own ``ReadableSpan``, handed to the provider's span processors like any other. So
 the batch processor, the exporter and every ``OTEL_*`` setting treat it exactly as an SDK span.
 """
@@ -18,10 +19,11 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.trace import Event, ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.sampling import Decision
@@ -154,6 +156,26 @@ class HotSpan(trace.Span):
         )
 
 
+class _Current:
+    """``span`` current while the block runs and ended after it, an exception setting its
+    status: ``trace.use_span`` without its two generator context managers."""
+
+    __slots__ = ("_span", "_token")
+
+    def __init__(self, span: trace.Span) -> None:
+        self._span = span
+
+    def __enter__(self) -> trace.Span:
+        self._token = otel_context.attach(trace.set_span_in_context(self._span))
+        return self._span
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: object) -> None:
+        if isinstance(error, Exception):
+            self._span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+        otel_context.detach(self._token)
+        self._span.end()
+
+
 class HotSpans:
     """Hot-path spans on ``provider``'s resource, sampler, ID generator and processors."""
 
@@ -169,19 +191,12 @@ class HotSpans:
     def finished(self, span: ReadableSpan) -> None:
         self._processor.on_end(span)
 
-    @contextmanager
     def child_of(
         self, traceparent: str, name: str, kind: SpanKind, attributes: dict[str, Any]
-    ) -> Iterator[trace.Span]:
+    ) -> AbstractContextManager[trace.Span]:
         """The current span while the block runs: ``name``, the child of a stored
         ``traceparent`` (a new trace when it names none), ended when the block ends."""
-        span = self.start(traceparent, name, kind, attributes)
-        with trace.use_span(span, end_on_exit=True, record_exception=False, set_status_on_exception=False):
-            try:
-                yield span
-            except Exception as e:
-                span.set_status(Status(StatusCode.ERROR, f"{type(e).__name__}: {e}"))
-                raise
+        return _Current(self.start(traceparent, name, kind, attributes))
 
     def start(self, traceparent: str, name: str, kind: SpanKind, attributes: dict[str, Any]) -> trace.Span:
         if traceparent:

@@ -30,7 +30,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-tracer = trace.get_tracer("epoxi")
+_proxy = trace.get_tracer("epoxi")
+tracer: trace.Tracer = _proxy  # the SDK's own tracer once configured: a proxy costs a call a span
 _propagator = TraceContextTextMapPropagator()
 _provider: object | None = None  # the SDK's TracerProvider, once configured
 _hot: HotSpans | None = None
@@ -56,7 +57,7 @@ def enabled() -> bool:
 def configure(service_name: str, instance_id: str | None = None) -> bool:
     """Export this process's spans over OTLP/gRPC as ``service_name`` (``OTEL_SERVICE_NAME``
     overrides it), if the environment asks for it (``wanted``); True when it does."""
-    global _provider, _hot
+    global _provider, _hot, tracer
     if _provider is not None:
         return True
     if not wanted():
@@ -78,14 +79,15 @@ def configure(service_name: str, instance_id: str | None = None) -> bool:
     trace.set_tracer_provider(provider)
     _provider = provider
     _hot = HotSpans(provider, "epoxi")
+    tracer = provider.get_tracer("epoxi")
     log.info("tracing: exporting spans over OTLP as %s", service_name)
     return True
 
 
 def shutdown() -> None:
     """Export what is still buffered, and stop (at the end of a process)."""
-    global _provider, _hot
-    provider, _provider, _hot = _provider, None, None
+    global _provider, _hot, tracer
+    provider, _provider, _hot, tracer = _provider, None, None, _proxy
     if provider is not None:
         provider.shutdown()  # type: ignore[attr-defined]
 
