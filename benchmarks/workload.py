@@ -15,7 +15,7 @@ from epoxi import envelope, rendering
 from epoxi.routing import routing_key
 from epoxi.v1 import email_pb2
 from services.node.engine.mx import Destinations, Host
-from services.node.engine.smtp import SmtpSender
+from services.node.engine.smtp import Message, SmtpSender
 
 SENDER = "Epoxi Bench <bench@sender.bench.test>"
 # The header field that names a message for the latency sink (``benchmarks.latency_sink``).
@@ -109,7 +109,8 @@ async def blast(
     chunking: bool = False,
 ) -> BlastResult:
     """Send every message to ``target`` over ``connections_per_key`` reused connections per key,
-    each bound to its key's source IP (as a pipeline's lanes are), all keys at once."""
+    each bound to its key's source IP (as a pipeline's lanes are), all keys at once; as a lane
+    does, each takes its next message as a content goes, so its envelope can go with it."""
     host, _, port = target.rpartition(":")
     sender = SmtpSender(Destinations({"*": Host(host, int(port))}), ehlo_name, chunking=chunking)
     queues: dict[Key, deque[Rendered]] = {}
@@ -120,10 +121,18 @@ async def blast(
     async def lane(key: Key, queue: deque[Rendered]) -> None:
         nonlocal accepted, failed
         conn = sender.connection(key.domain, key.source_ip if bind_source else "127.0.0.1")
+        ahead: list[Rendered] = []
+
+        def follow() -> Message | None:
+            if not queue:
+                return None
+            ahead.append(queue.popleft())
+            return Message(ahead[-1].sender, [ahead[-1].recipient], ahead[-1].data)
+
         try:
-            while queue:
-                m = queue.popleft()
-                results = await conn.send(m.sender, [m.recipient], m.data)
+            while ahead or queue:
+                m = ahead.pop() if ahead else queue.popleft()
+                results = await conn.send(m.sender, [m.recipient], m.data, follow)
                 if all(r.accepted for r in results.values()):
                     accepted += 1
                 else:
