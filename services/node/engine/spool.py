@@ -970,12 +970,13 @@ def new_ids(n: int) -> list[str]:
     Time-ordered keys land at the right edge of the B-trees they index (messages, bodies,
     deliveries by message, batches) instead of at random pages, which makes a commit write fewer
     pages (an eighth less spool CPU per message than UUIDv4, by benchmark)."""
-    ms = time.time_ns() // 1_000_000
+    prefix = (time.time_ns() // 1_000_000).to_bytes(6, "big")
+    rand = bytearray(os.urandom(10 * n))  # one getrandom call for the batch, not one per ID
     ids = []
-    for _ in range(n):
-        rand = int.from_bytes(os.urandom(10))
-        value = ms << 80 | 0x7 << 76 | (rand >> 68) << 64 | 0b10 << 62 | rand & (1 << 62) - 1
-        ids.append(f"{value:032x}")
+    for i in range(0, 10 * n, 10):
+        rand[i] = 0x70 | rand[i] & 0x0F  # version 7, then 12 random bits
+        rand[i + 2] = 0x80 | rand[i + 2] & 0x3F  # variant 0b10, then 62 random bits
+        ids.append((prefix + rand[i : i + 10]).hex())
     return ids
 
 
