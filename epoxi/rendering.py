@@ -61,7 +61,11 @@ class DerivedMessageIds:
         self._seen: dict[bytes, int] = {}
 
     def derive(self, e: email_pb2.Email) -> str:
-        content = hashlib.sha256(e.SerializeToString(deterministic=True))
+        return self.derive_encoded(e, e.SerializeToString(deterministic=True))
+
+    def derive_encoded(self, e: email_pb2.Email, encoded: bytes) -> str:
+        """``derive``, for ``e`` already serialized deterministically as ``encoded``."""
+        content = hashlib.sha256(encoded)
         identity = content.digest()  # the state goes on: digest() does not finalise it
         occurrence = self._seen.get(identity, 0)
         self._seen[identity] = occurrence + 1

@@ -36,7 +36,11 @@ def batch_bytes(max_email_bytes: int = MAX_EMAIL_BYTES) -> int:
 
 def encoded_size(item: Message) -> int:
     """``item``'s size as an element of a repeated field: its tag, its length and its bytes."""
-    n = item.ByteSize()
+    return element_size(item.ByteSize())
+
+
+def element_size(n: int) -> int:
+    """The size, as an element of a repeated field, of an item whose own bytes are ``n``."""
     return 1 + _varint_size(n) + n
 
 

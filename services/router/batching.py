@@ -11,6 +11,10 @@ so the same request, planned again over the same view, gives the same batches wi
 Message-IDs and the same keys, and a node that spooled a batch recognises it when it comes again.
 A raw email is named by its Message-ID and its envelope (``raw_dedupe_id``). A request's
 Idempotency-Key, when it has one, is folded into each of its batches' keys.
+
+Each email is serialized once, here (for a derived Message-ID, the same bytes are hashed), and a
+batch's EnqueueBatchRequest is put together from those bytes (``Batch.request``), however many
+batches the email is in and however many nodes the batch is sent to.
 """
 
 from __future__ import annotations
@@ -23,10 +27,14 @@ from dataclasses import dataclass, field
 from epoxi import raw_message, rendering
 from epoxi.envelope import domains
 from epoxi.routing import routing_key
-from epoxi.runtime import limits
-from epoxi.v1 import email_pb2
+from epoxi.runtime import limits, wire
+from epoxi.v1 import email_pb2, node_pb2
 
 DEFAULT_POOL = "default"
+_MESSAGE_ID = wire.number(email_pb2.Email, "message_id")
+_KEY, _EMAILS, _IDEMPOTENCY_KEY = (
+    wire.number(node_pb2.EnqueueBatchRequest, name) for name in ("routing_key", "emails", "idempotency_key")
+)
 
 
 @dataclass
@@ -35,6 +43,8 @@ class Batch:
     domain: str
     source_ip: str
     emails: list[email_pb2.Email] = field(default_factory=list)
+    # Each of ``emails`` serialized.
+    encoded: list[bytes] = field(default_factory=list)
     # Where each email is in the request (RouteEmailsRequest.emails), in batch order.
     indexes: list[int] = field(default_factory=list)
     # The emails' encoded size inside a request: each with its field's tag and length.
@@ -52,6 +62,13 @@ class Batch:
     @property
     def idempotency_key(self) -> str:
         return idempotency_key(self.routing_key, self.dedupe_ids, self.call_key)
+
+    def request(self) -> bytes:
+        """The batch's ``EnqueueBatchRequest``, serialized (from ``encoded``)."""
+        parts = [wire.field(_KEY, self.routing_key.encode())]
+        parts.extend(wire.field(_EMAILS, e) for e in self.encoded)
+        parts.append(wire.field(_IDEMPOTENCY_KEY, self.idempotency_key.encode()))
+        return b"".join(parts)
 
 
 @dataclass
@@ -123,12 +140,16 @@ def plan(
     unroutable: dict[str, Unroutable] = {}
     derived = rendering.DerivedMessageIds()
     for index, e in enumerate(emails):
+        encoded: bytes | None = None
         if e.HasField("raw"):
             e = _prepared_raw(e, derived)
             name = raw_dedupe_id(e)
         else:
             if not e.message_id:
-                e = _with_message_id(e, derived.derive(e))
+                encoded = e.SerializeToString(deterministic=True)
+                message_id = derived.derive_encoded(e, encoded)
+                e = _with_message_id(e, message_id)
+                encoded += wire.field(_MESSAGE_ID, message_id.encode())  # it was empty: not in it
             name = e.message_id
         ip, reason = choose_ip(e, default_pool, pools)
         if not ip:
@@ -136,7 +157,9 @@ def plan(
             u.emails.append(e)
             u.indexes.append(index)
             continue
-        size = limits.encoded_size(e)
+        if encoded is None:
+            encoded = e.SerializeToString()
+        size = limits.element_size(len(encoded))
         for domain in domains(e):
             key = routing_key(domain, ip)
             batch = open_batches.get(key)
@@ -148,6 +171,7 @@ def plan(
                 batch = open_batches[key] = Batch(key, domain, ip, call_key=call_key)
                 batches.append(batch)
             batch.emails.append(e)
+            batch.encoded.append(encoded)
             batch.dedupe_ids.append(name)
             batch.indexes.append(index)
             batch.size += size

@@ -68,7 +68,7 @@ from epoxi.registry.ownership import Owner
 from epoxi.runtime import limits, status
 from epoxi.runtime.channels import RPC_TIMEOUT, Channels
 from epoxi.runtime.status import abort
-from epoxi.v1 import email_pb2, node_pb2, node_pb2_grpc, router_pb2, router_pb2_grpc
+from epoxi.v1 import email_pb2, node_pb2, router_pb2, router_pb2_grpc
 from services.router.batching import Batch, Unroutable, idempotency_key, plan
 from services.router.discovery import ClusterSnapshot, ClusterView
 from services.router.metrics import RouterMetrics
@@ -79,6 +79,7 @@ log = logging.getLogger(__name__)
 
 # How long to wait before sending a batch again to a node whose reply was lost.
 RETRY_PAUSE = 0.1
+ENQUEUE_BATCH = f"/{node_pb2.DESCRIPTOR.services_by_name['NodeService'].full_name}/EnqueueBatch"
 
 # Why a node's INVALID_ARGUMENT for a batch this router validated leaves the request's other
 # batches as they went: each key's batch is its own, and validation is the contract.
@@ -300,9 +301,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             result.error = f"no passing node owns source IP {batch.source_ip}"
             self.metrics.batch(result)
             return _Routed(result)
-        request = node_pb2.EnqueueBatchRequest(
-            routing_key=key, emails=batch.emails, idempotency_key=result.idempotency_key
-        )
+        request = batch.request()
         queue: deque[_Target] = deque([first])
         tried: list[str] = []
         failures: list[str] = []
@@ -377,10 +376,13 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self.metrics.batch(result, tried[-1] if tried else "", routed.fallback)
         return routed
 
-    async def _send(self, node: node_pb2.NodeInfo, request: node_pb2.EnqueueBatchRequest) -> Attempt:
-        stub = node_pb2_grpc.NodeServiceStub(self._channels.get(node.address))
+    async def _send(self, node: node_pb2.NodeInfo, request: bytes) -> Attempt:
+        """EnqueueBatch with ``request`` already serialized (``Batch.request``)."""
+        enqueue = self._channels.get(node.address).unary_unary(
+            ENQUEUE_BATCH, response_deserializer=node_pb2.EnqueueBatchResponse.FromString
+        )
         try:
-            reply = await stub.EnqueueBatch(request, timeout=self._rpc_timeout)
+            reply = await enqueue(request, timeout=self._rpc_timeout)
         except grpc.aio.AioRpcError as err:
             return classify(err)
         return Attempt(Outcome.ACCEPTED, reply=reply)

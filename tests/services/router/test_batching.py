@@ -107,6 +107,30 @@ def test_batches_are_split_so_that_no_request_exceeds_max_batch_bytes():
     assert [len(b.emails) for b in batches] == [1, 1]
 
 
+def test_a_batchs_request_is_put_together_from_each_email_serialized_once():
+    emails = [
+        email(["a@gmail.com", "b@yahoo.com"], ip="127.0.0.2"),  # derived Message-ID, two batches
+        email(["c@gmail.com"], ip="127.0.0.2", message_id="<given@example.com>"),
+        email_pb2.Email(
+            raw=email_pb2.RawMessage(
+                mail_from="r@example.com", rcpt_to=["d@gmail.com"], content=b"Subject: x\n\nbare LF\n"
+            ),
+            delivery=email_pb2.Delivery(ip="127.0.0.2"),
+        ),
+    ]
+    batches, _ = plan(emails, "", POOLS, max_batch=100, call_key="call-1")
+    assert len(batches) == 2
+    for b in batches:
+        sent = node_pb2.EnqueueBatchRequest.FromString(b.request())
+        assert sent == node_pb2.EnqueueBatchRequest(
+            routing_key=b.routing_key, emails=b.emails, idempotency_key=b.idempotency_key
+        )
+        assert all(e.message_id for e in sent.emails)
+        assert b.size == sum(limits.encoded_size(e) for e in b.emails)
+    gmail = node_pb2.EnqueueBatchRequest.FromString(batches[0].request())
+    assert gmail.emails[2].raw.content == b"Subject: x\r\n\r\nbare LF\r\n"  # as planned: CRLF
+
+
 def test_pool_choice_is_stable_per_domain_and_stays_in_the_pool():
     first = choose_ip(email(["a@gmail.com"]), "", POOLS)
     again = choose_ip(email(["b@gmail.com"]), "", POOLS)
