@@ -19,9 +19,52 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
+
+
+class _Transaction(Protocol):
+    @property
+    def rcpt_tos(self) -> list[str]: ...
+
+
+T = TypeVar("T", bound=_Transaction)
+
+
+class Receiving(Generic[T]):
+    """What a sink on aiosmtpd does besides answering: stop, say its address, and tell what it
+    has received (``received``, ``changed`` set on each arrival)."""
+
+    host: str
+    port: int
+    received: list[T]
+    changed: asyncio.Event
+    _server: asyncio.AbstractServer | None
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def recipients(self) -> list[str]:
+        return [r for m in self.received for r in m.rcpt_tos]
+
+    async def wait_for(self, count: int, seconds: float = 30.0) -> list[T]:
+        """Wait until at least ``count`` recipients have been received."""
+
+        async def until() -> None:
+            while len(self.recipients()) < count:
+                self.changed.clear()
+                await self.changed.wait()
+
+        await asyncio.wait_for(until(), seconds)
+        return self.received
 
 
 @dataclass(frozen=True)
@@ -112,7 +155,7 @@ def mail_file_name() -> str:
 
 
 @dataclass
-class Sink:
+class Sink(Receiving[Received]):
     host: str = "127.0.0.1"
     port: int = 0
     maildir: Path | None = None
@@ -161,30 +204,6 @@ class Sink:
         )
         self.port = self._server.sockets[0].getsockname()[1]
         return self
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    def recipients(self) -> list[str]:
-        return [r for m in self.received for r in m.rcpt_tos]
-
-    async def wait_for(self, count: int, seconds: float = 30.0) -> list[Received]:
-        """Wait until at least ``count`` recipients have been received."""
-
-        async def until() -> None:
-            while len(self.recipients()) < count:
-                self.changed.clear()
-                await self.changed.wait()
-
-        await asyncio.wait_for(until(), seconds)
-        return self.received
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,13 +1,18 @@
-"""A real aiosmtpd SMTP server whose EHLO offers chosen extensions (SMTPUTF8, 8BITMIME), keeping
-each transaction's envelope and content as it arrived, and answering chosen recipients with any
-octets."""
+"""A real aiosmtpd SMTP server whose EHLO offers chosen extensions (SMTPUTF8, 8BITMIME,
+PIPELINING), keeping each transaction's envelope and content as it arrived and, per read from the
+socket, the commands it carried (``commands``); it answers chosen recipients, or contents, with
+any reply."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from devmesh.sink import Receiving
 
 
 @dataclass(frozen=True)
@@ -19,13 +24,62 @@ class Transaction:
 
 
 @dataclass
-class EsmtpSink:
+class CommandReads:
+    """The SMTP commands each read from the socket carried, DATA's content aside (its end is
+    ``"."``): a client that waits for each reply (no PIPELINING) never has two in one read."""
+
+    reads: list[list[str]] = field(default_factory=list)
+    _in_data: bool = False
+    _tail: bytes = b""
+
+    def observe(self, chunk: bytes) -> None:
+        buf, pos, verbs = self._tail + chunk, 0, []
+        while True:
+            if self._in_data:
+                end = buf.find(b"\r\n.\r\n", pos)
+                if end < 0:
+                    self._tail = buf[max(pos, len(buf) - 4) :]
+                    break
+                pos, self._in_data = end + 5, False
+                verbs.append(".")  # the content's end
+                continue
+            nl = buf.find(b"\r\n", pos)
+            if nl < 0:
+                self._tail = buf[pos:]
+                break
+            verb = buf[pos:nl].split(b" ", 1)[0].split(b":", 1)[0].upper().decode(errors="replace")
+            verbs.append(verb)
+            # The content's end is CRLF . CRLF, whose first CRLF may be the DATA line's own.
+            pos, self._in_data = (nl, True) if verb == "DATA" else (nl + 2, False)
+        if verbs:
+            self.reads.append(verbs)
+
+
+class _ObservedSmtp(SMTP):
+    def __init__(self, reads: CommandReads, handler: Any, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._reads = reads
+
+    def data_received(self, data: bytes) -> None:
+        self._reads.observe(data)
+        super().data_received(data)
+
+
+@dataclass
+class EsmtpSink(Receiving[Transaction]):
     smtputf8: bool = True
     host: str = "127.0.0.1"
     eight_bit_mime: bool = True
+    pipelining: bool = False
+    hostname: str = "esmtp.epoxi.test"
     # RCPT TO:<address> -> the reply line to answer, as octets (a server may send any).
     replies: dict[str, bytes] = field(default_factory=dict)
+    # The reply to RCPT TO:<address> when it is not in ``replies``; None: accepted.
+    rcpt_reply: Callable[[str], str | None] | None = None
+    # The reply to a message's content instead of taking it; None: taken.
+    content_reply: Callable[[bytes], str | None] | None = None
     received: list[Transaction] = field(default_factory=list)
+    commands: CommandReads = field(default_factory=CommandReads)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     _server: asyncio.AbstractServer | None = None
     port: int = 0
@@ -34,25 +88,29 @@ class EsmtpSink:
         self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
     ) -> list[str]:
         session.host_name = hostname  # the hook's job once it is defined
-        if self.eight_bit_mime:
-            return responses
-        return [r for r in responses if r != "250-8BITMIME"]
+        if not self.eight_bit_mime:
+            responses = [r for r in responses if r != "250-8BITMIME"]
+        if self.pipelining:
+            responses = [*responses[:-1], "250-PIPELINING", responses[-1]]
+        return responses
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
     ) -> str | bytes:
         if address in self.replies:
             return self.replies[address]
+        if self.rcpt_reply is not None and (reply := self.rcpt_reply(address)) is not None:
+            return reply
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        content = envelope.original_content or b""
+        if self.content_reply is not None and (reply := self.content_reply(content)) is not None:
+            return reply
         self.received.append(
             Transaction(
-                str(envelope.mail_from),
-                list(envelope.mail_options),
-                list(envelope.rcpt_tos),
-                envelope.original_content or b"",
+                str(envelope.mail_from), list(envelope.mail_options), list(envelope.rcpt_tos), content
             )
         )
         self.changed.set()
@@ -61,31 +119,9 @@ class EsmtpSink:
     async def start(self) -> EsmtpSink:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: SMTP(self, hostname="esmtp.epoxi.test", enable_SMTPUTF8=self.smtputf8), self.host, 0
+            lambda: _ObservedSmtp(self.commands, self, hostname=self.hostname, enable_SMTPUTF8=self.smtputf8),
+            self.host,
+            0,
         )
         self.port = self._server.sockets[0].getsockname()[1]
         return self
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    def recipients(self) -> list[str]:
-        return [r for t in self.received for r in t.rcpt_tos]
-
-    async def wait_for(self, count: int, seconds: float = 30.0) -> list[Transaction]:
-        """Wait until at least ``count`` recipients have been received."""
-
-        async def until() -> None:
-            while len(self.recipients()) < count:
-                self.changed.clear()
-                await self.changed.wait()
-
-        await asyncio.wait_for(until(), seconds)
-        return self.received

@@ -17,20 +17,17 @@ a server shared by a module.
 
 from __future__ import annotations
 
-import asyncio
 import re
 from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from typing import Protocol, Self
 
 from benchmarks.smtpsink import SmtpSink
 from devmesh.postfix import PostfixReceiver
 from services.node.engine.mx import Host
+from tests.services.node.esmtp_sink import EsmtpSink
 
 DOMAIN = "interop.test"
 USERS = ("ann", "bob", "cat", "dan", "eve", "jörg")
@@ -48,9 +45,18 @@ def user_of(address: str) -> str:
     return address.partition("@")[0].partition("+")[0]
 
 
-class RealServer(ABC):
-    """A started receiving server for ``DOMAIN``."""
+class _Backend(Protocol):
+    port: int
 
+    async def start(self) -> object: ...
+
+    async def stop(self) -> None: ...
+
+
+class RealServer(ABC):
+    """A receiving server for ``DOMAIN`` (``backend``, on 127.0.0.1), once ``start``ed."""
+
+    backend: _Backend
     name: str
     pipelining: bool = True
     smtputf8: bool = False
@@ -59,157 +65,62 @@ class RealServer(ABC):
     # recipient alike (``refusal`` says how).
     refuses_by_address: bool = True
 
-    @property
-    @abstractmethod
-    def route(self) -> Host: ...
+    async def start(self) -> Self:
+        await self.backend.start()
+        return self
 
-    @abstractmethod
+    async def stop(self) -> None:
+        await self.backend.stop()
+
+    @property
+    def route(self) -> Host:
+        return Host("127.0.0.1", self.backend.port)
+
     def refusal(self, address: str) -> tuple[int, str] | None:
         """The code and enhanced code it refuses ``address`` with; None if it accepts it."""
+        return _refused_by_address(address)
 
     @abstractmethod
     async def delivered(self) -> dict[str, list[bytes]]:
         """Every message it has delivered so far, per recipient, as the client sent it;
         it waits until what it accepted has been delivered."""
 
-    @abstractmethod
-    async def stop(self) -> None: ...
-
     def __repr__(self) -> str:
         return self.name
 
 
+_REFUSALS = {NOBODY: (550, "5.1.1", "no such user"), FULL: (452, "4.2.2", "mailbox full")}
+
+
 def _refused_by_address(address: str) -> tuple[int, str] | None:
-    return {NOBODY: (550, "5.1.1"), FULL: (452, "4.2.2")}.get(user_of(address))
+    refusal = _REFUSALS.get(user_of(address))
+    return None if refusal is None else refusal[:2]
 
 
 # aiosmtpd
 
 
-@dataclass
-class _CommandReads:
-    """The SMTP commands each read from the socket carried, DATA's content aside (its end is
-    ``"."``): a client that waits for each reply (no PIPELINING) never has two in one read."""
-
-    reads: list[list[str]] = field(default_factory=list)
-    _in_data: bool = False
-    _tail: bytes = b""
-
-    def observe(self, chunk: bytes) -> None:
-        buf, pos, verbs = self._tail + chunk, 0, []
-        while True:
-            if self._in_data:
-                end = buf.find(b"\r\n.\r\n", pos)
-                if end < 0:
-                    self._tail = buf[max(pos, len(buf) - 4) :]
-                    break
-                pos, self._in_data = end + 5, False
-                verbs.append(".")  # the content's end
-                continue
-            nl = buf.find(b"\r\n", pos)
-            if nl < 0:
-                self._tail = buf[pos:]
-                break
-            verb = buf[pos:nl].split(b" ", 1)[0].split(b":", 1)[0].upper().decode(errors="replace")
-            verbs.append(verb)
-            # The content's end is CRLF . CRLF, whose first CRLF may be the DATA line's own.
-            pos, self._in_data = (nl, True) if verb == "DATA" else (nl + 2, False)
-        if verbs:
-            self.reads.append(verbs)
-
-
-class _ObservedSmtp(SMTP):
-    def __init__(self, reads: _CommandReads, handler: Any, **kwargs: Any) -> None:
-        super().__init__(handler, **kwargs)
-        self._reads = reads
-
-    def data_received(self, data: bytes) -> None:
-        self._reads.observe(data)
-        super().data_received(data)
-
-
-@dataclass(frozen=True)
-class Transaction:
-    mail_from: str
-    mail_options: list[str]
-    rcpt_tos: list[str]
-    data: bytes
-
-
 class AiosmtpdServer(RealServer):
-    """aiosmtpd with SMTPUTF8 and 8BITMIME; PIPELINING announced or not (it reads pipelined
-    commands either way). It keeps every transaction (``received``) and, per read, the commands
-    it got (``commands``)."""
+    """aiosmtpd (``EsmtpSink``) with SMTPUTF8 and 8BITMIME; PIPELINING announced or not (it reads
+    pipelined commands either way). Its ``received`` transactions and, per read, the ``commands``
+    it got are the sink's."""
 
+    backend: EsmtpSink
     smtputf8 = True
 
     def __init__(
         self, *, pipelining: bool, content_reply: Callable[[bytes], str | None] | None = None
     ) -> None:
         self.pipelining = pipelining
-        self.content_reply = content_reply  # the reply to a content, instead of taking it
         self.name = "aiosmtpd" if pipelining else "aiosmtpd-no-pipelining"
-        self.received: list[Transaction] = []
-        self.commands = _CommandReads()
-        self._server: asyncio.AbstractServer | None = None
-        self._port = 0
-
-    async def start(self) -> AiosmtpdServer:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: _ObservedSmtp(
-                self.commands, self, hostname="aiosmtpd.interop.test", enable_SMTPUTF8=True
-            ),
-            "127.0.0.1",
-            0,
+        self.backend = EsmtpSink(
+            pipelining=pipelining,
+            hostname="aiosmtpd.interop.test",
+            rcpt_reply=_rcpt_reply,
+            content_reply=content_reply,
         )
-        self._port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
-
-    @property
-    def route(self) -> Host:
-        return Host("127.0.0.1", self._port)
-
-    def refusal(self, address: str) -> tuple[int, str] | None:
-        return _refused_by_address(address)
-
-    async def handle_EHLO(
-        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
-    ) -> list[str]:
-        session.host_name = hostname  # the hook's job once it is defined
-        if self.pipelining:
-            return [*responses[:-1], "250-PIPELINING", responses[-1]]
-        return responses
-
-    async def handle_RCPT(
-        self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
-    ) -> str:
-        user = user_of(address)
-        if user == NOBODY:
-            return "550 5.1.1 no such user"
-        if user == FULL:
-            return "452 4.2.2 mailbox full"
-        envelope.rcpt_tos.append(address)
-        return "250 2.1.5 OK"
-
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        if self.content_reply is not None and (reply := self.content_reply(envelope.original_content or b"")):
-            return reply
-        self.received.append(
-            Transaction(
-                str(envelope.mail_from),
-                list(envelope.mail_options),
-                list(envelope.rcpt_tos),
-                envelope.original_content or b"",
-            )
-        )
-        return "250 2.0.0 OK"
+        self.received = self.backend.received
+        self.commands = self.backend.commands
 
     async def delivered(self) -> dict[str, list[bytes]]:
         found: defaultdict[str, list[bytes]] = defaultdict(list)
@@ -217,6 +128,11 @@ class AiosmtpdServer(RealServer):
             for rcpt in t.rcpt_tos:
                 found[rcpt].append(t.data)
         return dict(found)
+
+
+def _rcpt_reply(address: str) -> str | None:
+    refusal = _REFUSALS.get(user_of(address))
+    return None if refusal is None else " ".join(map(str, refusal))
 
 
 # smtp-sink
@@ -229,6 +145,7 @@ class SmtpSinkServer(RealServer):
     """Postfix's ``smtp-sink`` keeping each transaction in a file; it accepts every recipient,
     unless ``refuse`` (``-r RCPT``/``-f RCPT`` and the reply) refuses them all."""
 
+    backend: SmtpSink
     smtputf8 = False
 
     def __init__(
@@ -246,25 +163,14 @@ class SmtpSinkServer(RealServer):
         self.eight_bit_mime = esmtp
         self.refuses_by_address = False
         self._refuse = refuse
-        self.sink = SmtpSink(options=options, dump=directory, hostname="sink.interop.test")
-
-    async def start(self) -> SmtpSinkServer:
-        await self.sink.start()
-        return self
-
-    async def stop(self) -> None:
-        await self.sink.stop()
-
-    @property
-    def route(self) -> Host:
-        return Host(self.sink.host, self.sink.port)
+        self.backend = SmtpSink(options=options, dump=directory, hostname="sink.interop.test")
 
     def refusal(self, address: str) -> tuple[int, str] | None:
         return self._refuse
 
     async def delivered(self) -> dict[str, list[bytes]]:
         found: defaultdict[str, list[bytes]] = defaultdict(list)
-        for dump in self.sink.dumps():
+        for dump in self.backend.dumps():
             if not dump:
                 continue  # a transaction at DATA: smtp-sink removes it when the client drops it
             fields, content = _leading_fields(dump, _SINK_FIELDS, last="received")
@@ -286,12 +192,13 @@ class PostfixServer(RealServer):
     ``FULL`` is refused by an access map, ``NOBODY`` as unknown. Without ``pipelining`` it
     offers neither PIPELINING nor CHUNKING."""
 
+    backend: PostfixReceiver
     smtputf8 = True
 
     def __init__(self, directory: Path, *, pipelining: bool) -> None:
         self.pipelining = pipelining
         self.name = "postfix" if pipelining else "postfix-no-pipelining"
-        self.postfix = PostfixReceiver(
+        self.backend = PostfixReceiver(
             directory,
             DOMAIN,
             USERS,
@@ -299,25 +206,11 @@ class PostfixServer(RealServer):
             hide=() if pipelining else ("pipelining", "chunking"),
         )
 
-    async def start(self) -> PostfixServer:
-        await self.postfix.start()
-        return self
-
-    async def stop(self) -> None:
-        await self.postfix.stop()
-
-    @property
-    def route(self) -> Host:
-        return Host("127.0.0.1", self.postfix.port)
-
-    def refusal(self, address: str) -> tuple[int, str] | None:
-        return _refused_by_address(address)
-
     async def delivered(self) -> dict[str, list[bytes]]:
-        await self.postfix.settled()
+        await self.backend.settled()
         found: defaultdict[str, list[bytes]] = defaultdict(list)
         for user in USERS:
-            for stored in self.postfix.mailbox(user):
+            for stored in self.backend.mailbox(user):
                 fields, content = _leading_fields(stored, _POSTFIX_FIELDS, last="received")
                 [rcpt] = fields["delivered-to"]
                 found[rcpt.decode()].append(_crlf(content))

@@ -271,7 +271,7 @@ async def test_no_bdat_where_chunking_is_not_offered(server: RealServer, tag: st
         await conn.close()
 
     async def ours() -> list[dict[str, str]]:  # smtpd logs a session once it has ended
-        return [counts for ip, counts in server.postfix.sessions() if ip == source_ip]
+        return [counts for ip, counts in server.backend.sessions() if ip == source_ip]
 
     [session] = await eventually(ours)
     assert "bdat" not in session
@@ -333,7 +333,7 @@ async def test_with_chunking_the_content_goes_as_bdat_byte_exact(server: RealSer
     }
 
     async def ours() -> list[dict[str, str]]:
-        return [counts for ip, counts in server.postfix.sessions() if ip == source_ip]
+        return [counts for ip, counts in server.backend.sessions() if ip == source_ip]
 
     [session] = await eventually(ours)
     # Three BDATs, the one after every RCPT was refused refused too (its content still sent).
