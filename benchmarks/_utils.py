@@ -1,5 +1,5 @@
 """Small helpers shared by the benchmarks: free ports, /proc readings, table printing, orphans,
-and the start/stop context of the processes they run."""
+and the count a sink keeps (the start/stop context is ``devmesh.started``)."""
 
 from __future__ import annotations
 
@@ -10,30 +10,11 @@ import os
 import socket
 import time
 from collections.abc import Sequence
-from typing import Self
+
+from devmesh.started import Started
 
 _PR_SET_CHILD_SUBREAPER = 36
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-class Started:
-    """``async with``: ``start()`` on entry (``stop()`` if that fails), ``stop()`` on exit."""
-
-    async def start(self) -> Self:
-        raise NotImplementedError
-
-    async def stop(self) -> None:
-        raise NotImplementedError
-
-    async def __aenter__(self) -> Self:
-        try:
-            return await self.start()
-        except BaseException:
-            await self.stop()
-            raise
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
 
 class Counted(Started):

@@ -15,7 +15,8 @@ import asyncio
 import signal
 import sys
 
-from benchmarks._utils import Started, free_port, terminate, wait_listening
+from benchmarks._utils import free_port, terminate, wait_listening
+from devmesh.started import Started
 
 _EHLO = b"250-sink.bench.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250 CHUNKING\r\n"
 _END_OF_DATA = b"\r\n.\r\n"

@@ -32,6 +32,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Self
 
+from devmesh.started import Started
+
 _MASTER_CF = """\
 {listen} inet n - n - - smtpd
 pickup    unix  n       -       n       60      1       pickup
@@ -115,7 +117,7 @@ _QUEUES = ("maildrop", "incoming", "active", "deferred", "hold")
 _DISCONNECT = re.compile(r"postfix/smtpd\[\d+\]: disconnect from [^\[\s]*\[([^\]]+)\]((?: \w+=[\d/]+)+)")
 
 
-class _Postfix:
+class _Postfix(Started):
     """One instance: ``async with X(...) as pf`` starts it (stopping it if that fails), and stops it."""
 
     hostname = "postfix.epoxi.test"
@@ -198,16 +200,6 @@ class _Postfix:
                 await asyncio.sleep(0.1)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-
-    async def __aenter__(self) -> Self:
-        try:
-            return await self.start()
-        except BaseException:
-            await self.stop()
-            raise
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
 
 class PostfixRelay(_Postfix):
