@@ -63,7 +63,8 @@ class EchoServicer:
 
     def __init__(self) -> None:
         self.metadata: list[tuple[str, Any]] = []
-        self.response_class = message_class("epoxi.gatewaytest.v1.EchoResponse")
+        # Built at run time from the descriptor, so no stub types its fields.
+        self.response_class: Any = message_class("epoxi.gatewaytest.v1.EchoResponse")
 
     def handler(self) -> grpc.GenericRpcHandler:
         service = echo_service()
