@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from services.node.engine.mx import Destinations, Host
+from services.node.engine.reply import BAD_CONNECTION
+from services.node.engine.smtp import Message, SmtpSender
 from services.node.engine.smtp_client import (
     BadReply,
     Disconnected,
@@ -32,6 +35,8 @@ class Scripted:
     writers: list[asyncio.StreamWriter] = field(default_factory=list)
     chunks: list[bytes] = field(default_factory=list)
     split_replies: bool = False
+    # Hang up, unanswered, at the end of the first this many contents (a server going down).
+    drop_after_contents: int = 0
     port: int = 0
 
     def answer(self, line: bytes) -> bytes | None:
@@ -75,6 +80,10 @@ class Scripted:
                     if end < 0:
                         break
                     buffer, in_data = buffer[end + 5 :], False
+                    if self.drop_after_contents > 0:
+                        self.drop_after_contents -= 1
+                        writer.close()
+                        return
                     out += b"250 2.0.0 queued\r\n"
                     continue
                 end = buffer.find(b"\r\n")
@@ -271,3 +280,26 @@ def test_an_address_that_cannot_go_on_a_command_line_is_refused(address: str) ->
     with pytest.raises(UnicodeEncodeError):
         mailbox("grüße@x.test", "ascii")
     assert mailbox("grüße@x.test", "utf-8") == "grüße@x.test".encode()
+
+
+async def test_a_server_lost_after_a_content_and_the_next_envelope_loses_that_transaction_only(
+    scripted: Callable[..., Awaitable[Scripted]],
+) -> None:
+    s = await scripted(drop_after_contents=1)
+    sender = SmtpSender(Destinations({"*": Host("127.0.0.1", s.port)}), "node.epoxi.test", timeout=5)
+    conn = sender.connection("y.test", "127.0.0.1")
+    following = Message("a@x.test", ["c@y.test"], b"two\r\n")
+    try:
+        first = await conn.send("a@x.test", ["b@y.test"], b"one\r\n", lambda: following)
+        # The content went with the next envelope, and the server hung up unanswered: the first
+        # message's fate is unknown (temporary), and the next, never sent, goes on a new session.
+        assert b"one\r\n.\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<c@y.test>\r\nDATA\r\n" in b"".join(s.reads)
+        lost = first["b@y.test"]
+        assert (lost.code, lost.enhanced, lost.permanent) == (0, BAD_CONNECTION, False)  # the node's own
+        assert "lost during the transaction" in lost.text
+        second = await conn.send(*following)
+        assert second["c@y.test"].code == 250
+    finally:
+        await conn.close()
+    assert len(s.writers) == 2
+    assert b"".join(s.reads).count(b"two\r\n.\r\n") == 1
