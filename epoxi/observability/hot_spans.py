@@ -8,7 +8,8 @@ most of what tracing cost.
 
 ``HotSpans`` makes the same spans for about a fifth of that: the sampler is asked once per
 stored ``traceparent`` (a batch's messages share one, and every sampler the SDK ships decides
-from the parent and the trace ID alone), attributes go into a plain dict (the callers set
+from the parent and the trace ID alone; an unsampled one's attempts share one non-recording span,
+so they cost a context switch and nothing more), attributes go into a plain dict (the callers set
 strings, ints and bools; anything else is dropped as the SDK would), the span is made current
 without ``use_span``'s generators, and the finished span is
 the SDK's own ``ReadableSpan``, handed to the provider's span processors like any other. So
@@ -19,9 +20,9 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import Any, NamedTuple
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -157,16 +158,19 @@ class HotSpan(trace.Span):
 
 
 class _Current:
-    """``span`` current while the block runs and ended after it, an exception setting its
-    status: ``trace.use_span`` without its two generator context managers."""
+    """``span`` current while the block runs (in ``context``, when it was made already) and
+    ended after it, an exception setting its status: ``trace.use_span`` without its two
+    generator context managers."""
 
-    __slots__ = ("_span", "_token")
+    __slots__ = ("_context", "_span", "_token")
 
-    def __init__(self, span: trace.Span) -> None:
+    def __init__(self, span: trace.Span, context: otel_context.Context | None = None) -> None:
         self._span = span
+        self._context = context
 
     def __enter__(self) -> trace.Span:
-        self._token = otel_context.attach(trace.set_span_in_context(self._span))
+        context = self._context if self._context is not None else trace.set_span_in_context(self._span)
+        self._token = otel_context.attach(context)
         return self._span
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: object) -> None:
@@ -174,6 +178,18 @@ class _Current:
             self._span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
         otel_context.detach(self._token)
         self._span.end()
+
+
+class _Decision(NamedTuple):
+    """The sampler's word on the children of a stored ``traceparent``."""
+
+    parent: SpanContext | None
+    sampled: bool
+    trace_state: Any
+    # Unsampled, nothing of the trace is recorded, so its attempts all run as one non-recording
+    # span, made once, in a context of their own (a lane's holds nothing else).
+    unsampled: trace.NonRecordingSpan | None = None
+    unsampled_context: otel_context.Context | None = None
 
 
 class HotSpans:
@@ -192,15 +208,20 @@ class HotSpans:
         self._processor.on_end(span)
 
     def child_of(
-        self, traceparent: str, name: str, kind: SpanKind, attributes: dict[str, Any]
+        self, traceparent: str, name: str, kind: SpanKind, attributes: Callable[[], dict[str, Any]]
     ) -> AbstractContextManager[trace.Span]:
         """The current span while the block runs: ``name``, the child of a stored
-        ``traceparent`` (a new trace when it names none), ended when the block ends."""
-        return _Current(self.start(traceparent, name, kind, attributes))
+        ``traceparent`` (a new trace when it names none), ended when the block ends.
+        ``attributes`` is called only when the span is recorded, or is a root (its sampler)."""
+        if traceparent:
+            decided = self._decided(traceparent, name, kind)
+            if decided.unsampled is not None:
+                return _Current(decided.unsampled, decided.unsampled_context)
+        return _Current(self.start(traceparent, name, kind, attributes()))
 
     def start(self, traceparent: str, name: str, kind: SpanKind, attributes: dict[str, Any]) -> trace.Span:
         if traceparent:
-            parent, sampled, trace_state = self._decided(traceparent, name, kind)
+            parent, sampled, trace_state, _, _ = self._decided(traceparent, name, kind)
         else:
             parent, sampled, trace_state = None, None, None
         if parent is None:  # a root: its trace ID is new, so the sampler is asked each time
@@ -222,11 +243,24 @@ class HotSpans:
         self._processor.on_start(span, None)  # type: ignore[arg-type]  # processors take any span
         return span
 
-    def _decide(self, traceparent: str, name: str, kind: SpanKind) -> tuple[SpanContext | None, bool, Any]:
+    def _decide(self, traceparent: str, name: str, kind: SpanKind) -> _Decision:
         """The parent a stored ``traceparent`` names and the sampler's word on its children."""
         context = self._propagator.extract({"traceparent": traceparent})
         parent = trace.get_current_span(context).get_span_context()
         if not parent.is_valid:
-            return None, False, None
+            return _Decision(None, False, None)
         result = self._sampler.should_sample(context, parent.trace_id, name, kind)
-        return parent, result.decision is Decision.RECORD_AND_SAMPLE, result.trace_state
+        if result.decision is Decision.RECORD_AND_SAMPLE:
+            return _Decision(parent, True, result.trace_state)
+        span = trace.NonRecordingSpan(
+            SpanContext(
+                parent.trace_id,
+                self._ids.generate_span_id(),
+                is_remote=False,
+                trace_flags=TraceFlags(TraceFlags.DEFAULT),
+                trace_state=result.trace_state,
+            )
+        )
+        return _Decision(
+            parent, False, result.trace_state, span, trace.set_span_in_context(span, otel_context.Context())
+        )

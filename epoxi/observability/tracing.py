@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
@@ -100,10 +101,11 @@ def traceparent() -> str:
 
 
 def child_of(
-    traceparent: str, name: str, kind: SpanKind, attributes: dict[str, Any]
+    traceparent: str, name: str, kind: SpanKind, attributes: Callable[[], dict[str, Any]]
 ) -> AbstractContextManager[trace.Span]:
     """A span that is current while the block runs, the child of a stored ``traceparent`` (mail
-    spooled with none, while tracing was off, starts a trace of its own); tracing must be on."""
+    spooled with none, while tracing was off, starts a trace of its own); tracing must be on.
+    ``attributes`` is called only for a span that is recorded (or a root, for its sampler)."""
     assert _hot is not None, "tracing is off"
     return _hot.child_of(traceparent, name, kind, attributes)
 

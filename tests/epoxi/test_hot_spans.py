@@ -44,7 +44,9 @@ def test_a_hot_span_is_exported_as_the_sdk_would_export_it() -> None:
     p, exported = provider()
     attributes = {"epoxi.routing_key": "a.com_1_2_3_4", "epoxi.attempt": 1}
     expected = sdk_span(p, SAMPLED, dict(attributes))
-    with HotSpans(p, "epoxi").child_of(SAMPLED, "smtp send", SpanKind.CLIENT, dict(attributes)) as span:
+    with HotSpans(p, "epoxi").child_of(
+        SAMPLED, "smtp send", SpanKind.CLIENT, lambda: dict(attributes)
+    ) as span:
         assert trace.get_current_span() is span
         span.set_attribute("epoxi.smtp.reply_code", 250)
     assert trace.get_current_span() is not span
@@ -64,7 +66,7 @@ def test_a_hot_span_is_exported_as_the_sdk_would_export_it() -> None:
 
 def test_children_of_a_hot_span_are_its_children() -> None:
     p, exported = provider()
-    with HotSpans(p, "epoxi").child_of(SAMPLED, "smtp send", SpanKind.CLIENT, {}) as parent:
+    with HotSpans(p, "epoxi").child_of(SAMPLED, "smtp send", SpanKind.CLIENT, dict) as parent:
         with p.get_tracer("epoxi").start_as_current_span("smtp connect"):
             pass
     child, sent = exported.get_finished_spans()
@@ -74,10 +76,30 @@ def test_children_of_a_hot_span_are_its_children() -> None:
 
 def test_an_unsampled_parent_makes_an_unrecorded_span_and_unrecorded_children() -> None:
     p, exported = provider()
-    with HotSpans(p, "epoxi").child_of(UNSAMPLED, "smtp send", SpanKind.CLIENT, {}) as span:
+    with HotSpans(p, "epoxi").child_of(UNSAMPLED, "smtp send", SpanKind.CLIENT, dict) as span:
         assert not span.is_recording()
+        assert trace.get_current_span() is span
         with p.get_tracer("epoxi").start_as_current_span("smtp connect") as child:
             assert not child.is_recording()
+    assert trace.get_current_span() is not span
+    assert exported.get_finished_spans() == ()
+
+
+def test_an_unsampled_parents_attempts_share_one_span_and_build_no_attributes() -> None:
+    p, exported = provider()
+    hot = HotSpans(p, "epoxi")
+
+    def attributes() -> dict[str, object]:
+        raise AssertionError("attributes built for a span that is not recorded")
+
+    seen = []
+    for _ in range(3):
+        with hot.child_of(UNSAMPLED, "smtp send", SpanKind.CLIENT, attributes) as span:
+            seen.append(span)
+    assert seen[0] is seen[1] is seen[2]
+    context = seen[0].get_span_context()
+    assert context.trace_id == int(UNSAMPLED.split("-")[1], 16) and not context.trace_flags.sampled
+    assert context.span_id != int(UNSAMPLED.split("-")[2], 16)  # a child of the stored span
     assert exported.get_finished_spans() == ()
 
 
@@ -86,7 +108,7 @@ def test_mail_stored_with_no_context_starts_a_trace_the_sampler_decides() -> Non
     hot = HotSpans(p, "epoxi")
     kept = 0
     for _ in range(400):
-        with hot.child_of("", "smtp send", SpanKind.CLIENT, {}) as span:
+        with hot.child_of("", "smtp send", SpanKind.CLIENT, dict) as span:
             kept += span.is_recording()
     spans = exported.get_finished_spans()
     assert len(spans) == kept and 120 < kept < 280  # about half, and each a root of its own trace
@@ -96,7 +118,7 @@ def test_mail_stored_with_no_context_starts_a_trace_the_sampler_decides() -> Non
 
 def test_a_garbled_stored_context_starts_a_new_trace() -> None:
     p, exported = provider()
-    with HotSpans(p, "epoxi").child_of("00-nonsense", "smtp send", SpanKind.CLIENT, {}):
+    with HotSpans(p, "epoxi").child_of("00-nonsense", "smtp send", SpanKind.CLIENT, dict):
         pass
     (span,) = exported.get_finished_spans()
     assert span.parent is None and span.context.is_valid
@@ -104,7 +126,7 @@ def test_a_garbled_stored_context_starts_a_new_trace() -> None:
 
 def test_attributes_the_sdk_would_refuse_are_dropped_and_sequences_kept() -> None:
     p, exported = provider()
-    with HotSpans(p, "epoxi").child_of(SAMPLED, "smtp send", SpanKind.CLIENT, {"a": 1}) as span:
+    with HotSpans(p, "epoxi").child_of(SAMPLED, "smtp send", SpanKind.CLIENT, lambda: {"a": 1}) as span:
         span.set_attributes({"none": None, "dict": {"x": 1}, "list": ["a", "b"], "ok": True})
     (sent,) = exported.get_finished_spans()
     assert dict(sent.attributes or {}) == {"a": 1, "list": ("a", "b"), "ok": True}
@@ -113,7 +135,7 @@ def test_attributes_the_sdk_would_refuse_are_dropped_and_sequences_kept() -> Non
 def test_an_exception_marks_the_span_failed_and_still_ends_it() -> None:
     p, exported = provider()
     with pytest.raises(ConnectionResetError):
-        with HotSpans(p, "epoxi").child_of(SAMPLED, "smtp send", SpanKind.CLIENT, {}):
+        with HotSpans(p, "epoxi").child_of(SAMPLED, "smtp send", SpanKind.CLIENT, dict):
             raise ConnectionResetError("peer went away")
     (sent,) = exported.get_finished_spans()
     assert sent.status.status_code is StatusCode.ERROR

@@ -458,7 +458,7 @@ class Pipeline:
             "smtp send",
             SpanKind.CLIENT,
             # The node is the resource's service.instance.id; the connection adds its addresses.
-            {
+            lambda: {
                 "epoxi.routing_key": self.routing_key,
                 "epoxi.message_id": job.message_id,
                 "epoxi.attempt": max(d.attempts for d in job.deliveries) + 1,
@@ -603,6 +603,8 @@ class Pipeline:
 def _describe(span: trace.Span, outcomes: Sequence[Outcome]) -> None:
     """The attempt's result on its span: the reply that decided it (the first recipient's that
     was not delivered, else the first's), and an error status unless every recipient was."""
+    if not span.is_recording():  # an unsampled trace: nothing to describe
+        return
     decisive = next((o for o in outcomes if o.state is not State.DELIVERED), outcomes[0])
     reply = decisive.reply
     if reply.code:

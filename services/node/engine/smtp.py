@@ -166,10 +166,10 @@ class SmtpConnection:
             except _Unreachable as e:
                 return _transient(recipients, f"cannot connect: {e}", NO_ANSWER)
             self._measures.connection_opened(self.tls)
-        if tracing.enabled():
+        if tracing.enabled() and (span := trace.get_current_span()).is_recording():
             # The rest of the connection's description (peer and local address, TLS) is on its
             # `smtp connect` span: each attribute on a per-message span costs its encoding.
-            trace.get_current_span().set_attributes(
+            span.set_attributes(
                 {
                     "server.address": self._host,
                     "server.port": self._port,
