@@ -18,7 +18,6 @@ the batch processor, the exporter and every ``OTEL_*`` setting treat it exactly 
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -33,6 +32,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from opentelemetry.util import types
 
 _UNSET = Status(StatusCode.UNSET)
+_DECISIONS_KEPT = 1024  # stored traceparents remembered; a batch's messages share one
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _PLAIN = (str, bool, int, float)
 
@@ -202,7 +202,9 @@ class HotSpans:
         self._sampler = provider.sampler
         self._ids = provider.id_generator
         self._propagator = TraceContextTextMapPropagator()
-        self._decided = functools.lru_cache(maxsize=1024)(self._decide)
+        # Stored traceparent -> the decision on its children (a call site's name and kind do not
+        # change, and a plain dict spares hashing the SpanKind enum on every attempt).
+        self._decisions: dict[str, _Decision] = {}
 
     def finished(self, span: ReadableSpan) -> None:
         self._processor.on_end(span)
@@ -242,6 +244,14 @@ class HotSpans:
         span = HotSpan(self, name, context, parent, kind, attributes)
         self._processor.on_start(span, None)  # type: ignore[arg-type]  # processors take any span
         return span
+
+    def _decided(self, traceparent: str, name: str, kind: SpanKind) -> _Decision:
+        decided = self._decisions.get(traceparent)
+        if decided is None:
+            if len(self._decisions) >= _DECISIONS_KEPT:
+                self._decisions.clear()
+            decided = self._decisions[traceparent] = self._decide(traceparent, name, kind)
+        return decided
 
     def _decide(self, traceparent: str, name: str, kind: SpanKind) -> _Decision:
         """The parent a stored ``traceparent`` names and the sampler's word on its children."""
