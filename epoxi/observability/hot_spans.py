@@ -9,7 +9,7 @@ most of what tracing cost.
 ``HotSpans`` makes the same spans for about a fifth of that: the sampler is asked once per
 stored ``traceparent`` (a batch's messages share one, and every sampler the SDK ships decides
 from the parent and the trace ID alone; an unsampled one's attempts share one non-recording span,
-so they cost a context switch and nothing more), attributes go into a plain dict (the callers set
+so each costs a context attached and detached, and nothing more), attributes go into a plain dict (the callers set
 strings, ints and bools; anything else is dropped as the SDK would), the span is made current
 without ``use_span``'s generators, and the finished span is
 the SDK's own ``ReadableSpan``, handed to the provider's span processors like any other. So
