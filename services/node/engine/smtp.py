@@ -142,6 +142,8 @@ class SmtpConnection:
         self._messages = 0
         self.tls = False
         self._measures = sender.instruments.key(routing_key(domain, source_ip))
+        # The message whose commands went with the last content, as prepared then.
+        self._announced: tuple[Message, _Prepared] | None = None
 
     @property
     def connected(self) -> bool:
@@ -226,7 +228,10 @@ class SmtpConnection:
             if message is None:
                 return None
             p = self._prepare(smtp, *message)
-            return smtp.commands(p.mail_from, p.lines, p.options) if p.sendable else None
+            if not p.sendable:
+                return None
+            self._announced = (message, p)
+            return smtp.commands(p.mail_from, p.lines, p.options)
 
         return commands
 
@@ -236,7 +241,11 @@ class SmtpConnection:
         smtp = self._smtp
         assert smtp is not None
         host = self._host
-        p = self._prepare(smtp, sender, recipients, data)
+        announced, self._announced = self._announced, None
+        if announced is not None and smtp.ahead and announced[0] == (sender, recipients, data):
+            p = announced[1]  # prepared when its commands went ahead
+        else:
+            p = self._prepare(smtp, sender, recipients, data)
         results, sendable = p.results, p.sendable
         if not sendable:
             return results
