@@ -88,11 +88,11 @@ class ServerTracing(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc.a
         attributes = rpc_attributes(method)
 
         async def traced(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            with tracing.tracer.start_as_current_span(
+            with tracing.span(
                 method.lstrip("/"),
-                context=parent,
-                kind=SpanKind.SERVER,
-                attributes={**attributes, **_peer_attributes(context.peer() or "")},
+                SpanKind.SERVER,
+                {**attributes, **_peer_attributes(context.peer() or "")},
+                parent,
                 record_exception=False,
                 set_status_on_exception=False,
             ) as span:
@@ -143,10 +143,10 @@ class ClientTracing(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
             method = method.decode()
         if not _traced(method):
             return await continuation(client_call_details, request)
-        with tracing.tracer.start_as_current_span(
+        with tracing.span(
             method.lstrip("/"),
-            kind=SpanKind.CLIENT,
-            attributes={**rpc_attributes(method), **self._server},
+            SpanKind.CLIENT,
+            {**rpc_attributes(method), **self._server},
             record_exception=False,
             set_status_on_exception=False,
         ) as span:

@@ -9,11 +9,11 @@ most of what tracing cost.
 ``HotSpans`` makes the same spans for about a fifth of that: the sampler is asked once per
 stored ``traceparent`` (a batch's messages share one, and every sampler the SDK ships decides
 from the parent and the trace ID alone; an unsampled one's attempts share one non-recording span,
-so each costs a context attached and detached, and nothing more), attributes go into a plain dict (the callers set
-strings, ints and bools; anything else is dropped as the SDK would), the span is made current
-without ``use_span``'s generators, and the finished span is
-the SDK's own ``ReadableSpan``, handed to the provider's span processors like any other. So
-the batch processor, the exporter and every ``OTEL_*`` setting treat it exactly as an SDK span.
+so each costs a context attached and detached, and nothing more), attributes go into a plain
+dict (the callers set strings, ints and bools; anything else is dropped as the SDK would), the
+span is made current without ``use_span``'s generators, and the span is itself an SDK
+``ReadableSpan``, handed to the provider's span processors like any other when it ends. So the
+batch processor, the exporter and every ``OTEL_*`` setting treat it exactly as an SDK span.
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ from typing import Any, NamedTuple
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.sdk.trace import Event, ReadableSpan, TracerProvider
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.sampling import Decision
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util import types
@@ -34,87 +36,87 @@ from opentelemetry.util import types
 _UNSET = Status(StatusCode.UNSET)
 _DECISIONS_KEPT = 1024  # stored traceparents remembered; a batch's messages share one
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
-_PLAIN = (str, bool, int, float)
+_UNSAMPLED = TraceFlags(TraceFlags.DEFAULT)
+_RECORDING = frozenset((Decision.RECORD_ONLY, Decision.RECORD_AND_SAMPLE))
+_PLAIN = frozenset((str, bool, int, float))
 
 
 def _clean(value: Any) -> Any:
     """``value`` as an attribute value, or None when OpenTelemetry allows no such value."""
-    if isinstance(value, _PLAIN):
+    if isinstance(value, (str, bool, int, float)):
         return value
     if isinstance(value, Sequence) and not isinstance(value, (bytes, bytearray)):
-        if all(isinstance(v, _PLAIN) for v in value):
+        if all(isinstance(v, (str, bool, int, float)) for v in value):
             return tuple(value)
     return None
 
 
-class HotSpan(trace.Span):
-    """A recording span that becomes a ``ReadableSpan`` for the processors when it ends."""
-
-    __slots__ = (
-        "_attributes",
-        "_context",
-        "_ended",
-        "_events",
-        "_kind",
-        "_links",
-        "_name",
-        "_parent",
-        "_spans",
-        "_start",
-        "_status",
-    )
+class HotSpan(trace.Span, ReadableSpan):
+    """A recording span that is its own ``ReadableSpan`` for the processors when it ends (the
+    SDK's ``Span`` is both as well), so ending it copies nothing."""
 
     def __init__(
         self,
-        spans: HotSpans,
+        processor: SpanProcessor,
         name: str,
         context: SpanContext,
         parent: SpanContext | None,
         kind: SpanKind,
         attributes: dict[str, Any],
+        resource: Resource,
+        scope: InstrumentationScope,
     ) -> None:
-        self._spans = spans
+        # ReadableSpan's fields, by the names its properties read.
         self._name = name
         self._context = context
-        self._parent = parent
         self._kind = kind
+        self._instrumentation_info = None
+        self._instrumentation_scope = scope
+        self._parent = parent
+        self._start_time = time.time_ns()
+        self._end_time: int | None = None
         self._attributes = attributes
-        self._start = time.time_ns()
-        self._status = _UNSET
+        self._own = attributes  # the same dict, typed as the one this span writes
+        self._span_context = context
         self._events: list[Event] = []
         self._links: list[Link] = []
-        self._ended = False
+        self._resource = resource
+        self._status = _UNSET
+        self._processor = processor
 
     def get_span_context(self) -> SpanContext:
-        return self._context
+        return self._span_context
 
     def is_recording(self) -> bool:
-        return not self._ended
+        return self._end_time is None
 
     def set_attribute(self, key: str, value: types.AttributeValue) -> None:
-        cleaned = _clean(value)
-        if cleaned is not None and not self._ended:
-            self._attributes[key] = cleaned
+        if self._end_time is not None:
+            return
+        if value.__class__ not in _PLAIN:  # the callers' own values are plain: checked once
+            value = _clean(value)
+            if value is None:
+                return
+        self._own[key] = value
 
     def set_attributes(self, attributes: Mapping[str, types.AttributeValue]) -> None:
         for key, value in attributes.items():
             self.set_attribute(key, value)
 
     def add_event(self, name: str, attributes: types.Attributes = None, timestamp: int | None = None) -> None:
-        if not self._ended:
+        if self._end_time is None:
             self._events.append(Event(name, attributes, timestamp or time.time_ns()))
 
     def add_link(self, context: SpanContext, attributes: types.Attributes = None) -> None:
-        if not self._ended and context.is_valid:
+        if self._end_time is None and context.is_valid:
             self._links.append(Link(context, attributes))
 
     def update_name(self, name: str) -> None:
         self._name = name
 
     def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
-        if self._ended:
-            return
-        self._status = status if isinstance(status, Status) else Status(status, description)
+        if self._end_time is None:
+            self._status = status if isinstance(status, Status) else Status(status, description)
 
     def record_exception(
         self,
@@ -135,38 +137,30 @@ class HotSpan(trace.Span):
         )
 
     def end(self, end_time: int | None = None) -> None:
-        if self._ended:
-            return
-        self._ended = True
-        self._spans.finished(
-            ReadableSpan(
-                self._name,
-                self._context,
-                self._parent,
-                self._spans.resource,
-                self._attributes,
-                tuple(self._events),
-                tuple(self._links),
-                self._kind,
-                None,
-                self._status,
-                self._start,
-                end_time or time.time_ns(),
-                self._spans.scope,
-            )
-        )
+        if self._end_time is None:
+            self._end_time = end_time or time.time_ns()
+            self._processor.on_end(self)
 
 
 class _Current:
     """``span`` current while the block runs (in ``context``, when it was made already) and
-    ended after it, an exception setting its status: ``trace.use_span`` without its two
-    generator context managers."""
+    ended after it: ``trace.use_span`` without its two generator context managers. An exception
+    sets the span's status (``marks``) and adds it as an event (``records``), as the SDK's
+    ``start_as_current_span`` flags of those names do."""
 
-    __slots__ = ("_context", "_span", "_token")
+    __slots__ = ("_context", "_marks", "_records", "_span", "_token")
 
-    def __init__(self, span: trace.Span, context: otel_context.Context | None = None) -> None:
+    def __init__(
+        self,
+        span: trace.Span,
+        context: otel_context.Context | None = None,
+        marks: bool = True,
+        records: bool = False,
+    ) -> None:
         self._span = span
         self._context = context
+        self._marks = marks
+        self._records = records
 
     def __enter__(self) -> trace.Span:
         context = self._context if self._context is not None else trace.set_span_in_context(self._span)
@@ -175,7 +169,10 @@ class _Current:
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: object) -> None:
         if isinstance(error, Exception):
-            self._span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+            if self._records:
+                self._span.record_exception(error)
+            if self._marks:
+                self._span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
         otel_context.detach(self._token)
         self._span.end()
 
@@ -206,9 +203,6 @@ class HotSpans:
         # change, and a plain dict spares hashing the SpanKind enum on every attempt).
         self._decisions: dict[str, _Decision] = {}
 
-    def finished(self, span: ReadableSpan) -> None:
-        self._processor.on_end(span)
-
     def child_of(
         self, traceparent: str, name: str, kind: SpanKind, attributes: Callable[[], dict[str, Any]]
     ) -> AbstractContextManager[trace.Span]:
@@ -220,6 +214,44 @@ class HotSpans:
             if decided.unsampled is not None:
                 return _Current(decided.unsampled, decided.unsampled_context)
         return _Current(self.start(traceparent, name, kind, attributes()))
+
+    def span(
+        self,
+        name: str,
+        kind: SpanKind,
+        attributes: dict[str, Any],
+        context: otel_context.Context | None = None,
+        *,
+        record_exception: bool = True,
+        set_status_on_exception: bool = True,
+    ) -> AbstractContextManager[trace.Span]:
+        """``Tracer.start_as_current_span`` for the calls made per batch: a span that is current
+        while the block runs, the child of the span current in ``context`` (by default the
+        current context), ended when the block ends; ``attributes`` becomes the span's own."""
+        parent_context = otel_context.get_current() if context is None else context
+        parent: SpanContext | None = trace.get_current_span(parent_context).get_span_context()
+        if parent is not None and parent.is_valid:
+            trace_id = parent.trace_id
+        else:
+            parent, trace_id = None, self._ids.generate_trace_id()
+        result = self._sampler.should_sample(parent_context, trace_id, name, kind, attributes)
+        sampled = result.decision is Decision.RECORD_AND_SAMPLE
+        span_context = SpanContext(
+            trace_id,
+            self._ids.generate_span_id(),
+            is_remote=False,
+            trace_flags=_SAMPLED if sampled else _UNSAMPLED,
+            trace_state=result.trace_state,
+        )
+        span: trace.Span
+        if result.decision in _RECORDING:
+            span = HotSpan(
+                self._processor, name, span_context, parent, kind, attributes, self.resource, self.scope
+            )
+            self._processor.on_start(span, parent_context)  # type: ignore[arg-type]  # any span
+        else:
+            span = trace.NonRecordingSpan(span_context)
+        return _Current(span, None, set_status_on_exception, record_exception)
 
     def start(self, traceparent: str, name: str, kind: SpanKind, attributes: dict[str, Any]) -> trace.Span:
         if traceparent:
@@ -236,12 +268,12 @@ class HotSpans:
             trace_id,
             self._ids.generate_span_id(),
             is_remote=False,
-            trace_flags=_SAMPLED if sampled else TraceFlags(TraceFlags.DEFAULT),
+            trace_flags=_SAMPLED if sampled else _UNSAMPLED,
             trace_state=trace_state,
         )
         if not sampled:
             return trace.NonRecordingSpan(context)
-        span = HotSpan(self, name, context, parent, kind, attributes)
+        span = HotSpan(self._processor, name, context, parent, kind, attributes, self.resource, self.scope)
         self._processor.on_start(span, None)  # type: ignore[arg-type]  # processors take any span
         return span
 
@@ -267,7 +299,7 @@ class HotSpans:
                 parent.trace_id,
                 self._ids.generate_span_id(),
                 is_remote=False,
-                trace_flags=TraceFlags(TraceFlags.DEFAULT),
+                trace_flags=_UNSAMPLED,
                 trace_state=result.trace_state,
             )
         )

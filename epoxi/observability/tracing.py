@@ -110,6 +110,36 @@ def child_of(
     return _hot.child_of(traceparent, name, kind, attributes)
 
 
+def span(
+    name: str,
+    kind: SpanKind = SpanKind.INTERNAL,
+    attributes: dict[str, Any] | None = None,
+    context: otel_context.Context | None = None,
+    *,
+    record_exception: bool = True,
+    set_status_on_exception: bool = True,
+) -> AbstractContextManager[trace.Span]:
+    """``tracer.start_as_current_span`` with the same arguments, built by ``hot_spans`` (a
+    fifth of the SDK's cost) while tracing is on; ``attributes`` becomes the span's own dict."""
+    if _hot is None:
+        return tracer.start_as_current_span(
+            name,
+            context,
+            kind,
+            attributes,
+            record_exception=record_exception,
+            set_status_on_exception=set_status_on_exception,
+        )
+    return _hot.span(
+        name,
+        kind,
+        {} if attributes is None else attributes,
+        context,
+        record_exception=record_exception,
+        set_status_on_exception=set_status_on_exception,
+    )
+
+
 def inject(carrier: dict[str, str]) -> dict[str, str]:
     """Add the current context (``traceparent``, ``tracestate``) to ``carrier``."""
     _propagator.inject(carrier)

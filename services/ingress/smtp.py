@@ -116,7 +116,7 @@ class IngressHandler:
             self.metrics.message(reply)
             return reply
         host, port = _peer(session)
-        with tracing.tracer.start_as_current_span(
+        with tracing.span(
             "smtp ingress",
             kind=SpanKind.SERVER,
             attributes={

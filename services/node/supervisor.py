@@ -713,7 +713,7 @@ class PipelineSupervisor:
 
     def _spool_span(self, key: str, messages: int, operation: str) -> AbstractContextManager[trace.Span]:
         """The ``spool commit`` span of one spool transaction (tracing on)."""
-        return tracing.tracer.start_as_current_span(
+        return tracing.span(
             "spool commit",
             attributes={
                 "epoxi.routing_key": key,

@@ -268,7 +268,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         own context)."""
         if not tracing.enabled():
             return await self._send_batch(batch, None)
-        with tracing.tracer.start_as_current_span(
+        with tracing.span(
             "route batch",
             attributes={"epoxi.routing_key": batch.routing_key, "epoxi.batch.emails": len(batch.emails)},
         ) as span:

@@ -141,3 +141,78 @@ def test_an_exception_marks_the_span_failed_and_still_ends_it() -> None:
     assert sent.status.status_code is StatusCode.ERROR
     assert sent.status.description == "ConnectionResetError: peer went away"
     assert otel_context.get_current() == otel_context.Context()
+
+
+def test_a_span_for_a_call_is_the_child_of_the_current_span_as_the_sdks_would_be() -> None:
+    p, exported = provider()
+    hot = HotSpans(p, "epoxi")
+    with p.get_tracer("epoxi").start_as_current_span("RouteEmails") as root:
+        with hot.span("route batch", SpanKind.INTERNAL, {"epoxi.routing_key": "a.com_1_2_3_4"}) as batch:
+            assert trace.get_current_span() is batch
+            with hot.span("EnqueueBatch", SpanKind.CLIENT, {}) as call:
+                call.set_attribute("rpc.grpc.status_code", 0)
+        with p.get_tracer("epoxi").start_as_current_span(
+            "route batch", attributes={"epoxi.routing_key": "a.com_1_2_3_4"}
+        ):
+            pass
+    enqueue, hot_batch, sdk_batch, route = exported.get_finished_spans()
+    assert hot_batch.parent == sdk_batch.parent == root.get_span_context()
+    assert enqueue.parent == batch.get_span_context() and enqueue.kind is SpanKind.CLIENT
+    assert {s.context.trace_id for s in (enqueue, hot_batch, sdk_batch, route)} == {
+        root.get_span_context().trace_id
+    }
+    assert dict(hot_batch.attributes or {}) == dict(sdk_batch.attributes or {})
+    assert dict(enqueue.attributes or {}) == {"rpc.grpc.status_code": 0}
+    assert (
+        hot_batch.resource is sdk_batch.resource
+        and hot_batch.instrumentation_scope == sdk_batch.instrumentation_scope
+    )
+    assert hot_batch.start_time is not None and hot_batch.end_time is not None
+    assert hot_batch.start_time <= enqueue.start_time <= enqueue.end_time <= hot_batch.end_time  # type: ignore[operator]
+
+
+def test_a_span_in_a_given_context_takes_its_remote_parent_and_the_samplers_word() -> None:
+    p, exported = provider(ParentBased(TraceIdRatioBased(1.0)))
+    hot = HotSpans(p, "epoxi")
+    sampled = TraceContextTextMapPropagator().extract({"traceparent": SAMPLED})
+    unsampled = TraceContextTextMapPropagator().extract({"traceparent": UNSAMPLED})
+    with hot.span("node.v1.NodeService/EnqueueBatch", SpanKind.SERVER, {}, sampled) as kept:
+        assert kept.is_recording()
+    with hot.span("node.v1.NodeService/EnqueueBatch", SpanKind.SERVER, {}, unsampled) as dropped:
+        assert not dropped.is_recording()
+        assert not dropped.get_span_context().trace_flags.sampled
+        assert dropped.get_span_context().trace_id == int(UNSAMPLED.split("-")[1], 16)
+    (span,) = exported.get_finished_spans()
+    assert span.parent is not None and span.parent.is_remote
+    assert span.parent.span_id == int(SAMPLED.split("-")[2], 16)
+    assert span.kind is SpanKind.SERVER
+
+
+def test_a_span_with_no_parent_starts_a_trace() -> None:
+    p, exported = provider()
+    with HotSpans(p, "epoxi").span("smtp ingress", SpanKind.SERVER, {}):
+        pass
+    (span,) = exported.get_finished_spans()
+    assert span.parent is None and span.context.is_valid and span.context.trace_flags.sampled
+
+
+@pytest.mark.parametrize(("records", "marks"), [(True, True), (False, False), (True, False)])
+def test_a_spans_exception_flags_do_what_the_sdks_of_the_same_name_do(records: bool, marks: bool) -> None:
+    p, exported = provider()
+    for make in (
+        lambda: HotSpans(p, "epoxi").span(
+            "x", SpanKind.INTERNAL, {}, record_exception=records, set_status_on_exception=marks
+        ),
+        lambda: p.get_tracer("epoxi").start_as_current_span(
+            "x", record_exception=records, set_status_on_exception=marks
+        ),
+    ):
+        with pytest.raises(ValueError):
+            with make():
+                raise ValueError("bad input")
+    hot, sdk = exported.get_finished_spans()
+    assert hot.status.status_code is sdk.status.status_code
+    assert hot.status.description == sdk.status.description
+    assert [e.name for e in hot.events] == [e.name for e in sdk.events] == (["exception"] if records else [])
+    if records:
+        assert hot.events[0].attributes["exception.message"] == "bad input"  # type: ignore[index]

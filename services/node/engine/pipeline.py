@@ -494,7 +494,7 @@ class Pipeline:
             if span is None:
                 await self.hooks.bounced(self, job, bounced)
             else:
-                with tracing.tracer.start_as_current_span(
+                with tracing.span(
                     "bounce",
                     attributes={
                         "epoxi.routing_key": self.routing_key,

@@ -405,7 +405,7 @@ def _span(
     if not tracing.enabled():
         yield None
         return
-    with tracing.tracer.start_as_current_span(
+    with tracing.span(
         name, kind=kind, attributes=attributes(), record_exception=False, set_status_on_exception=False
     ) as span:
         try:
