@@ -78,8 +78,9 @@ class HotSpan(trace.Span, ReadableSpan):
         self._attributes = attributes
         self._own = attributes  # the same dict, typed as the one this span writes
         self._span_context = context
-        self._events: list[Event] = []
-        self._links: list[Link] = []
+        # Most spans get no event or link: no list is made for them until one comes.
+        self._events: Sequence[Event] = ()
+        self._links: Sequence[Link] = ()
         self._resource = resource
         self._status = _UNSET
         self._processor = processor
@@ -105,11 +106,11 @@ class HotSpan(trace.Span, ReadableSpan):
 
     def add_event(self, name: str, attributes: types.Attributes = None, timestamp: int | None = None) -> None:
         if self._end_time is None:
-            self._events.append(Event(name, attributes, timestamp or time.time_ns()))
+            self._events = (*self._events, Event(name, attributes, timestamp or time.time_ns()))
 
     def add_link(self, context: SpanContext, attributes: types.Attributes = None) -> None:
         if self._end_time is None and context.is_valid:
-            self._links.append(Link(context, attributes))
+            self._links = (*self._links, Link(context, attributes))
 
     def update_name(self, name: str) -> None:
         self._name = name
@@ -210,7 +211,7 @@ class HotSpans:
         ``traceparent`` (a new trace when it names none), ended when the block ends.
         ``attributes`` is called only when the span is recorded, or is a root (its sampler)."""
         if traceparent:
-            decided = self._decided(traceparent, name, kind)
+            decided = self._decisions.get(traceparent) or self._decided(traceparent, name, kind)
             if decided.unsampled is not None:
                 return _Current(decided.unsampled, decided.unsampled_context)
         return _Current(self.start(traceparent, name, kind, attributes()))
