@@ -88,6 +88,19 @@ class HotSpan(trace.Span, ReadableSpan):
     def get_span_context(self) -> SpanContext:
         return self._span_context
 
+    # Nothing is dropped from a hot span (ReadableSpan's own checks walk the ABCs per span).
+    @property
+    def dropped_attributes(self) -> int:
+        return 0
+
+    @property
+    def dropped_events(self) -> int:
+        return 0
+
+    @property
+    def dropped_links(self) -> int:
+        return 0
+
     def is_recording(self) -> bool:
         return self._end_time is None
 

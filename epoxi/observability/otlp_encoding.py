@@ -33,8 +33,14 @@ _FIXED64 = struct.Struct("<Q").pack
 _DOUBLE = struct.Struct("<d").pack
 _FLAGS_HAS_IS_REMOTE = 0x100
 _FLAGS_IS_REMOTE = 0x200
+_TIMES = struct.Struct("<BQBQ").pack  # start_time_unix_nano (7) and end_time_unix_nano (8)
+# Span.flags (16): whether the parent is remote.
+_LOCAL_FLAGS = b"\x85\x01" + _FLAGS_HAS_IS_REMOTE.to_bytes(4, "little")
+_REMOTE_FLAGS = b"\x85\x01" + (_FLAGS_HAS_IS_REMOTE | _FLAGS_IS_REMOTE).to_bytes(4, "little")
 _ONE_BYTE = [bytes((n,)) for n in range(0x80)]
-_CACHE_LIMIT = 4096  # distinct (key, value) attributes remembered; message IDs never repeat
+_KEYS_KEPT = 1024  # attribute keys remembered
+_DISTINCT_KEPT = 256  # values remembered per key; a key with more is encoded each time
+_NEW: Any = object()
 
 
 def _varint(n: int) -> bytes:
@@ -82,11 +88,16 @@ def _any_value(value: Any) -> bytes:
 
 
 class _Attributes:
-    """Encoded ``KeyValue`` fields of a given field number, remembered while they repeat."""
+    """Encoded ``KeyValue`` fields of a given field number, remembered while they repeat.
+
+    A key is remembered per value until it has shown ``_DISTINCT_KEPT`` distinct values: past
+    that (a message ID, say) its values are taken not to repeat and are encoded each time, so
+    they never crowd out the values that do."""
 
     def __init__(self, tag: int) -> None:
         self._tag = tag
-        self._known: dict[tuple[str, type, Any], bytes] = {}
+        # key -> (value's type, value) -> encoded; None once the key is past _DISTINCT_KEPT.
+        self._known: dict[str, dict[tuple[type, Any], bytes] | None] = {}
 
     def encode(self, attributes: Mapping[str, Any] | None) -> bytes:
         if not attributes:
@@ -96,22 +107,30 @@ class _Attributes:
         # The SDK's BoundedAttributes iterates in Python; the dict it wraps does not.
         items = getattr(attributes, "_dict", attributes).items()
         for key, value in items:
+            values = known.get(key, _NEW)
+            if values is _NEW:
+                if len(known) >= _KEYS_KEPT:
+                    known.clear()
+                values = known[key] = {}
             # The type is part of the key: True == 1 == 1.0, and each encodes differently.
-            remembered = (key, value.__class__, value)
-            try:
-                encoded, cacheable = known.get(remembered), True
-            except TypeError:  # unhashable (a list): encoded each time
-                encoded, cacheable = None, False
+            remembered: tuple[type, Any] | None = (value.__class__, value)
+            encoded = None
+            if values is not None:
+                try:
+                    encoded = values.get(remembered)
+                except TypeError:  # unhashable (a list): encoded each time
+                    remembered = None
             if encoded is None:
                 try:
                     encoded = _key_value(self._tag, key, value)
                 except TypeError:
                     log.exception("cannot encode the attribute %s: left out", key)
                     continue
-                if cacheable:
-                    if len(known) >= _CACHE_LIMIT:
-                        known.clear()
-                    known[remembered] = encoded
+                if values is not None and remembered is not None:
+                    if len(values) >= _DISTINCT_KEPT:
+                        known[key] = None
+                    else:
+                        values[remembered] = encoded
             parts.append(encoded)
         return b"".join(parts)
 
@@ -125,14 +144,21 @@ class SpanEncoder:
         self._link_attributes = _Attributes(0x22)  # Link.attributes = 4
         self._resources: dict[int, tuple[Any, bytes]] = {}
         self._scopes: dict[int, tuple[Any, bytes]] = {}
-        self._names: dict[str, bytes] = {}
+        self._names: dict[tuple[str, Any], bytes] = {}  # (name, kind) -> their fields
 
     def encode(self, spans: Sequence[ReadableSpan]) -> bytes:
-        # Resource -> scope -> spans, as the maintained encoder groups them.
+        # Resource -> scope -> spans, as the maintained encoder groups them; a batch's spans
+        # mostly share both, so each span is looked up only when they change.
         groups: dict[bytes, dict[bytes, list[bytes]]] = {}
+        last: tuple[Any, Any] | None = None
+        into: list[bytes] = []
         for span in spans:
-            scopes = groups.setdefault(self._resource(span.resource), {})
-            scopes.setdefault(self._scope(span.instrumentation_scope), []).append(self._span(span))
+            resource, scope = span.resource, span.instrumentation_scope
+            if last is None or last[0] is not resource or last[1] is not scope:
+                scopes = groups.setdefault(self._resource(resource), {})
+                into = scopes.setdefault(self._scope(scope), [])
+                last = (resource, scope)
+            into.append(self._span(span))
         return b"".join(
             _field(  # ExportTraceServiceRequest.resource_spans = 1
                 0x0A,
@@ -169,27 +195,33 @@ class SpanEncoder:
         context = span.get_span_context()
         assert context is not None
         parent = span.parent
-        parts = [
-            b"\x0a\x10" + context.trace_id.to_bytes(16, "big"),
-            b"\x12\x08" + context.span_id.to_bytes(8, "big"),
-        ]
+        # trace_id (1) and span_id (2), 16 and 8 bytes, are the fixed opening of every span.
+        head = (
+            b"\x0a\x10"
+            + context.trace_id.to_bytes(16, "big")
+            + b"\x12\x08"
+            + context.span_id.to_bytes(8, "big")
+        )
         if context.trace_state:
             state = ",".join(f"{k}={v}" for k, v in context.trace_state.items())
-            parts.append(_field(0x1A, state.encode("utf-8")))
+            head += _field(0x1A, state.encode("utf-8"))
         if parent is not None:
-            parts.append(b"\x22\x08" + parent.span_id.to_bytes(8, "big"))
-        name = self._names.get(span.name)
-        if name is None:
-            name = self._names[span.name] = _field(0x2A, span.name.encode("utf-8"))
-        parts.append(name)
-        kind = span.kind.value + 1  # SDK INTERNAL=0.. ; OTLP SPAN_KIND_INTERNAL=1..
-        parts.append(b"\x30" + _varint(kind))
-        parts.append(b"\x39" + _FIXED64(span.start_time or 0))
-        parts.append(b"\x41" + _FIXED64(span.end_time or 0))
-        parts.append(self._span_attributes.encode(span.attributes))
+            head += b"\x22\x08" + parent.span_id.to_bytes(8, "big")
+        named = self._names.get((span.name, span.kind))
+        if named is None:
+            # name (5) and kind (6): SDK INTERNAL=0.., OTLP SPAN_KIND_INTERNAL=1..
+            named = _field(0x2A, span.name.encode("utf-8")) + b"\x30" + _varint(span.kind.value + 1)
+            self._names[span.name, span.kind] = named
+        parts = [
+            head,
+            named,
+            _TIMES(0x39, span.start_time or 0, 0x41, span.end_time or 0),
+            self._span_attributes.encode(span.attributes),
+        ]
         if span.dropped_attributes:
             parts.append(b"\x50" + _varint(span.dropped_attributes))
-        for event in span.events:
+        events = span.events
+        for event in events:
             body = b"\x09" + _FIXED64(event.timestamp) + _field(0x12, event.name.encode("utf-8"))
             body += self._event_attributes.encode(event.attributes)
             if event.dropped_attributes:
@@ -197,7 +229,8 @@ class SpanEncoder:
             parts.append(_field(0x5A, body))
         if span.dropped_events:
             parts.append(b"\x60" + _varint(span.dropped_events))
-        for link in span.links:
+        links = span.links
+        for link in links:
             body = b"\x0a\x10" + link.context.trace_id.to_bytes(16, "big")
             body += b"\x12\x08" + link.context.span_id.to_bytes(8, "big")
             body += self._link_attributes.encode(link.attributes)
@@ -208,13 +241,16 @@ class SpanEncoder:
         if span.dropped_links:
             parts.append(b"\x70" + _varint(span.dropped_links))
         status = span.status
-        body = b""
-        if status.description:
-            body += _field(0x12, status.description.encode("utf-8"))
-        if status.status_code.value:
-            body += b"\x18" + _varint(status.status_code.value)
-        parts.append(_field(0x7A, body))  # present even when empty, as the SDK's encoder sends it
-        parts.append(b"\x85\x01" + _flags(parent).to_bytes(4, "little"))
+        if status.description or status.status_code.value:
+            body = b""
+            if status.description:
+                body += _field(0x12, status.description.encode("utf-8"))
+            if status.status_code.value:
+                body += b"\x18" + _varint(status.status_code.value)
+            parts.append(_field(0x7A, body))
+        else:
+            parts.append(b"\x7a\x00")  # present even when empty, as the SDK's encoder sends it
+        parts.append(_REMOTE_FLAGS if parent is not None and parent.is_remote else _LOCAL_FLAGS)
         return _field(0x12, b"".join(parts))  # ScopeSpans.spans = 2
 
 

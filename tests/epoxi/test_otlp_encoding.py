@@ -14,6 +14,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, Sp
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from epoxi.observability.hot_spans import HotSpans
 from epoxi.observability.otlp_encoding import SpanEncoder
 
 REMOTE = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
@@ -117,4 +118,30 @@ def test_many_spans_in_one_request(n: int) -> None:
             attributes={"epoxi.message_id": f"{i:032x}", "epoxi.attempt": i % 7 + 1},
         ):
             pass
+    assert_same(kept.spans)
+
+
+def test_a_key_whose_values_never_repeat_still_encodes_every_value() -> None:
+    """Past the values it remembers for a key (message IDs), the encoder encodes them afresh."""
+    kept = Kept()
+    tracer = provider(kept, **{"service.name": "node"}).get_tracer("epoxi")
+    encoder = SpanEncoder()
+    for n in range(600):
+        with tracer.start_as_current_span("smtp send", attributes={"epoxi.message_id": f"m{n}", "port": 25}):
+            pass
+    for start in range(0, 600, 100):
+        assert_same(kept.spans[start : start + 100], encoder)
+    assert_same(kept.spans[:3], encoder)  # remembered once, and again after the key gave up
+
+
+def test_hot_spans_encode_as_the_sdk_encodes_them() -> None:
+    kept = Kept()
+    p = provider(kept, **{"service.name": "node"})
+    hot = HotSpans(p, "epoxi")
+    with hot.child_of(REMOTE, "smtp send", SpanKind.CLIENT, lambda: {"epoxi.attempt": 1}) as span:
+        span.set_attributes({"server.address": "mx.example.com", "server.port": 25})
+    with pytest.raises(ValueError):
+        with hot.span("spool commit", SpanKind.INTERNAL, {"epoxi.messages": 3}):
+            raise ValueError("disk full")
+    assert len(kept.spans) == 2 and kept.spans[1].events
     assert_same(kept.spans)
