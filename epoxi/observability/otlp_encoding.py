@@ -7,8 +7,8 @@ while it holds the GIL. ``encode`` writes the same message (``ExportTraceService
 opentelemetry-proto's ``trace/v1``) field by field instead, and reuses what repeats between
 spans: the resource and scope, attribute keys, and values such as routing keys and host names.
 The result parses to a message equal to the maintained encoder's (the tests compare them), so
-``FastOTLPSpanExporter`` hands the exporter exactly what it would have sent; the exporter keeps
-its transport, retries, and every ``OTEL_EXPORTER_OTLP_*`` setting.
+``FastOTLPSpanExporter`` sends exactly what the exporter would have sent; the exporter keeps
+its channel, retries, headers, compression and every ``OTEL_EXPORTER_OTLP_*`` setting.
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ import struct
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import grpc
 from opentelemetry.exporter.otlp.proto.common._internal import (
     _encode_instrumentation_scope,
     _encode_resource,
 )
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanContext
 
@@ -260,12 +261,28 @@ def _flags(parent: SpanContext | None) -> int:
     return _FLAGS_HAS_IS_REMOTE
 
 
+class _EncodedExport:
+    """``TraceServiceStub`` for requests already serialized: its ``Export`` sends the bytes
+    as they are, with the same method, response type and call options."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self.Export = channel.unary_unary(
+            "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+            request_serializer=None,  # the request is the encoder's bytes
+            response_deserializer=ExportTraceServiceResponse.FromString,
+        )
+
+
 class FastOTLPSpanExporter(OTLPSpanExporter):
-    """The OTLP/gRPC span exporter, with its request written by ``SpanEncoder``."""
+    """The OTLP/gRPC span exporter, with its request written by ``SpanEncoder`` and sent as
+    written (not parsed into a message to be serialized again)."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._encoder = SpanEncoder()
+        # The exporter makes its stub from this class, now and whenever it reconnects.
+        self._stub = _EncodedExport
+        self._client = _EncodedExport(self._channel)  # type: ignore[assignment]
 
-    def _translate_data(self, data: Sequence[ReadableSpan]) -> ExportTraceServiceRequest:
-        return ExportTraceServiceRequest.FromString(self._encoder.encode(data))
+    def _translate_data(self, data: Sequence[ReadableSpan]) -> bytes:  # type: ignore[override]
+        return self._encoder.encode(data)

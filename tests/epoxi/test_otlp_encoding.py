@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 import pytest
@@ -14,8 +15,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, Sp
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from devmesh.otlp import OtlpReceiver
 from epoxi.observability.hot_spans import HotSpans
-from epoxi.observability.otlp_encoding import SpanEncoder
+from epoxi.observability.otlp_encoding import FastOTLPSpanExporter, SpanEncoder
 
 REMOTE = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
@@ -145,3 +147,24 @@ def test_hot_spans_encode_as_the_sdk_encodes_them() -> None:
             raise ValueError("disk full")
     assert len(kept.spans) == 2 and kept.spans[1].events
     assert_same(kept.spans)
+
+
+async def test_the_exporter_sends_the_encoded_request_to_a_collector_and_again_after_a_reconnect() -> None:
+    receiver = OtlpReceiver()
+    address = await receiver.start()
+    kept = Kept()
+    tracer = provider(kept, **{"service.name": "node"}).get_tracer("epoxi")
+    with tracer.start_as_current_span("smtp send", attributes={"epoxi.message_id": "m1"}):
+        pass
+    exporter = FastOTLPSpanExporter(endpoint=f"http://{address}", insecure=True, timeout=5)
+    try:
+        assert await asyncio.to_thread(exporter.export, kept.spans) is SpanExportResult.SUCCESS
+        (span,) = receiver.spans
+        assert span.name == "smtp send" and span.attributes == {"epoxi.message_id": "m1"}
+        assert span.service == "node"
+        exporter._initialize_channel_and_stub()  # what the exporter does on a transient error
+        assert await asyncio.to_thread(exporter.export, kept.spans) is SpanExportResult.SUCCESS
+        assert len(receiver.spans) == 2
+    finally:
+        exporter.shutdown()
+        await receiver.close()
