@@ -567,7 +567,8 @@ class PipelineSupervisor:
             if counts.unfinished:
                 self.last_active[key] = now
                 return False
-            # Nothing may have arrived while the spool was read: the check and the pop are atomic.
+            # Counts are as of the last commit: mail being committed is `_enqueuing`. Nothing may
+            # have begun since the check either (counts does not wait today; if it ever does).
             if self._enqueuing[key] or self._enqueues_begun[key] != begun:
                 return False
             if now - self.last_active.get(key, now) < idle_for:

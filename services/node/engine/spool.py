@@ -356,6 +356,9 @@ class Spool:
         # counted once when opened and then moved by each transaction as it commits (``_moved``).
         self._tally: Counter[tuple[str, str]] = Counter()
         self._moved: Counter[tuple[str, str]] = Counter()
+        # Routing key -> its Counts as of the last commit, written by the spool's thread one key
+        # at a time (a whole Counts each), so the loop reads counts without a trip to that thread.
+        self._counts_view: dict[str, Counts] = {}
         # Operation -> the calls waiting to be done together in its next transaction.
         self._groups: dict[str, list[tuple[Callable[..., Any], tuple[object, ...], asyncio.Future[Any]]]] = {}
         self._groups_lock = threading.Lock()
@@ -440,7 +443,9 @@ class Spool:
         finally:
             if not synced:
                 self._db.execute("PRAGMA synchronous=FULL")
-        self._tally.update(self._moved)  # committed: the deliveries it moved are counted
+        if self._moved:  # committed: the deliveries it moved are counted
+            self._tally.update(self._moved)
+            self._publish({k for k, _ in self._moved})
         if self._db.total_changes != changes:
             self.instruments.committed(operation, time.perf_counter() - started, synced=synced)
 
@@ -816,10 +821,27 @@ class Spool:
     # Reading
 
     async def counts(self, routing_key: str) -> Counts:
-        return (await self._run(self._counted, routing_key)).get(routing_key, Counts())
+        """``routing_key``'s deliveries by state, as of the last commit."""
+        return self._counts_view.get(routing_key) or Counts()
 
     async def all_counts(self) -> dict[str, Counts]:
-        return await self._run(self._counted, None)
+        return dict(self._counts_view)  # one C-level copy: a consistent view of every key
+
+    def _publish(self, keys: Iterable[str]) -> None:
+        """Make ``keys``' counts in the tally what ``counts`` reads (on the spool's thread)."""
+        t = self._tally
+        for key in keys:
+            c = Counts(
+                queued=t[key, State.QUEUED],
+                in_flight=t[key, State.INFLIGHT],
+                deferred=t[key, State.DEFERRED],
+                delivered=t[key, State.DELIVERED],
+                bounced=t[key, State.BOUNCED],
+            )
+            if c == _NONE_COUNTED:
+                self._counts_view.pop(key, None)
+            else:
+                self._counts_view[key] = c
 
     def _counted(self, routing_key: str | None) -> dict[str, Counts]:
         """The tally (on the spool's thread, so as of the last commit), for one key or all."""
@@ -831,6 +853,8 @@ class Spool:
         self._tally = Counter()
         for k, state, n in self._db.execute(_COUNTS):  # a state twice: in the file and purged
             self._tally[k, state] += n
+        self._counts_view = {}
+        self._publish({k for k, _ in self._tally})
 
     async def backlog(self) -> list[Backlog]:
         """Per routing key and unfinished state, its deliveries and the oldest one's accepted
@@ -934,6 +958,9 @@ def _delivery_row(
 ) -> DeliveryRow:
     reply = None if code is None else Reply(code, enhanced or "", text or "")
     return DeliveryRow(recipient, State(state), attempts, next_at, reply)
+
+
+_NONE_COUNTED = Counts()
 
 
 def _counts(rows: list[Any]) -> dict[str, Counts]:

@@ -23,7 +23,6 @@ from tests.services.node.support import (
     fast_policy,
     messages,
     settled,
-    true_when,
 )
 from tests.support import eventually
 
@@ -75,28 +74,40 @@ async def test_mail_spooled_by_a_hook_starts_or_wakes_its_pipeline(
     assert supervisor.routing_keys() == [KEY, SENDER_KEY]
 
 
-async def test_an_idle_stop_gives_up_when_a_hook_spools_mail_while_it_looks(
+async def test_an_idle_stop_sees_mail_a_hook_spooled_and_a_stop_before_it_is_undone(
     make_supervisor: MakeSupervisor, spool: Spool, sink: Sink
 ) -> None:
     supervisor = make_supervisor()
     await supervisor.start_pipeline("example.com", SOURCE_IP, fast_policy())
     p, _ = await supervisor.start_pipeline("sender.test", SOURCE_IP, fast_policy(SENDER_KEY))
+    # Committed by a hook (a DSN) but not yet announced on `spooled`: the counts already show it.
     gate = threading.Event()
-    blocked = asyncio.ensure_future(spool._run(gate.wait))  # holds the spool's thread
+    blocked = asyncio.ensure_future(spool._run(gate.wait))  # the pipeline claims nothing meanwhile
+    hooked = asyncio.ensure_future(spool.enqueue(SENDER_KEY, messages("ann@sender.test")))
     try:
-        stop = asyncio.create_task(supervisor.stop_if_idle(SENDER_KEY, 0.0))
-        await eventually(true_when(supervisor._lock.locked))  # the stop is reading the spool (queued)
-        supervisor.spooled.put_nowait(SENDER_KEY)  # its mail is in the spool by now
+        stop = asyncio.ensure_future(supervisor.stop_if_idle(SENDER_KEY, 0.0))
 
-        async def seen() -> bool:
-            return supervisor._enqueues_begun[SENDER_KEY] == 1
+        async def decided() -> bool:  # and waits for the spool's thread to stop the pipeline
+            return supervisor.pipeline(SENDER_KEY) is None
 
-        await eventually(seen)
+        await eventually(decided)
     finally:
         gate.set()
         await blocked
-    assert await stop is False
-    assert supervisor.pipeline(SENDER_KEY) is p
+    # Committing, not committed: the stop went ahead (nothing was under way through enqueue).
+    assert await stop is True
+    await hooked
+    assert supervisor.pipeline(SENDER_KEY) is None
+    supervisor.spooled.put_nowait(SENDER_KEY)  # announced: the pipeline starts again and sends it
+
+    async def sent() -> bool:
+        restarted = supervisor.pipeline(SENDER_KEY)
+        return restarted is not None and restarted is not p and (await restarted.counts()).delivered == 1
+
+    await eventually(sent)
+    # Committed and announced, with the pipeline running: an idle stop now keeps it.
+    await spool.enqueue(SENDER_KEY, messages("ann@sender.test"))
+    assert await supervisor.stop_if_idle(SENDER_KEY, 0.0) is False
 
 
 class Events(PipelineHooks):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import threading
 import time
@@ -116,6 +117,31 @@ async def test_counts_are_per_routing_key(spool: Spool) -> None:
     await spool.enqueue("example.org_127_0_0_3", [message("a@example.org", "b@example.org")])
     assert await spool.all_counts() == {KEY: Counts(queued=1), "example.org_127_0_0_3": Counts(queued=2)}
     assert await spool.counts("nothing.test_127_0_0_2") == Counts()
+
+
+async def test_counts_are_read_without_waiting_for_the_spools_thread_as_of_the_last_commit(
+    spool: Spool,
+) -> None:
+    await spool.enqueue(KEY, [message("a@example.com")])
+    gate = threading.Event()
+    held = asyncio.ensure_future(spool._run(gate.wait))  # the spool's thread is busy
+    enqueue = asyncio.ensure_future(spool.enqueue(KEY, [message("b@example.com", "c@example.com")]))
+    try:
+        await asyncio.sleep(0.05)
+        # Read at once; the enqueue waiting for the thread has not committed, so it is not counted.
+        assert await asyncio.wait_for(spool.counts(KEY), 1) == Counts(queued=1)
+        assert await asyncio.wait_for(spool.all_counts(), 1) == {KEY: Counts(queued=1)}
+    finally:
+        gate.set()
+        await held
+    await enqueue
+    assert await spool.counts(KEY) == Counts(queued=3)
+    [job] = await spool.claim(KEY, time.time(), 1)
+    assert await spool.counts(KEY) == Counts(queued=2, in_flight=1)
+    await spool.record(
+        [Outcome(d.id, State.DELIVERED, 1, 0.0, Reply(250, "2.0.0", "OK")) for d in job.deliveries]
+    )
+    assert await spool.counts(KEY) == Counts(queued=2, delivered=1)
 
 
 async def test_the_spools_thread_is_named_for_the_os(spool: Spool) -> None:
