@@ -19,6 +19,7 @@ batch processor, the exporter and every ``OTEL_*`` setting treat it exactly as a
 from __future__ import annotations
 
 import time
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, NamedTuple
@@ -144,7 +145,8 @@ class HotSpan(trace.Span, ReadableSpan):
             {
                 "exception.type": type(exception).__qualname__,
                 "exception.message": str(exception),
-                "exception.escaped": escaped,
+                "exception.stacktrace": "".join(traceback.format_exception(exception)),
+                "exception.escaped": str(escaped),  # a string, as the SDK records it
                 **(attributes or {}),
             },
             timestamp,

@@ -215,4 +215,6 @@ def test_a_spans_exception_flags_do_what_the_sdks_of_the_same_name_do(records: b
     assert hot.status.description == sdk.status.description
     assert [e.name for e in hot.events] == [e.name for e in sdk.events] == (["exception"] if records else [])
     if records:
-        assert hot.events[0].attributes["exception.message"] == "bad input"  # type: ignore[index]
+        for key in ("exception.type", "exception.message", "exception.escaped"):
+            assert hot.events[0].attributes[key] == sdk.events[0].attributes[key]  # type: ignore[index]
+        assert "ValueError: bad input" in hot.events[0].attributes["exception.stacktrace"]  # type: ignore[index,operator]
