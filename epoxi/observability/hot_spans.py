@@ -39,15 +39,16 @@ _DECISIONS_KEPT = 1024  # stored traceparents remembered; a batch's messages sha
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _UNSAMPLED = TraceFlags(TraceFlags.DEFAULT)
 _RECORDING = frozenset((Decision.RECORD_ONLY, Decision.RECORD_AND_SAMPLE))
-_PLAIN = frozenset((str, bool, int, float))
+_PLAIN_TYPES = (str, bool, int, float)
+_PLAIN = frozenset(_PLAIN_TYPES)
 
 
 def _clean(value: Any) -> Any:
     """``value`` as an attribute value, or None when OpenTelemetry allows no such value."""
-    if isinstance(value, (str, bool, int, float)):
+    if isinstance(value, _PLAIN_TYPES):
         return value
     if isinstance(value, Sequence) and not isinstance(value, (bytes, bytearray)):
-        if all(isinstance(v, (str, bool, int, float)) for v in value):
+        if all(isinstance(v, _PLAIN_TYPES) for v in value):
             return tuple(value)
     return None
 
@@ -226,7 +227,7 @@ class HotSpans:
         ``traceparent`` (a new trace when it names none), ended when the block ends.
         ``attributes`` is called only when the span is recorded, or is a root (its sampler)."""
         if traceparent:
-            decided = self._decisions.get(traceparent) or self._decided(traceparent, name, kind)
+            decided = self._decided(traceparent, name, kind)
             if decided.unsampled is not None:
                 return _Current(decided.unsampled, decided.unsampled_context)
         return _Current(self.start(traceparent, name, kind, attributes()))
@@ -251,22 +252,17 @@ class HotSpans:
         else:
             parent, trace_id = None, self._ids.generate_trace_id()
         result = self._sampler.should_sample(parent_context, trace_id, name, kind, attributes)
-        sampled = result.decision is Decision.RECORD_AND_SAMPLE
-        span_context = SpanContext(
+        span = self._new(
+            name,
+            kind,
+            attributes,
             trace_id,
-            self._ids.generate_span_id(),
-            is_remote=False,
-            trace_flags=_SAMPLED if sampled else _UNSAMPLED,
-            trace_state=result.trace_state,
+            parent,
+            result.decision is Decision.RECORD_AND_SAMPLE,
+            result.decision in _RECORDING,
+            result.trace_state,
+            parent_context,
         )
-        span: trace.Span
-        if result.decision in _RECORDING:
-            span = HotSpan(
-                self._processor, name, span_context, parent, kind, attributes, self.resource, self.scope
-            )
-            self._processor.on_start(span, parent_context)  # type: ignore[arg-type]  # any span
-        else:
-            span = trace.NonRecordingSpan(span_context)
         return _Current(span, None, set_status_on_exception, record_exception)
 
     def start(self, traceparent: str, name: str, kind: SpanKind, attributes: dict[str, Any]) -> trace.Span:
@@ -280,6 +276,24 @@ class HotSpans:
             sampled, trace_state = result.decision is Decision.RECORD_AND_SAMPLE, result.trace_state
         else:
             trace_id = parent.trace_id
+        return self._new(
+            name, kind, attributes, trace_id, parent, bool(sampled), bool(sampled), trace_state, None
+        )
+
+    def _new(
+        self,
+        name: str,
+        kind: SpanKind,
+        attributes: dict[str, Any],
+        trace_id: int,
+        parent: SpanContext | None,
+        sampled: bool,
+        recording: bool,
+        trace_state: Any,
+        parent_context: otel_context.Context | None,
+    ) -> trace.Span:
+        """A span of ``trace_id`` with a new span ID: a ``HotSpan`` the processors are told of
+        when ``recording``, else a non-recording one."""
         context = SpanContext(
             trace_id,
             self._ids.generate_span_id(),
@@ -287,10 +301,10 @@ class HotSpans:
             trace_flags=_SAMPLED if sampled else _UNSAMPLED,
             trace_state=trace_state,
         )
-        if not sampled:
+        if not recording:
             return trace.NonRecordingSpan(context)
         span = HotSpan(self._processor, name, context, parent, kind, attributes, self.resource, self.scope)
-        self._processor.on_start(span, None)  # type: ignore[arg-type]  # processors take any span
+        self._processor.on_start(span, parent_context)  # type: ignore[arg-type]  # processors take any span
         return span
 
     def _decided(self, traceparent: str, name: str, kind: SpanKind) -> _Decision:
