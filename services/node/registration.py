@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -173,14 +174,18 @@ class Registrar(PipelineHooks):
             self._node_meta = meta
         current = {p.info.name for p in snap.pipelines}
         now = time.monotonic()
-        work = [self._deregister_pipeline(name) for name in sorted(self._pipelines.keys() - current)]
-        work += [self._update(p) for p in snap.pipelines if self._due(p, now)]
+        # Calls to make, not coroutines made: one a cancelled round never starts is never created.
+        work: list[Callable[[], Awaitable[None]]] = [
+            functools.partial(self._deregister_pipeline, name)
+            for name in sorted(self._pipelines.keys() - current)
+        ]
+        work += [functools.partial(self._update, p) for p in snap.pipelines if self._due(p, now)]
         # Concurrent but bounded: a node with 1,000 pipelines must not send them one at a time.
         limit = asyncio.Semaphore(CONCURRENT_CALLS)
 
-        async def limited(call: Awaitable[None]) -> None:
+        async def limited(call: Callable[[], Awaitable[None]]) -> None:
             async with limit:
-                await call
+                await call()
 
         await asyncio.gather(*map(limited, work))
 
