@@ -7,7 +7,13 @@ share the next transaction, and so its fsync (group commit, ``_grouped``). A mes
 delivery row per recipient. Queue scans, counts, ``due`` and the scans behind listings read
 envelopes and deliveries only, so their cost does not grow with the size of the mail; a body is
 read by primary key, for its own message, when that is claimed, handed over, listed or shown.
-Each attempt's outcome updates the delivery and appends to its ``attempts`` history in the same transaction, and ``record`` takes
+Each attempt's outcome updates the delivery, and an attempt that leaves it to be retried is
+appended to its ``attempts`` history in the same transaction. The attempt that finishes a
+delivery is not written twice: it is the delivery row itself (its reply, attempt count and, in
+``next_attempt_at``, when it was made), and ``message`` reads it back as the history's last
+row. Most mail is delivered at its first attempt, so that spares three b-tree inserts a message
+(the row and its two indexes); a file whose history holds finished attempts (user_version 0)
+has them folded into their deliveries when opened (``_migrate``). ``record`` takes
 many outcomes at once so that a pipeline's outcomes share a commit too. SQLite connections are
 bound to their thread, so all spool work runs on one dedicated thread, off the event loop, in the
 order it was asked for.
@@ -77,6 +83,7 @@ class State(StrEnum):
 
 
 UNFINISHED = (State.QUEUED, State.INFLIGHT, State.DEFERRED)
+_FINISHED = frozenset((State.DELIVERED, State.BOUNCED))
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS pipelines (
@@ -725,44 +732,31 @@ class Spool:
         ]
 
     async def record(self, outcomes: Iterable[Outcome]) -> None:
-        """Update the deliveries and append the attempts to their history, all in one transaction
+        """Update the deliveries and append the attempts that leave them to be retried to their
+        history (a finishing attempt is its delivery row), all in one transaction
         (one fsync however many outcomes there are); returns once it is durable."""
         await self._grouped("record", self._record, list(outcomes), time.time())
 
     def _record(self, outcomes: list[Outcome], now: float) -> None:
-        """One group of outcomes, inside its group's transaction (``_grouped``)."""
+        """One group of outcomes, inside its group's transaction (``_grouped``). A finished
+        delivery keeps when its last attempt was made as its ``next_attempt_at``."""
         self._move(outcomes)
-        self._db.executemany(
-            _RECORD,
-            [
-                (
-                    o.state.value,
-                    o.attempts,
-                    o.next_attempt_at,
-                    o.reply.code,
-                    o.reply.enhanced,
-                    o.text,
-                    now,
-                    o.delivery_id,
+        updates: list[tuple[object, ...]] = []
+        history: list[tuple[object, ...]] = []
+        for o in outcomes:
+            at = now if o.attempted_at is None else o.attempted_at
+            reply, text, finished = o.reply, o.text, o.state in _FINISHED
+            next_at = at if finished else o.next_attempt_at
+            updates.append(
+                (o.state.value, o.attempts, next_at, reply.code, reply.enhanced, text, now, o.delivery_id)
+            )
+            if not finished:
+                history.append(
+                    (o.attempts, at, o.state.value, reply.code, reply.enhanced, text, o.delivery_id)
                 )
-                for o in outcomes
-            ],
-        )
-        self._db.executemany(
-            _ATTEMPT,
-            [
-                (
-                    o.attempts,
-                    now if o.attempted_at is None else o.attempted_at,
-                    o.state.value,
-                    o.reply.code,
-                    o.reply.enhanced,
-                    o.text,
-                    o.delivery_id,
-                )
-                for o in outcomes
-            ],
-        )
+        self._db.executemany(_RECORD, updates)
+        if history:
+            self._db.executemany(_ATTEMPT, history)
 
     def _move(self, outcomes: list[Outcome]) -> None:
         """Count the deliveries ``outcomes`` move, from the state each is in to its outcome's (the
@@ -1042,7 +1036,9 @@ def _migrate(db: sqlite3.Connection) -> None:
     Messages once held their bodies: each moves to ``bodies`` and the column goes (the file
     keeps its size until a VACUUM; its free pages are reused). Deliveries once kept the reply's
     text whole: they get an enhanced code column, and each row's text is split into enhanced
-    code and the rest, as the reply was parsed."""
+    code and the rest, as the reply was parsed. Files before ``user_version``
+    ``_FINISHED_IN_DELIVERIES`` wrote the attempt that finished a delivery to its history too:
+    its time moves to the delivery's ``next_attempt_at`` and the row goes, as a newer node keeps it."""
     db.execute("BEGIN IMMEDIATE")  # DDL included: the column and its rows appear together
     message_columns = {name for _, name, *_ in db.execute("PRAGMA table_info(messages)")}
     if "batch_key" not in message_columns:
@@ -1054,12 +1050,30 @@ def _migrate(db: sqlite3.Connection) -> None:
         db.execute("INSERT INTO bodies (message_id, data) SELECT id, data FROM messages")
         db.execute("ALTER TABLE messages DROP COLUMN data")
     columns = {name for _, name, *_ in db.execute("PRAGMA table_info(deliveries)")}
-    if "enhanced_code" in columns:
-        return
-    db.execute("ALTER TABLE deliveries ADD COLUMN enhanced_code TEXT")
-    rows = db.execute("SELECT id, reply_code, reply_text FROM deliveries WHERE reply_text IS NOT NULL")
-    split = [(r.enhanced, r.text, i) for i, code, text in rows for r in [Reply.parse(code or 0, text)]]
-    db.executemany("UPDATE deliveries SET enhanced_code = ?, reply_text = ? WHERE id = ?", split)
+    if "enhanced_code" not in columns:
+        db.execute("ALTER TABLE deliveries ADD COLUMN enhanced_code TEXT")
+        rows = db.execute("SELECT id, reply_code, reply_text FROM deliveries WHERE reply_text IS NOT NULL")
+        split = [(r.enhanced, r.text, i) for i, code, text in rows for r in [Reply.parse(code or 0, text)]]
+        db.executemany("UPDATE deliveries SET enhanced_code = ?, reply_text = ? WHERE id = ?", split)
+    if db.execute("PRAGMA user_version").fetchone()[0] < _FINISHED_IN_DELIVERIES:
+        db.execute(_FINISHED_AT_OF_LAST_ATTEMPT)
+        db.execute(_DELETE_LAST_FINISHED_ATTEMPTS)
+        db.execute(f"PRAGMA user_version = {_FINISHED_IN_DELIVERIES}")
+
+
+_FINISHED_IN_DELIVERIES = 1  # the user_version from which a finished attempt is its delivery row
+# A finished delivery's last history row, from a file before that: its time goes to the
+# delivery, and the row goes.
+_FINISHED_AT_OF_LAST_ATTEMPT = """
+UPDATE deliveries SET next_attempt_at = (
+    SELECT attempted_at FROM attempts WHERE id = (SELECT MAX(id) FROM attempts WHERE delivery_id = deliveries.id))
+WHERE state IN ('delivered', 'bounced') AND EXISTS (SELECT 1 FROM attempts WHERE delivery_id = deliveries.id)
+"""
+_DELETE_LAST_FINISHED_ATTEMPTS = """
+DELETE FROM attempts WHERE id IN (
+    SELECT MAX(a.id) FROM attempts a JOIN deliveries d ON d.id = a.delivery_id
+    WHERE d.state IN ('delivered', 'bounced') GROUP BY a.delivery_id)
+"""
 
 
 # A policy's SQLite form: its protobuf, serialized.
@@ -1178,9 +1192,16 @@ INSERT INTO attempts (delivery_id, message_id, recipient, attempt, attempted_at,
     enhanced_code, reply_text)
 SELECT id, message_id, recipient, ?, ?, ?, ?, ?, ? FROM deliveries WHERE id = ?
 """
+# A message's history: the attempts that left a delivery to be retried, and each finished
+# delivery's last attempt (the delivery row), in the order they were made.
 _ATTEMPTS = """
-SELECT recipient, attempt, attempted_at, result, reply_code, enhanced_code, reply_text FROM attempts
-WHERE message_id = ? ORDER BY id
+SELECT recipient, attempt, attempted_at, result, reply_code, enhanced_code, reply_text FROM (
+    SELECT recipient, attempt, attempted_at, result, reply_code, enhanced_code, reply_text,
+        delivery_id, 0 AS last, id AS n FROM attempts WHERE message_id = ?1
+    UNION ALL
+    SELECT recipient, attempts, next_attempt_at, state, reply_code, enhanced_code, reply_text, id, 1, 0
+    FROM deliveries WHERE message_id = ?1 AND state IN ('delivered', 'bounced')
+) ORDER BY attempted_at, last, delivery_id, n
 """
 _NEXT_DEFERRED = """
 SELECT routing_key, MIN(next_attempt_at) FROM deliveries WHERE state = 'deferred' GROUP BY routing_key

@@ -82,6 +82,72 @@ async def test_every_attempt_is_kept_in_order(spool: Spool) -> None:
     assert row.size == len(b"Subject: hi\r\n\r\nhello\r\n") and row.head.startswith(b"Subject: hi")
 
 
+async def test_the_attempt_that_finishes_a_delivery_is_its_row_and_ends_its_history(spool: Spool) -> None:
+    [mid] = await spool.enqueue(KEY, [message("a@example.com", "b@example.com")])
+    [job] = await spool.claim(KEY, time.time(), 1)
+    a, b = job.deliveries
+    await spool.record(
+        [
+            Outcome(a.id, State.DEFERRED, 1, 1060.0, Reply.parse(451, "4.3.0 later"), attempted_at=1000.0),
+            Outcome(b.id, State.DELIVERED, 1, 1000.0, Reply.parse(250, "2.0.0 OK"), attempted_at=1000.0),
+        ]
+    )
+    [job] = await spool.claim(KEY, 2000.0, 1)
+    await spool.record(
+        [Outcome(a.id, State.BOUNCED, 2, 1500.0, Reply.parse(550, "5.1.1 gone"), attempted_at=1500.0)]
+    )
+    [(written,)] = await spool._run(
+        spool._query, "SELECT COUNT(*) FROM attempts WHERE message_id = ?", (mid,)
+    )
+    assert written == 1  # the deferral only: each finishing attempt is its delivery's row
+    found = await spool.message(mid)
+    assert found is not None
+    assert [(x.recipient, x.attempt, x.attempted_at, x.result, x.reply) for x in found[1]] == [
+        ("a@example.com", 1, 1000.0, State.DEFERRED, Reply(451, "4.3.0", "later")),
+        ("b@example.com", 1, 1000.0, State.DELIVERED, Reply(250, "2.0.0", "OK")),
+        ("a@example.com", 2, 1500.0, State.BOUNCED, Reply(550, "5.1.1", "gone")),
+    ]
+
+
+@pytest.mark.parametrize("reopened", [1, 2])
+async def test_a_spool_whose_history_holds_finished_attempts_reads_them_once(
+    tmp_path: Path, reopened: int
+) -> None:
+    path = tmp_path / "spool.db"
+    spool = await Spool.open(path)
+    [mid] = await spool.enqueue(KEY, [message("a@example.com", "b@example.com")])
+    [job] = await spool.claim(KEY, time.time(), 1)
+    a, b = job.deliveries
+    await spool.record(
+        [
+            Outcome(a.id, State.DEFERRED, 1, 1060.0, Reply.parse(451, "4.3.0 later"), attempted_at=1000.0),
+            Outcome(b.id, State.DELIVERED, 1, 1000.0, Reply.parse(250, "2.0.0 OK"), attempted_at=1000.0),
+        ]
+    )
+    await spool.close()
+    with contextlib.closing(sqlite3.connect(path)) as db, db:  # as an older node left it
+        db.execute(
+            "INSERT INTO attempts (delivery_id, message_id, recipient, attempt, attempted_at, result,"
+            " reply_code, enhanced_code, reply_text) VALUES (?, ?, 'b@example.com', 1, 999.5, 'delivered',"
+            " 250, '2.0.0', 'OK')",
+            (b.id, mid),
+        )
+        db.execute("UPDATE deliveries SET next_attempt_at = 999.0 WHERE id = ?", (b.id,))
+        db.execute("PRAGMA user_version = 0")
+
+    for _ in range(reopened):
+        spool = await Spool.open(path)
+        try:
+            found = await spool.message(mid)
+        finally:
+            await spool.close()
+        assert found is not None
+        assert [(x.recipient, x.attempt, x.attempted_at, x.result) for x in found[1]] == [
+            ("b@example.com", 1, 999.5, State.DELIVERED),
+            ("a@example.com", 1, 1000.0, State.DEFERRED),
+        ]
+
+
 async def test_queue_stats_give_the_next_retry_of_deferred_mail(spool: Spool) -> None:
     await spool.enqueue(KEY, [message("a@example.com"), message("b@example.com"), message("c@example.com")])
     await spool.enqueue(OTHER, [message("x@example.org")])
