@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import socket
+import weakref
 from collections.abc import AsyncIterator
 
 import grpc
@@ -17,7 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from epoxi.registry.client import Consul, RegistryError, connect
-from epoxi.runtime.lifecycle import Service, advertised_address
+from epoxi.runtime.lifecycle import YOUNG_COLLECTION_EVERY, Service, advertised_address, settle_heap
 from tests.support import unused_address
 
 
@@ -228,3 +230,21 @@ async def test_a_start_that_fails_after_listen_releases_the_port() -> None:
     async with again.starting():
         again.listen(f"127.0.0.1:{port}")  # free again: the half-started server was stopped
     await again.close()
+
+
+def test_a_started_service_freezes_its_heap_and_collects_young_objects_less_often() -> None:
+    threshold = gc.get_threshold()
+    ref = weakref.ref(Cycle())  # a cycle only a collection frees
+    try:
+        settle_heap()
+        assert ref() is None  # collected before the freeze, not frozen for good
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold() == (YOUNG_COLLECTION_EVERY, *threshold[1:])
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
+
+
+class Cycle:
+    def __init__(self) -> None:
+        self.me = self
