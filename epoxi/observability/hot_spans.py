@@ -116,8 +116,15 @@ class HotSpan(trace.Span, ReadableSpan):
         self._own[key] = value
 
     def set_attributes(self, attributes: Mapping[str, types.AttributeValue]) -> None:
+        if self._end_time is not None:
+            return
+        own = self._own
         for key, value in attributes.items():
-            self.set_attribute(key, value)
+            if value.__class__ not in _PLAIN:
+                value = _clean(value)
+                if value is None:
+                    continue
+            own[key] = value
 
     def add_event(self, name: str, attributes: types.Attributes = None, timestamp: int | None = None) -> None:
         if self._end_time is None:
@@ -227,10 +234,17 @@ class HotSpans:
         ``traceparent`` (a new trace when it names none), ended when the block ends.
         ``attributes`` is called only when the span is recorded, or is a root (its sampler)."""
         if traceparent:
-            decided = self._decided(traceparent, name, kind)
-            if decided.unsampled is not None:
-                return _Current(decided.unsampled, decided.unsampled_context)
-        return _Current(self.start(traceparent, name, kind, attributes()))
+            parent, sampled, trace_state, unsampled, unsampled_context = self._decided(
+                traceparent, name, kind
+            )
+            if unsampled is not None:
+                return _Current(unsampled, unsampled_context)
+            if parent is not None:
+                span = self._new(
+                    name, kind, attributes(), parent.trace_id, parent, sampled, sampled, trace_state, None
+                )
+                return _Current(span)
+        return _Current(self.start("", name, kind, attributes()))
 
     def span(
         self,
