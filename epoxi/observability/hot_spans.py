@@ -216,10 +216,15 @@ class _Decision(NamedTuple):
 class HotSpans:
     """Hot-path spans on ``provider``'s resource, sampler, ID generator and processors."""
 
-    def __init__(self, provider: TracerProvider, scope_name: str) -> None:
+    def __init__(
+        self, provider: TracerProvider, scope_name: str, processor: SpanProcessor | None = None
+    ) -> None:
+        """``processor``: where the spans go when they start and end; by default every
+        processor of ``provider``, as the SDK's spans do (``tracing.configure`` names its one
+        batch processor, sparing each span the provider's loop over its processors)."""
         self.resource = provider.resource
         self.scope = provider.get_tracer(scope_name)._instrumentation_scope  # type: ignore[attr-defined]
-        self._processor = provider._active_span_processor
+        self._processor = processor or provider._active_span_processor
         self._sampler = provider.sampler
         self._ids = provider.id_generator
         self._propagator = TraceContextTextMapPropagator()

@@ -76,10 +76,11 @@ def configure(service_name: str, instance_id: str | None = None) -> bool:
     if instance_id:
         attributes["service.instance.id"] = instance_id
     provider = TracerProvider(resource=Resource.create(attributes))
-    provider.add_span_processor(BatchSpanProcessor(FastOTLPSpanExporter()))
+    processor = BatchSpanProcessor(FastOTLPSpanExporter())
+    provider.add_span_processor(processor)
     trace.set_tracer_provider(provider)
     _provider = provider
-    _hot = HotSpans(provider, "epoxi")
+    _hot = HotSpans(provider, "epoxi", processor)
     tracer = provider.get_tracer("epoxi")
     log.info("tracing: exporting spans over OTLP as %s", service_name)
     return True

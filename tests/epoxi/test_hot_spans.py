@@ -218,3 +218,22 @@ def test_a_spans_exception_flags_do_what_the_sdks_of_the_same_name_do(records: b
         for key in ("exception.type", "exception.message", "exception.escaped"):
             assert hot.events[0].attributes[key] == sdk.events[0].attributes[key]  # type: ignore[index]
         assert "ValueError: bad input" in hot.events[0].attributes["exception.stacktrace"]  # type: ignore[index,operator]
+
+
+def test_spans_go_to_the_processor_named_for_them_only() -> None:
+    p, everyone = provider()
+    named = InMemorySpanExporter()
+    hot = HotSpans(p, "epoxi", SimpleSpanProcessor(named))
+    with hot.child_of(SAMPLED, "smtp send", SpanKind.CLIENT, dict), hot.span("bounce", SpanKind.INTERNAL, {}):
+        pass
+    assert [s.name for s in named.get_finished_spans()] == ["bounce", "smtp send"]
+    assert everyone.get_finished_spans() == ()
+
+
+def test_set_attributes_keeps_plain_values_and_drops_what_otel_allows_not() -> None:
+    p, exported = provider()
+    with HotSpans(p, "epoxi").child_of(SAMPLED, "smtp send", SpanKind.CLIENT, dict) as span:
+        span.set_attributes({"a": 1, "b": "x", "c": [1, 2], "d": {"no": "maps"}, "e": True})
+    span.set_attributes({"late": 1})  # ended: ignored
+    [ended] = exported.get_finished_spans()
+    assert dict(ended.attributes or {}) == {"a": 1, "b": "x", "c": (1, 2), "e": True}

@@ -461,7 +461,7 @@ class Pipeline:
             lambda: {
                 "epoxi.routing_key": self.routing_key,
                 "epoxi.message_id": job.message_id,
-                "epoxi.attempt": max(d.attempts for d in job.deliveries) + 1,
+                "epoxi.attempt": _attempt_number(job),
                 "epoxi.recipients": len(job.deliveries),
             },
         ) as span:
@@ -478,9 +478,9 @@ class Pipeline:
         missing = Reply.local("no result from the sender")
         outcomes = [self._outcome(d, results.get(d.recipient, missing), now) for d in job.deliveries]
         self._measures.attempted(job, outcomes, now)
-        if span is not None:
-            _describe(span, outcomes)
         failed = [o for o in outcomes if o.state is not State.DELIVERED]
+        if span is not None:
+            _describe(span, failed[0] if failed else outcomes[0])
         budget = self._budget
         # A clean transaction tells a budget something only while a rule is in force (recovery).
         if budget is not None and self.shaper is not None and (failed or budget.adjustment is not None):
@@ -600,18 +600,26 @@ class Pipeline:
                 log.exception("pipeline %s: closing a connection failed", self.routing_key)
 
 
-def _describe(span: trace.Span, outcomes: Sequence[Outcome]) -> None:
+def _attempt_number(job: Job) -> int:
+    """The number of the attempt about to be made: its most tried recipient's next."""
+    deliveries = job.deliveries
+    if len(deliveries) == 1:
+        return deliveries[0].attempts + 1
+    return max(d.attempts for d in deliveries) + 1
+
+
+def _describe(span: trace.Span, decisive: Outcome) -> None:
     """The attempt's result on its span: the reply that decided it (the first recipient's that
     was not delivered, else the first's), and an error status unless every recipient was."""
     if not span.is_recording():  # an unsampled trace: nothing to describe
         return
-    decisive = next((o for o in outcomes if o.state is not State.DELIVERED), outcomes[0])
     reply = decisive.reply
+    described: dict[str, str | int] = {"epoxi.outcome": decisive.state.value}
     if reply.code:
-        span.set_attribute("epoxi.smtp.reply_code", reply.code)
+        described["epoxi.smtp.reply_code"] = reply.code
     if reply.enhanced:
-        span.set_attribute("epoxi.smtp.enhanced_code", reply.enhanced)
-    span.set_attribute("epoxi.outcome", decisive.state.value)
+        described["epoxi.smtp.enhanced_code"] = reply.enhanced
+    span.set_attributes(described)
     if decisive.state is not State.DELIVERED:
         span.set_status(
             Status(StatusCode.ERROR, f"{decisive.state.value}: {reply.code or ''} {reply.line}".strip())
