@@ -12,8 +12,9 @@ from the parent and the trace ID alone; an unsampled one's attempts share one no
 so each costs a context attached and detached, and nothing more), attributes go into a plain
 dict (the callers set strings, ints and bools; anything else is dropped as the SDK would), the
 span is made current without ``use_span``'s generators, and the span is itself an SDK
-``ReadableSpan``, handed to the provider's span processors like any other when it ends. So the
-batch processor, the exporter and every ``OTEL_*`` setting treat it exactly as an SDK span.
+``ReadableSpan``, handed to the span processors like any other when it ends (to the batch
+processor ``tracing.configure`` installs, when it names it). So the batch processor, the
+exporter and every ``OTEL_*`` setting treat it exactly as an SDK span.
 """
 
 from __future__ import annotations
