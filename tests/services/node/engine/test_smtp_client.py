@@ -18,6 +18,7 @@ from services.node.engine.smtp_client import (
     LostInTransaction,
     ReplyTimeout,
     SmtpClient,
+    _Replies,
     dot_stuffed,
     mailbox,
 )
@@ -204,6 +205,46 @@ async def test_a_refused_ehlo_falls_back_to_helo(scripted: Callable[..., Awaitab
     client, _ = await SmtpClient.open("127.0.0.1", s.port, source_address=None, within=5)
     assert (await client.ehlo("node.epoxi.test")).code == 250
     assert client.extensions == {} and not client.offers("pipelining")
+
+
+async def replies_later(replies: _Replies, gap: float, lines: Sequence[bytes]) -> None:
+    for line in lines:
+        await asyncio.sleep(gap)
+        replies.data_received(line)
+
+
+async def test_each_reply_has_the_whole_timeout_however_long_they_take_together() -> None:
+    replies = _Replies()
+    feeding = asyncio.create_task(replies_later(replies, 0.3, [b"250 %d\r\n" % i for i in range(4)]))
+    got = [await replies.next(1.0) for _ in range(4)]  # 1.2 s in all, each within 0.3
+    await feeding
+    assert [r.text for r in got] == ["0", "1", "2", "3"]
+
+
+async def test_a_shorter_timeout_after_a_longer_one_is_kept() -> None:
+    replies = _Replies()
+    asyncio.get_running_loop().call_soon(replies.data_received, b"250 soon\r\n")
+    assert (await replies.next(30.0)).text == "soon"  # waited for: its 30 s timer is set
+    async with asyncio.timeout(5):  # were the 30 s timer still the one that counts, this fires
+        with pytest.raises(ReplyTimeout, match=r"0\.2s"):
+            await replies.next(0.2)
+
+
+async def test_a_reply_late_after_prompt_ones_times_out_and_a_closed_connection_stops_the_timer() -> None:
+    replies = _Replies()
+    replies.data_received(b"250 first\r\n250 second\r\n")
+    assert [(await replies.next(0.3)).text for _ in range(2)] == ["first", "second"]
+    with pytest.raises(ReplyTimeout):
+        await replies.next(0.3)
+    replies.data_received(b"250 late\r\n")
+    assert (await replies.next(0.3)).text == "late"  # still usable: the caller decides
+    waiting = asyncio.create_task(replies.next(30.0))
+    await asyncio.sleep(0)
+    assert replies._timer is not None
+    replies.connection_lost(None)
+    assert replies._timer is None
+    with pytest.raises(Disconnected):
+        await waiting
 
 
 async def test_a_silent_server_times_out(scripted: Callable[..., Awaitable[Scripted]]) -> None:
