@@ -371,18 +371,10 @@ class Pipeline:
     async def _wait(self, deadline: float | None) -> bool:
         """Sleep until ``deadline`` (None: forever); True when woken early."""
         timeout = None if deadline is None else max(0.0, deadline - time.time())
-        try:
-            await asyncio.wait_for(self._wake.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
+        return await _set_within(self._wake, timeout)
 
     async def _stop_within(self, seconds: float) -> bool:
-        try:
-            await asyncio.wait_for(self._stop_requested.wait(), seconds)
-        except TimeoutError:
-            return False
-        return True
+        return await _set_within(self._stop_requested, seconds)
 
     async def _lane(self, conn: Connection, job: Job) -> None:
         """Send ``job``, then queued jobs while there are any; a lane beyond a lowered
@@ -550,8 +542,7 @@ class Pipeline:
                 if wait == 0.0:
                     return True
                 self._limiter.give_back()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._slot_freed.wait(), wait)
+            await _set_within(self._slot_freed, wait)
         return False
 
     async def _withhold(self, job: Job, held: Adjustment) -> None:
@@ -598,6 +589,17 @@ class Pipeline:
                 await conn.close()
             except Exception:
                 log.exception("pipeline %s: closing a connection failed", self.routing_key)
+
+
+async def _set_within(event: asyncio.Event, seconds: float | None) -> bool:
+    """Wait at most ``seconds`` (None: forever) for ``event``; whether it was set. A timeout
+    around the wait, not ``wait_for``, which runs the wait as a task of its own."""
+    try:
+        async with asyncio.timeout(seconds):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
 
 
 def _attempt_number(job: Job) -> int:
