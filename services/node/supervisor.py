@@ -134,6 +134,13 @@ class Unrenderable(Exception):
         self.problems = problems
 
 
+# Batches up to this size (their emails' protobuf bytes) are rendered on the event loop: about
+# 3 ms for 120 emails of 2 KB. Rendering holds the GIL, so a thread gives it no parallelism (the
+# loop waits for the GIL as long), only a hand-off each way; a larger batch still goes to one,
+# which gives the GIL back to the loop every switch interval.
+RENDER_INLINE_BYTES = 256 * 1024
+
+
 def _rendered(domain: str, emails: Sequence[email_pb2.Email]) -> list[NewMessage]:
     """The spool's messages for ``emails``, to their recipients in ``domain`` (a raw email's
     content as it came, with CRLF line ends: ``epoxi.raw_message``); raises
@@ -692,7 +699,10 @@ class PipelineSupervisor:
         """Like ``enqueue``; a ``batch_key`` spooled before spools nothing and answers the IDs
         it had (``Spool.enqueue_batch``). Raises ``Unrenderable``, spooling nothing, when an
         email cannot be rendered."""
-        messages = await asyncio.to_thread(_rendered, p.domain, emails)
+        if sum(e.ByteSize() for e in emails) <= RENDER_INLINE_BYTES:
+            messages = _rendered(p.domain, emails)
+        else:
+            messages = await asyncio.to_thread(_rendered, p.domain, emails)
         return await self._spool_for(p, lambda key: self._spool_batch(key, messages, batch_key))
 
     async def enqueue_rendered(self, p: Pipeline, messages: Sequence[NewMessage]) -> list[str]:

@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Container
+from collections.abc import Container, Sequence
+
+import pytest
 
 from devmesh.sink import Sink
+from epoxi import rendering
 from epoxi.policy_store import PolicyTable
+from epoxi.v1 import email_pb2
+from services.node import supervisor as supervisor_module
 from services.node.engine.hooks import PipelineHooks
 from services.node.engine.pipeline import Pipeline
-from services.node.engine.spool import Counts, Spool
+from services.node.engine.spool import Counts, NewMessage, Spool
 from services.node.idle import IdleReaper
 from services.node.supervisor import HandOff, PipelineSupervisor
 from tests.services.node.support import (
@@ -20,6 +25,7 @@ from tests.services.node.support import (
     SENDER_KEY,
     SOURCE_IP,
     MakeSupervisor,
+    email,
     fast_policy,
     messages,
     settled,
@@ -205,3 +211,26 @@ async def test_a_key_stopped_on_request_keeps_no_state_and_new_mail_starts_it(
     again, started = await supervisor.pipeline_for_mail(KEY)  # a stop does not pin the key
     assert started and again is not p and supervisor.ownership.holds(KEY)
     assert await supervisor.pipeline_for_mail(KEY) == (again, False)
+
+
+async def test_a_small_batch_is_rendered_on_the_loop_and_a_large_one_in_a_thread(
+    make_supervisor: MakeSupervisor, spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rendered_on: list[int] = []
+
+    def rendered(domain: str, emails: Sequence[email_pb2.Email]) -> list[NewMessage]:
+        rendered_on.append(threading.get_ident())
+        return real(domain, emails)
+
+    real = supervisor_module._rendered
+    monkeypatch.setattr(supervisor_module, "_rendered", rendered)
+    supervisor = make_supervisor()
+    p, _ = await supervisor.start_pipeline("example.com", SOURCE_IP, fast_policy(batch_timeout=3600.0))
+    small = [email("bob@example.com", text="hi")]
+    large = [email("bob@example.com", text="x" * supervisor_module.RENDER_INLINE_BYTES)]
+    spooled = [(await supervisor.enqueue_batch(p, batch)).ids[0] for batch in (small, large)]
+    assert rendered_on[0] == threading.get_ident() != rendered_on[1]
+    for mid, batch in zip(spooled, (small, large), strict=True):
+        [body] = (await spool._run(spool._bodies, [mid])).values()
+        # As rendered (its Message-ID, made at rendering, aside).
+        assert body.partition(b"\r\n\r\n")[2] == rendering.render(batch[0]).partition(b"\r\n\r\n")[2]
