@@ -82,7 +82,8 @@ async def test_every_attempt_is_kept_in_order(spool: Spool) -> None:
     assert row.size == len(b"Subject: hi\r\n\r\nhello\r\n") and row.head.startswith(b"Subject: hi")
 
 
-async def test_the_attempt_that_finishes_a_delivery_is_its_row_and_ends_its_history(spool: Spool) -> None:
+async def a_deferred_and_b_delivered(spool: Spool) -> tuple[str, Delivery, Delivery]:
+    """One message to a and b, its first attempt at 1000.0: a deferred, b delivered."""
     [mid] = await spool.enqueue(KEY, [message("a@example.com", "b@example.com")])
     [job] = await spool.claim(KEY, time.time(), 1)
     a, b = job.deliveries
@@ -92,7 +93,12 @@ async def test_the_attempt_that_finishes_a_delivery_is_its_row_and_ends_its_hist
             Outcome(b.id, State.DELIVERED, 1, 1000.0, Reply.parse(250, "2.0.0 OK"), attempted_at=1000.0),
         ]
     )
-    [job] = await spool.claim(KEY, 2000.0, 1)
+    return mid, a, b
+
+
+async def test_the_attempt_that_finishes_a_delivery_is_its_row_and_ends_its_history(spool: Spool) -> None:
+    mid, a, _ = await a_deferred_and_b_delivered(spool)
+    [_] = await spool.claim(KEY, 2000.0, 1)  # a is due again
     await spool.record(
         [Outcome(a.id, State.BOUNCED, 2, 1500.0, Reply.parse(550, "5.1.1 gone"), attempted_at=1500.0)]
     )
@@ -115,15 +121,7 @@ async def test_a_spool_whose_history_holds_finished_attempts_reads_them_once(
 ) -> None:
     path = tmp_path / "spool.db"
     spool = await Spool.open(path)
-    [mid] = await spool.enqueue(KEY, [message("a@example.com", "b@example.com")])
-    [job] = await spool.claim(KEY, time.time(), 1)
-    a, b = job.deliveries
-    await spool.record(
-        [
-            Outcome(a.id, State.DEFERRED, 1, 1060.0, Reply.parse(451, "4.3.0 later"), attempted_at=1000.0),
-            Outcome(b.id, State.DELIVERED, 1, 1000.0, Reply.parse(250, "2.0.0 OK"), attempted_at=1000.0),
-        ]
-    )
+    mid, _, b = await a_deferred_and_b_delivered(spool)
     await spool.close()
     with contextlib.closing(sqlite3.connect(path)) as db, db:  # as an older node left it
         db.execute(
