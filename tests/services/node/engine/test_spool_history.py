@@ -11,7 +11,16 @@ from pathlib import Path
 import pytest
 
 from services.node.engine.reply import Reply
-from services.node.engine.spool import Counts, Delivery, NewMessage, Outcome, Spool, State
+from services.node.engine.spool import (
+    AttemptRow,
+    Counts,
+    Delivery,
+    MessageRow,
+    NewMessage,
+    Outcome,
+    Spool,
+    State,
+)
 
 KEY = "example.com_127_0_0_2"
 OTHER = "example.org_127_0_0_2"
@@ -82,6 +91,17 @@ async def test_every_attempt_is_kept_in_order(spool: Spool) -> None:
     assert row.size == len(b"Subject: hi\r\n\r\nhello\r\n") and row.head.startswith(b"Subject: hi")
 
 
+async def message_on_opening(path: Path, mid: str) -> tuple[MessageRow, list[AttemptRow]]:
+    """Open the spool file at ``path`` (migrating it), read message ``mid``, close it."""
+    spool = await Spool.open(path)
+    try:
+        found = await spool.message(mid)
+    finally:
+        await spool.close()
+    assert found is not None
+    return found
+
+
 async def a_deferred_and_b_delivered(spool: Spool) -> tuple[str, Delivery, Delivery]:
     """One message to a and b, its first attempt at 1000.0: a deferred, b delivered."""
     [mid] = await spool.enqueue(KEY, [message("a@example.com", "b@example.com")])
@@ -134,12 +154,7 @@ async def test_a_spool_whose_history_holds_finished_attempts_reads_them_once(
         db.execute("PRAGMA user_version = 0")
 
     for _ in range(reopened):
-        spool = await Spool.open(path)
-        try:
-            found = await spool.message(mid)
-        finally:
-            await spool.close()
-        assert found is not None
+        found = await message_on_opening(path, mid)
         assert [(x.recipient, x.attempt, x.attempted_at, x.result) for x in found[1]] == [
             ("b@example.com", 1, 999.5, State.DELIVERED),
             ("a@example.com", 1, 1000.0, State.DEFERRED),
@@ -261,12 +276,7 @@ async def test_a_spool_from_before_the_enhanced_code_column_reads_as_before(
             )
 
     for _ in range(reopened):
-        spool = await Spool.open(path)
-        try:
-            found = await spool.message(mid)
-        finally:
-            await spool.close()
-    assert found is not None
+        found = await message_on_opening(path, mid)
     replies = {d.recipient: d.reply for d in found[0].deliveries}
     assert replies == {
         "a@example.com": Reply(250, "2.0.0", "OK"),
