@@ -11,6 +11,7 @@ import pytest
 from google.protobuf import duration_pb2, json_format, message
 
 from devmesh.sink import Sink
+from epoxi.registry import services
 from epoxi.v1 import monitor_pb2 as m
 from epoxi.v1 import monitor_pb2_grpc, node_pb2, pipeline_pb2
 from tests.services.monitor.support import enqueue, equals, key_of, mail
@@ -63,6 +64,8 @@ async def known(nodes: Nodes, sink: Sink, consul: Any, monitor_stub: Stub) -> As
     await enqueue(nodes, n1, YAHOO, mail("yahoo.com", "127.0.0.3", "y", 2), "y")
     await enqueue(nodes, n2, AOL, mail("aol.com", "127.0.0.4", "a", 4), "a")
     await eventually(lambda: equals(passing_nodes(consul), {"n1", "n2"}))
+    # A node registers passing; its gRPC check's first run then fills its output.
+    await eventually(lambda: node_checks_ran(consul))
 
     async def settled() -> bool:
         health = await monitor_stub.HealthCheckAll(m.HealthCheckAllRequest(), timeout=5)
@@ -73,6 +76,13 @@ async def known(nodes: Nodes, sink: Sink, consul: Any, monitor_stub: Stub) -> As
     # The registry shows what the nodes hold once each pipeline's check has its new output.
     await eventually(settled)
     yield nodes
+
+
+async def node_checks_ran(consul: Any) -> bool:
+    """Whether every node's own check has run (and so has an output)."""
+    _, entries = await consul.health.service(services.NODE_SERVICE)
+    checks = [c for e in entries for c in e["Checks"] if c["ServiceID"] == e["Service"]["ID"]]
+    return bool(checks) and all(c["Output"] for c in checks)
 
 
 async def get(http: aiohttp.ClientSession, path: str, into: type[M]) -> tuple[M, dict[str, Any]]:
