@@ -34,6 +34,10 @@ loopback port, each timed from the first submit until the sink has received all 
    are this machine's ``time.time()``; a delivery may beat the acknowledgement back to the
    client, so a latency can be slightly negative.
 
+With ``--callback-cpu``, phase 3 also reports, per router and node, the CPU its event loop spent
+in each kind of callback over the same window (``benchmarks/callback_cpu``: measured as CPU
+time, not sampled, so time spent waiting for a core is not counted), per 1,000 messages.
+
 With ``--telemetry``, phase 3 runs once per variant (``--repeat`` times, the variants taking
 turns), and the report gives each variant's median against ``off``: ``off`` (metrics off, no
 tracing), ``metrics`` (metrics on, every service scraped every ``--scrape-interval``), ``tracing``
@@ -64,7 +68,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks import _utils
+from benchmarks import _utils, callback_cpu
 from benchmarks.latency_sink import LatencySink
 from benchmarks.profiling import PySpy, summarize
 from benchmarks.smtpsink import SmtpSink
@@ -81,6 +85,7 @@ UNTHROTTLED = 1_000_000  # allowed_messages per second when --throttle is not gi
 TELEMETRY_VARIANTS = ("off", "metrics", "tracing", "sampled", "all")
 SAMPLED_RATIO = "0.1"
 PHASES = ("ceiling", "source", "epoxi", "postfix", "latency")
+CALLBACKS_SHOWN = 6  # --callback-cpu: the costliest kinds of callback shown per process
 # What one RouteEmails call carries by default (--batch): at most 500 emails, and about this many
 # bytes, well under the mesh's gRPC message limit (epoxi.runtime.limits) and quick to spool.
 CALL_BYTES = 4 * 1024 * 1024
@@ -133,6 +138,8 @@ class ProcessStats:
     threads: dict[str, float] = field(default_factory=dict)
     # Spool operation -> commits (fsyncs) per 1,000 msgs, from the node's /metrics.
     commits: dict[str, float] = field(default_factory=dict)
+    # Event-loop callback (the task it steps) -> CPU seconds per 1,000 msgs (--callback-cpu).
+    callbacks: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -350,12 +357,15 @@ def _mesh(
     args: argparse.Namespace, work: Path, specs: list[NodeSpec], sink: str, variant: str, otlp: str
 ) -> Mesh:
     shutil.rmtree(work / "mesh", ignore_errors=True)
+    env = telemetry_env(variant, otlp)
+    if args.callback_cpu:
+        env |= callback_cpu.env(work / "callback-cpu")
     return Mesh(
         data_dir=work / "mesh",
         nodes=specs,
         route=f"*={sink}",
         check_interval=args.check_interval,
-        env=telemetry_env(variant, otlp),
+        env=env,
     )
 
 
@@ -386,6 +396,8 @@ async def run_epoxi(
             cpu_before = {name: _utils.cpu_seconds(pid) for name, pid in pids.items()}
             threads_before = {name: _utils.thread_cpu_seconds(pid) for name, pid in pids.items()}
             commits_before = {s.id: await spool_commits(mesh, s.id) for s in specs}
+            probed = {n: pids[n] for n in ("router", *(s.id for s in specs))} if args.callback_cpu else {}
+            callbacks_before = await callback_cpu.snapshot(work / "callback-cpu", probed)
             if variant in ("metrics", "all"):
                 scraper = asyncio.create_task(scrape_every(mesh, args.scrape_interval, run))
             async with channel(mesh.address("router")) as ch:
@@ -395,6 +407,9 @@ async def run_epoxi(
                 acked = time.perf_counter()
                 done = await sink.wait_for(len(es), args.timeout)
             per_1000 = 1000 / len(es)
+            callbacks = callback_cpu.spent(
+                callbacks_before, await callback_cpu.snapshot(work / "callback-cpu", probed)
+            )
             for name, pid in pids.items():
                 cpu = _utils.cpu_seconds(pid) - cpu_before[name]
                 threads = _utils.thread_cpu_seconds(pid)
@@ -405,6 +420,7 @@ async def run_epoxi(
                     cpu * per_1000,
                     {t: (c - threads_before[name].get(t, 0.0)) * per_1000 for t, c in threads.items()},
                     {op: (n - commits_before[name].get(op, 0.0)) * per_1000 for op, n in commits.items()},
+                    {c: seconds * per_1000 for c, seconds in callbacks.get(name, {}).items()},
                 )
         finally:
             if scraper is not None:
@@ -647,6 +663,11 @@ def render_run(r: Run) -> list[str]:
                 total = sum(stats.commits.values())
                 parts = ", ".join(f"{op} {c:.1f}" for op, c in sorted(stats.commits.items()) if c)
                 lines.append(f"  {name} spool commits / 1,000 msgs: {total:.1f} ({parts})")
+            if stats.callbacks:
+                top = sorted(((c, n) for n, c in stats.callbacks.items() if c >= 0.0005), reverse=True)
+                total = sum(stats.callbacks.values())
+                parts = ", ".join(f"{n} {c:.3f}" for c, n in top[:CALLBACKS_SHOWN])
+                lines.append(f"  {name} event loop CPU s / 1,000 msgs: {total:.3f} ({parts})")
     return lines
 
 
@@ -804,6 +825,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=600.0, help="give up on a phase after this many seconds")
     p.add_argument("--profile", type=Path, help="py-spy the router and nodes during the Epoxi phase into DIR")
     p.add_argument("--profile-rate", type=int, default=100, help="py-spy samples per second")
+    p.add_argument(
+        "--callback-cpu",
+        action="store_true",
+        help="report the CPU of each kind of event-loop callback in the router and nodes (phase 3)",
+    )
     p.add_argument("--work-dir", help="where spools and the Postfix instance go (default: system temp)")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     p.add_argument("--json", type=Path, help="also write the results here")
