@@ -207,20 +207,29 @@ def mailbox(address: str, encoding: str) -> bytes:
 
 
 def crlf_lines(data: bytes) -> bytes:
-    """``data`` with CRLF line ends (a lone CR or LF becomes CRLF), its last line ended."""
-    bare = data.replace(b"\r\n", b"")
-    if b"\r" in bare or b"\n" in bare:
+    """``data`` with CRLF line ends (a lone CR or LF becomes CRLF), its last line ended.
+
+    Spooled mail is canonical already, so this counts before it copies: three scans of the
+    body and no new one, where checking with a ``replace`` made a copy of every message."""
+    pairs = data.count(b"\r\n")
+    if data.count(b"\r") != pairs or data.count(b"\n") != pairs:
         data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
     return data if data.endswith(b"\r\n") else data + b"\r\n"
+
+
+def _stuffed(data: bytes) -> bytes:
+    """``data`` with CRLF line ends and a "." doubled at the start of a line; copied only when
+    it has to change."""
+    data = crlf_lines(data)
+    if data.startswith(b"."):
+        data = b"." + data
+    return data.replace(b"\r\n.", b"\r\n..") if b"\r\n." in data else data
 
 
 def dot_stuffed(data: bytes) -> bytes:
     """``data`` as DATA carries it: CRLF line ends, a "." doubled at the start of a line, the
     final CRLF and the ".\\r\\n" that ends it."""
-    data = crlf_lines(data)
-    if data.startswith(b"."):
-        data = b"." + data
-    return data.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+    return _stuffed(data) + b".\r\n"
 
 
 class SmtpClient:
@@ -401,17 +410,18 @@ class SmtpClient:
             self._write(b".\r\n")
             await replies.next(self.timeout)
             return Transaction(mail_reply, rcpt_replies, None)
-        content = dot_stuffed(data)
+        content = _stuffed(data)
         following = then() if then is not None else None
-        self._write(content + following if following else content)
+        # One write, and one copy of the content to make it.
+        self._write(b"".join((content, b".\r\n", following or b"")))
         self._ahead = following
         return Transaction(mail_reply, rcpt_replies, await replies.next(self.timeout))
 
     async def _chunked(self, mail: bytes, rcpts: list[bytes], body: bytes) -> Transaction:
-        bdat = b"BDAT %d LAST\r\n" % len(body) + body
+        bdat = b"BDAT %d LAST\r\n" % len(body)
         replies = self._replies
         if self.offers("pipelining"):
-            self._write(b"\r\n".join([mail, *rcpts]) + b"\r\n" + bdat)
+            self._write(b"".join((b"\r\n".join([mail, *rcpts]), b"\r\n", bdat, body)))
             mail_reply = await replies.next(self.timeout)
             rcpt_replies = [await replies.next(self.timeout) for _ in rcpts]
             end = await replies.next(self.timeout)
@@ -419,7 +429,7 @@ class SmtpClient:
             mail_reply, rcpt_replies, accepted = await self._envelope(mail, rcpts)
             if not accepted:
                 return Transaction(mail_reply, rcpt_replies, None)
-            self._write(bdat)
+            self._write(bdat + body)
             end = await replies.next(self.timeout)
         accepted = mail_reply.code // 100 == 2 and any(r.code // 100 == 2 for r in rcpt_replies)
         return Transaction(mail_reply, rcpt_replies, end if accepted else None)

@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from services.node.engine.mx import Destinations, Host
 from services.node.engine.reply import BAD_CONNECTION
@@ -19,6 +21,7 @@ from services.node.engine.smtp_client import (
     ReplyTimeout,
     SmtpClient,
     _Replies,
+    crlf_lines,
     dot_stuffed,
     mailbox,
 )
@@ -310,6 +313,20 @@ def test_dot_stuffing_and_line_ends() -> None:
     assert dot_stuffed(b"lf\nonly\n.dot") == b"lf\r\nonly\r\n..dot\r\n.\r\n"
     assert dot_stuffed(b"cr\ralone\r\n") == b"cr\r\nalone\r\n.\r\n"
     assert dot_stuffed(b"") == b"\r\n.\r\n"
+    canonical = b"Subject: x\r\n\r\nno dots\r\n"
+    assert crlf_lines(canonical) is canonical  # nothing to change: not copied
+
+
+@given(st.binary(max_size=64).map(lambda b: bytes(b"a.\r\n"[x % 4] for x in b)))
+def test_line_ends_are_made_crlf_and_dots_doubled_whatever_the_body(data: bytes) -> None:
+    lines = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+    if len(lines) > 1 and lines[-1] == b"":
+        lines.pop()  # the last line's end
+    assert crlf_lines(data) == b"".join(line + b"\r\n" for line in lines)
+    assert (
+        dot_stuffed(data)
+        == b"".join((b"." if line.startswith(b".") else b"") + line + b"\r\n" for line in lines) + b".\r\n"
+    )
 
 
 @pytest.mark.parametrize(
