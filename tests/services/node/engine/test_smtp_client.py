@@ -4,6 +4,7 @@ replies split across reads are matched, and what happens when the server misbeha
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -15,6 +16,7 @@ from services.node.engine.mx import Destinations, Host
 from services.node.engine.reply import BAD_CONNECTION
 from services.node.engine.smtp import Message, SmtpSender
 from services.node.engine.smtp_client import (
+    _MAX_REPLY_BYTES,
     BadReply,
     Disconnected,
     LostInTransaction,
@@ -248,6 +250,39 @@ async def test_a_reply_late_after_prompt_ones_times_out_and_a_closed_connection_
     assert replies._timer is None
     with pytest.raises(Disconnected):
         await waiting
+
+
+REPLIES = b"220 hi\r\n250-first line\r\n250-second\r\n250 2.1.0 third\r\n354 go on\n"
+
+
+@given(st.lists(st.integers(min_value=0, max_value=len(REPLIES)), max_size=8))
+def test_replies_read_the_same_however_the_segments_split_them(cuts: list[int]) -> None:
+    replies, bounds = _Replies(), [0, *sorted(cuts), len(REPLIES)]
+    for start, end in itertools.pairwise(bounds):
+        replies.data_received(REPLIES[start:end])
+    assert [(r.code, r.text) for r in replies._ready] == [
+        (220, "hi"),
+        (250, "first line\nsecond\n2.1.0 third"),
+        (354, "go on"),
+    ]
+    assert not replies._buffer and not replies._lines  # nothing left half-read
+
+
+async def test_a_reply_line_without_end_past_the_limit_is_refused() -> None:
+    replies = _Replies()
+    replies.data_received(b"250 start")
+    for _ in range(_MAX_REPLY_BYTES // 65536 + 1):
+        replies.data_received(b"x" * 65536)
+    with pytest.raises(BadReply, match="too long"):
+        await replies.next(5)
+
+
+async def test_a_line_that_is_no_reply_is_refused() -> None:
+    replies = _Replies()
+    replies.data_received(b"250 fine\r\nHTTP/1.1 400 Bad Request\r\n")
+    assert (await replies.next(5)).text == "fine"
+    with pytest.raises(BadReply, match="not an SMTP reply"):
+        await replies.next(5)
 
 
 async def test_a_silent_server_times_out(scripted: Callable[..., Awaitable[Scripted]]) -> None:
