@@ -103,36 +103,25 @@ class _Replies(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         buffer = self._buffer
-        if buffer:  # the rest of a line that came before
-            buffer += data
-            if b"\n" not in data:  # still no line end: kept, not copied
-                if len(buffer) > _MAX_REPLY_BYTES:
-                    self._fail(BadReply("reply line too long"))
-                return
-            data = bytes(buffer)
-            buffer.clear()
-        # Replies mostly come whole, so the segment is split as it came, without a copy first.
-        lines = data.split(b"\n")
-        rest = lines.pop()  # after the last line end: part of a line still to come
-        for line in lines:
+        buffer += data
+        start = 0
+        while (end := buffer.find(b"\n", start)) >= 0:
+            line = bytes(buffer[start:end])
+            start = end + 1
             if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in (b"", b" ", b"-", b"\r"):
                 self._fail(BadReply(f"not an SMTP reply: {line[:80]!r}"))
                 return
             self._lines.append(line)
             if line[3:4] != b"-":
                 self._complete()
-        if rest:
-            buffer += rest
-            if len(buffer) > _MAX_REPLY_BYTES:
-                self._fail(BadReply("reply line too long"))
+        del buffer[:start]
+        if len(buffer) > _MAX_REPLY_BYTES:
+            self._fail(BadReply("reply line too long"))
 
     def _complete(self) -> None:
         lines, self._lines = self._lines, []
         code = int(lines[0][:3])
-        if len(lines) == 1:
-            text = lines[0][4:].strip(b" \t\r").decode("utf-8", "surrogateescape")
-        else:
-            text = "\n".join(line[4:].strip(b" \t\r").decode("utf-8", "surrogateescape") for line in lines)
+        text = "\n".join(line[4:].strip(b" \t\r").decode("utf-8", "surrogateescape") for line in lines)
         self._ready.append(Response(code, text))
         self._wake()
 
