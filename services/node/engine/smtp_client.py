@@ -209,8 +209,8 @@ def mailbox(address: str, encoding: str) -> bytes:
 def crlf_lines(data: bytes) -> bytes:
     """``data`` with CRLF line ends (a lone CR or LF becomes CRLF), its last line ended.
 
-    Spooled mail is canonical already, so this counts before it copies: three scans of the
-    body and no new one, where checking with a ``replace`` made a copy of every message."""
+    Spooled mail is canonical already, so the line ends are counted (three scans, no copy) and
+    the body is copied only when some are bare."""
     pairs = data.count(b"\r\n")
     if data.count(b"\r") != pairs or data.count(b"\n") != pairs:
         data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
