@@ -23,6 +23,7 @@ sender's ``instruments``, per routing key.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import ssl
@@ -423,7 +424,17 @@ async def _greet(smtp: SmtpClient, name: str) -> None:
 
 
 def _parsed(response: Response, host: str) -> Reply:
-    return Reply.parse(response.code, response.text, host)
+    if len(response.text) > _CACHED_TEXT:
+        return Reply.parse(response.code, response.text, host)
+    return _parse(response.code, response.text, host)
+
+
+# A server says the same few replies to every message (its MAIL and RCPT replies), and a Reply
+# is immutable, so each distinct one is parsed once. The least recently seen go first, so
+# replies that are new every time (queue IDs) do not push out the ones that repeat; a long one
+# is never kept, so a server cannot fill the cache with megabytes.
+_CACHED_TEXT = 200
+_parse = functools.lru_cache(maxsize=1024)(Reply.parse)
 
 
 def _transient(recipients: Sequence[str], text: str, enhanced: str) -> dict[str, Reply]:

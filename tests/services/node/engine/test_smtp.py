@@ -12,7 +12,8 @@ from devmesh.sink import Sink
 from services.node.engine.host_backoff import HostBackoff
 from services.node.engine.mx import Destinations, Host
 from services.node.engine.reply import Reply
-from services.node.engine.smtp import SmtpSender
+from services.node.engine.smtp import SmtpSender, _parsed
+from services.node.engine.smtp_client import Response
 from tests.services.node.support import SOURCE_IP, smtp_to
 
 DATA = b"From: ann@sender.test\r\nTo: bob@example.com\r\nSubject: hi\r\n\r\nhello\r\n"
@@ -188,3 +189,14 @@ async def test_a_dropped_connection_is_temporary(sink: Sink) -> None:
     assert dropped["ok@example.com"].enhanced == "4.4.2"
     assert after["ok@example.com"].accepted  # on a new connection
     assert sink.sessions == 2
+
+
+def test_a_repeated_reply_is_parsed_once_and_a_long_one_every_time() -> None:
+    ok = Response(250, "2.1.5 Ok")
+    first = _parsed(ok, "mx1.example.com")
+    assert first == Reply(250, "2.1.5", "Ok", "mx1.example.com")
+    assert _parsed(ok, "mx1.example.com") is first
+    assert _parsed(ok, "mx2.example.com").host == "mx2.example.com"
+    long = Response(550, "5.1.1 " + "x" * 300)
+    assert _parsed(long, "mx1.example.com") is not _parsed(long, "mx1.example.com")
+    assert _parsed(long, "mx1.example.com") == Reply(550, "5.1.1", "x" * 300, "mx1.example.com")
