@@ -250,7 +250,9 @@ class HotSpans:
                     name, kind, attributes(), parent.trace_id, parent, sampled, sampled, trace_state, None
                 )
                 return _Current(span)
-        return _Current(self.start("", name, kind, attributes()))
+        # A root (mail spooled with no trace, or an unreadable traceparent): a new trace, asked of
+        # the sampler each time.
+        return self.span(name, kind, attributes(), otel_context.Context(), record_exception=False)
 
     def span(
         self,
@@ -284,21 +286,6 @@ class HotSpans:
             parent_context,
         )
         return _Current(span, None, set_status_on_exception, record_exception)
-
-    def start(self, traceparent: str, name: str, kind: SpanKind, attributes: dict[str, Any]) -> trace.Span:
-        if traceparent:
-            parent, sampled, trace_state, _, _ = self._decided(traceparent, name, kind)
-        else:
-            parent, sampled, trace_state = None, None, None
-        if parent is None:  # a root: its trace ID is new, so the sampler is asked each time
-            trace_id = self._ids.generate_trace_id()
-            result = self._sampler.should_sample(None, trace_id, name, kind, attributes)
-            sampled, trace_state = result.decision is Decision.RECORD_AND_SAMPLE, result.trace_state
-        else:
-            trace_id = parent.trace_id
-        return self._new(
-            name, kind, attributes, trace_id, parent, bool(sampled), bool(sampled), trace_state, None
-        )
 
     def _new(
         self,
