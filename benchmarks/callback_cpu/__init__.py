@@ -46,7 +46,7 @@ def _written(directory: Path, pid: int) -> set[str]:
 
 
 def _seconds(path: Path) -> dict[str, float]:
-    seconds: dict[str, float] = json.loads(path.read_text())["seconds"]
+    seconds: dict[str, float] = json.loads(path.read_text())
     return seconds
 
 

@@ -7,8 +7,8 @@ and charged to the coroutine of the task it steps (or to the callback's name), a
 selector's wait. ``benchmarks.e2e_throughput --callback-cpu`` puts this directory on the mesh's
 ``PYTHONPATH``, so Python imports it at start-up; it does nothing unless
 ``EPOXI_BENCH_CALLBACK_CPU`` names a directory. Each SIGUSR2 writes the totals so far to
-``<dir>/<pid>.<n>.json``, with the process's arguments; the benchmark signals before and after
-the measured window and subtracts.
+``<dir>/<pid>.<n>.json``; the benchmark signals before and after the measured window and
+subtracts.
 """
 
 from __future__ import annotations
@@ -23,11 +23,9 @@ if _DIR:
     import json
     import selectors
     import signal
-    import sys
     import time
 
     _seconds: collections.defaultdict[str, float] = collections.defaultdict(float)
-    _calls: collections.Counter[str] = collections.Counter()
     _clock = time.thread_time
     _snapshots = [0]
 
@@ -46,9 +44,7 @@ if _DIR:
     def _timed_run(self: asyncio.events.Handle) -> None:
         callback, started = self._callback, _clock()  # type: ignore[attr-defined]
         _run(self)
-        name = _name(callback)
-        _seconds[name] += _clock() - started
-        _calls[name] += 1
+        _seconds[_name(callback)] += _clock() - started
 
     _select = selectors.EpollSelector.select
 
@@ -62,9 +58,8 @@ if _DIR:
     def _snapshot(signum: int, frame: object) -> None:
         _snapshots[0] += 1
         path = os.path.join(_DIR, f"{os.getpid()}.{_snapshots[0]}.json")
-        totals = {"argv": sys.argv, "seconds": dict(_seconds), "calls": dict(_calls)}
         with open(path + ".tmp", "w") as f:
-            json.dump(totals, f)
+            json.dump(_seconds, f)
         os.replace(path + ".tmp", path)
 
     asyncio.events.Handle._run = _timed_run  # type: ignore[method-assign]
