@@ -66,6 +66,12 @@ async def test_the_file_is_in_wal_mode_with_full_sync(spool: Spool) -> None:
     assert await spool._run(lambda: spool._db.execute("PRAGMA synchronous").fetchone()[0]) == 2  # FULL
 
 
+async def test_the_page_cache_holds_a_batch_of_large_mail(spool: Spool) -> None:
+    # A batch of large mail neither spills before it commits nor is read back from the file.
+    size = await spool._run(lambda: spool._db.execute("PRAGMA cache_size").fetchone()[0])
+    assert size == -32 * 1024
+
+
 async def test_a_batch_is_one_transaction(spool: Spool) -> None:
     statements: list[str] = []
     await spool._run(spool._db.set_trace_callback, statements.append)
