@@ -10,6 +10,8 @@ import time
 from email.parser import BytesParser
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from epoxi import envelope, rendering
 from epoxi.v1 import email_pb2
@@ -373,3 +375,10 @@ def test_a_message_with_an_ascii_header_is_all_ascii_so_it_needs_no_8bitmime() -
     assert isinstance(parsed, email.message.EmailMessage)
     body = parsed.get_body(("plain",))
     assert body is not None and body.get_content() == "Grüße aus Köln\r\n" * 3
+
+
+# Lines of 0 to 12 characters around the limit of 10 used here, in any order.
+@given(st.lists(st.integers(min_value=0, max_value=12), max_size=30), st.booleans())
+def test_line_lengths_are_checked_as_splitting_the_text_would(lengths: list[int], ended: bool) -> None:
+    text = "\n".join("x" * n for n in lengths) + ("\n" if ended else "")
+    assert rendering._lines_fit(text, 10) == (max(map(len, text.split("\n"))) <= 10)
