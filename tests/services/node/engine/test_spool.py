@@ -66,8 +66,9 @@ async def test_the_file_is_in_wal_mode_with_full_sync(spool: Spool) -> None:
     assert await spool._run(lambda: spool._db.execute("PRAGMA synchronous").fetchone()[0]) == 2  # FULL
 
 
-async def test_the_page_cache_holds_a_batch_of_large_mail(spool: Spool) -> None:
-    # A batch of large mail neither spills before it commits nor is read back from the file.
+async def test_the_page_cache_is_32_mib(spool: Spool) -> None:
+    # Not SQLite's 2 MiB: a batch of large mail would spill before it commits, and its bodies be
+    # read back from the file when claimed.
     size = await spool._run(lambda: spool._db.execute("PRAGMA cache_size").fetchone()[0])
     assert size == -32 * 1024
 
