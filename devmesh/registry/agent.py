@@ -419,6 +419,11 @@ class AgentEndpoints:
             interval=interval,
             timeout=timeout,
             deregister_critical_service_after=definition.get("DeregisterCriticalServiceAfter", 0),
+            success_before_passing=definition.get("SuccessBeforePassing", 0),
+            # ``Agent.addCheck``: FailuresBeforeWarning defaults to FailuresBeforeCritical.
+            failures_before_warning=definition.get("FailuresBeforeWarning", 0)
+            or definition.get("FailuresBeforeCritical", 0),
+            failures_before_critical=definition.get("FailuresBeforeCritical", 0),
         )
         return check, spec
 

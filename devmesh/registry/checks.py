@@ -28,7 +28,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from devmesh.registry.check_tls import CheckTLS, check_channel
-from devmesh.registry.state import CRITICAL, PASSING, CheckSpec, Store
+from devmesh.registry.state import CRITICAL, PASSING, WARNING, CheckSpec, Store
 from epoxi import durations
 from epoxi.tasks import cancel_and_wait
 
@@ -74,6 +74,31 @@ async def probe_grpc(
         status_name = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
         return CRITICAL, f"gRPC {target} serving status: {status_name}"
     return PASSING, f"gRPC check {target}: success"
+
+
+class StatusHandler:
+    """``checks.StatusHandler``: passes a probe's result on only once its threshold is reached."""
+
+    def __init__(self, spec: CheckSpec) -> None:
+        self.success_before_passing = spec.success_before_passing
+        self.failures_before_warning = spec.failures_before_warning
+        self.failures_before_critical = spec.failures_before_critical
+        self.successes = spec.success_before_passing
+        self.failures = spec.failures_before_critical
+
+    def status(self, status: str) -> str | None:
+        """The status to record for this result, or ``None`` to leave the check as it is."""
+        if status != CRITICAL:
+            self.successes += 1
+            self.failures = 0
+            return status if self.successes >= self.success_before_passing else None
+        self.failures += 1
+        self.successes = 0
+        if self.failures >= self.failures_before_critical:
+            return CRITICAL
+        if self.failures >= self.failures_before_warning:
+            return WARNING
+        return None
 
 
 class CheckRunner:
@@ -137,9 +162,14 @@ class CheckRunner:
 
     async def _probe_loop(self, check_id: str, spec: CheckSpec, interval: float, deadline: float) -> None:
         await asyncio.sleep(random.uniform(0, interval))
+        handler = StatusHandler(spec)
         while True:
             status, output = await probe_grpc(spec.grpc, deadline, spec, self.tls)
-            self.store.update_check(check_id, status, truncate_output(output))
+            recorded = handler.status(status)
+            if recorded is None:
+                log.warning("check %s: %s, but its threshold is not reached", check_id, status)
+            else:
+                self.store.update_check(check_id, recorded, truncate_output(output))
             await asyncio.sleep(interval)
 
     # --- services -------------------------------------------------------------------------------

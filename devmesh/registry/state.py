@@ -217,6 +217,9 @@ class CheckSpec:
     interval: int = 0
     timeout: int = 0
     deregister_critical_service_after: int = 0
+    success_before_passing: int = 0
+    failures_before_warning: int = 0
+    failures_before_critical: int = 0
 
 
 @dataclass

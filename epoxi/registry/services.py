@@ -20,6 +20,7 @@ NODE_SERVICE = "epoxi-node"
 PIPELINE_SERVICE = "epoxi-pipeline"
 IP_TAG = "ip:"
 NODE_TAG = "node:"
+NODE_CHECK_FAILURES = 2  # failed probes in a row before a node's check turns critical
 
 Entry = dict[str, Any]
 
@@ -56,6 +57,10 @@ def node_registration(node: node_pb2.NodeInfo, check_interval: str, deregister_a
             "GRPC": node.address,
             "Interval": check_interval,
             "Timeout": check_interval,
+            # A critical check ends the node's registry session, and so frees every routing key it
+            # holds: one probe lost to a busy moment must not do that. A crash still shows after
+            # two intervals; a clean stop deregisters at once.
+            "FailuresBeforeCritical": NODE_CHECK_FAILURES,
             "DeregisterCriticalServiceAfter": deregister_after,
         },
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,10 +21,23 @@ pytestmark = pytest.mark.consul
 SERVICE = "epoxi.test.Probe"
 
 
+class CountingHealth(health.aio.HealthServicer):  # type: ignore[misc]
+    """A health service that counts the probes it has answered, by serving status."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answered: Counter[int] = Counter()
+
+    async def Check(self, request: Any, context: Any) -> Any:
+        response = await super().Check(request, context)
+        self.answered[response.status] += 1
+        return response
+
+
 @pytest.fixture
-async def health_server() -> AsyncIterator[tuple[int, health.aio.HealthServicer]]:
+async def health_server() -> AsyncIterator[tuple[int, CountingHealth]]:
     server = grpc.aio.server()
-    servicer = health.aio.HealthServicer()
+    servicer = CountingHealth()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -88,7 +102,7 @@ async def test_ttl_expiry_without_output(consul: Consul, prefix: str) -> None:
 
 
 async def test_grpc_check_follows_serving_status(
-    consul: Consul, prefix: str, health_server: tuple[int, health.aio.HealthServicer]
+    consul: Consul, prefix: str, health_server: tuple[int, CountingHealth]
 ) -> None:
     port, servicer = health_server
     target = f"127.0.0.1:{port}/{SERVICE}"
@@ -105,6 +119,43 @@ async def test_grpc_check_follows_serving_status(
 
     await servicer.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
     await eventually(lambda: agent_check(consul, check_id, Status="passing"))
+
+
+async def test_grpc_check_thresholds_hold_the_status_until_reached(
+    consul: Consul, prefix: str, health_server: tuple[int, CountingHealth]
+) -> None:
+    port, servicer = health_server
+    target = f"127.0.0.1:{port}/{SERVICE}"
+    check = {
+        "GRPC": target,
+        "Interval": "1s",
+        "Status": "passing",
+        "SuccessBeforePassing": 2,
+        "FailuresBeforeWarning": 1,
+        "FailuresBeforeCritical": 3,
+    }
+    await consul.agent.service.register(prefix, port=port, check=check)
+    check_id = f"service:{prefix}"
+    await eventually(lambda: agent_check(consul, check_id, Output=f"gRPC check {target}: success"))
+
+    await servicer.set(SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+    seen: list[str] = []
+
+    async def critical() -> bool:
+        status: str = (await consul.agent.checks())[check_id]["Status"]
+        seen.append(status)
+        return status == "critical"
+
+    await eventually(critical)
+    # One failure turns it warning; only the third in a row makes it critical.
+    assert servicer.answered[health_pb2.HealthCheckResponse.NOT_SERVING] >= 3
+    assert "warning" in seen and seen.index("warning") < seen.index("critical")
+    assert set(seen) <= {"passing", "warning", "critical"}
+
+    served = servicer.answered[health_pb2.HealthCheckResponse.SERVING]
+    await servicer.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    await eventually(lambda: agent_check(consul, check_id, Status="passing"))
+    assert servicer.answered[health_pb2.HealthCheckResponse.SERVING] - served >= 2
 
 
 async def test_grpc_check_of_unreachable_server_is_critical(consul: Consul, prefix: str) -> None:
