@@ -14,13 +14,13 @@ from typing import Any
 
 from google.protobuf import json_format, timestamp_pb2
 
+from epoxi import durations
 from epoxi.v1 import node_pb2, pipeline_pb2
 
 NODE_SERVICE = "epoxi-node"
 PIPELINE_SERVICE = "epoxi-pipeline"
 IP_TAG = "ip:"
 NODE_TAG = "node:"
-NODE_CHECK_FAILURES = 2  # failed probes in a row before a node's check turns critical
 
 Entry = dict[str, Any]
 
@@ -56,11 +56,9 @@ def node_registration(node: node_pb2.NodeInfo, check_interval: str, deregister_a
             "Status": "passing",
             "GRPC": node.address,
             "Interval": check_interval,
-            "Timeout": check_interval,
-            # A critical check ends the node's registry session, and so frees every routing key it
-            # holds: one probe lost to a busy moment must not do that. A crash still shows after
-            # two intervals; a clean stop deregisters at once.
-            "FailuresBeforeCritical": NODE_CHECK_FAILURES,
+            # A probe that times out ends the node's registry session, and so frees its keys. The
+            # registry probes at most once a second, so a shorter interval gets a 1 s timeout.
+            "Timeout": durations.format(max(durations.parse(check_interval), durations.SECOND)),
             "DeregisterCriticalServiceAfter": deregister_after,
         },
     }

@@ -37,7 +37,6 @@ from consul import ConsulException
 from epoxi import durations
 from epoxi.registry.client import Consul, RegistryError
 from epoxi.registry.services import (
-    NODE_CHECK_FAILURES,
     node_registration,
     pipeline_check_id,
     pipeline_registration,
@@ -260,9 +259,8 @@ def node_notes(node: str, address: str, interval: str) -> str:
     """What the node's check means, for its ``Notes``."""
     return (
         f"gRPC health check of Epoxi node {node} at {address}, run by the registry every {interval}: "
-        "passing while the node serves NodeService; critical when it has not answered "
-        f"{NODE_CHECK_FAILURES} probes in a row (crashed, hung or unreachable; a clean stop "
-        "deregisters the node). Its pipelines are the epoxi-pipeline services "
+        "passing while the node serves NodeService; critical when it does not answer (stopped, "
+        "crashed, unreachable, or shutting down). Its pipelines are the epoxi-pipeline services "
         f"tagged node:{node}."
     )
 

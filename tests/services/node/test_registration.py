@@ -70,6 +70,9 @@ async def test_the_node_registers_itself_with_a_passing_grpc_check(node: Running
     assert set(entry["Service"]["Tags"]) == {f"ip:{SOURCE_IP}", "ip:127.0.0.3", "pool:default"}
     [check] = [c for c in entry["Checks"] if c["ServiceID"]]
     assert check["Type"] == "grpc"
+    # Probed every 1 s at most, whatever the shorter interval asked: a 200 ms timeout would turn
+    # one slow moment into a lost session.
+    assert (check["Interval"], check["Timeout"]) == ("200ms", "1s")
 
 
 async def test_a_pipeline_appears_passing_with_its_state_and_follows_its_counts(
