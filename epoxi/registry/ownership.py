@@ -218,7 +218,7 @@ class ConsulOwnership:
     async def release_site(self, site: str, source_ip: str) -> None:
         await self._release(site_record_key(site, source_ip))
 
-    async def _acquire(self, record: str, what: str) -> Owner | None:
+    async def _acquire(self, record: str, what: str, *, wait_out_lock_delay: bool = True) -> Owner | None:
         if record in self._held:
             return None
         session = await self._session()
@@ -234,6 +234,12 @@ class ConsulOwnership:
             raise ClaimError(f"cannot claim {what}: registry: {e}") from e
         holder = owner_from_entry(entry)
         if holder is None:
+            if wait_out_lock_delay:
+                # Free, but a session that held it ended moments ago (a crashed node's, or ours
+                # after a missed check). Every node's sessions have this lock-delay, so it has
+                # passed after one wait: the caller is served instead of refused.
+                await asyncio.sleep(LOCK_DELAY)
+                return await self._acquire(record, what, wait_out_lock_delay=False)
             raise ClaimError(f"{what} was released moments ago and is in its lock-delay")
         if holder == self.me:  # an earlier session of ours (the registry restarted, or we did)
             self._held.discard(record)

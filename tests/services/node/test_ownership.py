@@ -252,3 +252,20 @@ async def test_a_nodes_session_outlives_its_periodic_registrations(nodes: Nodes,
     assert found is not None and found["ID"] == session
     held = await record(consul)
     assert held is not None and held[0] == session
+
+
+async def test_a_key_in_its_lock_delay_is_taken_once_it_passes(nodes: Nodes, consul: Consul) -> None:
+    await nodes.start("n1", SOURCE_IP)
+    # A node that held the key and vanished: its session ended, which arms the record's lock-delay.
+    gone = await consul.session.create(name="epoxi-node gone", behavior="release", lock_delay=1)
+    assert await consul.kv.put(record_key(KEY), json.dumps({"node": "gone", "address": "x:1"}), acquire=gone)
+    await consul.session.destroy(gone)
+    probe = await consul.session.create(name="probe", lock_delay=0)
+    assert await consul.kv.put(record_key(KEY), "", acquire=probe) is False  # in its lock-delay now
+    await consul.session.destroy(probe)
+
+    reply = await nodes.stub("n1").EnqueueBatch(batch("a@example.com"), timeout=10)
+
+    assert reply.pipeline_started and reply.pipeline.node == "n1"
+    held = await record(consul)
+    assert held is not None and held[0] and held[1]["node"] == "n1"
